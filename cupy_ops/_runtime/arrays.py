@@ -1,0 +1,102 @@
+"""Torch tensors and CuPy arrays seen through one small record: pointer, dtype, shape, strides, device.
+
+No conversion happens: a torch tensor gives `data_ptr()` (0.1 us; `cupy.from_dlpack` costs ~33 us per tensor),
+a CuPy array gives `data.ptr`. Dtypes are reported as torch dtypes for both kinds so that ops validate once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["ArrayInfo", "describe", "is_cupy_array", "memory_span", "spans_overlap", "cupy_stream", "torch_stream"]
+
+# CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
+_CUPY_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class ArrayInfo(NamedTuple):
+    ptr: int
+    dtype: Any            # torch.dtype, or the CuPy/NumPy dtype when torch has no equivalent
+    shape: tuple
+    strides: tuple        # in elements
+    device: int           # CUDA ordinal, -1 for CPU
+    itemsize: int
+
+
+def is_cupy_array(x: object) -> bool:
+    cupy = sys.modules.get("cupy")  # never import CuPy just to answer "no"
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
+    """Describe `x`, which must be of the same kind (torch.Tensor or cupy.ndarray) as `kind`."""
+    if type(x) is torch.Tensor or isinstance(x, torch.Tensor):
+        if kind is not None and kind is not torch.Tensor:
+            raise TypeError(f"{op}: {arg} is a torch.Tensor but other arguments are CuPy arrays; use one kind")
+        return ArrayInfo(x.data_ptr(), x.dtype, x.shape, x.stride(), x.get_device(), x.element_size())
+    if is_cupy_array(x):
+        if kind is not None and kind is torch.Tensor:
+            raise TypeError(f"{op}: {arg} is a CuPy array but other arguments are torch tensors; use one kind")
+        itemsize = x.itemsize
+        if any(s % itemsize for s in x.strides):
+            raise ValueError(f"{op}: {arg} has strides {x.strides} that are not a multiple of its item size")
+        dtype = _CUPY_DTYPES.get(x.dtype.name, x.dtype)
+        return ArrayInfo(x.data.ptr, dtype, x.shape, tuple(s // itemsize for s in x.strides), x.device.id,
+                         itemsize)
+    raise TypeError(f"{op}: {arg} must be a torch.Tensor or a cupy.ndarray, got {type(x).__name__}")
+
+
+def memory_span(info: ArrayInfo) -> tuple[int, int]:
+    """[first byte, one past the last byte] that the array can touch; empty arrays touch nothing."""
+    if 0 in info.shape:
+        return info.ptr, info.ptr
+    low = high = 0
+    for size, stride in zip(info.shape, info.strides):
+        reach = (size - 1) * stride
+        if reach < 0:
+            low += reach
+        else:
+            high += reach
+    return info.ptr + low * info.itemsize, info.ptr + (high + 1) * info.itemsize
+
+
+def spans_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
+    a0, a1 = memory_span(a)
+    b0, b1 = memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def has_internal_overlap(info: ArrayInfo) -> bool:
+    """True when two elements share an address (e.g. an expanded, stride-0 output): writes would race."""
+    dims = sorted((abs(st), size) for size, st in zip(info.shape, info.strides) if size > 1)
+    reach = 1  # elements spanned by the inner dimensions so far
+    for stride, size in dims:
+        if stride < reach:
+            return True
+        reach = stride * (size - 1) + reach
+    return False
+
+
+def torch_stream(device: int) -> int:
+    """torch's current stream on `device` as a raw CUstream (0.1 us; `current_stream()` costs 4-8 us)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def cupy_stream(device: int) -> int:
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.cuda.get_current_stream().ptr

@@ -1,0 +1,357 @@
+"""NVRTC compilation of `cuda_kernels/*.cu` to native SASS, with a two-level (memory, disk) cache.
+
+Torch-free and driver-free: everything here runs on a machine without a GPU, which is how CI compiles every
+kernel instantiation and reads ptxas' register/spill report.
+
+We drive the NVRTC program API ourselves (`cupy.cuda.nvrtc`, the same calls `cupy.RawModule(code=...,
+name_expressions=...)` makes) instead of calling `RawModule(code=...)`, because RawModule asks the driver for
+the arch before compiling (so it cannot run in CI), keys its cache on the source text only (an edited header
+would not invalidate it), keeps one global cache folder (`CUPY_CACHE_DIR`) and does not return the cubin or
+ptxas' report. The cubin is loaded with CuPy's `Module` (what RawModule wraps), see `launch.py`.
+
+Disk cache contract: one file per (source tree, name expression, options, arch, NVRTC, CUDA headers, package
+version), written atomically (temp file + `os.replace`); a truncated or corrupt file is a miss that gets
+recompiled and rewritten, never an error; an unwritable folder only costs the disk level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = [
+    "CompileError",
+    "CompiledKernel",
+    "PtxasReport",
+    "cache_dir",
+    "compile_kernel",
+    "cuda_include_dir",
+    "kernel_dir",
+    "nvrtc_version",
+    "ptxas_report",
+    "supported_arch",
+]
+
+# Every option that shapes the machine code is here (and so in the cache key). Not CuPy's defaults:
+# no -ftz=true (torch keeps denormals), no --use_fast_math (expf/logf stay within 2 ulp).
+BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v", "-default-device")
+
+_CACHE_MAGIC = b"CUPYOPS\x01"
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel; the message carries the program log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledKernel:
+    """One compiled instantiation: the cubin (or PTX when NVRTC cannot target the arch) and its symbol."""
+
+    key: str
+    name_expression: str
+    lowered_name: str
+    image: bytes
+    log: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxasReport:
+    """What ptxas said about one kernel (`--ptxas-options=-v`)."""
+
+    name_expression: str
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+    shared_memory: int
+    log: str
+
+
+def kernel_dir() -> Path:
+    """Folder holding the `.cu`/`.cuh` sources: inside the wheel, else the source checkout's `cuda_kernels/`."""
+    return _kernel_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_dir() -> Path:
+    from importlib import resources
+
+    packaged = resources.files("cupy_ops").joinpath("cuda_kernels")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parents[2] / "cuda_kernels"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError("cupy_ops: the cuda_kernels/ sources are missing from this installation")
+
+
+def cache_dir() -> Path:
+    """`$CUPY_OPS_CACHE_DIR`, else `$XDG_CACHE_HOME/cupy_ops`, else `~/.cache/cupy_ops`."""
+    explicit = os.environ.get("CUPY_OPS_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cupy_ops"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_include_dir() -> str:
+    """CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h) of the same CUDA major as NVRTC, from the pip wheels."""
+    candidates = []
+    try:
+        from cuda import pathfinder
+
+        found = pathfinder.find_nvidia_header_directory("cudart")
+        if found:
+            candidates.append(found)
+    except Exception:  # cuda-pathfinder missing or too old: fall back to a toolkit install
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    candidates.append("/usr/local/cuda/include")
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cuda_fp16.h")):
+            return path
+    raise FileNotFoundError(
+        "cupy_ops: CUDA headers (cuda_fp16.h) not found; install the extra matching your CUDA major, "
+        "e.g. pip install 'cupy-ops[cuda13]'"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_headers_version() -> str:
+    text = Path(cuda_include_dir(), "cuda_runtime_api.h").read_text(errors="replace")
+    match = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", text)
+    return match.group(1) if match else "unknown"
+
+
+def _nvrtc():
+    from cupy.cuda import nvrtc
+
+    return nvrtc
+
+
+@functools.lru_cache(maxsize=1)
+def nvrtc_version() -> tuple[int, int]:
+    return tuple(_nvrtc().getVersion())
+
+
+def supported_arch(device_arch: int) -> tuple[int, bool]:
+    """(arch to compile for, native SASS?) for a device of compute capability `device_arch` (e.g. 90)."""
+    nvrtc = _nvrtc()
+    try:
+        archs = [int(a) for a in nvrtc.getSupportedArchs()]
+    except Exception:
+        archs = []
+    if not archs or device_arch in archs:
+        return device_arch, True
+    lower = [a for a in archs if a <= device_arch]
+    # Newer GPU than this NVRTC knows: PTX for the newest arch it has, which the driver JIT-compiles.
+    return (max(lower) if lower else device_arch), False
+
+
+@functools.lru_cache(maxsize=None)
+def _source_tree(filename: str) -> tuple[str, str]:
+    """(source text, sha256 over the .cu and every header it includes from cuda_kernels/, recursively)."""
+    root = kernel_dir()
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    pending = [filename]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = root / name
+        text = path.read_text()
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        for inc in _INCLUDE_RE.findall(text):
+            rel = os.path.normpath(os.path.join(os.path.dirname(name), inc))
+            pending.append(rel if (root / rel).is_file() else inc)
+    return (root / filename).read_text(), digest.hexdigest()
+
+
+def _package_version() -> str:
+    from cupy_ops import __version__
+
+    return __version__
+
+
+def _arch_option(arch: int, native: bool) -> str:
+    return f"-arch=sm_{arch}" if native else f"-arch=compute_{arch}"
+
+
+def _cache_key(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...]) -> str:
+    _, tree_digest = _source_tree(filename)
+    parts = {
+        "package": _package_version(),
+        "source": filename,
+        "tree": tree_digest,
+        "name": name_expression,
+        "arch": _arch_option(arch, native),
+        "options": list(BASE_OPTIONS + options),
+        "nvrtc": list(nvrtc_version()),
+        "cuda_headers": _cuda_headers_version(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...],
+                   key: str) -> CompiledKernel:
+    nvrtc = _nvrtc()
+    source, _ = _source_tree(filename)
+    all_options = (
+        *BASE_OPTIONS,
+        *options,
+        _arch_option(arch, native),
+        f"-I{kernel_dir()}",
+        f"-I{cuda_include_dir()}",
+    )
+    prog = nvrtc.createProgram(source, filename, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name_expression)
+        try:
+            nvrtc.compileProgram(prog, list(all_options))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise CompileError(f"cupy_ops: NVRTC failed on {name_expression} ({filename}):\n{log}") from exc
+        log = nvrtc.getProgramLog(prog)
+        lowered = nvrtc.getLoweredName(prog, name_expression)
+        image = nvrtc.getCUBIN(prog) if native else nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    if isinstance(image, str):
+        image = image.encode()
+    return CompiledKernel(key, name_expression, lowered, bytes(image), log)
+
+
+# ---- disk cache ------------------------------------------------------------------------------------------
+
+
+def _entry_path(key: str) -> Path:
+    return cache_dir() / f"{key}.bin"
+
+
+def _read_entry(key: str) -> CompiledKernel | None:
+    """A valid entry, or None for a missing, truncated or corrupt one."""
+    try:
+        blob = _entry_path(key).read_bytes()
+        if not blob.startswith(_CACHE_MAGIC):
+            return None
+        (header_len,) = struct.unpack_from("<I", blob, len(_CACHE_MAGIC))
+        start = len(_CACHE_MAGIC) + 4
+        header = json.loads(blob[start:start + header_len].decode())
+        image = blob[start + header_len:]
+        if header["key"] != key or hashlib.sha256(image).hexdigest() != header["sha256"]:
+            return None
+        return CompiledKernel(key, header["name_expression"], header["lowered_name"], image, header["log"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _write_entry(entry: CompiledKernel) -> None:
+    header = json.dumps({
+        "key": entry.key,
+        "name_expression": entry.name_expression,
+        "lowered_name": entry.lowered_name,
+        "sha256": hashlib.sha256(entry.image).hexdigest(),
+        "log": entry.log,
+    }).encode()
+    blob = _CACHE_MAGIC + struct.pack("<I", len(header)) + header + entry.image
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".bin")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, _entry_path(entry.key))  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass  # read-only or full disk: the in-memory cache still holds the kernel
+
+
+# ---- public entry points ---------------------------------------------------------------------------------
+
+_memory: dict[str, CompiledKernel] = {}
+_key_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def compile_kernel(filename: str, name_expression: str, arch: int, *, native: bool = True,
+                   options: tuple[str, ...] = ()) -> CompiledKernel:
+    """Compile `name_expression` (e.g. "cupy_ops::merge_attn_states_kernel<float, float, 4>") from
+    `cuda_kernels/<filename>` for compute capability `arch` (e.g. 90), through the memory and disk caches.
+
+    Thread-safe: concurrent first calls for one key compile once per process; processes racing on the disk
+    cache each write a complete file and the last rename wins.
+    """
+    key = _cache_key(filename, name_expression, arch, native, options)
+    hit = _memory.get(key)
+    if hit is not None:
+        return hit
+    with _locks_guard:
+        lock = _key_locks.setdefault(key, threading.Lock())
+    with lock:
+        hit = _memory.get(key)
+        if hit is None:
+            hit = _read_entry(key)
+            if hit is None:
+                hit = _nvrtc_compile(filename, name_expression, arch, native, options, key)
+                _write_entry(hit)
+            _memory[key] = hit
+    return hit
+
+
+_PTXAS_FUNC_RE = re.compile(r"Function properties for (\S+)")
+
+
+def ptxas_report(filename: str, name_expression: str, arch: int,
+                 options: tuple[str, ...] = ()) -> PtxasReport:
+    """Compile for `arch` (no GPU needed) and parse ptxas' resource usage for this instantiation."""
+    entry = compile_kernel(filename, name_expression, arch, native=True, options=options)
+    lines = entry.log.splitlines()
+    block: list[str] = []
+    for i, line in enumerate(lines):
+        match = _PTXAS_FUNC_RE.search(line)
+        if match and match.group(1) == entry.lowered_name:
+            block = lines[i:i + 4]
+            break
+    text = "\n".join(block)
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text)
+        if found is None:
+            raise CompileError(f"cupy_ops: no '{pattern}' in ptxas' report for {name_expression}:\n{entry.log}")
+        return int(found.group(1))
+
+    shared = re.search(r"(\d+) bytes smem", text)
+    return PtxasReport(
+        name_expression=name_expression,
+        arch=arch,
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack_frame=number(r"(\d+) bytes stack frame"),
+        shared_memory=int(shared.group(1)) if shared else 0,
+        log=entry.log,
+    )
+
+
+def clear_memory_cache() -> None:
+    """Forget compiled kernels held in this process (tests use it to exercise the disk level)."""
+    _memory.clear()
+    _source_tree.cache_clear()
