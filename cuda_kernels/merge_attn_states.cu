@@ -9,7 +9,8 @@
 
 namespace cupy_ops {
 
-// Every field is 8 bytes so the host packs it as a flat array of int64 (cupy_ops/ops/merge_attn_states.py).
+// Every field is 8 bytes, so the host packs it as a flat array of 8-byte words in this order
+// (_PARAMS in cupy_ops/ops/merge_attn_states.py).
 struct MergeAttnStatesParams {
   void* output;                // [n, h, d] scalar_t, or fp8 e4m3 when output_scale is set
   float* output_lse;           // [h, n] or nullptr
@@ -18,10 +19,10 @@ struct MergeAttnStatesParams {
   const void* suffix_output;   // [n, h, d]
   const float* suffix_lse;     // [h, n]
   const float* output_scale;   // [1] or nullptr
+  int64_t prefill_tokens;      // tokens [0, p) have a prefix; the rest copy the suffix
   int64_t num_rows;            // n * h
   int64_t num_heads;
   int64_t head_size;
-  int64_t prefill_tokens;      // tokens [0, p) have a prefix; the rest copy the suffix
   fast_divmod row_to_token;    // row -> (token, head); valid when num_rows < 2^31
   // strides in elements: (token, head) for [n, h, d] tensors, (head, token) for [h, n] lse tensors
   int64_t output_stride[2];
@@ -64,73 +65,106 @@ __device__ __forceinline__ float merge_weights(float prefix_lse, float suffix_ls
   return logf(sum_se) + max_lse;
 }
 
+// Element offset of (i, j) in a tensor with strides (stride[0], stride[1]), in index_t arithmetic.
+template <typename index_t>
+__device__ __forceinline__ index_t offset2(index_t i, index_t j, const int64_t (&stride)[2]) {
+  return i * static_cast<index_t>(stride[0]) + j * static_cast<index_t>(stride[1]);
+}
+
+// One vector of the merged row: the blend, or a plain copy of one side (bit-exact unless converting to fp8).
 template <typename scalar_t, typename out_t, int VEC>
-__global__ void __launch_bounds__(256, 4) merge_attn_states_kernel(const MergeAttnStatesParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= p.num_rows) return;
-  int64_t token, head;
-  if (p.num_rows < (int64_t(1) << 31)) {
-    uint32_t q, r;
-    p.row_to_token.divmod(static_cast<uint32_t>(row), q, r);
-    token = q;
-    head = r;
+__device__ __forceinline__ vec<out_t, VEC> blend(const vec<scalar_t, VEC>& x, const vec<scalar_t, VEC>& y,
+                                                float a, float b, bool copy_prefix,
+                                                const output_writer<out_t>& write) {
+  vec<out_t, VEC> o;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float xf = to_float(x.v[i]);
+    // a = 1, b = 0 would still turn an inf or NaN suffix into NaN, so the empty-both case selects.
+    o.v[i] = write(copy_prefix ? xf : xf * a + to_float(y.v[i]) * b);
+  }
+  return o;
+}
+
+template <typename scalar_t, typename out_t, int VEC>
+__device__ __forceinline__ void copy_vector(const scalar_t* src, out_t* dst, const output_writer<out_t>& write) {
+  const vec<scalar_t, VEC> x = vec<scalar_t, VEC>::load(src);
+  if constexpr (sizeof(out_t) == sizeof(scalar_t)) {
+    x.store(dst);
   } else {
+    vec<out_t, VEC> o;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = write(to_float(x.v[i]));
+    o.store(dst);
+  }
+}
+
+// WIDE: 64-bit offsets, for tensors whose element offsets or row count can pass 2^31 (vLLM's 32-bit indices
+// overflow near 1M tokens, vllm#45500); otherwise 32-bit math, which needs fewer registers and instructions.
+template <typename scalar_t, typename out_t, int VEC, bool WIDE>
+__global__ void __launch_bounds__(256, 4) merge_attn_states_kernel(const MergeAttnStatesParams p) {
+  using in_vec = vec<scalar_t, VEC>;
+  using index_t = typename pick_type<WIDE, int64_t, int>::type;
+  index_t token, head;
+  if constexpr (WIDE) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+    if (row >= p.num_rows) return;
     token = row / p.num_heads;
     head = row - token * p.num_heads;
+  } else {
+    const uint32_t row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= p.num_rows) return;
+    uint32_t q, r;
+    p.row_to_token.divmod(row, q, r);
+    token = q;
+    head = r;
   }
 
-  const bool has_prefix = token < p.prefill_tokens;
-  const float suffix_lse =
-      p.suffix_lse[head * p.suffix_lse_stride[0] + token * p.suffix_lse_stride[1]];
-  float a = 0.0f, b = 1.0f, out_lse = suffix_lse;
-  bool copy_prefix = false;
-  if (has_prefix) {
-    const float prefix_lse =
-        p.prefix_lse[head * p.prefix_lse_stride[0] + token * p.prefix_lse_stride[1]];
-    out_lse = merge_weights(prefix_lse, suffix_lse, a, b, copy_prefix);
-  }
-  const bool copy_suffix = !has_prefix;
-  if (threadIdx.x == 0 && p.output_lse != nullptr) {
-    p.output_lse[head * p.output_lse_stride[0] + token * p.output_lse_stride[1]] = out_lse;
-  }
-
+  const scalar_t* prefix = static_cast<const scalar_t*>(p.prefix_output) + offset2(token, head, p.prefix_stride);
+  const scalar_t* suffix = static_cast<const scalar_t*>(p.suffix_output) + offset2(token, head, p.suffix_stride);
+  out_t* out = static_cast<out_t*>(p.output) + offset2(token, head, p.output_stride);
+  float* out_lse = p.output_lse == nullptr
+                       ? nullptr
+                       : p.output_lse + offset2(head, token, p.output_lse_stride);
+  const float suffix_lse = __ldg(p.suffix_lse + offset2(head, token, p.suffix_lse_stride));
   output_writer<out_t> write{1.0f};
   if constexpr (sizeof(out_t) == 1) write.inv_scale = 1.0f / __ldg(p.output_scale);
 
-  const scalar_t* prefix = static_cast<const scalar_t*>(p.prefix_output) + token * p.prefix_stride[0] +
-                           head * p.prefix_stride[1];
-  const scalar_t* suffix = static_cast<const scalar_t*>(p.suffix_output) + token * p.suffix_stride[0] +
-                           head * p.suffix_stride[1];
-  out_t* out = static_cast<out_t*>(p.output) + token * p.output_stride[0] + head * p.output_stride[1];
+  const index_t head_size = static_cast<index_t>(p.head_size);
+  const index_t step = index_t(blockDim.x) * VEC;
+  index_t col = index_t(threadIdx.x) * VEC;
 
-  for (int64_t col = int64_t(threadIdx.x) * VEC; col < p.head_size; col += int64_t(blockDim.x) * VEC) {
-    if (col + VEC <= p.head_size) {
-      using in_vec = vec<scalar_t, VEC>;
-      vec<out_t, VEC> o;
-      if (copy_suffix || copy_prefix) {
-        const in_vec x = in_vec::load((copy_suffix ? suffix : prefix) + col);
-        if constexpr (sizeof(out_t) == sizeof(scalar_t)) {
-          o = *reinterpret_cast<const vec<out_t, VEC>*>(&x);  // bit-exact copy
-        } else {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) o.v[i] = write(to_float(x.v[i]));
-        }
-      } else {
-        const in_vec x = in_vec::load(prefix + col);
-        const in_vec y = in_vec::load(suffix + col);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) o.v[i] = write(to_float(x.v[i]) * a + to_float(y.v[i]) * b);
-      }
-      o.store(out + col);
-    } else {
-      // Tail of a head_size that is not a multiple of VEC: element by element.
-      for (int64_t c = col; c < p.head_size; ++c) {
-        const float x = to_float(prefix[c]);
-        const float y = to_float(suffix[c]);
-        const float v = copy_suffix ? y : (copy_prefix ? x : x * a + y * b);
-        out[c] = write(v);
-      }
+  if (token >= p.prefill_tokens) {  // no context: the suffix as it is, lse included (+inf stays +inf)
+    if (threadIdx.x == 0 && out_lse != nullptr) *out_lse = suffix_lse;
+    for (; col + VEC <= head_size; col += step) copy_vector<scalar_t, out_t, VEC>(suffix + col, out + col, write);
+    for (; col < head_size; ++col) out[col] = write(to_float(suffix[col]));  // tail of a ragged head
+    return;
+  }
+
+  const float prefix_lse = __ldg(p.prefix_lse + offset2(head, token, p.prefix_lse_stride));
+  // The first vectors' loads go out before the exp/log math, so their latency overlaps the lse loads'.
+  const bool first_full = col + VEC <= head_size;
+  in_vec x, y;
+  if (first_full) {
+    x = in_vec::load(prefix + col);
+    y = in_vec::load(suffix + col);
+  }
+  float a, b;
+  bool copy_prefix;
+  const float merged_lse = merge_weights(prefix_lse, suffix_lse, a, b, copy_prefix);
+  if (threadIdx.x == 0 && out_lse != nullptr) *out_lse = merged_lse;
+
+  if (first_full) {
+    blend<scalar_t, out_t, VEC>(x, y, a, b, copy_prefix, write).store(out + col);
+    for (col += step; col + VEC <= head_size; col += step) {
+      x = in_vec::load(prefix + col);
+      y = in_vec::load(suffix + col);
+      blend<scalar_t, out_t, VEC>(x, y, a, b, copy_prefix, write).store(out + col);
     }
+  }
+  for (; col < head_size; ++col) {  // tail of a ragged head, element by element
+    const float xf = to_float(prefix[col]);
+    out[col] = write(copy_prefix ? xf : xf * a + to_float(suffix[col]) * b);
   }
 }
 

@@ -2,7 +2,7 @@
 
 from .arrays import ArrayInfo, describe, is_cupy_array
 from .compiler import CompileError, PtxasReport, cache_dir, compile_kernel, kernel_dir, ptxas_report
-from .launch import Kernel, device_arch, fast_divmod, launch
+from .launcher import Kernel, device_arch, fast_divmod, launch
 
 __all__ = [
     "ArrayInfo",

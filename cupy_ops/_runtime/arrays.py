@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ArrayInfo", "describe", "is_cupy_array", "memory_span", "spans_overlap", "cupy_stream", "torch_stream"]
+__all__ = ["ArrayInfo", "describe", "has_internal_overlap", "is_cupy_array", "memory_span", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
 _CUPY_DTYPES = {
@@ -88,15 +88,3 @@ def has_internal_overlap(info: ArrayInfo) -> bool:
             return True
         reach = stride * (size - 1) + reach
     return False
-
-
-def torch_stream(device: int) -> int:
-    """torch's current stream on `device` as a raw CUstream (0.1 us; `current_stream()` costs 4-8 us)."""
-    return torch._C._cuda_getCurrentRawStream(device)
-
-
-def cupy_stream(device: int) -> int:
-    import cupy
-
-    with cupy.cuda.Device(device):
-        return cupy.cuda.get_current_stream().ptr

@@ -41,8 +41,9 @@ _CUDA_TYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "
 # Threads per block; vLLM uses 128 too. Rows of head_size / VEC threads are stacked to fill a block.
 THREADS_PER_BLOCK = 128
 _MAX_THREADS_PER_ROW = 256
-# MergeAttnStatesParams: 7 pointers, 4 sizes, fast_divmod (3 words), 6 stride pairs. All 8-byte fields.
-_PARAMS = struct.Struct("<7Q4q3Q12q")
+# MergeAttnStatesParams: 7 pointers and the prefill count (change per call), then 3 sizes, fast_divmod (3
+# words) and 6 stride pairs (fixed per layout). All 8-byte fields.
+_PARAMS = struct.Struct("<7Qq3q3Q12q")
 
 
 def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
@@ -53,30 +54,39 @@ def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
 
 def instantiations() -> list[tuple[str, str]]:
     """Every (source file, name expression) this op can launch; `warmup` and the compile tests use it."""
-    names = []
-    for dtype in INPUT_DTYPES:
-        scalar = _CUDA_TYPE[dtype]
-        for out in (scalar, "cupy_ops::fp8_e4m3"):
-            for vec in _vector_widths(dtype):
-                names.append((SOURCE, f"cupy_ops::merge_attn_states_kernel<{scalar}, {out}, {vec}>"))
-    return names
+    return [(SOURCE, kernel.name_expression) for kernel in _KERNELS.values()]
 
 
-_KERNELS = {}  # (input dtype, fp8 output, vec) -> Kernel
-for _dtype in INPUT_DTYPES:
-    for _fp8 in (False, True):
-        for _vec in _vector_widths(_dtype):
-            _out = "cupy_ops::fp8_e4m3" if _fp8 else _CUDA_TYPE[_dtype]
-            _KERNELS[_dtype, _fp8, _vec] = _runtime.Kernel(
-                SOURCE, f"cupy_ops::merge_attn_states_kernel<{_CUDA_TYPE[_dtype]}, {_out}, {_vec}>")
+# (input dtype, fp8 output, elements per vector, 64-bit offsets) -> Kernel
+_KERNELS = {
+    (dtype, fp8, vec, wide): _runtime.Kernel(
+        SOURCE,
+        f"cupy_ops::merge_attn_states_kernel<{_CUDA_TYPE[dtype]}, "
+        f"{'cupy_ops::fp8_e4m3' if fp8 else _CUDA_TYPE[dtype]}, {vec}, {'true' if wide else 'false'}>",
+    )
+    for dtype in INPUT_DTYPES
+    for fp8 in (False, True)
+    for vec in _vector_widths(dtype)
+    for wide in (False, True)
+}
 
 
-# ---- validation (shared by the CUDA, CPU and CuPy paths) --------------------------------------------------
+# ---- validation ------------------------------------------------------------------------------------------
+#
+# Both checks return the launch description, plain values only (a NamedTuple per tensor costs ~0.4 us):
+#   (device, dtype, fp8, n, h, d, p, out_ptr, out_strides, lse_ptr, lse_strides, prefix_ptr, prefix_strides,
+#    prefix_lse_ptr, prefix_lse_strides, suffix_ptr, suffix_strides, suffix_lse_ptr, suffix_lse_strides, scale_ptr)
+# `_check` handles torch tensors and CuPy arrays and explains every rejection. `_accept_torch` is the eager
+# hot path: it accepts the usual valid call on torch tensors in a few attribute reads and returns None for
+# anything else, which then goes through `_check` (so it never decides an error by itself).
+
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_F32 = torch.float32
 
 
 def _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-           prefill_tokens_with_context, output_scale):
-    """Validate every argument; return (infos, n, h, d, p, fp8) for the launch. Raises before any launch."""
+           prefill_tokens_with_context, output_scale) -> tuple:
+    """Validate every argument (torch tensors, CPU or CUDA, or CuPy arrays); raise before any launch."""
     kind = torch.Tensor if isinstance(prefix_output, torch.Tensor) else None
     describe = arrays.describe
     po = describe(prefix_output, OP, "prefix_output", kind)
@@ -93,7 +103,7 @@ def _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_
                          f"{tuple(po.shape)}")
     n, h, d = po.shape
     for name, info in (("suffix_output", so), ("output", out)):
-        if info.shape != po.shape:
+        if tuple(info.shape) != tuple(po.shape):
             raise ValueError(f"{OP}: {name} has shape {tuple(info.shape)}, expected {tuple(po.shape)} "
                              "like prefix_output")
     for name, info in (("prefix_lse", pl), ("suffix_lse", sl), ("output_lse", out_lse)):
@@ -102,7 +112,7 @@ def _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_
         if tuple(info.shape) != (h, n):
             raise ValueError(f"{OP}: {name} has shape {tuple(info.shape)}, expected [num_heads, num_tokens] "
                              f"= {(h, n)}")
-        if info.dtype != torch.float32:
+        if info.dtype != _F32:
             raise TypeError(f"{OP}: {name} must be float32, got {info.dtype}")
 
     if po.dtype not in INPUT_DTYPES:
@@ -113,7 +123,7 @@ def _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_
     if fp8:
         if out.dtype != FP8_DTYPE:
             raise TypeError(f"{OP}: with output_scale, output must be float8_e4m3fn, got {out.dtype}")
-        if scale.dtype != torch.float32 or len(scale.shape) > 1 or _numel(scale.shape) != 1:
+        if scale.dtype != _F32 or len(scale.shape) > 1 or _numel(scale.shape) != 1:
             raise ValueError(f"{OP}: output_scale must be a 1-element float32 tensor, got {scale.dtype} "
                              f"of shape {tuple(scale.shape)}")
     elif out.dtype != po.dtype:
@@ -143,7 +153,10 @@ def _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_
                 raise ValueError(f"{OP}: {name} must have a contiguous last dimension (stride 1), got strides "
                                  f"{tuple(info.strides)}")
     _check_aliasing(out, out_lse, po, pl, so, sl)
-    return (out, out_lse, po, pl, so, sl, scale), n, h, d, p, fp8
+    no_lse = out_lse is None
+    return (device, po.dtype, fp8, n, h, d, p, out.ptr, out.strides, 0 if no_lse else out_lse.ptr,
+            (0, 0) if no_lse else out_lse.strides, po.ptr, po.strides, pl.ptr, pl.strides, so.ptr, so.strides,
+            sl.ptr, sl.strides, 0 if scale is None else scale.ptr)
 
 
 def _check_aliasing(out, out_lse, po, pl, so, sl):
@@ -158,7 +171,7 @@ def _check_aliasing(out, out_lse, po, pl, so, sl):
             if arrays.spans_overlap(out_lse, info):
                 raise ValueError(f"{OP}: output_lse overlaps {name} in memory")
     for name, info in (("prefix_output", po), ("suffix_output", so), ("prefix_lse", pl), ("suffix_lse", sl)):
-        same_view = info.ptr == out.ptr and info.strides == out.strides and info.dtype == out.dtype
+        same_view = info.ptr == out.ptr and tuple(info.strides) == tuple(out.strides) and info.dtype == out.dtype
         if not same_view and arrays.spans_overlap(out, info):
             raise ValueError(f"{OP}: output partially overlaps {name} in memory")
 
@@ -174,60 +187,147 @@ def _device_name(index: int) -> str:
     return "cpu" if index < 0 else f"cuda:{index}"
 
 
+def _accept_torch(output, output_lse, po, pl, so, sl, p, scale):
+    """The usual valid call on torch tensors (one device, unit last stride, no aliasing), or None."""
+    try:
+        shape = po.shape
+        n, h, d = shape
+        dtype = po.dtype
+        device = po.get_device()
+        itemsize = _ITEMSIZE[dtype]
+        if p is None:
+            p = n
+        elif type(p) is not int or p < 0 or p > n:
+            return None
+        if (so.shape != shape or output.shape != shape or so.dtype is not dtype
+                or so.get_device() != device or output.get_device() != device):
+            return None
+        lse_shape = (h, n)
+        if (pl.shape != lse_shape or sl.shape != lse_shape or pl.dtype is not _F32 or sl.dtype is not _F32
+                or pl.get_device() != device or sl.get_device() != device):
+            return None
+        if scale is None:
+            if output.dtype is not dtype:
+                return None
+            fp8, out_itemsize, scale_ptr = False, itemsize, 0
+        else:
+            if (output.dtype is not FP8_DTYPE or scale.dtype is not _F32 or scale.numel() != 1
+                    or scale.dim() > 1 or scale.get_device() != device):
+                return None
+            fp8, out_itemsize, scale_ptr = True, 1, scale.data_ptr()
+        out_st, po_st, so_st = output.stride(), po.stride(), so.stride()
+        if d > 1 and (out_st[2] != 1 or po_st[2] != 1 or so_st[2] != 1):
+            return None
+        # Output rows must not overlap each other: heads within a token, then tokens (strides are >= 0 in torch).
+        if (h > 1 and out_st[1] < d) or (n > 1 and out_st[0] < (h - 1) * out_st[1] + d):
+            return None
+        out_ptr, po_ptr, so_ptr, pl_ptr, sl_ptr = (output.data_ptr(), po.data_ptr(), so.data_ptr(),
+                                                   pl.data_ptr(), sl.data_ptr())
+        pl_st, sl_st = pl.stride(), sl.stride()
+        pl_end = pl_ptr + 4 * ((h - 1) * pl_st[0] + (n - 1) * pl_st[1] + 1)
+        sl_end = sl_ptr + 4 * ((h - 1) * sl_st[0] + (n - 1) * sl_st[1] + 1)
+        out_end = out_ptr + out_itemsize * ((n - 1) * out_st[0] + (h - 1) * out_st[1] + d)
+        po_end = po_ptr + itemsize * ((n - 1) * po_st[0] + (h - 1) * po_st[1] + d)
+        so_end = so_ptr + itemsize * ((n - 1) * so_st[0] + (h - 1) * so_st[1] + d)
+        if ((out_ptr < pl_end and pl_ptr < out_end) or (out_ptr < sl_end and sl_ptr < out_end)
+                or (out_ptr < po_end and po_ptr < out_end and (out_ptr != po_ptr or out_st != po_st or fp8))
+                or (out_ptr < so_end and so_ptr < out_end and (out_ptr != so_ptr or out_st != so_st or fp8))):
+            return None
+        if output_lse is None:
+            lse_ptr, lse_st = 0, (0, 0)
+        else:
+            lse_st = output_lse.stride()
+            lse_ptr = output_lse.data_ptr()
+            if (output_lse.shape != lse_shape or output_lse.dtype is not _F32
+                    or output_lse.get_device() != device
+                    or not ((lse_st[1] == 1 and (h == 1 or lse_st[0] >= n))
+                            or (lse_st[0] == 1 and (n == 1 or lse_st[1] >= h)))):
+                return None
+            lse_end = lse_ptr + 4 * ((h - 1) * lse_st[0] + (n - 1) * lse_st[1] + 1)
+            if ((lse_ptr < pl_end and pl_ptr < lse_end) or (lse_ptr < sl_end and sl_ptr < lse_end)
+                    or (lse_ptr < out_end and out_ptr < lse_end) or (lse_ptr < po_end and po_ptr < lse_end)
+                    or (lse_ptr < so_end and so_ptr < lse_end)):
+                return None
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None  # not torch tensors, wrong rank, unknown dtype...: `_check` will say what is wrong
+    return (device, dtype, fp8, n, h, d, p, out_ptr, out_st, lse_ptr, lse_st, po_ptr, po_st, pl_ptr, pl_st,
+            so_ptr, so_st, sl_ptr, sl_st, scale_ptr)
+
+
 # ---- CUDA launch --------------------------------------------------------------------------------------------
 
+_INT32_LIMIT = 1 << 31
+_MAX_CACHED_CONFIGS = 4096
+# Launch configurations by layout: (device, dtype, fp8, n, h, d, six stride pairs, pointer alignments)
+# -> (Kernel, grid, block_x, block_y, constant tail of the params struct). A repeated layout skips ~3 us of
+# Python arithmetic per call.
+_configs: dict[tuple, tuple] = {}
 
-def _launch(infos, n, h, d, p, fp8, stream_of) -> None:
-    if n == 0 or h == 0 or d == 0:
-        return  # nothing to write; CuPy/driver would still run one block for a zero grid
-    out, out_lse, po, pl, so, sl, scale = infos
-    dtype = po.dtype
-    widest = 16 // po.itemsize
-    # Largest vector that every row start is aligned to (strides in elements, pointers in bytes).
-    misalign = (out.strides[0] | out.strides[1] | po.strides[0] | po.strides[1] | so.strides[0]
-                | so.strides[1] | ((po.ptr | so.ptr) // po.itemsize) | (out.ptr // out.itemsize))
+
+def _launch_config(key: tuple) -> tuple:
+    device, dtype, fp8, n, h, d, out_st, lse_st, po_st, pl_st, so_st, sl_st, in_align, out_align = key
+    itemsize = _ITEMSIZE[dtype]
+    widest = 16 // itemsize
+    # Largest vector every row start is aligned to (strides in elements, pointers in bytes).
+    misalign = (out_st[0] | out_st[1] | po_st[0] | po_st[1] | so_st[0] | so_st[1] | (in_align // itemsize)
+                | (out_align if fp8 else out_align // itemsize))
     vec = widest if misalign == 0 else min(widest, misalign & -misalign)
     while vec > d:
         vec //= 2
     threads_per_row = min(-(-d // vec), _MAX_THREADS_PER_ROW)
     rows_per_block = max(1, THREADS_PER_BLOCK // threads_per_row)
     rows = n * h
-    grid = -(-rows // rows_per_block)
-    device = po.device
-    kernel = _KERNELS[dtype, fp8, vec]
-    no_lse = out_lse is None
-    params = (
-        out.ptr, 0 if no_lse else out_lse.ptr, po.ptr, pl.ptr, so.ptr, sl.ptr, 0 if scale is None else scale.ptr,
-        rows, h, d, p, *_runtime.fast_divmod(h),
-        out.strides[0], out.strides[1], po.strides[0], po.strides[1], so.strides[0], so.strides[1],
-        0 if no_lse else out_lse.strides[0], 0 if no_lse else out_lse.strides[1],
-        pl.strides[0], pl.strides[1], sl.strides[0], sl.strides[1],
-    )
-    _runtime.launch(kernel.function(device), grid, (threads_per_row, rows_per_block), _PARAMS, params,
-                    stream_of(device))
+    # 32-bit offsets unless a row index or some element offset can reach 2^31 (vllm#45500 overflowed there).
+    reach = ((n - 1) * (abs(out_st[0]) + abs(po_st[0]) + abs(so_st[0]) + abs(lse_st[1]) + abs(pl_st[1])
+                        + abs(sl_st[1]))
+             + (h - 1) * (abs(out_st[1]) + abs(po_st[1]) + abs(so_st[1]) + abs(lse_st[0]) + abs(pl_st[0])
+                          + abs(sl_st[0])) + d)
+    wide = rows >= _INT32_LIMIT or reach >= _INT32_LIMIT
+    tail = (rows, h, d, *_runtime.fast_divmod(h), *out_st[:2], *po_st[:2], *so_st[:2], *lse_st, *pl_st, *sl_st)
+    config = (_KERNELS[dtype, fp8, vec, wide], -(-rows // rows_per_block), threads_per_row, rows_per_block, tail)
+    if len(_configs) >= _MAX_CACHED_CONFIGS:
+        _configs.clear()
+    _configs[key] = config
+    return config
+
+
+def _launch(args: tuple, stream: int) -> None:
+    (device, dtype, fp8, n, h, d, p, out_ptr, out_st, lse_ptr, lse_st, po_ptr, po_st, pl_ptr, pl_st,
+     so_ptr, so_st, sl_ptr, sl_st, scale_ptr) = args
+    if n == 0 or h == 0 or d == 0:
+        return  # nothing to write; a zero grid would still run one block
+    key = (device, dtype, fp8, n, h, d, out_st, lse_st, po_st, pl_st, so_st, sl_st, (po_ptr | so_ptr) & 15,
+           out_ptr & 15)
+    config = _configs.get(key) or _launch_config(key)
+    kernel, grid, block_x, block_y, tail = config
+    _runtime.launch(kernel.function(device), grid, block_x, block_y, stream, _PARAMS,
+                    (out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr, scale_ptr, p, *tail))
 
 
 def _merge_cuda(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
                 prefill_tokens_with_context=None, output_scale=None) -> None:
     """CUDA kernel of the registered op, and the eager path for CUDA tensors."""
-    infos, n, h, d, p, fp8 = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                                    prefill_tokens_with_context, output_scale)
-    device = infos[2].device
+    args = _accept_torch(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                         prefill_tokens_with_context, output_scale)
+    if args is None:
+        args = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                      prefill_tokens_with_context, output_scale)
+    device = args[0]
     if device == torch._C._cuda_getDevice():
-        _launch(infos, n, h, d, p, fp8, arrays.torch_stream)
+        _launch(args, torch._C._cuda_getCurrentRawStream(device))
     else:
         with torch.cuda.device(device):
-            _launch(infos, n, h, d, p, fp8, arrays.torch_stream)
+            _launch(args, torch._C._cuda_getCurrentRawStream(device))
 
 
 def _merge_cupy(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
                 prefill_tokens_with_context=None, output_scale=None) -> None:
     import cupy
 
-    infos, n, h, d, p, fp8 = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                                    prefill_tokens_with_context, output_scale)
-    with cupy.cuda.Device(infos[2].device):
-        _launch(infos, n, h, d, p, fp8, arrays.cupy_stream)
+    args = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                  prefill_tokens_with_context, output_scale)
+    with cupy.cuda.Device(args[0]):
+        _launch(args, cupy.cuda.get_current_stream().ptr)
 
 
 # ---- reference (pure torch; the op's CPU kernel) ---------------------------------------------------------
@@ -277,8 +377,8 @@ def merge_attn_states_ref(prefix_output: torch.Tensor, prefix_lse: torch.Tensor,
 def _merge_cpu(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
                prefill_tokens_with_context=None, output_scale=None) -> None:
     """CPU kernel of the registered op: the reference, written into the outputs."""
-    _, n, h, d, p, _ = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                              prefill_tokens_with_context, output_scale)
+    p = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+               prefill_tokens_with_context, output_scale)[6]
     out, lse = merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse, p, output_scale)
     output.copy_(out)
     if output_lse is not None:

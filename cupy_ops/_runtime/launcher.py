@@ -24,16 +24,9 @@ _CUDA_ERROR_INVALID_CONTEXT = 201
 
 @functools.lru_cache(maxsize=1)
 def _libcuda():
+    # No argtypes on cuLaunchKernel: ctypes' per-argument conversion costs ~2 us a launch (measured on the H100
+    # VM: 9.7 us with argtypes, 7.6 us without, 7.5 us through cuda.bindings). Callers pass c_void_p handles.
     lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernel.argtypes = [
-        ctypes.c_void_p,                                    # CUfunction
-        ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,        # grid
-        ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,        # block
-        ctypes.c_uint,                                      # dynamic shared memory
-        ctypes.c_void_p,                                    # CUstream
-        ctypes.c_void_p,                                    # void** kernelParams
-        ctypes.c_void_p,                                    # void** extra
-    ]
     lib.cuLaunchKernel.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
@@ -68,7 +61,7 @@ class Kernel:
     def __init__(self, filename: str, name_expression: str):
         self.filename = filename
         self.name_expression = name_expression
-        self._functions: dict[int, tuple[object, int]] = {}  # device -> (CuPy Module, CUfunction)
+        self._functions: dict[int, tuple[object, ctypes.c_void_p]] = {}  # device -> (CuPy Module, CUfunction)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -78,7 +71,7 @@ class Kernel:
         target, native = compiler.supported_arch(arch)
         return compiler.compile_kernel(self.filename, self.name_expression, target, native=native)
 
-    def function(self, device: int) -> int:
+    def function(self, device: int) -> ctypes.c_void_p:
         """CUfunction handle for `device`, compiling and loading on first use."""
         loaded = self._functions.get(device)
         if loaded is not None:
@@ -92,7 +85,7 @@ class Kernel:
                 with cupy.cuda.Device(device):
                     module = cupy.cuda.function.Module()
                     module.load(compiled.image)
-                    loaded = (module, module.get_function(compiled.lowered_name).ptr)
+                    loaded = (module, ctypes.c_void_p(module.get_function(compiled.lowered_name).ptr))
                 self._functions[device] = loaded
         return loaded[1]
 
@@ -108,17 +101,34 @@ class _LaunchBuffers(threading.local):
 _buffers = _LaunchBuffers()
 
 
-def launch(function: int, grid: int, block: tuple[int, int], params_layout, params: tuple, stream: int) -> None:
-    """Launch `function` on `stream` with one struct argument packed by `params_layout` (a `struct.Struct`)."""
+_stream_handles: dict[int, ctypes.c_void_p] = {}
+
+
+def launch(function: ctypes.c_void_p, grid: int, block_x: int, block_y: int, stream: int, params_layout,
+           params: tuple) -> None:
+    """Launch `function` (from `Kernel.function`) on the raw CUstream `stream` with one struct argument that
+    `params_layout` (a `struct.Struct`) packs from `params`. Grid is 1-D, block 2-D, no dynamic shared memory."""
     buffers = _buffers
     params_layout.pack_into(buffers.params, 0, *params)
-    lib = _libcuda()
-    code = lib.cuLaunchKernel(function, grid, 1, 1, block[0], block[1], 1, 0, stream, buffers.argv, None)
-    if code == _CUDA_ERROR_INVALID_CONTEXT:
-        # A thread that has not touched the CUDA runtime yet has no current context: bind the primary one.
-        from cupy.cuda import runtime
+    handle = _stream_handles.get(stream)
+    if handle is None:
+        if len(_stream_handles) > 1024:  # programs that create and drop streams by the thousand
+            _stream_handles.clear()
+        handle = _stream_handles.setdefault(stream, ctypes.c_void_p(stream))
+    code = _cu_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, handle, buffers.argv, None)
+    if code:
+        if code == _CUDA_ERROR_INVALID_CONTEXT:
+            # A thread that has not touched the CUDA runtime yet has no current context: bind the primary one.
+            from cupy.cuda import runtime
 
-        runtime.setDevice(runtime.getDevice())
-        code = lib.cuLaunchKernel(function, grid, 1, 1, block[0], block[1], 1, 0, stream, buffers.argv, None)
-    if code != 0:
-        raise RuntimeError(f"cupy_ops: kernel launch failed: {_error_name(code)}")
+            runtime.setDevice(runtime.getDevice())
+            code = _cu_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, handle, buffers.argv, None)
+        if code:
+            raise RuntimeError(f"cupy_ops: kernel launch failed: {_error_name(code)}")
+
+
+def _cu_launch_kernel(*args) -> int:
+    """First call binds libcuda's cuLaunchKernel in place of this stub (no driver is needed before that)."""
+    global _cu_launch_kernel
+    _cu_launch_kernel = _libcuda().cuLaunchKernel
+    return _cu_launch_kernel(*args)
