@@ -50,7 +50,10 @@ __device__ __forceinline__ float merge_weights(float prefix_lse, float suffix_ls
   // +inf is as meaningless as -inf here: either way that side saw no keys.
   prefix_lse = isinf(prefix_lse) ? neg_inf() : prefix_lse;
   suffix_lse = isinf(suffix_lse) ? neg_inf() : suffix_lse;
-  const float max_lse = fmaxf(prefix_lse, suffix_lse);
+  float max_lse = fmaxf(prefix_lse, suffix_lse);
+  // fmaxf drops a NaN, so (NaN, -inf) would pass for "both sides empty" and hide the NaN (vLLM does this);
+  // the sum is NaN exactly when one lse is (infinities are all -inf by now), and NaN then propagates.
+  if (isnan(prefix_lse + suffix_lse)) max_lse = prefix_lse + suffix_lse;
   copy_prefix = (max_lse == neg_inf());
   if (copy_prefix) {
     a = 1.0f;

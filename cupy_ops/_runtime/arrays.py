@@ -81,6 +81,8 @@ def spans_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
 
 def has_internal_overlap(info: ArrayInfo) -> bool:
     """True when two elements share an address (e.g. an expanded, stride-0 output): writes would race."""
+    if 0 in info.shape:
+        return False  # no elements, nothing to share
     dims = sorted((abs(st), size) for size, st in zip(info.shape, info.strides) if size > 1)
     reach = 1  # elements spanned by the inner dimensions so far
     for stride, size in dims:

@@ -16,6 +16,7 @@ recompiled and rewritten, never an error; an unwritable folder only costs the di
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -137,23 +138,55 @@ def _cuda_headers_version() -> str:
 
 
 def _nvrtc():
+    """CuPy's NVRTC binding (the calls RawModule makes), used to compile; imported only on a cache miss."""
     from cupy.cuda import nvrtc
 
     return nvrtc
 
 
 @functools.lru_cache(maxsize=1)
+def _nvrtc_library():
+    """libnvrtc through ctypes, found by cuda-pathfinder as CuPy 14 finds it. The cache key needs the NVRTC
+    version and the arch list on every first call; asking CuPy would import it (100-180 ms) even when the
+    kernel is already on disk."""
+    try:
+        from cuda import pathfinder
+
+        return ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
+    except Exception:  # no cuda-pathfinder, or it cannot find NVRTC: CuPy's binding answers instead
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def nvrtc_version() -> tuple[int, int]:
-    return tuple(_nvrtc().getVersion())
+    lib = _nvrtc_library()
+    if lib is None:
+        return tuple(_nvrtc().getVersion())
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
+
+
+@functools.lru_cache(maxsize=1)
+def _nvrtc_archs() -> tuple[int, ...]:
+    lib = _nvrtc_library()
+    if lib is None:
+        try:
+            return tuple(int(a) for a in _nvrtc().getSupportedArchs())
+        except Exception:
+            return ()
+    count = ctypes.c_int()
+    if lib.nvrtcGetNumSupportedArchs(ctypes.byref(count)) != 0:
+        return ()
+    archs = (ctypes.c_int * count.value)()
+    if lib.nvrtcGetSupportedArchs(archs) != 0:
+        return ()
+    return tuple(archs)
 
 
 def supported_arch(device_arch: int) -> tuple[int, bool]:
     """(arch to compile for, native SASS?) for a device of compute capability `device_arch` (e.g. 90)."""
-    nvrtc = _nvrtc()
-    try:
-        archs = [int(a) for a in nvrtc.getSupportedArchs()]
-    except Exception:
-        archs = []
+    archs = _nvrtc_archs()
     if not archs or device_arch in archs:
         return device_arch, True
     lower = [a for a in archs if a <= device_arch]

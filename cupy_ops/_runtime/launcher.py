@@ -1,9 +1,10 @@
 """Loading compiled kernels per device and launching them on torch's or CuPy's current stream.
 
-The launch is one `cuLaunchKernel` call through ctypes with a single by-value params struct that the op packs
-with `struct` (a few hundred ns), instead of CuPy's `Function.__call__`, whose per-argument boxing costs more
-than the kernel at small sizes. Kernels are compiled by `compiler.py` and loaded with CuPy's `Module`, so the
-driver context is the device's primary context, which torch and CuPy share.
+Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
+context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
+imports CuPy (100-180 ms). The launch is one `cuLaunchKernel` through ctypes with a single by-value params
+struct that the op packs with `struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing costs
+more than the kernel at small sizes.
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
 launch inside `torch.cuda.graph` (or CuPy stream capture) is recorded into the graph.
@@ -38,13 +39,48 @@ def _error_name(code: int) -> str:
     return name.value.decode() if name.value else f"CUresult {code}"
 
 
+def _check_cu(code: int, what: str) -> None:
+    if code:
+        raise RuntimeError(f"cupy_ops: {what} failed: {_error_name(code)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _primary_context(device: int) -> ctypes.c_void_p:
+    """The device's primary context (the one torch and CuPy use), retained for the life of the process."""
+    lib = _libcuda()
+    _check_cu(lib.cuInit(0), "cuInit")
+    handle, context = ctypes.c_int(), ctypes.c_void_p()
+    _check_cu(lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
+    _check_cu(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle), "cuDevicePrimaryCtxRetain")
+    return context
+
+
 @functools.lru_cache(maxsize=None)
 def device_arch(device: int) -> int:
     """Compute capability of `device` as an int, e.g. 90 for an H100."""
-    from cupy.cuda import runtime
+    lib = _libcuda()
+    _check_cu(lib.cuInit(0), "cuInit")
+    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    _check_cu(lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    _check_cu(lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle), "cuDeviceGetAttribute")
+    _check_cu(lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle), "cuDeviceGetAttribute")
+    return major.value * 10 + minor.value
 
-    props = runtime.getDeviceProperties(device)
-    return props["major"] * 10 + props["minor"]
+
+def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
+    """(CUmodule, CUfunction) of `image` loaded into `device`'s primary context, whatever is current here."""
+    lib = _libcuda()
+    context = _primary_context(device)
+    module, function, previous = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    _check_cu(lib.cuCtxPushCurrent(context), "cuCtxPushCurrent")
+    try:
+        _check_cu(lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+        _check_cu(lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
+                  f"cuModuleGetFunction({lowered_name})")
+    finally:
+        lib.cuCtxPopCurrent(ctypes.byref(previous))
+    return module, function
 
 
 def fast_divmod(divisor: int) -> tuple[int, int, int]:
@@ -61,7 +97,7 @@ class Kernel:
     def __init__(self, filename: str, name_expression: str):
         self.filename = filename
         self.name_expression = name_expression
-        self._functions: dict[int, tuple[object, ctypes.c_void_p]] = {}  # device -> (CuPy Module, CUfunction)
+        self._functions: dict[int, tuple[ctypes.c_void_p, ctypes.c_void_p]] = {}  # device -> (module, function)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -72,21 +108,15 @@ class Kernel:
         return compiler.compile_kernel(self.filename, self.name_expression, target, native=native)
 
     def function(self, device: int) -> ctypes.c_void_p:
-        """CUfunction handle for `device`, compiling and loading on first use."""
+        """CUfunction handle for `device`, compiling (or reading the disk cache) and loading on first use."""
         loaded = self._functions.get(device)
         if loaded is not None:
             return loaded[1]
         with self._lock:
             loaded = self._functions.get(device)
             if loaded is None:
-                import cupy
-
                 compiled = self.compile(device_arch(device))
-                with cupy.cuda.Device(device):
-                    module = cupy.cuda.function.Module()
-                    module.load(compiled.image)
-                    loaded = (module, ctypes.c_void_p(module.get_function(compiled.lowered_name).ptr))
-                self._functions[device] = loaded
+                loaded = self._functions[device] = _load_function(device, compiled.image, compiled.lowered_name)
         return loaded[1]
 
 
@@ -104,10 +134,10 @@ _buffers = _LaunchBuffers()
 _stream_handles: dict[int, ctypes.c_void_p] = {}
 
 
-def launch(function: ctypes.c_void_p, grid: int, block_x: int, block_y: int, stream: int, params_layout,
-           params: tuple) -> None:
-    """Launch `function` (from `Kernel.function`) on the raw CUstream `stream` with one struct argument that
-    `params_layout` (a `struct.Struct`) packs from `params`. Grid is 1-D, block 2-D, no dynamic shared memory."""
+def launch(function: ctypes.c_void_p, device: int, grid: int, block_x: int, block_y: int, stream: int,
+           params_layout, params: tuple) -> None:
+    """Launch `function` (from `Kernel.function(device)`) on the raw CUstream `stream` with one struct argument
+    that `params_layout` (a `struct.Struct`) packs from `params`. 1-D grid, 2-D block, no dynamic shared memory."""
     buffers = _buffers
     params_layout.pack_into(buffers.params, 0, *params)
     handle = _stream_handles.get(stream)
@@ -116,15 +146,13 @@ def launch(function: ctypes.c_void_p, grid: int, block_x: int, block_y: int, str
             _stream_handles.clear()
         handle = _stream_handles.setdefault(stream, ctypes.c_void_p(stream))
     code = _cu_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, handle, buffers.argv, None)
+    if code == _CUDA_ERROR_INVALID_CONTEXT:
+        # A thread that has not touched CUDA yet has no current context: make the device's primary one current,
+        # as the CUDA runtime would on its first call in this thread.
+        _libcuda().cuCtxSetCurrent(_primary_context(device))
+        code = _cu_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, handle, buffers.argv, None)
     if code:
-        if code == _CUDA_ERROR_INVALID_CONTEXT:
-            # A thread that has not touched the CUDA runtime yet has no current context: bind the primary one.
-            from cupy.cuda import runtime
-
-            runtime.setDevice(runtime.getDevice())
-            code = _cu_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, handle, buffers.argv, None)
-        if code:
-            raise RuntimeError(f"cupy_ops: kernel launch failed: {_error_name(code)}")
+        raise RuntimeError(f"cupy_ops: kernel launch failed: {_error_name(code)}")
 
 
 def _cu_launch_kernel(*args) -> int:

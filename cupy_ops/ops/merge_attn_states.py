@@ -13,6 +13,7 @@ Same schema, argument order and semantics as vLLM 0.33 (`torch.ops._C.merge_attn
 - every tensor is addressed with its own strides (vLLM assumes token stride = h * head stride and reads the
   suffix with the prefix's strides), with 64-bit offsets, any head size and any pointer alignment (vLLM needs
   16-byte alignment and dies with "misaligned address" on an odd-offset output slice);
+- a NaN lse always propagates (vLLM's fmaxf turns (NaN, -inf) into "both sides empty": prefix output, lse -inf);
 - n = 0 launches nothing; bad shapes, dtypes, devices, an out-of-range prefill count and an output_lse that
   aliases an input lse raise ValueError/TypeError before any launch.
 """
@@ -272,9 +273,10 @@ def _launch_config(key: tuple) -> tuple:
     misalign = (out_st[0] | out_st[1] | po_st[0] | po_st[1] | so_st[0] | so_st[1] | (in_align // itemsize)
                 | (out_align if fp8 else out_align // itemsize))
     vec = widest if misalign == 0 else min(widest, misalign & -misalign)
-    while vec > d:
+    while vec > max(d, 1):
         vec //= 2
-    threads_per_row = min(-(-d // vec), _MAX_THREADS_PER_ROW)
+    # d = 0 still launches one thread per row when output_lse is given: the merged lse is defined.
+    threads_per_row = max(1, min(-(-d // vec), _MAX_THREADS_PER_ROW))
     rows_per_block = max(1, THREADS_PER_BLOCK // threads_per_row)
     rows = n * h
     # 32-bit offsets unless a row index or some element offset can reach 2^31 (vllm#45500 overflowed there).
@@ -294,13 +296,13 @@ def _launch_config(key: tuple) -> tuple:
 def _launch(args: tuple, stream: int) -> None:
     (device, dtype, fp8, n, h, d, p, out_ptr, out_st, lse_ptr, lse_st, po_ptr, po_st, pl_ptr, pl_st,
      so_ptr, so_st, sl_ptr, sl_st, scale_ptr) = args
-    if n == 0 or h == 0 or d == 0:
+    if n == 0 or h == 0 or (d == 0 and lse_ptr == 0):
         return  # nothing to write; a zero grid would still run one block
     key = (device, dtype, fp8, n, h, d, out_st, lse_st, po_st, pl_st, so_st, sl_st, (po_ptr | so_ptr) & 15,
            out_ptr & 15)
     config = _configs.get(key) or _launch_config(key)
     kernel, grid, block_x, block_y, tail = config
-    _runtime.launch(kernel.function(device), grid, block_x, block_y, stream, _PARAMS,
+    _runtime.launch(kernel.function(device), device, grid, block_x, block_y, stream, _PARAMS,
                     (out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr, scale_ptr, p, *tail))
 
 
@@ -386,6 +388,47 @@ def _merge_cpu(output, output_lse, prefix_output, prefix_lse, suffix_output, suf
 
 
 _OP = register_op(SCHEMA, cuda=_merge_cuda, cpu=_merge_cpu)
+
+
+# ---- self-check (python -m cupy_ops check) ----------------------------------------------------------------
+
+
+def _random_inputs(n: int, h: int, d: int, dtype: torch.dtype, device: str):
+    """prefix/suffix [n, h, d] and lse [h, n] with ~10% infinite lse on each side (some rows both)."""
+    prefix = torch.randn(n, h, d, device=device).to(dtype)
+    suffix = torch.randn(n, h, d, device=device).to(dtype)
+    prefix_lse = torch.randn(h, n, device=device) * 4
+    suffix_lse = torch.randn(h, n, device=device) * 4
+    prefix_lse[torch.rand(h, n, device=device) < 0.1] = float("inf")
+    suffix_lse[torch.rand(h, n, device=device) < 0.1] = float("-inf")
+    return prefix, prefix_lse, suffix, suffix_lse
+
+
+def self_check(device: str) -> list[tuple[str, bool, str]]:
+    """(case, passed, detail) for a few layouts per dtype, poisoned outputs vs the float64 reference."""
+    from ..testing import mismatch
+
+    results = []
+    cases = [(dtype, fp8, layout) for dtype in INPUT_DTYPES for fp8 in (False, True)
+             for layout in ("contiguous", "offset slice, d=80, p=n/2")]
+    for dtype, fp8, layout in cases:
+        n, h, d = (513, 8, 128) if layout == "contiguous" else (77, 5, 80)
+        p = None if layout == "contiguous" else n // 2
+        prefix, prefix_lse, suffix, suffix_lse = _random_inputs(n, h, d, dtype, device)
+        out_dtype = FP8_DTYPE if fp8 else dtype
+        scale = torch.tensor([0.05], device=device) if fp8 else None
+        # A view one element into a poisoned buffer: unaligned, and it shows any write outside the view.
+        buffer = torch.full((n * h * d + 1,), float("nan"), device=device).to(out_dtype)
+        output = buffer[1:].view(n, h, d)
+        output_lse = torch.full((h, n), float("nan"), device=device)
+        merge_attn_states(output, output_lse, prefix, prefix_lse, suffix, suffix_lse, p, scale)
+        expected, expected_lse = merge_attn_states_ref(prefix, prefix_lse, suffix, suffix_lse, p, scale,
+                                                       compute_dtype=torch.float64)
+        problem = (mismatch(output, expected, out_dtype) or mismatch(output_lse, expected_lse, torch.float32)
+                   or (None if buffer[:1].float().isnan().all() else "wrote outside the output view"))
+        name = f"{str(dtype).replace('torch.', '')}{' -> fp8' if fp8 else ''} {layout} [{n}x{h}x{d}] on {device}"
+        results.append((name, problem is None, problem or "ok"))
+    return results
 
 
 # ---- public entry point ----------------------------------------------------------------------------------

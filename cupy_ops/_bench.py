@@ -1,0 +1,663 @@
+"""Roofline benchmarks (`python -m cupy_ops bench` calls `add_arguments` and `run`; bench/ imports the helpers).
+
+GPU µs per call from CUDA-graph replays over rotated inputs, against measured copy bandwidth, vLLM's kernel
+(optional anchor) and a torch.compile'd reference; eager host µs per call; cold and warm-cache first-call ms.
+Each op has an `OpSuite` (cases stating their bytes moved, inputs, providers, float64 reference); a new op adds
+those functions and one entry in `SUITES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import lzma
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cupy_ops
+from cupy_ops.ops import merge_attn_states as merge_module
+from cupy_ops.testing import TOLERANCE
+
+NO_GPU_MESSAGE = "no CUDA GPU found: bench needs one"
+DEFAULT_L2_BYTES = 50 * 1024 * 1024  # H100 SXM; used only when the device does not report its L2 size
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- environment -----------------------------------------------------------------------------------------
+
+
+def load_vllm_anchor(xz_path: str, unpack_dir: str | None = None):
+    """`torch.ops._C` with vLLM's compiled kernels, from the anchor .so.xz (same logic as shared/anchors)."""
+    stat = os.stat(xz_path)
+    # Keyed by size and mtime so that a different anchor file is never served from a stale unpack.
+    unpack_dir = unpack_dir or os.path.join(tempfile.gettempdir(), f"cupy_ops_vllm_{stat.st_size}_{stat.st_mtime_ns}")
+    target = os.path.join(unpack_dir, "_C_stable_libtorch.abi3.so")
+    if not os.path.exists(target):
+        os.makedirs(unpack_dir, exist_ok=True)
+        part = f"{target}.{os.getpid()}.part"
+        with lzma.open(xz_path) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, target)
+    torch.ops.load_library(target)
+    return torch.ops._C
+
+
+def try_load_vllm(xz_path: str | None) -> tuple[Any, str | None]:
+    """(vLLM ops or None, why not): the anchor is optional, so failing to load it is never an error."""
+    if not xz_path:
+        return None, "no anchor path given"
+    try:
+        ops = load_vllm_anchor(xz_path)
+    except Exception as exc:  # noqa: BLE001 - missing file, wrong torch/CUDA ABI, noexec temp dir...
+        return None, f"{type(exc).__name__}: {exc}"
+    if not hasattr(ops, "merge_attn_states"):
+        return None, f"{xz_path} loaded but registers no torch.ops._C.merge_attn_states"
+    return ops, None
+
+
+def l2_cache_bytes(device: int | None = None) -> int:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _safe(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - a version we cannot read is "unknown", not a failed run
+        return "unknown"
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.strip()
+
+
+def run_meta(copy: dict) -> dict:
+    """GPU, versions, git sha and the command line: what a results file needs to be compared with another."""
+    import cupy
+
+    from cupy_ops._runtime import compiler
+
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "sm_count": props.multi_processor_count,
+        "l2_bytes": l2_cache_bytes(device),
+        "memory_bytes": props.total_memory,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cupy": cupy.__version__,
+        "cuda_runtime": _safe(cupy.cuda.runtime.runtimeGetVersion),
+        "cuda_driver": _safe(cupy.cuda.runtime.driverGetVersion),
+        "nvrtc": _safe(lambda: ".".join(map(str, compiler.nvrtc_version()))),
+        "cupy_ops": cupy_ops.__version__,
+        # The device machine gets a copy of the tree without .git: the caller passes the sha it ran.
+        "git_sha": os.environ.get("CUPY_OPS_GIT_SHA") or _safe(lambda: _git("rev-parse", "HEAD")),
+        "git_dirty": _safe(lambda: _git("rev-parse", "HEAD") and bool(_git("status", "--porcelain", "-uno"))),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_GBps": copy["GBps"],
+        "copy_bandwidth": copy,
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+
+
+def calls_per_graph(sets: int, bytes_moved: int, *, target_us: float = 200.0, min_calls: int = 32,
+                    max_calls: int = 512) -> int:
+    """Calls in one graph: a multiple of `sets`, at least `min_calls`, and enough that a replay lasts about
+    `target_us` (guessed as 2 µs + bytes at 2.5 TB/s), so its launch (a few µs) is a small part of it."""
+    guess_us = 2.0 + bytes_moved / 2.5e6
+    want = min(max_calls, max(min_calls, math.ceil(target_us / guess_us)))
+    return sets * math.ceil(want / sets)
+
+
+def make_input_sets(make_inputs: Callable[[Any, int], tuple], case, l2_bytes: int, *,
+                    min_sets: int = 2, max_sets: int = 16) -> list[tuple]:
+    """`make_inputs(case, seed)` for enough seeds that one pass over the sets reads >= 2x L2 (every call then
+    starts from cold L2), within [min_sets, max_sets] and 40% of free memory."""
+    sets = max(min_sets, min(max_sets, -(-2 * l2_bytes // max(1, case.input_bytes))))
+    free_bytes = torch.cuda.mem_get_info()[0]
+    sets = max(1, min(sets, int(0.4 * free_bytes // max(1, case.bytes_moved))))
+    return [make_inputs(case, seed) for seed in range(sets)]
+
+
+def capture_rotated(fn: Callable, input_sets: list[tuple], calls: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of `calls` calls `fn(*input_sets[i % len(input_sets)])`; warmed up (compile, load,
+    autotune) on a side stream first, as torch requires before capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args in input_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*input_sets[i % len(input_sets)])
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_replays(graph: torch.cuda.CUDAGraph, reps: int, warmup: int = 3) -> list[float]:
+    """Milliseconds per replay, CUDA events around each; replays queued back to back, one sync at the end."""
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def summarize_us(replay_ms: list[float], calls: int) -> dict:
+    """µs per call: median, p20, p80 over replays."""
+    med, p20, p80 = np.percentile(np.asarray(replay_ms) * 1e3 / calls, [50, 20, 80])
+    return {"us_median": float(med), "us_p20": float(p20), "us_p80": float(p80)}
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
+    """Device-to-device copy of `nbytes` (random float32), GB/s counting bytes read plus written (median), by
+    cudaMemcpy (`dst.copy_`) and by an SM kernel (`src * 1` into dst); "GBps" is the faster. On an H100
+    (2026-11-25) memcpy fell from 2990 to 2430 GB/s above 256 MiB while the kernel held 3010 up to 1 GiB."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    result: dict[str, Any] = {"bytes": 2 * nbytes}
+    for label, fn in (("memcpy", lambda out, inp: out.copy_(inp)),
+                      ("kernel", lambda out, inp: torch.mul(inp, 1.0, out=out))):
+        graph = capture_rotated(fn, [(dst, src)], 4)
+        timing = summarize_us(time_replays(graph, reps), 4)
+        result[label] = {"GBps": 2 * nbytes / (timing["us_median"] * 1e3), **timing}
+        del graph
+    del src, dst
+    torch.cuda.empty_cache()
+    result["GBps"] = max(result["memcpy"]["GBps"], result["kernel"]["GBps"])
+    return result
+
+
+def eager_host_us(fn: Callable, args: tuple, *, calls: int = 300, loops: int = 7) -> dict:
+    """Host µs per eager call: perf_counter around `calls` calls with no sync inside (a tiny case, so the GPU
+    keeps up and the launch queue never fills), median and min over `loops`."""
+    fn(*args)
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(loops):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(*args)
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return {"us_median": float(np.median(per_call)), "us_min": min(per_call), "calls": calls, "loops": loops}
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:
+    """(all close, max abs difference); equal infinities agree, NaN never does."""
+    a, e = actual.float(), expected.float()
+    close = bool(torch.isclose(a, e, rtol=rtol, atol=atol).all())
+    if a.numel() == 0:
+        return close, 0.0
+    diff = torch.where(a == e, torch.zeros_like(a), (a - e).abs()).nan_to_num(nan=math.inf)
+    return close, float(diff.max())
+
+
+def compile_torch_baseline(reference_into: Callable, sample_args: tuple) -> tuple[str, Callable, str | None]:
+    """("torch", torch.compile(reference_into), None), or ("torch-eager", reference_into, error) when compiling
+    or running the compiled function fails. Dynamo is reset first: a fresh compile per case, static shapes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(reference_into, dynamic=False)
+    try:
+        compiled(*sample_args)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any compile failure means: time the eager reference
+        torch._dynamo.reset()
+        return "torch-eager", reference_into, _describe(exc)
+    return "torch", compiled, None
+
+
+# ---- merge_attn_states -----------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP8_SCALE = 0.02  # merged values are ~N(0, 1), so value / scale stays well inside e4m3's +-448
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeCase:
+    """n tokens x h heads x d head size; inputs `dtype`, output fp8 e4m3 (with a scale) when `fp8_output`."""
+
+    n: int
+    h: int
+    d: int
+    dtype: torch.dtype = torch.bfloat16
+    fp8_output: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.n, self.h, self.d)
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}x{self.h}x{self.d}"
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype] + ("->fp8" if self.fp8_output else "")
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.fp8_output else self.dtype
+
+    @property
+    def input_bytes(self) -> int:
+        """prefix_output + suffix_output [n, h, d] and the two lse [h, n] float32, read once."""
+        return 2 * self.n * self.h * self.d * self.dtype.itemsize + 2 * 4 * self.h * self.n
+
+    @property
+    def bytes_moved(self) -> int:
+        """Inputs read once + output [n, h, d] and output_lse [h, n] written once (+ the 4-byte fp8 scale)."""
+        out = self.n * self.h * self.d * self.output_dtype.itemsize + 4 * self.h * self.n
+        return self.input_bytes + out + (4 if self.fp8_output else 0)
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.dtype_name}"
+
+
+def merge_cases(quick: bool = False) -> list[MergeCase]:
+    """The anchor's shapes (4096/16384/1 x 32 x 128, 4096 x 128 x 64 bf16), a small batch, each input dtype,
+    bf16 in -> fp8 out as in vLLM's MLA benchmark, and d = 80 (not a power of two)."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    if quick:
+        return [MergeCase(4096, 32, 128, bf16), MergeCase(1, 32, 128, bf16),
+                MergeCase(1024, 128, 128, bf16, fp8_output=True)]
+    return [MergeCase(4096, 32, 128, bf16), MergeCase(16384, 32, 128, bf16), MergeCase(4096, 128, 64, bf16),
+            MergeCase(1, 32, 128, bf16), MergeCase(256, 32, 128, bf16), MergeCase(4096, 32, 128, fp32),
+            MergeCase(4096, 32, 128, fp16), MergeCase(1024, 128, 128, bf16, fp8_output=True),
+            MergeCase(1, 128, 128, bf16, fp8_output=True), MergeCase(4096, 32, 80, bf16)]
+
+
+def poison(*tensors: torch.Tensor | None) -> None:
+    """All bits set: NaN in every float format here, so an element the op does not write fails the check."""
+    for t in tensors:
+        if t is not None:
+            t.view(torch.uint8).fill_(0xFF)
+
+
+def make_merge_inputs(case: MergeCase, seed: int = 0, device: str = "cuda") -> tuple:
+    """Positional op args (output [n,h,d], output_lse [h,n], prefix_output, prefix_lse, suffix_output,
+    suffix_lse, None, output_scale): random values (never zeros), ~2% -inf per lse, poisoned outputs."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n, h, d = case.shape
+
+    def values():
+        return torch.randn(n, h, d, generator=gen, device=device).to(case.dtype)
+
+    def lse():
+        raw = torch.randn(h, n, generator=gen, device=device) * 3.0
+        empty = torch.rand(h, n, generator=gen, device=device) < 0.02
+        return raw.masked_fill(empty, -math.inf)
+
+    prefix_output, prefix_lse, suffix_output, suffix_lse = values(), lse(), values(), lse()
+    output = torch.empty(n, h, d, dtype=case.output_dtype, device=device)
+    output_lse = torch.empty(h, n, dtype=torch.float32, device=device)
+    poison(output, output_lse)
+    scale = torch.tensor([_FP8_SCALE], dtype=torch.float32, device=device) if case.fp8_output else None
+    return (output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, None, scale)
+
+
+def merge_reference_into(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                         prefill_tokens_with_context=None, output_scale=None) -> None:
+    """The reference (float32 math) written into the outputs: what the torch baseline compiles."""
+    out, lse = merge_module.merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                                  prefill_tokens_with_context, output_scale)
+    output.copy_(out)
+    if output_lse is not None:
+        output_lse.copy_(lse)
+
+
+def vllm_supports_merge(case: MergeCase) -> bool:
+    """vLLM needs d to be a whole number of 16-byte packs (8 elements for 16-bit types, 4 for fp32)."""
+    return case.d % (16 // case.dtype.itemsize) == 0
+
+
+def merge_providers(case: MergeCase, vllm_ops=None) -> dict[str, Callable]:
+    """{name: fn(*args)} besides the torch baseline: our eager public function and vLLM's op if it applies."""
+    providers: dict[str, Callable] = {"cupy_ops": cupy_ops.merge_attn_states}
+    if vllm_ops is not None and vllm_supports_merge(case):
+        providers["vllm"] = vllm_ops.merge_attn_states
+    return providers
+
+
+def merge_gold(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64-math reference of (output, output_lse), rounded like the op rounds."""
+    _, _, po, pl, so, sl, p, scale = args
+    return merge_module.merge_attn_states_ref(po, pl, so, sl, p, scale, compute_dtype=torch.float64)
+
+
+def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
+    """{name: (fn, args)} on 1 x 32 x 128 bf16: eager public call, dispatcher call, vLLM's op call."""
+    args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))
+    calls = {"cupy_ops": (cupy_ops.merge_attn_states, args),
+             "cupy_ops_dispatcher": (torch.ops.cupy_ops.merge_attn_states, args)}
+    if vllm_ops is not None:
+        calls["vllm"] = (vllm_ops.merge_attn_states, args)
+    return calls
+
+
+# Child process: first call (compile or disk-cache load, module load, first launch) of one instantiation.
+_MERGE_COMPILE_PROBE = """
+import json, time, torch
+from cupy_ops import _bench
+args = _bench.make_merge_inputs(_bench.MergeCase(1, 32, 128, torch.bfloat16))
+import cupy_ops
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+cupy_ops.merge_attn_states(*args)
+torch.cuda.synchronize()
+t1 = time.perf_counter()
+cupy_ops.merge_attn_states(*args)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}))
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSuite:
+    """How to benchmark one op. Cases have .name .shape .dtype_name .input_bytes .bytes_moved (which is also
+    the device memory of one input set); args are the op's positional arguments (one input set)."""
+
+    cases: Callable[[bool], list]                          # quick -> cases
+    make_inputs: Callable[[Any, int], tuple]               # (case, seed) -> args
+    providers: Callable[[Any, Any], dict[str, Callable]]   # (case, vLLM ops or None) -> {name: fn(*args)}
+    reference_into: Callable                               # fn(*args) writing the fp32 reference: torch baseline
+    outputs: Callable[[tuple], tuple]                      # args -> tensors the op writes
+    gold: Callable[[tuple], tuple]                         # args -> float64 reference of those tensors
+    output_dtypes: Callable[[Any], tuple]                  # case -> dtype per output: testing.TOLERANCE
+    eager_calls: Callable[[Any], dict]                     # vLLM ops or None -> {name: (fn, args)}
+    compile_probe: str                                     # child code printing {"first_call_ms": ...}
+    small_case: str                                        # what eager_calls and compile_probe run on
+
+
+SUITES: dict[str, OpSuite] = {
+    "merge_attn_states": OpSuite(
+        cases=merge_cases, make_inputs=make_merge_inputs, providers=merge_providers,
+        reference_into=merge_reference_into, outputs=lambda args: (args[0], args[1]), gold=merge_gold,
+        output_dtypes=lambda case: (case.output_dtype, torch.float32),
+        eager_calls=merge_eager_calls, compile_probe=_MERGE_COMPILE_PROBE, small_case="1x32x128 bf16",
+    ),
+}
+
+
+# ---- one op, end to end -------------------------------------------------------------------------------------
+
+
+def _agreement(suite: OpSuite, case, got: tuple, want: tuple, *, loose: bool = False) -> tuple[bool, float]:
+    """All outputs within testing.TOLERANCE. `loose` (2x rtol, atol >= rtol) for two fp32-math kernels
+    that may order operations differently (vLLM): near-zero results of a cancelling sum differ by a few
+    ulps of the operands, not of the result."""
+    ok, worst = True, 0.0
+    for g, w, dtype in zip(got, want, suite.output_dtypes(case)):
+        rtol, atol = TOLERANCE[dtype]
+        close, diff = compare(g, w, 2 * rtol if loose else rtol, max(atol, rtol) if loose else atol)
+        ok, worst = ok and close, max(worst, diff)
+    return ok, worst
+
+
+def bench_case(op: str, suite: OpSuite, case, vllm_ops, wanted: set[str], l2_bytes: int, reps: int,
+               log: Callable[[str], None]) -> list[dict]:
+    """Rows (one per provider) for one case: correctness against vLLM and float64, then graph timing."""
+    sets = make_input_sets(suite.make_inputs, case, l2_bytes)
+    providers = {k: v for k, v in suite.providers(case, vllm_ops).items() if k in wanted}
+    compile_error = None
+    if "torch" in wanted:
+        label, fn, compile_error = compile_torch_baseline(suite.reference_into, sets[0])
+        providers[label] = fn
+    if compile_error:
+        log(f"  torch.compile failed, timing the eager reference: {compile_error}")
+    calls = calls_per_graph(len(sets), case.bytes_moved)
+    base = {"op": op, "case": f"{case.name} {case.dtype_name}", "shape": list(case.shape),
+            "dtype": case.dtype_name, "bytes": case.bytes_moved, "input_sets": len(sets),
+            "calls_per_graph": calls, "reps": reps}
+    gold = suite.gold(sets[0])
+    outputs: dict[str, tuple] = {}
+    rows = []
+    for name in sorted(providers, key=lambda k: k != "vllm"):  # vLLM first: the others compare with it
+        fn = providers[name]
+        row = dict(base, provider=name)
+        if name == "torch-eager":
+            row["torch_compile_error"] = compile_error
+        try:
+            poison(*suite.outputs(sets[0]))
+            fn(*sets[0])
+            outputs[name] = tuple(t.clone() for t in suite.outputs(sets[0]))
+            row["matches_ref"], row["max_abs_diff_ref"] = _agreement(suite, case, outputs[name], gold)
+            if "vllm" in outputs and name != "vllm":
+                row["matches_vllm"], row["max_abs_diff_vllm"] = _agreement(suite, case, outputs[name],
+                                                                           outputs["vllm"], loose=True)
+            graph = capture_rotated(fn, sets, calls)
+            row.update(summarize_us(time_replays(graph, reps), calls))
+            del graph
+            row["GBps"] = case.bytes_moved / (row["us_median"] * 1e3)
+        except Exception as exc:  # noqa: BLE001 - one provider failing must not lose the others' numbers
+            row["error"] = _describe(exc)
+            log(f"  {name}: {row['error']}")
+        rows.append(row)
+    del sets, gold, outputs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: list[dict], copy_GBps: float) -> None:
+    """% of copy bandwidth, and time ratios (baseline µs / this row's µs: > 1 means this row is faster)."""
+    by_case: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if "us_median" in row:
+            by_case.setdefault((row["op"], row["case"]), {})[row["provider"]] = row["us_median"]
+    for row in rows:
+        if "us_median" not in row:
+            continue
+        row["pct_copy_bw"] = 100.0 * row["GBps"] / copy_GBps
+        times = by_case[row["op"], row["case"]]
+        torch_us = times.get("torch", times.get("torch-eager"))
+        row["ratio_vs_vllm"] = times["vllm"] / row["us_median"] if "vllm" in times else None
+        row["ratio_vs_torch"] = torch_us / row["us_median"] if torch_us else None
+
+
+def compile_times(suite: OpSuite) -> dict:
+    """First-call ms in a fresh process with an empty CUPY_OPS_CACHE_DIR (cold: NVRTC compile), then in
+    another fresh process with the same folder (warm disk cache); the child measures itself."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    result: dict[str, Any] = {"case": suite.small_case}
+    with tempfile.TemporaryDirectory(prefix="cupy_ops_bench_cache_") as cache:
+        env["CUPY_OPS_CACHE_DIR"] = cache
+        for label in ("cold", "warm_disk"):
+            child = subprocess.run([sys.executable, "-c", suite.compile_probe], env=env, capture_output=True,
+                                   text=True, timeout=600, check=False)
+            lines = child.stdout.strip().splitlines()
+            if child.returncode != 0 or not lines:
+                result[f"{label}_error"] = (child.stderr or child.stdout).strip()[-500:]
+                break
+            measured = json.loads(lines[-1])
+            result[f"{label}_first_call_ms"] = measured["first_call_ms"]
+            result[f"{label}_second_call_ms"] = measured["second_call_ms"]
+    return result
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per case x provider; check: ok, or what disagreed (ref: float64 reference, vllm: vLLM)."""
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    header = ("op", "shape", "dtype", "provider", "us median (p20-p80)", "GB/s", "%copy", "vs vllm", "vs torch",
+              "check")
+    lines = [header]
+    for r in rows:
+        if "us_median" not in r:
+            lines.append((r["op"], r["case"].split()[0], r["dtype"], r["provider"], "error", "-", "-", "-", "-",
+                          r.get("error", "")[:40]))
+            continue
+        bad = [k for k in ("ref", "vllm") if r.get(f"matches_{k}") is False]
+        lines.append((r["op"], r["case"].split()[0], r["dtype"], r["provider"],
+                      f"{r['us_median']:.2f} ({r['us_p20']:.2f}-{r['us_p80']:.2f})", f"{r['GBps']:.0f}",
+                      f"{r['pct_copy_bw']:.0f}%", ratio(r["ratio_vs_vllm"]), ratio(r["ratio_vs_torch"]),
+                      "DIFF " + ",".join(bad) if bad else "ok"))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def plot_results(rows: list[dict], path: str, title: str = "") -> None:
+    """Grouped bars: µs per call (median, p20-p80 whiskers, log scale) per case, one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "us_median" in r]
+    cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(cases)), 5.0))
+    for i, provider in enumerate(providers):
+        mine = {(r["op"], r["case"]): r for r in rows if r["provider"] == provider}
+        xs = [j + i * width for j, key in enumerate(cases) if key in mine]
+        picked = [mine[key] for key in cases if key in mine]
+        med = [r["us_median"] for r in picked]
+        err = [[r["us_median"] - r["us_p20"] for r in picked], [r["us_p80"] - r["us_median"] for r in picked]]
+        ax.bar(xs, med, width, yerr=err, capsize=2, label=provider)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"{op}\n{case}" if len(SUITES) > 1 else case for op, case in cases], rotation=30,
+                       ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per call (CUDA-graph replay median)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+PROVIDERS = ("cupy_ops", "vllm", "torch")
+
+
+def add_arguments(parser) -> None:
+    """Options of `python -m cupy_ops bench` on an argparse (sub)parser."""
+    parser.add_argument("--op", choices=sorted(SUITES), action="append",
+                        help="op to benchmark (repeatable; default: all)")
+    parser.add_argument("--vllm", metavar="PATH", help="vLLM anchor library (.so.xz) to compare with (optional)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--json", metavar="FILE", help="write meta and results (long format) to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of µs per case and provider (matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="3 cases, fewer repetitions, no 1 GiB copy")
+    parser.add_argument("--no-compile-timing", action="store_true",
+                        help="skip the cold/warm first-call timing in fresh subprocesses")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    """Run the benchmarks named by `args`; print a summary and the table last; 0 ok, 1 a check or provider
+    failed, 2 unusable setup (no GPU, bad option, matplotlib missing for --plot)."""
+    if not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE, file=sys.stderr)
+        return 2
+    quick, plot, json_path, vllm_path = args.quick, args.plot, args.json, args.vllm
+    wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
+    if not wanted or not wanted <= set(PROVIDERS):
+        print(f"--providers must be a subset of {','.join(PROVIDERS)}, got {args.providers!r}", file=sys.stderr)
+        return 2
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install matplotlib (or cupy-ops[plot])", file=sys.stderr)
+            return 2
+    ops = args.op or list(SUITES)
+    vllm_ops, vllm_error = try_load_vllm(vllm_path) if vllm_path else (None, None)
+    if vllm_error:
+        _log(f"vLLM anchor not loaded, benchmarking without it: {vllm_error}")
+    if vllm_ops is None:
+        wanted.discard("vllm")
+    reps = 20 if quick else 100
+
+    copy = measure_copy_bandwidth(256 << 20 if quick else 1 << 30, reps=10 if quick else 20)
+    meta = run_meta(copy)
+    meta["vllm_anchor"] = vllm_path if vllm_ops is not None else None
+    meta["vllm_error"] = vllm_error
+    _log(f"{meta['gpu']}: copy bandwidth {copy['GBps']:.0f} GB/s (read + write of {copy['bytes'] >> 20} MiB; "
+         f"kernel {copy['kernel']['GBps']:.0f}, memcpy {copy['memcpy']['GBps']:.0f})")
+    l2_bytes = l2_cache_bytes()
+
+    rows: list[dict] = []
+    eager: dict[str, dict] = {}
+    compile_ms: dict[str, dict] = {}
+    for op in ops:
+        suite = SUITES[op]
+        cases = suite.cases(quick)
+        for i, case in enumerate(cases, 1):
+            _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
+            rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
+        eager[op] = {}
+        for name, (fn, call_args) in suite.eager_calls(vllm_ops).items():
+            try:
+                eager[op][name] = eager_host_us(fn, call_args, loops=5 if quick else 9)
+            except Exception as exc:  # noqa: BLE001 - as in bench_case
+                eager[op][name] = {"error": _describe(exc)}
+        if not args.no_compile_timing:
+            compile_ms[op] = compile_times(suite)
+    add_ratios(rows, copy["GBps"])
+
+    for op in ops:
+        host = ", ".join(f"{k} {v['us_median']:.1f}" if "us_median" in v else f"{k} error"
+                         for k, v in eager[op].items())
+        print(f"{op}: eager host µs/call ({SUITES[op].small_case}): {host}")
+        c = compile_ms.get(op, {})
+        if "warm_disk_first_call_ms" in c:
+            print(f"{op}: first call ms ({c['case']}): cold compile {c['cold_first_call_ms']:.0f}, "
+                  f"warm disk cache {c['warm_disk_first_call_ms']:.0f}")
+        elif c:
+            print(f"{op}: compile timing failed: {c.get('cold_error') or c.get('warm_disk_error')}")
+    print(f"{meta['gpu']}, copy {copy['GBps']:.0f} GB/s, git {str(meta['git_sha'])[:10]}"
+          f"{' (dirty)' if meta['git_dirty'] is True else ''}, vLLM {'yes' if vllm_ops is not None else 'no'}")
+    print(format_table(rows))
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": rows, "eager_host_us": eager, "compile_ms": compile_ms}, f,
+                      indent=1)
+    if plot:
+        plot_results(rows, plot, title=f"{meta['gpu']}, copy {copy['GBps']:.0f} GB/s")
+    failed = any("error" in r or r.get("matches_ref") is False or r.get("matches_vllm") is False for r in rows)
+    return 1 if failed else 0

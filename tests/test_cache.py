@@ -1,0 +1,229 @@
+"""The compile cache (cupy_ops._runtime.compiler): disk hits across processes, corrupt entries recompiled and
+rewritten, one NVRTC run for concurrent first calls, racing processes, content-keyed sources, and a cache
+folder that cannot be written. All without a GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cupy_ops._runtime import compiler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SOURCE = "merge_attn_states.cu"
+NAME = "cupy_ops::merge_attn_states_kernel<float, float, 1, false>"  # the smallest instantiation: fast to build
+ARCH = 90
+
+
+def _entries(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _run_child(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=240, check=False)
+
+
+# Loads the entry with NVRTC disabled; exit 0 only when it got the image whose sha256 is argv[4].
+_LOAD_WITHOUT_NVRTC = """
+import hashlib, sys
+from cupy_ops._runtime import compiler
+
+def no_nvrtc(*args, **kwargs):
+    sys.exit(3)  # the entry was on disk: NVRTC must not run
+
+compiler._nvrtc_compile = no_nvrtc
+entry = compiler.compile_kernel(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+sys.exit(0 if hashlib.sha256(entry.image).hexdigest() == sys.argv[4] else 4)
+"""
+
+
+def test_disk_hit_in_a_fresh_process(fresh_cache, subprocess_env, nvrtc_calls):
+    """A new process loads the entry written here, without NVRTC and without rewriting the file."""
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert nvrtc_calls == [NAME]
+    path = fresh_cache / f"{entry.key}.bin"
+    before = path.stat()
+    child = _run_child(_LOAD_WITHOUT_NVRTC, subprocess_env, SOURCE, NAME, str(ARCH),
+                       hashlib.sha256(entry.image).hexdigest())
+    assert child.returncode == 0, f"exit {child.returncode} (3: NVRTC ran, 4: other image)\n{child.stderr}"
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert _entries(fresh_cache) == [path.name]
+
+
+def _corrupt(blob: bytes, how: str, other_entry: bytes) -> bytes:
+    magic = compiler._CACHE_MAGIC
+    (header_len,) = struct.unpack_from("<I", blob, len(magic))
+    start = len(magic) + 4
+    header, image = blob[start:start + header_len], blob[start + header_len:]
+
+    def with_header(new_header: bytes) -> bytes:
+        return magic + struct.pack("<I", len(new_header)) + new_header + image
+
+    fields = json.loads(header)
+    return {
+        "empty": lambda: b"",
+        "truncated-in-magic": lambda: blob[:5],
+        "truncated-in-header": lambda: blob[:start + header_len // 2],
+        "truncated-image": lambda: blob[:len(blob) - len(image) // 2],
+        "flipped-image-byte": lambda: blob[:-1] + bytes([blob[-1] ^ 0xFF]),
+        "wrong-magic": lambda: b"NOTCUPY\x01" + blob[len(magic):],
+        "garbage-json": lambda: with_header(b"{not json"),
+        "json-not-an-object": lambda: with_header(b"[1, 2, 3]"),
+        "missing-field": lambda: with_header(json.dumps({k: v for k, v in fields.items() if k != "lowered_name"})
+                                             .encode()),
+        "non-utf8-header": lambda: with_header(b"\xff\xfe\xfd"),
+        "header-length-past-the-end": lambda: magic + struct.pack("<I", 2**32 - 1) + blob[start:],
+        "entry-of-another-key": lambda: other_entry,
+    }[how]()
+
+
+CORRUPTIONS = ["empty", "truncated-in-magic", "truncated-in-header", "truncated-image", "flipped-image-byte",
+               "wrong-magic", "garbage-json", "json-not-an-object", "missing-field", "non-utf8-header",
+               "header-length-past-the-end", "entry-of-another-key"]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_entry_is_recompiled_and_rewritten(fresh_cache, nvrtc_calls, how):
+    """A damaged entry is a miss: compiled again, silently (no exception, no warning), and replaced by a valid
+    entry; no temp file is left behind."""
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    other = compiler.compile_kernel(SOURCE, NAME.replace(", 1,", ", 2,"), ARCH)
+    path = fresh_cache / f"{entry.key}.bin"
+    blob = _corrupt(path.read_bytes(), how, (fresh_cache / f"{other.key}.bin").read_bytes())
+    path.write_bytes(blob)
+    assert compiler._read_entry(entry.key) is None  # the damage is real
+    compiler.clear_memory_cache()
+    nvrtc_calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert nvrtc_calls == [NAME]
+    assert (again.key, again.lowered_name) == (entry.key, entry.lowered_name) and again.image
+    assert compiler._read_entry(entry.key) == again
+    assert _entries(fresh_cache) == sorted([path.name, f"{other.key}.bin"])
+
+
+def test_concurrent_first_calls_compile_once(fresh_cache, nvrtc_calls):
+    """8 threads released together into an empty cache: one NVRTC run, one identical result for all."""
+    barrier = threading.Barrier(8)
+
+    def first_call() -> compiler.CompiledKernel:
+        barrier.wait()
+        return compiler.compile_kernel(SOURCE, NAME, ARCH)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(first_call) for _ in range(8)]
+        results = [f.result(timeout=120) for f in futures]  # re-raises a thread's exception
+    assert nvrtc_calls == [NAME]
+    assert all(r is results[0] for r in results)
+
+
+_COMPILE = """
+import sys
+from cupy_ops._runtime import compiler
+sys.exit(0 if compiler.compile_kernel(sys.argv[1], sys.argv[2], int(sys.argv[3])).image else 5)
+"""
+
+
+def test_racing_processes_leave_one_valid_entry(fresh_cache, subprocess_env, nvrtc_calls):
+    """4 processes started together on one empty folder all succeed; one complete entry, no temp files."""
+    children = [subprocess.Popen([sys.executable, "-c", _COMPILE, SOURCE, NAME, str(ARCH)], env=subprocess_env,
+                                 cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(4)]
+    outcomes = [(child.wait(timeout=240), child.communicate()[1]) for child in children]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert nvrtc_calls == []  # loaded from the entry the children left
+    assert _entries(fresh_cache) == [f"{entry.key}.bin"]
+
+
+# The files merge_attn_states.cu reaches through #include "..." (types.cuh only through the other headers).
+SOURCE_TREE = ["merge_attn_states.cu", "common/dtypes.cuh", "common/fast_divmod.cuh", "common/vec.cuh",
+               "common/types.cuh"]
+
+
+@pytest.fixture
+def kernel_copy(tmp_path, monkeypatch, fresh_cache):
+    """A copy of cuda_kernels/ that the compiler reads instead of the real one."""
+    copy = tmp_path / "cuda_kernels"
+    shutil.copytree(compiler.kernel_dir(), copy)
+    monkeypatch.setattr(compiler, "_kernel_dir", lambda: copy)
+    compiler.clear_memory_cache()  # also forgets the cached source tree digests
+    yield copy
+    compiler.clear_memory_cache()
+
+
+def _key() -> str:
+    compiler.clear_memory_cache()
+    return compiler.compile_kernel(SOURCE, NAME, ARCH).key
+
+
+@pytest.mark.parametrize("edited", SOURCE_TREE)
+def test_key_follows_the_content_of_every_included_file(kernel_copy, edited):
+    """Editing the .cu or any header it includes, even a comment, changes the key; an unrelated file does not."""
+    before = _key()
+    (kernel_copy / "common" / "unrelated.cuh").write_text("// not included by merge_attn_states.cu\n")
+    assert _key() == before
+    path = kernel_copy / edited
+    path.write_text(path.read_text() + "\n// edited\n")
+    assert _key() != before
+
+
+def test_edited_header_is_compiled_from_the_new_content(kernel_copy, nvrtc_calls):
+    """After compiling once, a header edit makes the next call compile again, from the edited text."""
+    compiler.compile_kernel(SOURCE, NAME, ARCH)
+    header = kernel_copy / "common" / "types.cuh"
+    header.write_text(header.read_text() + '\n#error "edited header reached NVRTC"\n')
+    compiler.clear_memory_cache()
+    with pytest.raises(compiler.CompileError, match="edited header reached NVRTC"):
+        compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert nvrtc_calls == [NAME, NAME]
+
+
+def _compiles_without_disk(folder, nvrtc_calls) -> None:
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert entry.image and nvrtc_calls == [NAME]
+    assert compiler.compile_kernel(SOURCE, NAME, ARCH) is entry  # the memory level still holds it
+    assert nvrtc_calls == [NAME]
+
+
+def test_read_only_cache_folder_still_compiles(fresh_cache, nvrtc_calls):
+    """A folder without write permission costs only the disk level."""
+    fresh_cache.mkdir()
+    fresh_cache.chmod(0o500)
+    try:
+        probe = fresh_cache / "probe"
+        try:
+            probe.write_bytes(b"")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("chmod 0o500 does not stop this user (root) from writing; the next test covers it")
+        _compiles_without_disk(fresh_cache, nvrtc_calls)
+        assert _entries(fresh_cache) == []
+    finally:
+        fresh_cache.chmod(0o700)
+
+
+def test_cache_folder_below_a_file_still_compiles(tmp_path, monkeypatch, fresh_cache, nvrtc_calls):
+    """A cache path that cannot be created, even by root (its parent is a regular file), costs only the disk
+    level."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CUPY_OPS_CACHE_DIR", str(blocker / "cache"))
+    _compiles_without_disk(blocker / "cache", nvrtc_calls)
+    assert blocker.is_file() and blocker.read_text() == ""
