@@ -357,12 +357,16 @@ def merge_gold(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
-    """{name: (fn, args)} on 1 x 32 x 128 bf16: eager public call, dispatcher call, vLLM's op call."""
+    """{name: (fn, args)} on 1 x 32 x 128 bf16: eager public call, dispatcher call, vLLM's op call, and our
+    launch without validation (the per-call floor of this VM's driver + ctypes)."""
     args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))
     calls = {"cupy_ops": (cupy_ops.merge_attn_states, args),
              "cupy_ops_dispatcher": (torch.ops.cupy_ops.merge_attn_states, args)}
     if vllm_ops is not None:
         calls["vllm"] = (vllm_ops.merge_attn_states, args)
+    # The floor under both: our launch alone (params packed, one cuLaunchKernel), validation done beforehand.
+    launch_args = (merge_module._accept_torch(*args), torch._C._cuda_getCurrentRawStream(args[0].get_device()))
+    calls["launch_only"] = (merge_module._launch, launch_args)
     return calls
 
 
