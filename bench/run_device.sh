@@ -36,7 +36,8 @@ fi
 
 if [[ "$STAGE" == bench || "$STAGE" == all ]]; then
     echo "== roofline"
-    python3 -m cupy_ops bench --vllm "$ANCHOR" --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+    plot=(); python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/bench.png")
+    python3 -m cupy_ops bench --vllm "$ANCHOR" --json "$OUT/bench.json" "${plot[@]}" \
         > "$OUT/bench.log" 2>&1 || status=1
     tail -n 30 "$OUT/bench.log"
 
