@@ -73,13 +73,14 @@ def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes
     lib = _libcuda()
     context = _primary_context(device)
     module, function, previous = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-    _check_cu(lib.cuCtxPushCurrent(context), "cuCtxPushCurrent")
+    # cuda.h maps these names to their _v2 ABI; the bare symbols are the legacy ABI (INVALID_CONTEXT here).
+    _check_cu(lib.cuCtxPushCurrent_v2(context), "cuCtxPushCurrent")
     try:
         _check_cu(lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
         _check_cu(lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
                   f"cuModuleGetFunction({lowered_name})")
     finally:
-        lib.cuCtxPopCurrent(ctypes.byref(previous))
+        lib.cuCtxPopCurrent_v2(ctypes.byref(previous))
     return module, function
 
 
