@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(Path(args.results).read_text())
     meta = data.get("meta", {})
     output = args.output or str(Path(args.results).with_suffix(".png"))
-    title = f"{meta.get('gpu', '?')}, copy {meta.get('copy_bandwidth_GBps', 0):.0f} GB/s, git {str(meta.get('git_sha'))[:10]}"
+    sha = str(meta.get("git_sha"))[:10]
+    title = f"{meta.get('gpu', '?')}, copy {meta.get('copy_bandwidth_GBps', 0):.0f} GB/s, git {sha}"
     plot_results(data["results"], output, title=title)
     return 0
 

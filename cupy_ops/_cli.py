@@ -80,7 +80,8 @@ def _progress(done: int, total: int, started: float, label: str) -> None:
     if not sys.stderr.isatty():
         return  # a log file gets the summary line only
     filled = int(30 * done / total) if total else 30
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {time.time() - started:5.1f}s {label:<60.60}")
+    bar = "#" * filled + "." * (30 - filled)
+    sys.stderr.write(f"\r[{bar}] {done}/{total} {time.time() - started:5.1f}s {label:<60.60}")
     sys.stderr.flush()
 
 

@@ -42,9 +42,11 @@ _CUDA_TYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "
 # Threads per block; vLLM uses 128 too. Rows of head_size / VEC threads are stacked to fill a block.
 THREADS_PER_BLOCK = 128
 _MAX_THREADS_PER_ROW = 256
-# MergeAttnStatesParams: 7 pointers and the prefill count (change per call), then 3 sizes, fast_divmod (3
-# words) and 6 stride pairs (fixed per layout). All 8-byte fields.
-_PARAMS = struct.Struct("<7Qq3q3Q12q")
+# MergeAttnStatesParams, all 8-byte fields: 7 pointers and the prefill count change per call; 3 sizes,
+# fast_divmod (3 words) and 6 stride pairs are fixed per layout, so each launch config packs them once and a
+# call packs 9 values instead of 29.
+_LAYOUT_TAIL = struct.Struct("<3q3Q12q")
+_PARAMS = struct.Struct(f"<7Qq{_LAYOUT_TAIL.size}s")
 
 
 def _vector_widths(dtype: torch.dtype) -> tuple[int, ...]:
@@ -260,8 +262,8 @@ def _accept_torch(output, output_lse, po, pl, so, sl, p, scale):
 _INT32_LIMIT = 1 << 31
 _MAX_CACHED_CONFIGS = 4096
 # Launch configurations by layout: (device, dtype, fp8, n, h, d, six stride pairs, pointer alignments)
-# -> (Kernel, grid, block_x, block_y, constant tail of the params struct). A repeated layout skips ~3 us of
-# Python arithmetic per call.
+# -> (CUfunction, grid, block_x, block_y, packed constant tail of the params struct). A repeated layout skips
+# ~3 us of Python arithmetic per call (and the compile-or-load lookup: building a config loads the kernel).
 _configs: dict[tuple, tuple] = {}
 
 
@@ -285,8 +287,10 @@ def _launch_config(key: tuple) -> tuple:
              + (h - 1) * (abs(out_st[1]) + abs(po_st[1]) + abs(so_st[1]) + abs(lse_st[0]) + abs(pl_st[0])
                           + abs(sl_st[0])) + d)
     wide = rows >= _INT32_LIMIT or reach >= _INT32_LIMIT
-    tail = (rows, h, d, *_runtime.fast_divmod(h), *out_st[:2], *po_st[:2], *so_st[:2], *lse_st, *pl_st, *sl_st)
-    config = (_KERNELS[dtype, fp8, vec, wide], -(-rows // rows_per_block), threads_per_row, rows_per_block, tail)
+    tail = _LAYOUT_TAIL.pack(rows, h, d, *_runtime.fast_divmod(h), *out_st[:2], *po_st[:2], *so_st[:2], *lse_st,
+                             *pl_st, *sl_st)
+    function = _KERNELS[dtype, fp8, vec, wide].function(device)
+    config = (function, -(-rows // rows_per_block), threads_per_row, rows_per_block, tail)
     if len(_configs) >= _MAX_CACHED_CONFIGS:
         _configs.clear()
     _configs[key] = config
@@ -300,10 +304,9 @@ def _launch(args: tuple, stream: int) -> None:
         return  # nothing to write; a zero grid would still run one block
     key = (device, dtype, fp8, n, h, d, out_st, lse_st, po_st, pl_st, so_st, sl_st, (po_ptr | so_ptr) & 15,
            out_ptr & 15)
-    config = _configs.get(key) or _launch_config(key)
-    kernel, grid, block_x, block_y, tail = config
-    _runtime.launch(kernel.function(device), device, grid, block_x, block_y, stream, _PARAMS,
-                    (out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr, scale_ptr, p, *tail))
+    function, grid, block_x, block_y, tail = _configs.get(key) or _launch_config(key)
+    _runtime.launch(function, device, grid, block_x, block_y, stream, _PARAMS,
+                    (out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr, scale_ptr, p, tail))
 
 
 def _merge_cuda(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,

@@ -1,4 +1,4 @@
-"""Roofline benchmarks (`python -m cupy_ops bench` calls `add_arguments` and `run`; bench/ imports the helpers).
+"""Benchmark harness shared by every op: environment, CUDA-graph timing, copy bandwidth, checks, report.
 
 GPU µs per call from CUDA-graph replays over rotated inputs, against measured copy bandwidth, vLLM's kernel
 (optional anchor) and a torch.compile'd reference; eager host µs per call; cold and warm-cache first-call ms.
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 import cupy_ops
-from cupy_ops.ops import merge_attn_states as merge_module
 from cupy_ops.testing import TOLERANCE
 
 NO_GPU_MESSAGE = "no CUDA GPU found: bench needs one"
 DEFAULT_L2_BYTES = 50 * 1024 * 1024  # H100 SXM; used only when the device does not report its L2 size
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout or site-packages folder above cupy_ops/
 
 
 # ---- environment -----------------------------------------------------------------------------------------
@@ -238,154 +237,12 @@ def compile_torch_baseline(reference_into: Callable, sample_args: tuple) -> tupl
     return "torch", compiled, None
 
 
-# ---- merge_attn_states -----------------------------------------------------------------------------------
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP8_SCALE = 0.02  # merged values are ~N(0, 1), so value / scale stays well inside e4m3's +-448
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeCase:
-    """n tokens x h heads x d head size; inputs `dtype`, output fp8 e4m3 (with a scale) when `fp8_output`."""
-
-    n: int
-    h: int
-    d: int
-    dtype: torch.dtype = torch.bfloat16
-    fp8_output: bool = False
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.n, self.h, self.d)
-
-    @property
-    def name(self) -> str:
-        return f"{self.n}x{self.h}x{self.d}"
-
-    @property
-    def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.dtype] + ("->fp8" if self.fp8_output else "")
-
-    @property
-    def output_dtype(self) -> torch.dtype:
-        return torch.float8_e4m3fn if self.fp8_output else self.dtype
-
-    @property
-    def input_bytes(self) -> int:
-        """prefix_output + suffix_output [n, h, d] and the two lse [h, n] float32, read once."""
-        return 2 * self.n * self.h * self.d * self.dtype.itemsize + 2 * 4 * self.h * self.n
-
-    @property
-    def bytes_moved(self) -> int:
-        """Inputs read once + output [n, h, d] and output_lse [h, n] written once (+ the 4-byte fp8 scale)."""
-        out = self.n * self.h * self.d * self.output_dtype.itemsize + 4 * self.h * self.n
-        return self.input_bytes + out + (4 if self.fp8_output else 0)
-
-    def __str__(self) -> str:
-        return f"{self.name}-{self.dtype_name}"
-
-
-def merge_cases(quick: bool = False) -> list[MergeCase]:
-    """The anchor's shapes (4096/16384/1 x 32 x 128, 4096 x 128 x 64 bf16), a small batch, each input dtype,
-    bf16 in -> fp8 out as in vLLM's MLA benchmark, and d = 80 (not a power of two)."""
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    if quick:
-        return [MergeCase(4096, 32, 128, bf16), MergeCase(1, 32, 128, bf16),
-                MergeCase(1024, 128, 128, bf16, fp8_output=True)]
-    return [MergeCase(4096, 32, 128, bf16), MergeCase(16384, 32, 128, bf16), MergeCase(4096, 128, 64, bf16),
-            MergeCase(1, 32, 128, bf16), MergeCase(256, 32, 128, bf16), MergeCase(4096, 32, 128, fp32),
-            MergeCase(4096, 32, 128, fp16), MergeCase(1024, 128, 128, bf16, fp8_output=True),
-            MergeCase(1, 128, 128, bf16, fp8_output=True), MergeCase(4096, 32, 80, bf16)]
-
 
 def poison(*tensors: torch.Tensor | None) -> None:
     """All bits set: NaN in every float format here, so an element the op does not write fails the check."""
     for t in tensors:
         if t is not None:
             t.view(torch.uint8).fill_(0xFF)
-
-
-def make_merge_inputs(case: MergeCase, seed: int = 0, device: str = "cuda") -> tuple:
-    """Positional op args (output [n,h,d], output_lse [h,n], prefix_output, prefix_lse, suffix_output,
-    suffix_lse, None, output_scale): random values (never zeros), ~2% -inf per lse, poisoned outputs."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    n, h, d = case.shape
-
-    def values():
-        return torch.randn(n, h, d, generator=gen, device=device).to(case.dtype)
-
-    def lse():
-        raw = torch.randn(h, n, generator=gen, device=device) * 3.0
-        empty = torch.rand(h, n, generator=gen, device=device) < 0.02
-        return raw.masked_fill(empty, -math.inf)
-
-    prefix_output, prefix_lse, suffix_output, suffix_lse = values(), lse(), values(), lse()
-    output = torch.empty(n, h, d, dtype=case.output_dtype, device=device)
-    output_lse = torch.empty(h, n, dtype=torch.float32, device=device)
-    poison(output, output_lse)
-    scale = torch.tensor([_FP8_SCALE], dtype=torch.float32, device=device) if case.fp8_output else None
-    return (output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, None, scale)
-
-
-def merge_reference_into(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                         prefill_tokens_with_context=None, output_scale=None) -> None:
-    """The reference (float32 math) written into the outputs: what the torch baseline compiles."""
-    out, lse = merge_module.merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse,
-                                                  prefill_tokens_with_context, output_scale)
-    output.copy_(out)
-    if output_lse is not None:
-        output_lse.copy_(lse)
-
-
-def vllm_supports_merge(case: MergeCase) -> bool:
-    """vLLM needs d to be a whole number of 16-byte packs (8 elements for 16-bit types, 4 for fp32)."""
-    return case.d % (16 // case.dtype.itemsize) == 0
-
-
-def merge_providers(case: MergeCase, vllm_ops=None) -> dict[str, Callable]:
-    """{name: fn(*args)} besides the torch baseline: our eager public function and vLLM's op if it applies."""
-    providers: dict[str, Callable] = {"cupy_ops": cupy_ops.merge_attn_states}
-    if vllm_ops is not None and vllm_supports_merge(case):
-        providers["vllm"] = vllm_ops.merge_attn_states
-    return providers
-
-
-def merge_gold(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64-math reference of (output, output_lse), rounded like the op rounds."""
-    _, _, po, pl, so, sl, p, scale = args
-    return merge_module.merge_attn_states_ref(po, pl, so, sl, p, scale, compute_dtype=torch.float64)
-
-
-def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
-    """{name: (fn, args)} on 1 x 32 x 128 bf16: eager public call, dispatcher call, vLLM's op call, and our
-    launch without validation (the per-call floor of this VM's driver + ctypes)."""
-    args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))
-    calls = {"cupy_ops": (cupy_ops.merge_attn_states, args),
-             "cupy_ops_dispatcher": (torch.ops.cupy_ops.merge_attn_states, args)}
-    if vllm_ops is not None:
-        calls["vllm"] = (vllm_ops.merge_attn_states, args)
-    # The floor under both: our launch alone (params packed, one cuLaunchKernel), validation done beforehand.
-    launch_args = (merge_module._accept_torch(*args), torch._C._cuda_getCurrentRawStream(args[0].get_device()))
-    calls["launch_only"] = (merge_module._launch, launch_args)
-    return calls
-
-
-# Child process: first call (compile or disk-cache load, module load, first launch) of one instantiation.
-_MERGE_COMPILE_PROBE = """
-import json, time, torch
-from cupy_ops import _bench
-args = _bench.make_merge_inputs(_bench.MergeCase(1, 32, 128, torch.bfloat16))
-import cupy_ops
-torch.cuda.synchronize()
-t0 = time.perf_counter()
-cupy_ops.merge_attn_states(*args)
-torch.cuda.synchronize()
-t1 = time.perf_counter()
-cupy_ops.merge_attn_states(*args)
-torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}))
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,16 +260,6 @@ class OpSuite:
     eager_calls: Callable[[Any], dict]                     # vLLM ops or None -> {name: (fn, args)}
     compile_probe: str                                     # child code printing {"first_call_ms": ...}
     small_case: str                                        # what eager_calls and compile_probe run on
-
-
-SUITES: dict[str, OpSuite] = {
-    "merge_attn_states": OpSuite(
-        cases=merge_cases, make_inputs=make_merge_inputs, providers=merge_providers,
-        reference_into=merge_reference_into, outputs=lambda args: (args[0], args[1]), gold=merge_gold,
-        output_dtypes=lambda case: (case.output_dtype, torch.float32),
-        eager_calls=merge_eager_calls, compile_probe=_MERGE_COMPILE_PROBE, small_case="1x32x128 bf16",
-    ),
-}
 
 
 # ---- one op, end to end -------------------------------------------------------------------------------------
@@ -556,7 +403,8 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> None:
         err = [[r["us_median"] - r["us_p20"] for r in picked], [r["us_p80"] - r["us_median"] for r in picked]]
         ax.bar(xs, med, width, yerr=err, capsize=2, label=provider)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{op}\n{case}" if len(SUITES) > 1 else case for op, case in cases], rotation=30,
+    several_ops = len({op for op, _ in cases}) > 1
+    ax.set_xticklabels([f"{op}\n{case}" if several_ops else case for op, case in cases], rotation=30,
                        ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("µs per call (CUDA-graph replay median)")
@@ -566,102 +414,3 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-# ---- command line ------------------------------------------------------------------------------------------
-
-PROVIDERS = ("cupy_ops", "vllm", "torch")
-
-
-def add_arguments(parser) -> None:
-    """Options of `python -m cupy_ops bench` on an argparse (sub)parser."""
-    parser.add_argument("--op", choices=sorted(SUITES), action="append",
-                        help="op to benchmark (repeatable; default: all)")
-    parser.add_argument("--vllm", metavar="PATH", help="vLLM anchor library (.so.xz) to compare with (optional)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)")
-    parser.add_argument("--json", metavar="FILE", help="write meta and results (long format) to FILE")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of µs per case and provider (matplotlib)")
-    parser.add_argument("--quick", action="store_true", help="3 cases, fewer repetitions, no 1 GiB copy")
-    parser.add_argument("--no-compile-timing", action="store_true",
-                        help="skip the cold/warm first-call timing in fresh subprocesses")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run(args) -> int:
-    """Run the benchmarks named by `args`; print a summary and the table last; 0 ok, 1 a check or provider
-    failed, 2 unusable setup (no GPU, bad option, matplotlib missing for --plot)."""
-    if not torch.cuda.is_available():
-        print(NO_GPU_MESSAGE, file=sys.stderr)
-        return 2
-    quick, plot, json_path, vllm_path = args.quick, args.plot, args.json, args.vllm
-    wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-    if not wanted or not wanted <= set(PROVIDERS):
-        print(f"--providers must be a subset of {','.join(PROVIDERS)}, got {args.providers!r}", file=sys.stderr)
-        return 2
-    if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install matplotlib (or cupy-ops[plot])", file=sys.stderr)
-            return 2
-    ops = args.op or list(SUITES)
-    vllm_ops, vllm_error = try_load_vllm(vllm_path) if vllm_path else (None, None)
-    if vllm_error:
-        _log(f"vLLM anchor not loaded, benchmarking without it: {vllm_error}")
-    if vllm_ops is None:
-        wanted.discard("vllm")
-    reps = 20 if quick else 100
-
-    copy = measure_copy_bandwidth(256 << 20 if quick else 1 << 30, reps=10 if quick else 20)
-    meta = run_meta(copy)
-    meta["vllm_anchor"] = vllm_path if vllm_ops is not None else None
-    meta["vllm_error"] = vllm_error
-    _log(f"{meta['gpu']}: copy bandwidth {copy['GBps']:.0f} GB/s (read + write of {copy['bytes'] >> 20} MiB; "
-         f"kernel {copy['kernel']['GBps']:.0f}, memcpy {copy['memcpy']['GBps']:.0f})")
-    l2_bytes = l2_cache_bytes()
-
-    rows: list[dict] = []
-    eager: dict[str, dict] = {}
-    compile_ms: dict[str, dict] = {}
-    for op in ops:
-        suite = SUITES[op]
-        cases = suite.cases(quick)
-        for i, case in enumerate(cases, 1):
-            _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
-            rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
-        eager[op] = {}
-        for name, (fn, call_args) in suite.eager_calls(vllm_ops).items():
-            try:
-                eager[op][name] = eager_host_us(fn, call_args, loops=5 if quick else 9)
-            except Exception as exc:  # noqa: BLE001 - as in bench_case
-                eager[op][name] = {"error": _describe(exc)}
-        if not args.no_compile_timing:
-            compile_ms[op] = compile_times(suite)
-    add_ratios(rows, copy["GBps"])
-
-    for op in ops:
-        host = ", ".join(f"{k} {v['us_median']:.1f}" if "us_median" in v else f"{k} error"
-                         for k, v in eager[op].items())
-        print(f"{op}: eager host µs/call ({SUITES[op].small_case}): {host}")
-        c = compile_ms.get(op, {})
-        if "warm_disk_first_call_ms" in c:
-            print(f"{op}: first call ms ({c['case']}): cold compile {c['cold_first_call_ms']:.0f}, "
-                  f"warm disk cache {c['warm_disk_first_call_ms']:.0f}")
-        elif c:
-            print(f"{op}: compile timing failed: {c.get('cold_error') or c.get('warm_disk_error')}")
-    print(f"{meta['gpu']}, copy {copy['GBps']:.0f} GB/s, git {str(meta['git_sha'])[:10]}"
-          f"{' (dirty)' if meta['git_dirty'] is True else ''}, vLLM {'yes' if vllm_ops is not None else 'no'}")
-    print(format_table(rows))
-
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "results": rows, "eager_host_us": eager, "compile_ms": compile_ms}, f,
-                      indent=1)
-    if plot:
-        plot_results(rows, plot, title=f"{meta['gpu']}, copy {copy['GBps']:.0f} GB/s")
-    failed = any("error" in r or r.get("matches_ref") is False or r.get("matches_vllm") is False for r in rows)
-    return 1 if failed else 0
