@@ -7,7 +7,7 @@ We drive the NVRTC program API ourselves (`cupy.cuda.nvrtc`, the same calls `cup
 name_expressions=...)` makes) instead of calling `RawModule(code=...)`, because RawModule asks the driver for
 the arch before compiling (so it cannot run in CI), keys its cache on the source text only (an edited header
 would not invalidate it), keeps one global cache folder (`CUPY_CACHE_DIR`) and does not return the cubin or
-ptxas' report. The cubin is loaded with CuPy's `Module` (what RawModule wraps), see `launch.py`.
+ptxas' report. `launcher.py` loads the cubin into the device's primary context with two driver calls.
 
 Disk cache contract: one file per (source tree, name expression, options, arch, NVRTC, CUDA headers, package
 version), written atomically (temp file + `os.replace`); a truncated or corrupt file is a miss that gets
