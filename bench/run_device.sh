@@ -32,6 +32,20 @@ if [[ "$STAGE" == tests || "$STAGE" == all ]]; then
     echo "== self-check"
     python3 -m cupy_ops check > "$OUT/check.log" 2>&1 || status=1
     tail -n 3 "$OUT/check.log"
+
+    # One JSON for bench/results/: what ran, where, on which commit, and how it ended.
+    OUT="$OUT" python3 - <<'PY'
+import json, os, torch, cupy
+out = os.environ["OUT"]
+def lines(name, last=None):
+    with open(os.path.join(out, name)) as f:
+        text = f.read().strip().splitlines()
+    return text[-last:] if last else text
+json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
+           "git_sha": os.environ.get("CUPY_OPS_GIT_SHA"), "info": lines("gpu.txt"),
+           "pytest_tests": lines("tests.log", 1), "compute_sanitizer_memcheck": lines("sanitizer.log", 2),
+           "self_check": lines("check.log")}, open(os.path.join(out, "device_checks.json"), "w"), indent=1)
+PY
 fi
 
 if [[ "$STAGE" == bench || "$STAGE" == all ]]; then

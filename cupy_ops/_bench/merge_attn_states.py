@@ -133,7 +133,7 @@ def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
     if vllm_ops is not None:
         calls["vllm"] = (vllm_ops.merge_attn_states, args)
     # The floor under both: our launch alone (params packed, one cuLaunchKernel), validation done beforehand.
-    launch_args = (merge_module._accept_torch(*args), torch._C._cuda_getCurrentRawStream(args[0].get_device()))
+    launch_args = (merge_module._check(*args), torch._C._cuda_getCurrentRawStream(args[0].get_device()))
     calls["launch_only"] = (merge_module._launch, launch_args)
     return calls
 

@@ -1,0 +1,77 @@
+"""The eager CUDA path remembers layouts that passed validation (`merge_attn_states._layouts`). A repeated layout
+must still read each call's own pointers and prefill count, and still reject what depends on the call alone: a
+bad prefill count, an output_lse or output that overlaps an input. Without a GPU every test here skips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from merge_utils import gpu, make_case, requires_cuda, run_and_check
+
+import cupy_ops
+from cupy_ops.ops import merge_attn_states as mas
+from cupy_ops.testing import mismatch
+
+pytestmark = [gpu, requires_cuda]
+
+
+@pytest.fixture(autouse=True)
+def empty_layout_cache(monkeypatch):
+    monkeypatch.setattr(mas, "_layouts", {})
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
+@pytest.mark.parametrize("layout", ["contiguous", "head_slice", "offset1"])
+def test_repeated_layout_uses_each_calls_tensors_and_count(layout, fp8):
+    """Three calls with one layout and fresh tensors (poisoned outputs, float64 reference): the first fills the
+    cache, the others hit it, the third with another prefill count."""
+    n, h, d = 37, 8, 128
+    run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=1))
+    assert len(mas._layouts) == 1
+    run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=2))
+    run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=3, p=n // 3))
+    assert len(mas._layouts) == 1  # p is not part of the layout
+
+
+@pytest.mark.parametrize("p, exception", [(38, ValueError), (-1, ValueError), (True, TypeError),
+                                          (5.0, TypeError)], ids=["above-n", "negative", "bool", "float"])
+def test_cached_layout_still_checks_the_count(p, exception):
+    case = make_case(37, 8, 128, torch.float16, "cuda")
+    cupy_ops.merge_attn_states(*case.args())
+    assert len(mas._layouts) == 1
+    with pytest.raises(exception, match="merge_attn_states: prefill_tokens_with_context"):
+        cupy_ops.merge_attn_states(*dataclasses.replace(case, p=p).args())
+
+
+def test_cached_layout_still_rejects_output_lse_on_an_input():
+    """output_lse = prefix_lse has the metadata of a valid output_lse: only the pointers tell them apart."""
+    case = make_case(37, 8, 128, torch.float16, "cuda")
+    cupy_ops.merge_attn_states(*case.args())
+    same_layout = dataclasses.replace(case, output_lse=case.prefix_lse)
+    with pytest.raises(ValueError, match="output_lse overlaps prefix_lse"):
+        cupy_ops.merge_attn_states(*same_layout.args())
+
+
+def test_cached_layout_still_rejects_a_partially_overlapping_output():
+    """An output one token further into the prefix's buffer: same shape, strides, dtype and alignment."""
+    n, h, d = 37, 8, 128
+    buffer = torch.randn(n + 1, h, d, device="cuda", dtype=torch.float16)
+    first = make_case(n, h, d, torch.float16, "cuda")
+    first = dataclasses.replace(first, prefix_output=buffer[:n], outputs=first.outputs)
+    cupy_ops.merge_attn_states(*first.args())
+    overlapping = dataclasses.replace(first, output=buffer[1:])
+    with pytest.raises(ValueError, match="output partially overlaps prefix_output"):
+        cupy_ops.merge_attn_states(*overlapping.args())
+
+
+def test_cached_layout_allows_the_output_to_be_the_suffix():
+    """In place (output is suffix_output, same view) is valid: it leaves the cached path and is still correct."""
+    case = make_case(37, 8, 128, torch.bfloat16, "cuda")
+    cupy_ops.merge_attn_states(*case.args())
+    expected_out, expected_lse = case.reference()
+    cupy_ops.merge_attn_states(*dataclasses.replace(case, output=case.suffix_output).args())
+    torch.cuda.synchronize()
+    assert mismatch(case.suffix_output, expected_out, torch.bfloat16) is None
+    assert mismatch(case.output_lse, expected_lse, torch.float32) is None
