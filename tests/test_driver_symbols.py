@@ -16,7 +16,7 @@ from cupy_ops._runtime import compiler, launcher
 
 # Names cuda.h maps to per-thread-default-stream variants only under CUDA_API_PER_THREAD_DEFAULT_STREAM, which
 # we do not use: the launcher always passes an explicit stream.
-_PER_THREAD_STREAM_ONLY = {"cuLaunchKernel"}
+_PER_THREAD_STREAM_ONLY = {"cuLaunchKernel", "cuLaunchKernelEx"}
 
 
 def _cuda_h() -> str:

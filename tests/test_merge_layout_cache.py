@@ -75,3 +75,21 @@ def test_cached_layout_allows_the_output_to_be_the_suffix():
     torch.cuda.synchronize()
     assert mismatch(case.suffix_output, expected_out, torch.bfloat16) is None
     assert mismatch(case.output_lse, expected_lse, torch.float32) is None
+
+
+def test_contiguous_tensors_with_odd_size_one_strides_share_a_layout():
+    """One token: torch calls [1, h, d] contiguous whatever its token stride, so both calls share one cached
+    layout; the odd token stride (only ever multiplied by token 0) must not change the result."""
+    h, d = 8, 128
+    run_and_check(make_case(1, h, d, torch.bfloat16, "cuda", seed=1))
+    case = make_case(1, h, d, torch.bfloat16, "cuda", seed=2)
+    odd = {}
+    for name in ("output", "prefix_output", "suffix_output"):
+        tensor = getattr(case, name)
+        odd[name] = torch.empty_strided((1, h, d), (h * d + 8008, d, 1), dtype=tensor.dtype, device="cuda")
+        odd[name].copy_(tensor)
+        assert odd[name].is_contiguous()
+    case = dataclasses.replace(case, **odd, outputs=[(odd["output"], odd["output"], "output"),
+                                                     *case.outputs[1:]])
+    run_and_check(case)
+    assert len(mas._layouts) == 1

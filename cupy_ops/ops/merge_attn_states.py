@@ -259,11 +259,15 @@ def _merge_cuda(output, output_lse, prefix_output, prefix_lse, suffix_output, su
         out_ptr, po_ptr, so_ptr, pl_ptr, sl_ptr = (output.data_ptr(), po.data_ptr(), so.data_ptr(),
                                                    pl.data_ptr(), sl.data_ptr())
         lse_ptr = 0 if output_lse is None else output_lse.data_ptr()
-        key = (po.shape, po.stride(), po.dtype, po.get_device(), so.shape, so.stride(), so.dtype, so.get_device(),
-               output.shape, output.stride(), output.dtype, output.get_device(),
-               pl.shape, pl.stride(), pl.dtype, pl.get_device(), sl.shape, sl.stride(), sl.dtype, sl.get_device(),
-               None if output_lse is None else (output_lse.shape, output_lse.stride(), output_lse.dtype,
-                                                output_lse.get_device()),
+        # `is_contiguous() or stride()`: True, or the strides. Contiguity ignores the stride of a size-1 dim,
+        # which only ever multiplies index 0, so contiguous tensors of one shape share a layout.
+        key = (po.shape, po.dtype, po.get_device(), po.is_contiguous() or po.stride(),
+               so.shape, so.dtype, so.get_device(), so.is_contiguous() or so.stride(),
+               output.shape, output.dtype, output.get_device(), output.is_contiguous() or output.stride(),
+               pl.shape, pl.dtype, pl.get_device(), pl.is_contiguous() or pl.stride(),
+               sl.shape, sl.dtype, sl.get_device(), sl.is_contiguous() or sl.stride(),
+               None if output_lse is None else (output_lse.shape, output_lse.dtype, output_lse.get_device(),
+                                                output_lse.is_contiguous() or output_lse.stride()),
                None if output_scale is None else (output_scale.shape, output_scale.dtype, output_scale.get_device()),
                (po_ptr | so_ptr) & 15, out_ptr & 15)
         layout = _layouts.get(key)
