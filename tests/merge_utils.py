@@ -23,6 +23,19 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch
 # Device axis of the tests that run both the CPU kernel (the reference) and the CUDA kernel.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=(gpu, requires_cuda))]
 
+# Output kinds by name: (input dtype, fp8 output). Each input dtype to itself and to fp8 (the fp8 conversion runs
+# per input dtype); test grids pick the subset they need with `kinds`.
+OUTPUT_KINDS = {
+    "float32": (torch.float32, False), "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False),
+    "float32-to-fp8": (torch.float32, True), "float16-to-fp8": (torch.float16, True),
+    "bfloat16-to-fp8": (torch.bfloat16, True),
+}
+
+
+def kinds(*names: str) -> dict[str, tuple[torch.dtype, bool]]:
+    return {name: OUTPUT_KINDS[name] for name in names}
+
+
 NHD = ("output", "prefix_output", "suffix_output")  # [n, h, d] tensors
 HN = ("output_lse", "prefix_lse", "suffix_lse")     # [h, n] tensors
 

@@ -15,6 +15,7 @@ from merge_utils import (
     assert_bitwise_equal,
     assert_close_verbose,
     check_outputs,
+    kinds,
     make_case,
     poison_,
     run_and_check,
@@ -25,12 +26,7 @@ from merge_utils import (
 import cupy_ops
 
 # Output kinds of the layout grids: the three input dtypes (vector widths 4, 8, 8) and fp8 output (1-byte stores).
-KINDS = {
-    "float32": (torch.float32, False),
-    "float16": (torch.float16, False),
-    "bfloat16": (torch.bfloat16, False),
-    "bfloat16-to-fp8": (torch.bfloat16, True),
-}
+KINDS = kinds("float32", "float16", "bfloat16", "bfloat16-to-fp8")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from merge_utils import (
     LAYOUTS,
+    OUTPUT_KINDS,
     MergeCase,
     assert_bitwise_equal,
     assert_close_verbose,
@@ -27,12 +28,6 @@ import cupy_ops
 
 pytestmark = [gpu, requires_cuda]
 
-# Output kinds: each input dtype to itself and to fp8 (fp8 conversion runs per input dtype).
-OUTPUT_KINDS = {
-    "float32": (torch.float32, False), "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False),
-    "float32-to-fp8": (torch.float32, True), "float16-to-fp8": (torch.float16, True),
-    "bfloat16-to-fp8": (torch.bfloat16, True),
-}
 
 # The spec's matrix is dtypes x n {0, 1, 7, 513, 4096} x h {1, 8, 32, 128} x d {64, 80, 96, 128, 256, odd}
 # (720 cases, 120 per kind). Pruned to two crossed planes that keep every value of every axis:

@@ -13,6 +13,7 @@ from merge_utils import (
     assert_bitwise_equal,
     assert_close_verbose,
     attention_with_lse,
+    kinds,
     make_case,
     synchronize,
 )
@@ -20,13 +21,7 @@ from merge_utils import (
 import cupy_ops
 
 # Output kinds: each input dtype with its own output, plus fp8 output from a 16-bit and from a 32-bit input.
-OUTPUT_KINDS = {
-    "float32": (torch.float32, False),
-    "float16": (torch.float16, False),
-    "bfloat16": (torch.bfloat16, False),
-    "bfloat16-to-fp8": (torch.bfloat16, True),
-    "float32-to-fp8": (torch.float32, True),
-}
+OUTPUT_KINDS = kinds("float32", "float16", "bfloat16", "bfloat16-to-fp8", "float32-to-fp8")
 
 
 @pytest.mark.parametrize("kind", OUTPUT_KINDS)
