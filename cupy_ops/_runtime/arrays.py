@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ArrayInfo", "describe", "has_internal_overlap", "is_cupy_array", "memory_span", "spans_overlap"]
+__all__ = ["ArrayInfo", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array", "memory_span",
+           "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
 _CUPY_DTYPES = {
@@ -59,18 +60,25 @@ def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
     raise TypeError(f"{op}: {arg} must be a torch.Tensor or a cupy.ndarray, got {type(x).__name__}")
 
 
-def memory_span(info: ArrayInfo) -> tuple[int, int]:
-    """[first byte, one past the last byte] that the array can touch; empty arrays touch nothing."""
-    if 0 in info.shape:
-        return info.ptr, info.ptr
+def byte_extent(shape, strides, itemsize: int) -> tuple[int, int]:
+    """(first byte, one past the last byte) an array of this layout can touch, relative to its data pointer;
+    (0, 0) when it has no elements. Strides in elements, any sign."""
+    if 0 in shape:
+        return 0, 0
     low = high = 0
-    for size, stride in zip(info.shape, info.strides):
+    for size, stride in zip(shape, strides):
         reach = (size - 1) * stride
         if reach < 0:
             low += reach
         else:
             high += reach
-    return info.ptr + low * info.itemsize, info.ptr + (high + 1) * info.itemsize
+    return low * itemsize, (high + 1) * itemsize
+
+
+def memory_span(info: ArrayInfo) -> tuple[int, int]:
+    """[first byte, one past the last byte] that the array can touch; empty arrays touch nothing."""
+    low, high = byte_extent(info.shape, info.strides, info.itemsize)
+    return info.ptr + low, info.ptr + high
 
 
 def spans_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
