@@ -25,7 +25,7 @@ if [[ "$STAGE" == tests || "$STAGE" == all ]]; then
     # The two >2^31-element tests allocate ~10 GB and take minutes under memcheck; they ran just above.
     echo "== compute-sanitizer memcheck over the merge GPU tests"
     compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
-        python3 -m pytest tests/test_merge_gpu.py tests/test_merge_cases.py tests/test_merge_layout_cache.py -q -p no:cacheprovider \
+        python3 -m pytest tests/test_merge_gpu.py tests/test_merge_cases.py tests/test_merge_layout_cache.py tests/test_launch_paths.py -q -p no:cacheprovider \
         -k "not past_2_pow_31" > "$OUT/sanitizer.log" 2>&1 || status=1
     tail -n 4 "$OUT/sanitizer.log"
 

@@ -5,10 +5,12 @@ bad prefill count, an output_lse or output that overlaps an input. Without a GPU
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from merge_utils import gpu, make_case, requires_cuda, run_and_check
+from merge_utils import check_outputs, gpu, make_case, poison_, requires_cuda, run_and_check
 
 import cupy_ops
 from cupy_ops.ops import merge_attn_states as mas
@@ -93,3 +95,29 @@ def test_contiguous_tensors_with_odd_size_one_strides_share_a_layout():
                                                      *case.outputs[1:]])
     run_and_check(case)
     assert len(mas._layouts) == 1
+
+
+def test_threads_launching_one_layout_at_once_keep_their_own_pointers():
+    """8 fresh threads (no CUDA context current yet) launch one cached layout at once, 20 times each, on their
+    own tensors: the params buffer is per thread, so every output gets its own result and none stays poisoned."""
+    n, h, d = 37, 8, 128
+    cases = [make_case(n, h, d, torch.bfloat16, "cuda", seed=seed) for seed in range(8)]
+    cupy_ops.merge_attn_states(*cases[0].args())  # fill the layout cache
+    expected = [case.reference() for case in cases]
+    for case in cases:
+        for _, buffer, _ in case.outputs:
+            poison_(buffer)
+    torch.cuda.synchronize()
+    barrier = threading.Barrier(len(cases))
+
+    def merge_many(case) -> None:
+        barrier.wait()
+        for _ in range(20):
+            cupy_ops.merge_attn_states(*case.args())
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        for future in [pool.submit(merge_many, case) for case in cases]:
+            future.result(timeout=120)  # re-raises a thread's exception
+    torch.cuda.synchronize()
+    for case, (expected_out, expected_lse) in zip(cases, expected):
+        check_outputs(case, expected_out, expected_lse)

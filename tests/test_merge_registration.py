@@ -97,3 +97,31 @@ def test_keyword_call_in_vllm_wrapper_order(device):
     for got_out, got_lse in results:
         assert_bitwise_equal(got_out, want_out, "output of a keyword call")
         assert_bitwise_equal(got_lse, want_lse, "output_lse of a keyword call")
+
+
+class _MergeModule(torch.nn.Module):
+    def forward(self, prefix_output, prefix_lse, suffix_output, suffix_lse):
+        return _merged(prefix_output, prefix_lse, suffix_output, suffix_lse, None, None)
+
+
+def _traced_ops(graph: torch.fx.Graph) -> list:
+    return [node.target for node in graph.nodes if node.op == "call_function" and "cupy_ops" in str(node.target)]
+
+
+@pytest.mark.parametrize("tracer", ["export", "export-non-strict", "make_fx"])
+def test_tracers_record_the_registered_op(tracer):
+    """torch.export (dynamo or not) and make_fx trace the public function with fake tensors, whose data pointer
+    cannot be read: each graph holds the registered op once, and the exported program runs like eager."""
+    case = make_case(6, 2, 16, torch.float32, "cpu", seed=4)
+    args = (case.prefix_output, case.prefix_lse, case.suffix_output, case.suffix_lse)
+    if tracer == "make_fx":
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        graph = make_fx(_MergeModule(), tracing_mode="fake")(*args).graph
+        assert _traced_ops(graph) == [OP]
+        return
+    program = torch.export.export(_MergeModule(), args, strict=tracer == "export")
+    assert _traced_ops(program.graph) == [OP]
+    got, want = program.module()(*args), _MergeModule()(*args)
+    assert_bitwise_equal(got[0], want[0], "exported output")
+    assert_bitwise_equal(got[1], want[1], "exported output_lse")

@@ -17,7 +17,6 @@ import torch
 from .harness import (
     NO_GPU_MESSAGE,
     OpSuite,
-    _describe,
     add_ratios,
     bench_case,
     calls_per_graph,
@@ -71,12 +70,9 @@ def add_arguments(parser) -> None:
                         help="skip the cold/warm first-call timing in fresh subprocesses")
 
 
-def _eager_host_costs(suite: OpSuite, vllm_ops, into: dict, label: str, loops: int) -> None:
-    for name, (fn, call_args) in suite.eager_calls(vllm_ops).items():
-        try:
-            into[name + label] = eager_host_us(fn, call_args, loops=loops)
-        except Exception as exc:  # noqa: BLE001 - as in bench_case
-            into[name + label] = {"error": _describe(exc)}
+def _eager_host_costs(suite: OpSuite, vllm_ops, into: dict, label: str, rounds: int) -> None:
+    for name, cost in eager_host_us(suite.eager_calls(vllm_ops), rounds=rounds).items():
+        into[name + label] = cost
 
 
 def _log(message: str) -> None:
@@ -125,12 +121,12 @@ def run(args) -> int:
         # Host cost before and after this process first runs torch.compile (the torch baseline): afterwards
         # every Python-level call costs more (measured on the H100 VM: ~1.5x), as in a torch.compile'd server.
         eager[op] = {}
-        _eager_host_costs(suite, vllm_ops, eager[op], "", loops=5 if quick else 9)
+        _eager_host_costs(suite, vllm_ops, eager[op], "", rounds=5 if quick else 15)
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
             rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
         if "torch" in wanted:
-            _eager_host_costs(suite, vllm_ops, eager[op], " after torch.compile", loops=5 if quick else 9)
+            _eager_host_costs(suite, vllm_ops, eager[op], " after torch.compile", rounds=5 if quick else 15)
         if not args.no_compile_timing:
             compile_ms[op] = compile_times(suite)
     add_ratios(rows, copy["GBps"])

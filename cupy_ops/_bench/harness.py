@@ -197,20 +197,39 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
     return result
 
 
-def eager_host_us(fn: Callable, args: tuple, *, calls: int = 300, loops: int = 7) -> dict:
-    """Host µs per eager call: perf_counter around `calls` calls with no sync inside (a tiny case, so the GPU
-    keeps up and the launch queue never fills), median and min over `loops`."""
-    fn(*args)
+def eager_host_us(calls: dict[str, tuple[Callable, tuple]], *, calls_per_round: int = 500,
+                  rounds: int = 15) -> dict[str, dict]:
+    """Host µs per eager call of each {name: (fn, args)}: perf_counter around `calls_per_round` calls with no
+    sync inside (a tiny case, so the GPU keeps up and the launch queue never fills). The providers take turns
+    in a shuffled order each round, so clock and VM drift fall on all alike; median and min over the rounds.
+    A provider whose first call raises gets {"error": ...}."""
+    results: dict[str, dict] = {}
+    timed = {}
+    for name, (fn, args) in calls.items():
+        try:
+            for _ in range(50):
+                fn(*args)
+            torch.cuda.synchronize()
+            timed[name] = (fn, args)
+        except Exception as exc:  # noqa: BLE001 - a provider failing is reported, not fatal
+            results[name] = {"error": _describe(exc)}
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    order = list(timed)
+    shuffle = np.random.default_rng(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            fn, args = timed[name]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                fn(*args)
+            samples[name].append((time.perf_counter() - start) / calls_per_round * 1e6)
     torch.cuda.synchronize()
-    per_call = []
-    for _ in range(loops):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(*args)
-        per_call.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return {"us_median": float(np.median(per_call)), "us_min": min(per_call), "calls": calls, "loops": loops}
+    for name, per_call in samples.items():
+        results[name] = {"us_median": float(np.median(per_call)), "us_min": min(per_call),
+                         "calls": calls_per_round, "rounds": rounds}
+    return {name: results[name] for name in calls}
 
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:

@@ -2,9 +2,9 @@
 
 Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
 context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
-imports CuPy (100-180 ms). The launch is one `cuLaunchKernelEx` through ctypes with a single by-value params
-struct that the op packs with `struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing costs
-more than the kernel at small sizes.
+imports CuPy (100-180 ms). The launch is one `cuLaunchKernel` through CuPy's Cython driver binding (ctypes
+without CuPy) with a single by-value params struct that the op packs with `struct`, instead of CuPy's
+`Function.__call__`, whose per-argument boxing costs more than the kernel at small sizes.
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
 launch inside `torch.cuda.graph` (or CuPy stream capture) is recorded into the graph.
@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import struct
 import threading
 
 from . import compiler
 
-__all__ = ["Kernel", "device_arch", "fast_divmod", "launch"]
+__all__ = ["DriverError", "Kernel", "ctypes_launch_kernel", "device_arch", "driver_launch", "fast_divmod", "launch",
+           "launch_buffers", "launch_failed"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
 @functools.lru_cache(maxsize=1)
 def _libcuda():
-    # No argtypes on the launch: ctypes' per-argument conversion cost ~2 us a cuLaunchKernel (measured on the
-    # H100 VM: 9.7 us with argtypes, 7.6 us without, 7.5 us through cuda.bindings). Callers pass c_void_p handles.
     lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernelEx.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
 
@@ -69,7 +66,7 @@ def device_arch(device: int) -> int:
     return major.value * 10 + minor.value
 
 
-def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
+def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes.c_void_p, int]:
     """(CUmodule, CUfunction) of `image` loaded into `device`'s primary context, whatever is current here."""
     lib = _libcuda()
     context = _primary_context(device)
@@ -82,7 +79,7 @@ def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes
                   f"cuModuleGetFunction({lowered_name})")
     finally:
         lib.cuCtxPopCurrent_v2(ctypes.byref(previous))
-    return module, function
+    return module, function.value
 
 
 def fast_divmod(divisor: int) -> tuple[int, int, int]:
@@ -99,7 +96,7 @@ class Kernel:
     def __init__(self, filename: str, name_expression: str):
         self.filename = filename
         self.name_expression = name_expression
-        self._functions: dict[int, tuple[ctypes.c_void_p, ctypes.c_void_p]] = {}  # device -> (module, function)
+        self._functions: dict[int, tuple[ctypes.c_void_p, int]] = {}  # device -> (CUmodule, CUfunction)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -109,8 +106,9 @@ class Kernel:
         target, native = compiler.supported_arch(arch)
         return compiler.compile_kernel(self.filename, self.name_expression, target, native=native)
 
-    def function(self, device: int) -> ctypes.c_void_p:
-        """CUfunction handle for `device`, compiling (or reading the disk cache) and loading on first use."""
+    def function(self, device: int) -> int:
+        """CUfunction handle (an address) for `device`, compiling (or reading the disk cache) and loading on first
+        use."""
         loaded = self._functions.get(device)
         if loaded is not None:
             return loaded[1]
@@ -122,57 +120,82 @@ class Kernel:
         return loaded[1]
 
 
-# cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
-# stream, an attribute pointer and count; padded to 64 bytes, then the kernel's params struct. One pack_into
-# fills both, and the ctypes call converts 4 arguments instead of cuLaunchKernel's 11 (~0.5 us less per launch
-# on the H100 VM).
-_CONFIG_FORMAT = "7I4xQQI4x"
-_PARAMS_OFFSET = 64
-_with_config: dict = {}  # params struct.Struct -> struct.Struct of config + params
+class DriverError(RuntimeError):
+    """A failed driver call from the ctypes launch path; `status` is the CUresult (like CuPy's CUDADriverError)."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(_error_name(status))
 
 
-def _config_and_params(params_layout) -> struct.Struct:
-    layout = _with_config.get(params_layout)
-    if layout is None:
-        padding = _PARAMS_OFFSET - struct.calcsize("<" + _CONFIG_FORMAT)
-        layout = _with_config[params_layout] = struct.Struct(
-            f"<{_CONFIG_FORMAT}{padding}x{params_layout.format.lstrip('<=@!>')}")
-    return layout
+@functools.lru_cache(maxsize=1)
+def _ctypes_cu_launch_kernel():
+    function = _libcuda().cuLaunchKernel
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, block_x: int, block_y: int,
+                         block_z: int, shared_bytes: int, stream: int, kernel_params: int, extra: int) -> None:
+    """cuLaunchKernel through ctypes, raising `DriverError`: the fallback where CuPy's Cython binding cannot be
+    imported."""
+    code = _ctypes_cu_launch_kernel()(function, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes,
+                                      stream, kernel_params, extra)
+    if code:
+        raise DriverError(code)
+
+
+@functools.lru_cache(maxsize=1)
+def driver_launch():
+    """cuLaunchKernel(function, grid x, y, z, block x, y, z, shared bytes, stream, kernelParams, extra), all
+    ints, raising an exception with `.status` on failure. CuPy's Cython binding (`cupy.cuda.driver.launchKernel`,
+    imported from cupy_backends so that CuPy itself is not imported) costs ~0.5 us less per call than ctypes on
+    the H100 VM (3.0 vs 3.5 us); ctypes is the fallback without CuPy."""
+    try:
+        from cupy_backends.cuda.api.driver import launchKernel
+    except ImportError:
+        return ctypes_launch_kernel
+    return launchKernel
 
 
 class _LaunchBuffers(threading.local):
-    """Per-thread launch config + params buffer: the driver copies it during the call, so one per thread is
-    enough (ctypes releases the GIL during the call, so threads must not share it)."""
+    """Per-thread params buffer: the driver copies it during the launch, so one per thread is enough (the
+    launch releases the GIL, so threads must not share it). `argv` is the address of cuLaunchKernel's
+    kernelParams: one pointer, to the params struct, the kernels' single by-value argument."""
 
     def __init__(self):
-        self.buffer = ctypes.create_string_buffer(_PARAMS_OFFSET + 4096)  # CUDA's by-value parameter limit
-        self.config = ctypes.c_void_p(ctypes.addressof(self.buffer))
-        self.argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.buffer) + _PARAMS_OFFSET)
+        self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
+        self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        self.argv = ctypes.addressof(self._argv)
 
 
-_buffers = _LaunchBuffers()
+launch_buffers = _LaunchBuffers()
 
 
-def launch(function: ctypes.c_void_p, device: int, grid: int, block_x: int, block_y: int, stream: int,
-           params_layout, params: tuple) -> None:
+def launch(function: int, device: int, grid: int, block_x: int, block_y: int, stream: int, params_layout,
+           params: tuple) -> None:
     """Launch `function` (from `Kernel.function(device)`) on the raw CUstream `stream` with one struct argument
     that `params_layout` (a little-endian `struct.Struct`) packs from `params`. 1-D grid, 2-D block, no dynamic
-    shared memory."""
-    buffers = _buffers
-    layout = _with_config.get(params_layout) or _config_and_params(params_layout)
-    layout.pack_into(buffers.buffer, 0, grid, 1, 1, block_x, block_y, 1, 0, stream, 0, 0, *params)
-    code = _cu_launch_kernel_ex(buffers.config, function, buffers.argv, None)
-    if code == _CUDA_ERROR_INVALID_CONTEXT:
+    shared memory. Hot paths inline this (see `merge_attn_states`): each Python call level costs ~0.2 us."""
+    buffers = launch_buffers
+    params_layout.pack_into(buffers.params, 0, *params)
+    try:
+        driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+    except Exception as exc:  # noqa: BLE001 - CuPy's CUDADriverError or our DriverError: both carry .status
+        launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
+
+
+def launch_failed(error: Exception, function: int, device: int, grid: int, block_x: int, block_y: int,
+                  stream: int, buffers: _LaunchBuffers) -> None:
+    """A launch raised `error`: launch again if this thread had no current context, else raise."""
+    if getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
         # A thread that has not touched CUDA yet has no current context: make the device's primary one current,
         # as the CUDA runtime would on its first call in this thread.
         _libcuda().cuCtxSetCurrent(_primary_context(device))
-        code = _cu_launch_kernel_ex(buffers.config, function, buffers.argv, None)
-    if code:
-        raise RuntimeError(f"cupy_ops: kernel launch failed: {_error_name(code)}")
-
-
-def _cu_launch_kernel_ex(*args) -> int:
-    """First call binds libcuda's cuLaunchKernelEx in place of this stub (no driver is needed before that)."""
-    global _cu_launch_kernel_ex
-    _cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
-    return _cu_launch_kernel_ex(*args)
+        try:
+            driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+            return
+        except Exception as again:  # noqa: BLE001 - reported below
+            error = again
+    raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error

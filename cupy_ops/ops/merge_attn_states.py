@@ -80,8 +80,9 @@ _KERNELS = {
 # returns the launch description as plain values (a NamedTuple per tensor costs ~0.4 us):
 #   (device, dtype, fp8, n, h, d, p, out_ptr, out_strides, lse_ptr, lse_strides, prefix_ptr, prefix_strides,
 #    prefix_lse_ptr, prefix_lse_strides, suffix_ptr, suffix_strides, suffix_lse_ptr, suffix_lse_strides, scale_ptr)
-# The eager CUDA path (`_merge_cuda`) remembers the layouts `_check` accepted, so a repeated layout is validated
-# by one dict lookup plus the checks that depend on the call's pointers and prefill count.
+# The CUDA path (`_merge_function`: the public function and the op's CUDA kernel) remembers the layouts `_check`
+# accepted, so a repeated layout is validated by one dict lookup plus the checks that depend on the call's
+# pointers and prefill count.
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _F32 = torch.float32
@@ -255,73 +256,131 @@ def _launch(args: tuple, stream: int) -> None:
 
 # Layouts `_check` accepted on CUDA tensors: the metadata it decides from (shape, strides, dtype and device of
 # every tensor, which optional ones are given, the pointers' 16-byte alignment) -> (device, n, CUfunction or
-# None when there is nothing to launch, grid, block_x, block_y, params tail, byte span of output, output_lse,
-# prefix_output, suffix_output, prefix_lse, suffix_lse). What depends on the call alone, the prefill count and
-# the overlap of the tensors' memory, is checked per call; anything unusual falls back to `_check`.
+# None when there is nothing to launch, grid, block_x, block_y, params tail, pack_into, cuLaunchKernel, byte
+# span of output, output_lse, prefix_output, suffix_output, prefix_lse, suffix_lse). What depends on the call
+# alone, the prefill count and the overlap of the tensors' memory, is checked per call; anything unusual (and a
+# device that is not the current one) takes the full check.
 _layouts: dict[tuple, tuple] = {}
+_current_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU-only torch builds
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_is_compiling = torch.compiler.is_compiling
+# A constant True while dynamo traces, else False: one Python call, where is_compiling() makes two.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
+_launch_buffers = _runtime.launch_buffers
 
 
-def _merge_cuda(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                prefill_tokens_with_context=None, output_scale=None) -> None:
-    """CUDA kernel of the registered op, and the eager path for CUDA tensors. One function on purpose: every
-    Python call level costs ~0.2 us, and this path is ~9 us in all."""
-    po, pl, so, sl, p = prefix_output, prefix_lse, suffix_output, suffix_lse, prefill_tokens_with_context
-    try:
-        out_ptr, po_ptr, so_ptr, pl_ptr, sl_ptr = (output.data_ptr(), po.data_ptr(), so.data_ptr(),
-                                                   pl.data_ptr(), sl.data_ptr())
-        lse_ptr = 0 if output_lse is None else output_lse.data_ptr()
-        # `is_contiguous() or stride()`: True, or the strides. Contiguity ignores the stride of a size-1 dim,
-        # which only ever multiplies index 0, so contiguous tensors of one shape share a layout.
-        key = (po.shape, po.dtype, po.get_device(), po.is_contiguous() or po.stride(),
-               so.shape, so.dtype, so.get_device(), so.is_contiguous() or so.stride(),
-               output.shape, output.dtype, output.get_device(), output.is_contiguous() or output.stride(),
-               pl.shape, pl.dtype, pl.get_device(), pl.is_contiguous() or pl.stride(),
-               sl.shape, sl.dtype, sl.get_device(), sl.is_contiguous() or sl.stride(),
-               None if output_lse is None else (output_lse.shape, output_lse.dtype, output_lse.get_device(),
-                                                output_lse.is_contiguous() or output_lse.stride()),
-               None if output_scale is None else (output_scale.shape, output_scale.dtype, output_scale.get_device()),
-               (po_ptr | so_ptr) & 15, out_ptr & 15)
-        layout = _layouts.get(key)
-    except (AttributeError, TypeError):  # not torch tensors: `_check` says what is wrong
-        key = layout = None
-    if layout is not None:
-        (device, n, function, grid, block_x, block_y, tail,
-         out_span, lse_span, po_span, so_span, pl_span, sl_span) = layout
-        if p is None:
-            p = n
-        out_end = out_ptr + out_span
-        pl_end, sl_end, po_end, so_end = pl_ptr + pl_span, sl_ptr + sl_span, po_ptr + po_span, so_ptr + so_span
-        fits = (type(p) is int and 0 <= p <= n  # a bool or a float is not an int here
-                and not ((out_ptr < pl_end and pl_ptr < out_end) or (out_ptr < sl_end and sl_ptr < out_end)
-                         or (out_ptr < po_end and po_ptr < out_end) or (out_ptr < so_end and so_ptr < out_end)))
-        if fits and lse_ptr:
-            lse_end = lse_ptr + lse_span
-            fits = not ((lse_ptr < pl_end and pl_ptr < lse_end) or (lse_ptr < sl_end and sl_ptr < lse_end)
-                        or (lse_ptr < po_end and po_ptr < lse_end) or (lse_ptr < so_end and so_ptr < lse_end)
-                        or (lse_ptr < out_end and out_ptr < lse_end))
-        if fits:  # else: an in-place output, an overlap or a bad count, which `_check` allows or explains
-            if function is None:
-                return
-            params = (out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr,
-                      0 if output_scale is None else output_scale.data_ptr(), p, tail)
-            if device == torch._C._cuda_getDevice():
-                _runtime.launch(function, device, grid, block_x, block_y,
-                                torch._C._cuda_getCurrentRawStream(device), _PARAMS, params)
-            else:
-                with torch.cuda.device(device):
-                    _runtime.launch(function, device, grid, block_x, block_y,
-                                    torch._C._cuda_getCurrentRawStream(device), _PARAMS, params)
+def _merge_function(public: bool):
+    """The public function (`public`: traced by torch.compile, torch.export or make_fx, it emits the registered
+    op) or the op's CUDA kernel. One body for both on purpose: every Python call level costs ~0.2 us of a ~8 us
+    call, and the CUDA kernel must never route to the op (torch.compile keeps its compiling flag set while it
+    runs kernels to autotune)."""
+
+    def merge_attn_states(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                          prefill_tokens_with_context=None, output_scale=None) -> None:
+        """Merge two partial attention results in place of `output` (and `output_lse`).
+
+        Args (n tokens, h heads, d head size; torch tensors, CUDA or CPU, or CuPy arrays, one kind per call):
+            output: [n, h, d], prefix_output's dtype, or float8_e4m3fn when output_scale is given. Written.
+            output_lse: [h, n] float32, or None. Written.
+            prefix_output, suffix_output: [n, h, d] float32, float16 or bfloat16.
+            prefix_lse, suffix_lse: [h, n] float32, natural-log LSE; +-inf means that side saw no keys.
+            prefill_tokens_with_context: tokens [0, p) are merged, later ones copy the suffix; None means n.
+            output_scale: 1-element float32 static FP8 scale (output = value / scale), read on the device.
+
+        Eager CUDA calls launch directly (no dispatcher); under torch.compile this is
+        torch.ops.cupy_ops.merge_attn_states.
+        """
+        if public and _is_dynamo_compiling() and isinstance(output, torch.Tensor):
+            _OP(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                prefill_tokens_with_context, output_scale)
             return
+        po, pl, so, sl, p = prefix_output, prefix_lse, suffix_output, suffix_lse, prefill_tokens_with_context
+        try:
+            out_ptr, po_ptr, so_ptr, pl_ptr, sl_ptr = (output.data_ptr(), po.data_ptr(), so.data_ptr(),
+                                                       pl.data_ptr(), sl.data_ptr())
+            lse_ptr = 0 if output_lse is None else output_lse.data_ptr()
+            # `is_contiguous() or stride()`: True, or the strides. Contiguity ignores the stride of a size-1
+            # dim, which only ever multiplies index 0, so contiguous tensors of one shape share a layout.
+            key = (po.shape, po.dtype, po.get_device(), po.is_contiguous() or po.stride(),
+                   so.shape, so.dtype, so.get_device(), so.is_contiguous() or so.stride(),
+                   output.shape, output.dtype, output.get_device(), output.is_contiguous() or output.stride(),
+                   pl.shape, pl.dtype, pl.get_device(), pl.is_contiguous() or pl.stride(),
+                   sl.shape, sl.dtype, sl.get_device(), sl.is_contiguous() or sl.stride(),
+                   None if output_lse is None else (output_lse.shape, output_lse.dtype, output_lse.get_device(),
+                                                    output_lse.is_contiguous() or output_lse.stride()),
+                   None if output_scale is None else (output_scale.shape, output_scale.dtype,
+                                                      output_scale.get_device()),
+                   (po_ptr | so_ptr) & 15, out_ptr & 15)
+            layout = _layouts.get(key)
+        except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: see `_merge_checked`
+            key = layout = None
+        if layout is not None:
+            (device, n, function, grid, block_x, block_y, tail, pack_params, launch_kernel,
+             out_span, lse_span, po_span, so_span, pl_span, sl_span) = layout
+            if p is None:
+                p = n
+            out_end = out_ptr + out_span
+            pl_end, sl_end = pl_ptr + pl_span, sl_ptr + sl_span
+            po_end, so_end = po_ptr + po_span, so_ptr + so_span
+            fits = (type(p) is int and 0 <= p <= n  # a bool or a float is not an int here
+                    and not ((out_ptr < pl_end and pl_ptr < out_end) or (out_ptr < sl_end and sl_ptr < out_end)
+                             or (out_ptr < po_end and po_ptr < out_end)
+                             or (out_ptr < so_end and so_ptr < out_end)))
+            if fits and lse_ptr:
+                lse_end = lse_ptr + lse_span
+                fits = not ((lse_ptr < pl_end and pl_ptr < lse_end) or (lse_ptr < sl_end and sl_ptr < lse_end)
+                            or (lse_ptr < po_end and po_ptr < lse_end) or (lse_ptr < so_end and so_ptr < lse_end)
+                            or (lse_ptr < out_end and out_ptr < lse_end))
+            # Not fitting: an in-place output, an overlap or a bad count, which `_check` allows or explains.
+            if fits and device == _current_device():
+                if function is not None:  # `_runtime.launch`, inlined
+                    buffers = _launch_buffers
+                    pack_params(buffers.params, 0, out_ptr, lse_ptr, po_ptr, pl_ptr, so_ptr, sl_ptr,
+                                0 if output_scale is None else output_scale.data_ptr(), p, tail)
+                    stream = _current_raw_stream(device)
+                    try:
+                        launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+                    except Exception as exc:  # noqa: BLE001 - the driver binding's error, with .status
+                        _runtime.launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
+                return
+        _merge_checked(public, key, output, output_lse, po, pl, so, sl, prefill_tokens_with_context, output_scale)
 
-    args = _check(output, output_lse, po, pl, so, sl, prefill_tokens_with_context, output_scale)
+    return merge_attn_states
+
+
+def _merge_checked(public, key, output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                   prefill_tokens_with_context, output_scale) -> None:
+    """Every call the cached layouts do not cover: validate everything, then launch (torch CUDA tensors, CuPy
+    arrays) or run the reference (CPU tensors). `key`: the call's layout key, remembered once it validates."""
+    if public and isinstance(output, torch.Tensor) and (type(output) is not torch.Tensor or _is_compiling()):
+        # Fake or functional tensors (torch.export, make_fx) or a call while torch.compile compiles: the
+        # registered op, which tracing understands through its fake kernel.
+        _OP(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, prefill_tokens_with_context,
+            output_scale)
+        return
+    if arrays.is_cupy_array(output):
+        _merge_cupy(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                    prefill_tokens_with_context, output_scale)
+        return
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{OP}: output must be a torch.Tensor or a cupy.ndarray, got {type(output).__name__}")
+    if not output.is_cuda:
+        _merge_cpu(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                   prefill_tokens_with_context, output_scale)
+        return
+    args = _check(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                  prefill_tokens_with_context, output_scale)
     device = args[0]
-    if device == torch._C._cuda_getDevice():
-        _launch(args, torch._C._cuda_getCurrentRawStream(device))
+    if device == _current_device():
+        _launch(args, _current_raw_stream(device))
     else:
         with torch.cuda.device(device):
-            _launch(args, torch._C._cuda_getCurrentRawStream(device))
-    if key is not None and device >= 0:
+            _launch(args, _current_raw_stream(device))
+    if key is not None:
         _remember_layout(key, args)
+
+
+_merge_cuda = _merge_function(public=False)
 
 
 def _remember_layout(key: tuple, args: tuple) -> None:
@@ -332,7 +391,8 @@ def _remember_layout(key: tuple, args: tuple) -> None:
     nhd, hn, extent = (n, h, d), (h, n), arrays.byte_extent  # torch strides are >= 0: extents start at 0
     if len(_layouts) >= _MAX_CACHED_CONFIGS:
         _layouts.clear()
-    _layouts[key] = (device, n, function, grid, block_x, block_y, tail,
+    _layouts[key] = (device, n, function, grid, block_x, block_y, tail, _PARAMS.pack_into,
+                     _runtime.driver_launch(),
                      extent(nhd, out_st, 1 if fp8 else itemsize)[1],
                      0 if lse_ptr == 0 else extent(hn, lse_st, 4)[1],
                      extent(nhd, po_st, itemsize)[1], extent(nhd, so_st, itemsize)[1],
@@ -450,33 +510,4 @@ def self_check(device: str) -> list[tuple[str, bool, str]]:
 
 # ---- public entry point ----------------------------------------------------------------------------------
 
-
-def merge_attn_states(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                      prefill_tokens_with_context=None, output_scale=None) -> None:
-    """Merge two partial attention results in place of `output` (and `output_lse`).
-
-    Args (n tokens, h heads, d head size; torch tensors, CUDA or CPU, or CuPy arrays, one kind per call):
-        output: [n, h, d], prefix_output's dtype, or float8_e4m3fn when output_scale is given. Written.
-        output_lse: [h, n] float32, or None. Written.
-        prefix_output, suffix_output: [n, h, d] float32, float16 or bfloat16.
-        prefix_lse, suffix_lse: [h, n] float32, natural-log LSE; +-inf means that side saw no keys.
-        prefill_tokens_with_context: tokens [0, p) are merged, later ones copy the suffix; None means n.
-        output_scale: 1-element float32 static FP8 scale (output = value / scale), read on the device.
-
-    Eager CUDA calls launch directly (no dispatcher); under torch.compile this is torch.ops.cupy_ops.merge_attn_states.
-    """
-    if isinstance(output, torch.Tensor):
-        if torch.compiler.is_compiling():
-            _OP(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                prefill_tokens_with_context, output_scale)
-        elif output.is_cuda:
-            _merge_cuda(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                        prefill_tokens_with_context, output_scale)
-        else:
-            _merge_cpu(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                       prefill_tokens_with_context, output_scale)
-    elif arrays.is_cupy_array(output):
-        _merge_cupy(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                    prefill_tokens_with_context, output_scale)
-    else:
-        raise TypeError(f"{OP}: output must be a torch.Tensor or a cupy.ndarray, got {type(output).__name__}")
+merge_attn_states = _merge_function(public=True)

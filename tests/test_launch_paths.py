@@ -1,0 +1,47 @@
+"""The two driver bindings a launch can go through (CuPy's Cython `launchKernel`, or ctypes where CuPy's is
+missing) both launch correctly and turn a driver error into a RuntimeError, not a crash. GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from merge_utils import gpu, make_case, requires_cuda, run_and_check
+
+import cupy_ops
+from cupy_ops import _runtime
+from cupy_ops._runtime import launcher
+from cupy_ops.ops import merge_attn_states as mas
+
+pytestmark = [gpu, requires_cuda]
+
+
+def _cupy_binding():
+    return pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
+
+
+@pytest.fixture(params=["cupy", "ctypes"])
+def binding(request, monkeypatch):
+    """Every launch in the test goes through one binding; layouts cached under another are forgotten."""
+    chosen = _cupy_binding() if request.param == "cupy" else launcher.ctypes_launch_kernel
+    monkeypatch.setattr(launcher, "driver_launch", lambda: chosen)
+    monkeypatch.setattr(_runtime, "driver_launch", lambda: chosen)
+    monkeypatch.setattr(mas, "_layouts", {})
+    return chosen
+
+
+def test_both_bindings_launch_the_checked_and_the_cached_path(binding):
+    run_and_check(make_case(37, 8, 128, torch.bfloat16, "cuda", seed=1))  # validated, then remembered
+    assert [layout[8] for layout in mas._layouts.values()] == [binding]
+    run_and_check(make_case(37, 8, 128, torch.bfloat16, "cuda", seed=2))  # the cached layout's launch
+
+
+def test_a_driver_error_is_a_runtime_error(binding):
+    """Too many threads per block: the driver refuses the launch (nothing runs); the op's error names it."""
+    case = make_case(4, 2, 64, torch.float32, "cuda")
+    cupy_ops.merge_attn_states(*case.args())  # compile and load
+    function = next(iter(mas._layouts.values()))[2]
+    stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    with pytest.raises(RuntimeError, match="cupy_ops: kernel launch failed: .*INVALID_VALUE"):
+        launcher.launch(function, torch.cuda.current_device(), 1, 2048, 1, stream, mas._PARAMS,
+                        (0, 0, 0, 0, 0, 0, 0, 0, bytes(mas._LAYOUT_TAIL.size)))
+    torch.cuda.synchronize()  # the context is still usable
