@@ -162,12 +162,13 @@ def driver_launch():
 class _LaunchBuffers(threading.local):
     """Per-thread params buffer: the driver copies it during the launch, so one per thread is enough (the
     launch releases the GIL, so threads must not share it). `argv` is the address of cuLaunchKernel's
-    kernelParams: one pointer, to the params struct, the kernels' single by-value argument."""
+    kernelParams: one pointer, to the params struct, the kernels' single by-value argument. The thread's first
+    launch sets `argv` (`launch_failed`) once a context is current here: reading it before raises
+    AttributeError, which sends that launch to `launch_failed` at no cost to the others."""
 
     def __init__(self):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
-        self.argv = ctypes.addressof(self._argv)
 
 
 launch_buffers = _LaunchBuffers()
@@ -182,20 +183,31 @@ def launch(function: int, device: int, grid: int, block_x: int, block_y: int, st
     params_layout.pack_into(buffers.params, 0, *params)
     try:
         driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
-    except Exception as exc:  # noqa: BLE001 - CuPy's CUDADriverError or our DriverError: both carry .status
+    except Exception as exc:  # noqa: BLE001 - the binding's error (with .status) or a first launch here
         launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
+
+
+def _make_context_current(device: int) -> None:
+    """Make `device`'s primary context current in this thread if none is, as the CUDA runtime does on a
+    thread's first call (a thread that never touched CUDA has none, and a launch there would fail)."""
+    lib, current = _libcuda(), ctypes.c_void_p()
+    _check_cu(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    if not current.value:
+        _check_cu(lib.cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
 
 
 def launch_failed(error: Exception, function: int, device: int, grid: int, block_x: int, block_y: int,
                   stream: int, buffers: _LaunchBuffers) -> None:
-    """A launch raised `error`: launch again if this thread had no current context, else raise."""
-    if getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
-        # A thread that has not touched CUDA yet has no current context: make the device's primary one current,
-        # as the CUDA runtime would on its first call in this thread.
-        _libcuda().cuCtxSetCurrent(_primary_context(device))
-        try:
-            driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
-            return
-        except Exception as again:  # noqa: BLE001 - reported below
-            error = again
-    raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error
+    """A launch raised `error`. The thread's first launch (no `argv` yet) and a launch that found no current
+    context are made again with the device's context current; anything else is raised."""
+    if isinstance(error, AttributeError) and not hasattr(buffers, "argv"):
+        _make_context_current(device)
+        buffers.argv = ctypes.addressof(buffers._argv)
+    elif getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
+        _make_context_current(device)  # other code released this thread's context since its first launch
+    else:
+        raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error
+    try:
+        driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+    except Exception as again:  # noqa: BLE001 - reported as any failed launch
+        raise RuntimeError(f"cupy_ops: kernel launch failed: {again}") from again
