@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cupy_ops import _bench
+from cupy_ops._runtime import launcher
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -99,7 +100,9 @@ def test_merge_eager_host_cost(benchmark, provider, vllm_ops):
     # The untimed sync before each round empties the launch queue, so host time never waits on the GPU.
     benchmark.pedantic(loop, setup=torch.cuda.synchronize, rounds=ROUNDS, warmup_rounds=2)
     torch.cuda.synchronize()
+    binding = launcher.launch_kernel  # ctypes, or CuPy's Cython binding once CuPy is imported (it is here)
     benchmark.extra_info.update(provider=provider, shape=[1, 32, 128], dtype="bf16",
-                                calls_per_round=EAGER_CALLS_PER_ROUND)
+                                calls_per_round=EAGER_CALLS_PER_ROUND,
+                                launch_binding=f"{binding.__module__}.{binding.__name__}")
     if benchmark.stats is not None:
         benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median * 1e6 / EAGER_CALLS_PER_ROUND

@@ -1,11 +1,12 @@
-"""The launcher's per-thread state, checked without a GPU (libcuda and the driver binding replaced by fakes): a
-thread's first launch makes a context current only where none is, every thread packs into its own params
-buffer, and a driver error becomes a RuntimeError naming it."""
+"""The launcher, checked without a GPU (libcuda and the driver binding replaced by fakes): a thread's first launch
+makes a context current only where none is, every thread packs into its own params buffer, a driver error
+becomes a RuntimeError naming it, and launches go through ctypes until CuPy is imported, then CuPy's binding."""
 
 from __future__ import annotations
 
 import ctypes
 import struct
+import sys
 import threading
 import time
 
@@ -55,7 +56,7 @@ def _error(status: int) -> Exception:
 def driver(monkeypatch):
     fake = FakeDriver()
     monkeypatch.setattr(launcher, "_libcuda", lambda: fake)
-    monkeypatch.setattr(launcher, "driver_launch", lambda: fake.launch)
+    monkeypatch.setattr(launcher, "bind_launch_kernel", lambda: fake.launch)
     monkeypatch.setattr(launcher, "_primary_context", lambda device: ctypes.c_void_p(0x1000 + device))
     monkeypatch.setattr(launcher, "launch_buffers", launcher._LaunchBuffers())  # no thread has launched yet
     return fake
@@ -107,3 +108,13 @@ def test_a_driver_error_is_a_runtime_error(driver, status):
     driver.fail_with = status
     with pytest.raises(RuntimeError, match=f"cupy_ops: kernel launch failed: CUDA error {status}"):
         _launch(7, 0, (1, 2))
+
+
+def test_ctypes_until_cupy_is_imported_then_cupys_binding(monkeypatch):
+    cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
+    monkeypatch.setattr(launcher, "launch_kernel", launcher.ctypes_launch_kernel)
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert launcher.bind_launch_kernel() is launcher.ctypes_launch_kernel  # importing CuPy would cost 50-100 ms
+    monkeypatch.setitem(sys.modules, "cupy", pytest.importorskip("cupy"))
+    assert launcher.bind_launch_kernel() is cupy_binding
+    assert launcher.launch_kernel is cupy_binding  # what the ops' inlined launches call

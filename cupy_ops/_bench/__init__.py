@@ -24,6 +24,7 @@ from .harness import (
     compile_times,
     compile_torch_baseline,
     eager_host_us,
+    eager_host_us_without_cupy,
     format_table,
     l2_cache_bytes,
     load_vllm_anchor,
@@ -45,9 +46,9 @@ from .merge_attn_states import (
 )
 
 __all__ = ["MERGE_SUITE", "MergeCase", "OpSuite", "SUITES", "add_arguments", "calls_per_graph", "capture_rotated",
-           "compile_torch_baseline", "eager_host_us", "load_vllm_anchor", "make_input_sets", "make_merge_inputs",
-           "merge_eager_calls", "merge_providers", "merge_reference_into", "poison", "run", "try_load_vllm",
-           "vllm_supports_merge"]
+           "compile_torch_baseline", "eager_host_us", "eager_host_us_without_cupy", "load_vllm_anchor",
+           "make_input_sets", "make_merge_inputs", "merge_eager_calls", "merge_providers", "merge_reference_into",
+           "poison", "run", "try_load_vllm", "vllm_supports_merge"]
 
 SUITES: dict[str, OpSuite] = {"merge_attn_states": MERGE_SUITE}
 
@@ -118,15 +119,20 @@ def run(args) -> int:
     for op in ops:
         suite = SUITES[op]
         cases = suite.cases(quick)
-        # Host cost before and after this process first runs torch.compile (the torch baseline): afterwards
-        # every Python-level call costs more (measured on the H100 VM: ~1.5x), as in a torch.compile'd server.
+        # Host cost in a process without CuPy (launches through ctypes), in this one (CuPy imported: its
+        # Cython launch binding), and here again after torch.compile has run (the torch baseline).
         eager[op] = {}
-        _eager_host_costs(suite, vllm_ops, eager[op], "", rounds=5 if quick else 15)
+        rounds = 5 if quick else 15
+        child = eager_host_us_without_cupy(op, vllm_path if vllm_ops is not None else None, rounds)
+        without = "" if child.get("cupy_imported") is False else " (child imported CuPy)"
+        for name, cost in child.get("costs", {"cupy_ops": {"error": child.get("error")}}).items():
+            eager[op][f"{name} without CuPy{without}"] = cost
+        _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy", rounds=rounds)
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
             rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
         if "torch" in wanted:
-            _eager_host_costs(suite, vllm_ops, eager[op], " after torch.compile", rounds=5 if quick else 15)
+            _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy, after torch.compile", rounds=rounds)
         if not args.no_compile_timing:
             compile_ms[op] = compile_times(suite)
     add_ratios(rows, copy["GBps"])

@@ -2,7 +2,8 @@
 
 from .arrays import ArrayInfo, describe, is_cupy_array
 from .compiler import CompileError, PtxasReport, cache_dir, compile_kernel, kernel_dir, ptxas_report
-from .launcher import Kernel, device_arch, driver_launch, fast_divmod, launch, launch_buffers, launch_failed
+from . import launcher
+from .launcher import Kernel, device_arch, fast_divmod, launch, launch_buffers, launch_failed
 
 __all__ = [
     "ArrayInfo",
@@ -13,12 +14,12 @@ __all__ = [
     "compile_kernel",
     "describe",
     "device_arch",
-    "driver_launch",
     "fast_divmod",
     "is_cupy_array",
     "kernel_dir",
     "launch",
     "launch_buffers",
     "launch_failed",
+    "launcher",
     "ptxas_report",
 ]

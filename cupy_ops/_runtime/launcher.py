@@ -2,8 +2,8 @@
 
 Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
 context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
-imports CuPy (100-180 ms). The launch is one `cuLaunchKernel` through CuPy's Cython driver binding (ctypes
-without CuPy) with a single by-value params struct that the op packs with `struct`, instead of CuPy's
+imports CuPy (100-180 ms). The launch is one `cuLaunchKernel` (through ctypes, or CuPy's Cython binding once
+CuPy is loaded) with a single by-value params struct that the op packs with `struct`, instead of CuPy's
 `Function.__call__`, whose per-argument boxing costs more than the kernel at small sizes.
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 import threading
 
 from . import compiler
 
-__all__ = ["DriverError", "Kernel", "ctypes_launch_kernel", "device_arch", "driver_launch", "fast_divmod", "launch",
-           "launch_buffers", "launch_failed"]
+__all__ = ["DriverError", "Kernel", "bind_launch_kernel", "ctypes_launch_kernel", "device_arch", "fast_divmod",
+           "launch", "launch_buffers", "launch_failed", "launch_kernel"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
@@ -146,17 +147,30 @@ def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, b
         raise DriverError(code)
 
 
-@functools.lru_cache(maxsize=1)
-def driver_launch():
-    """cuLaunchKernel(function, grid x, y, z, block x, y, z, shared bytes, stream, kernelParams, extra), all
-    ints, raising an exception with `.status` on failure. CuPy's Cython binding (`cupy.cuda.driver.launchKernel`,
-    imported from cupy_backends so that CuPy itself is not imported) costs ~0.5 us less per call than ctypes on
-    the H100 VM (3.0 vs 3.5 us); ctypes is the fallback without CuPy."""
+def _cupy_launch_kernel():
+    """CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`, from cupy_backends so that
+    nothing more of CuPy is imported here), or None without CuPy."""
     try:
         from cupy_backends.cuda.api.driver import launchKernel
     except ImportError:
-        return ctypes_launch_kernel
+        return None
     return launchKernel
+
+
+# cuLaunchKernel(function, grid x, y, z, block x, y, z, shared bytes, stream, kernelParams, extra), all ints,
+# raising an exception with `.status` on failure. ctypes until CuPy is imported in this process, then CuPy's
+# Cython binding, ~0.5 us faster per launch (3.0 vs 3.5 us on the H100 VM). Importing CuPy just for it would
+# add 50-100 ms to a warm-cache first call; once CuPy is loaded (CuPy arrays, an NVRTC compile, the user's own
+# import) it is free. Hot paths call `launcher.launch_kernel`; `bind_launch_kernel` rebinds it.
+launch_kernel = ctypes_launch_kernel
+
+
+def bind_launch_kernel():
+    """`launch_kernel`, switched to CuPy's binding first if CuPy has been imported since the last check."""
+    global launch_kernel
+    if launch_kernel is ctypes_launch_kernel and "cupy" in sys.modules:
+        launch_kernel = _cupy_launch_kernel() or ctypes_launch_kernel
+    return launch_kernel
 
 
 class _LaunchBuffers(threading.local):
@@ -182,7 +196,7 @@ def launch(function: int, device: int, grid: int, block_x: int, block_y: int, st
     buffers = launch_buffers
     params_layout.pack_into(buffers.params, 0, *params)
     try:
-        driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+        bind_launch_kernel()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
     except Exception as exc:  # noqa: BLE001 - the binding's error (with .status) or a first launch here
         launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
 
@@ -208,6 +222,6 @@ def launch_failed(error: Exception, function: int, device: int, grid: int, block
     else:
         raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error
     try:
-        driver_launch()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+        bind_launch_kernel()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
     except Exception as again:  # noqa: BLE001 - reported as any failed launch
         raise RuntimeError(f"cupy_ops: kernel launch failed: {again}") from again

@@ -256,7 +256,7 @@ def _launch(args: tuple, stream: int) -> None:
 
 # Layouts `_check` accepted on CUDA tensors: the metadata it decides from (shape, strides, dtype and device of
 # every tensor, which optional ones are given, the pointers' 16-byte alignment) -> (device, n, CUfunction or
-# None when there is nothing to launch, grid, block_x, block_y, params tail, pack_into, cuLaunchKernel, byte
+# None when there is nothing to launch, grid, block_x, block_y, params tail, pack_into, byte
 # span of output, output_lse, prefix_output, suffix_output, prefix_lse, suffix_lse). What depends on the call
 # alone, the prefill count and the overlap of the tensors' memory, is checked per call; anything unusual (and a
 # device that is not the current one) takes the full check.
@@ -267,6 +267,7 @@ _is_compiling = torch.compiler.is_compiling
 # A constant True while dynamo traces, else False: one Python call, where is_compiling() makes two.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
 _launch_buffers = _runtime.launch_buffers
+_launcher = _runtime.launcher
 
 
 def _merge_function(public: bool):
@@ -315,7 +316,7 @@ def _merge_function(public: bool):
         except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: see `_merge_checked`
             key = layout = None
         if layout is not None:
-            (device, n, function, grid, block_x, block_y, tail, pack_params, launch_kernel,
+            (device, n, function, grid, block_x, block_y, tail, pack_params,
              out_span, lse_span, po_span, so_span, pl_span, sl_span) = layout
             if p is None:
                 p = n
@@ -339,7 +340,8 @@ def _merge_function(public: bool):
                                 0 if output_scale is None else output_scale.data_ptr(), p, tail)
                     stream = _current_raw_stream(device)
                     try:
-                        launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+                        _launcher.launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv,
+                                                0)
                     except Exception as exc:  # noqa: BLE001 - the driver binding's error, with .status
                         _runtime.launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
                 return
@@ -392,7 +394,6 @@ def _remember_layout(key: tuple, args: tuple) -> None:
     if len(_layouts) >= _MAX_CACHED_CONFIGS:
         _layouts.clear()
     _layouts[key] = (device, n, function, grid, block_x, block_y, tail, _PARAMS.pack_into,
-                     _runtime.driver_launch(),
                      extent(nhd, out_st, 1 if fp8 else itemsize)[1],
                      0 if lse_ptr == 0 else extent(hn, lse_st, 4)[1],
                      extent(nhd, po_st, itemsize)[1], extent(nhd, so_st, itemsize)[1],
