@@ -119,15 +119,16 @@ def run(args) -> int:
     for op in ops:
         suite = SUITES[op]
         cases = suite.cases(quick)
-        # Host cost in a process without CuPy (launches through ctypes), in this one (CuPy imported: its
-        # Cython launch binding), and here again after torch.compile has run (the torch baseline).
+        # Host cost in this process (CuPy imported: its Cython launch binding), then in a fresh one without CuPy
+        # (ctypes launches; after this process has compiled the kernels, so the child's disk cache is warm),
+        # then here again after torch.compile has run (the torch baseline).
         eager[op] = {}
         rounds = 5 if quick else 15
+        _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy", rounds=rounds)
         child = eager_host_us_without_cupy(op, vllm_path if vllm_ops is not None else None, rounds)
         without = "" if child.get("cupy_imported") is False else " (child imported CuPy)"
         for name, cost in child.get("costs", {"cupy_ops": {"error": child.get("error")}}).items():
             eager[op][f"{name} without CuPy{without}"] = cost
-        _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy", rounds=rounds)
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
             rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
