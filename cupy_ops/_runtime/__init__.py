@@ -1,8 +1,8 @@
 """The shared runtime every op uses: compile and cache (`compiler`), describe arrays (`arrays`), launch (`launch`)."""
 
+from . import launcher
 from .arrays import ArrayInfo, describe, is_cupy_array
 from .compiler import CompileError, PtxasReport, cache_dir, compile_kernel, kernel_dir, ptxas_report
-from . import launcher
 from .launcher import Kernel, device_arch, fast_divmod, launch, launch_buffers, launch_failed
 
 __all__ = [

@@ -34,7 +34,10 @@ def _libcuda():
 
 def _error_name(code: int) -> str:
     name = ctypes.c_char_p()
-    _libcuda().cuGetErrorName(code, ctypes.byref(name))
+    try:
+        _libcuda().cuGetErrorName(code, ctypes.byref(name))
+    except OSError:  # no driver to ask
+        pass
     return name.value.decode() if name.value else f"CUresult {code}"
 
 
@@ -129,22 +132,25 @@ class DriverError(RuntimeError):
         super().__init__(_error_name(status))
 
 
-@functools.lru_cache(maxsize=1)
-def _ctypes_cu_launch_kernel():
-    function = _libcuda().cuLaunchKernel
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return function
-
-
 def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, block_x: int, block_y: int,
                          block_z: int, shared_bytes: int, stream: int, kernel_params: int, extra: int) -> None:
-    """cuLaunchKernel through ctypes, raising `DriverError`: the fallback where CuPy's Cython binding cannot be
-    imported."""
-    code = _ctypes_cu_launch_kernel()(function, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes,
-                                      stream, kernel_params, extra)
+    """cuLaunchKernel through ctypes, raising `DriverError`: the binding until CuPy is imported. No argtypes:
+    ctypes' per-argument conversion costs ~0.2 us an argument; small ints go as C ints (the driver's unsigned
+    ints) and the four pointers as c_void_p."""
+    code = _cu_launch_kernel(_void_p(function), grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes,
+                             _void_p(stream), _void_p(kernel_params), _void_p(extra))
     if code:
         raise DriverError(code)
+
+
+_void_p = ctypes.c_void_p
+
+
+def _cu_launch_kernel(*args) -> int:
+    """First call binds libcuda's cuLaunchKernel in place of this stub (no driver is needed before that)."""
+    global _cu_launch_kernel
+    _cu_launch_kernel = _libcuda().cuLaunchKernel
+    return _cu_launch_kernel(*args)
 
 
 def _cupy_launch_kernel():
