@@ -120,18 +120,24 @@ def test_ctypes_until_cupy_is_imported_then_cupys_binding(monkeypatch):
     assert launcher.launch_kernel is cupy_binding  # what the ops' inlined launches call
 
 
-def test_ctypes_binding_passes_handles_as_pointers_and_sizes_as_ints(monkeypatch):
-    """No argtypes on the ctypes call: the four handles must travel as c_void_p (a bare int would be cut to 32
-    bits), grid and block as ints; a nonzero CUresult raises DriverError carrying it."""
+def test_ctypes_binding_packs_the_config_and_passes_handles_as_pointers(monkeypatch):
+    """cuLaunchKernelEx through ctypes without argtypes: grid, block, shared bytes and stream packed in the
+    CUlaunchConfig layout of cuda.h, the handles as c_void_p (a bare int would not pass a 64-bit address); a
+    nonzero CUresult raises DriverError carrying it."""
     calls = []
-    monkeypatch.setattr(launcher, "_cu_launch_kernel", lambda *args: calls.append(args) or 0)
+
+    def record(config, *handles):
+        calls.append((bytes(config), handles))
+        return 0
+
+    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", record)
     launcher.ctypes_launch_kernel(0x7F00_0000_1000, 3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0x7FFF_0000_0010, 0)
-    (args,) = calls
-    assert [type(a) for a in (args[0], args[8], args[9], args[10])] == [ctypes.c_void_p] * 4
-    assert (args[0].value, args[8].value, args[9].value, args[10].value) == (
-        0x7F00_0000_1000, 0x5555_0000_0040, 0x7FFF_0000_0010, None)
-    assert args[1:8] == (3, 1, 1, 32, 4, 1, 0)
-    monkeypatch.setattr(launcher, "_cu_launch_kernel", lambda *args: INVALID_VALUE)
+    ((config, handles),) = calls
+    # CUlaunchConfig: gridDimX..blockDimZ, sharedMemBytes (uint32), pad, hStream, attrs (pointers), numAttrs
+    assert struct.unpack_from("<7I4xQQI", config) == (3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0, 0)
+    assert [type(h) for h in handles] == [ctypes.c_void_p] * 3
+    assert [h.value for h in handles] == [0x7F00_0000_1000, 0x7FFF_0000_0010, None]
+    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", lambda *args: INVALID_VALUE)
     with pytest.raises(launcher.DriverError) as raised:
         launcher.ctypes_launch_kernel(1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0)
     assert raised.value.status == INVALID_VALUE

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import sys
 import threading
 
@@ -132,13 +133,21 @@ class DriverError(RuntimeError):
         super().__init__(_error_name(status))
 
 
+# cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
+# stream, an attribute pointer and count.
+_LAUNCH_CONFIG = struct.Struct("<7I4xQQI4x")
+
+
 def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, block_x: int, block_y: int,
                          block_z: int, shared_bytes: int, stream: int, kernel_params: int, extra: int) -> None:
-    """cuLaunchKernel through ctypes, raising `DriverError`: the binding until CuPy is imported. No argtypes:
-    ctypes' per-argument conversion costs ~0.2 us an argument; small ints go as C ints (the driver's unsigned
-    ints) and the four pointers as c_void_p."""
-    code = _cu_launch_kernel(_void_p(function), grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes,
-                             _void_p(stream), _void_p(kernel_params), _void_p(extra))
+    """cuLaunchKernel's arguments, launched with cuLaunchKernelEx through ctypes; raises `DriverError`. The
+    binding until CuPy is imported. Ex takes the grid, block and stream packed in a per-thread CUlaunchConfig,
+    so ctypes converts 4 arguments instead of 11 (~0.5 us less); no argtypes (~0.2 us an argument): handles go
+    as c_void_p."""
+    config = launch_buffers.config
+    _LAUNCH_CONFIG.pack_into(config, 0, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes, stream,
+                             0, 0)
+    code = _cu_launch_kernel_ex(config, _void_p(function), _void_p(kernel_params), _void_p(extra))
     if code:
         raise DriverError(code)
 
@@ -146,11 +155,11 @@ def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, b
 _void_p = ctypes.c_void_p
 
 
-def _cu_launch_kernel(*args) -> int:
-    """First call binds libcuda's cuLaunchKernel in place of this stub (no driver is needed before that)."""
-    global _cu_launch_kernel
-    _cu_launch_kernel = _libcuda().cuLaunchKernel
-    return _cu_launch_kernel(*args)
+def _cu_launch_kernel_ex(*args) -> int:
+    """First call binds libcuda's cuLaunchKernelEx in place of this stub (no driver is needed before that)."""
+    global _cu_launch_kernel_ex
+    _cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
+    return _cu_launch_kernel_ex(*args)
 
 
 def _cupy_launch_kernel():
@@ -188,6 +197,7 @@ class _LaunchBuffers(threading.local):
 
     def __init__(self):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
+        self.config = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)  # for the ctypes binding
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
 
 
