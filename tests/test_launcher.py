@@ -122,8 +122,8 @@ def test_ctypes_until_cupy_is_imported_then_cupys_binding(monkeypatch):
 
 def test_ctypes_binding_packs_the_config_and_passes_handles_as_pointers(monkeypatch):
     """cuLaunchKernelEx through ctypes without argtypes: grid, block, shared bytes and stream packed in the
-    CUlaunchConfig layout of cuda.h, the handles as c_void_p (a bare int would not pass a 64-bit address); a
-    nonzero CUresult raises DriverError carrying it."""
+    CUlaunchConfig layout of cuda.h, the handles as c_void_p (a bare int would not pass a 64-bit address), this
+    thread's own kernelParams as its array; a nonzero CUresult raises DriverError carrying it."""
     calls = []
 
     def record(config, *handles):
@@ -135,9 +135,20 @@ def test_ctypes_binding_packs_the_config_and_passes_handles_as_pointers(monkeypa
     ((config, handles),) = calls
     # CUlaunchConfig: gridDimX..blockDimZ, sharedMemBytes (uint32), pad, hStream, attrs (pointers), numAttrs
     assert struct.unpack_from("<7I4xQQI", config) == (3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0, 0)
-    assert [type(h) for h in handles] == [ctypes.c_void_p] * 3
-    assert [h.value for h in handles] == [0x7F00_0000_1000, 0x7FFF_0000_0010, None]
+    assert [type(h) for h in handles[:2]] == [ctypes.c_void_p] * 2 and handles[2] is None
+    assert [h.value for h in handles[:2]] == [0x7F00_0000_1000, 0x7FFF_0000_0010]
     monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", lambda *args: INVALID_VALUE)
     with pytest.raises(launcher.DriverError) as raised:
         launcher.ctypes_launch_kernel(1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0)
     assert raised.value.status == INVALID_VALUE
+
+
+def test_ctypes_binding_passes_the_threads_params_array_by_reference(driver, monkeypatch):
+    calls = []
+    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", lambda *args: calls.append(args) or 0)
+    buffers = launcher.launch_buffers
+    driver.local.context = 0x2000
+    _launch(7, 0, (1, 2))  # sets this thread's argv
+    launcher.ctypes_launch_kernel(7, 1, 1, 1, 32, 1, 1, 0, 0, buffers.argv, 0)
+    assert calls[-1][2] is buffers._argv
+    assert ctypes.addressof(buffers._argv) == buffers.argv

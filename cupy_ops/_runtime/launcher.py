@@ -144,10 +144,13 @@ def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, b
     binding until CuPy is imported. Ex takes the grid, block and stream packed in a per-thread CUlaunchConfig,
     so ctypes converts 4 arguments instead of 11 (~0.5 us less); no argtypes (~0.2 us an argument): handles go
     as c_void_p."""
-    config = launch_buffers.config
+    buffers = launch_buffers
+    config = buffers.config
     _LAUNCH_CONFIG.pack_into(config, 0, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes, stream,
                              0, 0)
-    code = _cu_launch_kernel_ex(config, _void_p(function), _void_p(kernel_params), _void_p(extra))
+    # The ops pass this thread's own kernelParams: its ctypes array goes by reference, no conversion.
+    params = buffers._argv if kernel_params == buffers._argv_address else _void_p(kernel_params)
+    code = _cu_launch_kernel_ex(config, _void_p(function), params, _void_p(extra) if extra else None)
     if code:
         raise DriverError(code)
 
@@ -199,6 +202,7 @@ class _LaunchBuffers(threading.local):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
         self.config = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)  # for the ctypes binding
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        self._argv_address = ctypes.addressof(self._argv)
 
 
 launch_buffers = _LaunchBuffers()
@@ -232,7 +236,7 @@ def launch_failed(error: Exception, function: int, device: int, grid: int, block
     context are made again with the device's context current; anything else is raised."""
     if isinstance(error, AttributeError) and not hasattr(buffers, "argv"):
         _make_context_current(device)
-        buffers.argv = ctypes.addressof(buffers._argv)
+        buffers.argv = buffers._argv_address
     elif getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
         _make_context_current(device)  # other code released this thread's context since its first launch
     else:
