@@ -123,7 +123,7 @@ def run(args) -> int:
         # (ctypes launches; after this process has compiled the kernels, so the child's disk cache is warm),
         # then here again after torch.compile has run (the torch baseline).
         eager[op] = {}
-        rounds = 5 if quick else 15
+        rounds = 5 if quick else 21
         _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy", rounds=rounds)
         child = eager_host_us_without_cupy(op, vllm_path if vllm_ops is not None else None, rounds)
         without = "" if child.get("cupy_imported") is False else " (child imported CuPy)"

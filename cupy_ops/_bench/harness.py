@@ -207,7 +207,7 @@ def eager_host_us(calls: dict[str, tuple[Callable, tuple]], *, calls_per_round: 
     timed = {}
     for name, (fn, args) in calls.items():
         try:
-            for _ in range(50):
+            for _ in range(1000):  # warm caches and clocks
                 fn(*args)
             torch.cuda.synchronize()
             timed[name] = (fn, args)
