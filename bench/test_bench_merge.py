@@ -83,12 +83,20 @@ def test_merge_gpu_time(benchmark, case, provider, vllm_ops, l2_bytes):
         benchmark.extra_info.update(us_per_call=us, GBps=case.bytes_moved / (us * 1e3))
 
 
+@pytest.mark.parametrize("binding", ["ctypes", "cupy"])
 @pytest.mark.parametrize("provider", EAGER_PROVIDERS)
-def test_merge_eager_host_cost(benchmark, provider, vllm_ops):
+def test_merge_eager_host_cost(benchmark, provider, binding, vllm_ops, monkeypatch):
+    """Host µs per eager call with our launches through ctypes (a process that has not imported CuPy) or
+    through CuPy's Cython binding (one that has); vLLM's op is timed in both, as the same-moment reference."""
     ops, why = vllm_ops
     calls = _bench.merge_eager_calls(ops)
     if provider not in calls:
         pytest.skip(f"vLLM anchor unavailable: {why}")
+    cupy_binding = None
+    if binding == "cupy":
+        cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
+    monkeypatch.setattr(launcher, "cupy_launch_kernel", cupy_binding)
+    monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: cupy_binding)
     fn, args = calls[provider]
     fn(*args)  # compile and load outside the timing
     torch.cuda.synchronize()
@@ -100,9 +108,7 @@ def test_merge_eager_host_cost(benchmark, provider, vllm_ops):
     # The untimed sync before each round empties the launch queue, so host time never waits on the GPU.
     benchmark.pedantic(loop, setup=torch.cuda.synchronize, rounds=ROUNDS, warmup_rounds=2)
     torch.cuda.synchronize()
-    binding = launcher.launch_kernel  # ctypes, or CuPy's Cython binding once CuPy is imported (it is here)
     benchmark.extra_info.update(provider=provider, shape=[1, 32, 128], dtype="bf16",
-                                calls_per_round=EAGER_CALLS_PER_ROUND,
-                                launch_binding=f"{binding.__module__}.{binding.__name__}")
+                                calls_per_round=EAGER_CALLS_PER_ROUND, launch_binding=binding)
     if benchmark.stats is not None:
         benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median * 1e6 / EAGER_CALLS_PER_ROUND

@@ -14,22 +14,29 @@ from cupy_ops.ops import merge_attn_states as mas
 pytestmark = [gpu, requires_cuda]
 
 
-def _cupy_binding():
-    return pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
-
-
 @pytest.fixture(params=["cupy", "ctypes"])
 def binding(request, monkeypatch) -> list:
     """Every launch in the test goes through one binding, recorded; returns the record."""
-    chosen = _cupy_binding() if request.param == "cupy" else launcher.ctypes_launch_kernel
     launches = []
+    if request.param == "cupy":
+        cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
 
-    def recording(*args):
-        launches.append(args)
-        return chosen(*args)
+        def recording(*args):
+            launches.append(args)
+            return cupy_binding(*args)
 
-    monkeypatch.setattr(launcher, "launch_kernel", recording)
-    monkeypatch.setattr(launcher, "bind_launch_kernel", lambda: recording)
+        monkeypatch.setattr(launcher, "cupy_launch_kernel", recording)
+        monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: recording)
+    else:
+        launch_ex = launcher._libcuda().cuLaunchKernelEx
+
+        def recording(*args):
+            launches.append(args)
+            return launch_ex(*args)
+
+        monkeypatch.setattr(launcher, "cupy_launch_kernel", None)
+        monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: None)
+        monkeypatch.setattr(launcher, "cu_launch_kernel_ex", recording)
     monkeypatch.setattr(mas, "_layouts", {})
     return launches
 

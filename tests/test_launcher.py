@@ -1,6 +1,7 @@
-"""The launcher, checked without a GPU (libcuda and the driver binding replaced by fakes): a thread's first launch
-makes a context current only where none is, every thread packs into its own params buffer, a driver error
-becomes a RuntimeError naming it, and launches go through ctypes until CuPy is imported, then CuPy's binding."""
+"""The launcher, checked without a GPU (libcuda replaced by a fake driver): a thread's first launch makes a
+context current only where none is, every thread packs into its own buffers, the ctypes path packs
+cuLaunchKernelEx's CUlaunchConfig as cuda.h lays it out, a driver error becomes a RuntimeError naming it, and
+launches go through ctypes until CuPy is imported, then through CuPy's binding."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import pytest
 from cupy_ops._runtime import launcher
 
 PARAMS = struct.Struct("<2Q")
+# CUlaunchConfig (cuda.h): gridDimX..blockDimZ, sharedMemBytes (uint32), padding, hStream, attrs, numAttrs.
+CONFIG = struct.Struct("<7I4xQQI")
 INVALID_VALUE, INVALID_CONTEXT = 1, 201
 
 
 class FakeDriver:
-    """cuCtxGetCurrent/cuCtxSetCurrent on a per-thread current context, and a cuLaunchKernel binding that
-    records (thread, function, params bytes) or raises like CuPy's binding when no context is current."""
+    """cuCtxGetCurrent/cuCtxSetCurrent on a per-thread current context, and cuLaunchKernelEx recording
+    (thread, function, CUlaunchConfig fields, params bytes), or failing as the driver would."""
 
     def __init__(self):
         self.local = threading.local()
@@ -36,34 +39,33 @@ class FakeDriver:
         self.set_current.append((threading.get_ident(), context.value))
         return 0
 
-    def launch(self, function, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
+    def cuGetErrorName(self, status, out):  # noqa: N802 - unknown here: the launcher then says "CUresult <n>"
+        return 1
+
+    def launch_ex(self, config, function, kernel_params, extra) -> int:
         if self.fail_with is not None:
-            raise _error(self.fail_with)
+            return self.fail_with
         if getattr(self.local, "context", None) is None:
-            raise _error(INVALID_CONTEXT)
-        time.sleep(0)  # let other threads run here, as the real launch releases the GIL during the driver call
-        params_address = ctypes.c_void_p.from_address(kernel_params).value
-        self.launches.append((threading.get_ident(), function, ctypes.string_at(params_address, PARAMS.size)))
-
-
-def _error(status: int) -> Exception:
-    error = RuntimeError(f"CUDA error {status}")
-    error.status = status
-    return error
+            return INVALID_CONTEXT
+        time.sleep(0)  # let other threads run here, as the real call releases the GIL in the driver
+        params = ctypes.string_at(kernel_params[0], PARAMS.size)
+        self.launches.append((threading.get_ident(), function.value, CONFIG.unpack_from(config), params))
+        return 0
 
 
 @pytest.fixture
 def driver(monkeypatch):
     fake = FakeDriver()
     monkeypatch.setattr(launcher, "_libcuda", lambda: fake)
-    monkeypatch.setattr(launcher, "bind_launch_kernel", lambda: fake.launch)
+    monkeypatch.setattr(launcher, "cu_launch_kernel_ex", fake.launch_ex)
+    monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: None)  # the ctypes path
     monkeypatch.setattr(launcher, "_primary_context", lambda device: ctypes.c_void_p(0x1000 + device))
     monkeypatch.setattr(launcher, "launch_buffers", launcher._LaunchBuffers())  # no thread has launched yet
     return fake
 
 
-def _launch(function: int, device: int, values: tuple) -> None:
-    launcher.launch(function, device, 1, 32, 1, 0, PARAMS, values)
+def _launch(function: int, device: int, values: tuple, stream: int = 0) -> None:
+    launcher.launch(function, device, 3, 32, 4, stream, PARAMS, values)
 
 
 def test_first_launch_in_a_thread_without_context_makes_the_devices_current(driver):
@@ -71,7 +73,8 @@ def test_first_launch_in_a_thread_without_context_makes_the_devices_current(driv
     thread.start()
     thread.join()
     assert driver.set_current == [(thread.ident, 0x1001)]
-    assert driver.launches == [(thread.ident, 7, PARAMS.pack(1, 2))]
+    assert [(who, function, params) for who, function, _, params in driver.launches] == [
+        (thread.ident, 7, PARAMS.pack(1, 2))]
 
 
 def test_a_thread_with_a_current_context_keeps_it(driver):
@@ -79,7 +82,15 @@ def test_a_thread_with_a_current_context_keeps_it(driver):
     _launch(7, 0, (3, 4))
     _launch(7, 0, (5, 6))
     assert driver.set_current == []
-    assert [params for _, _, params in driver.launches] == [PARAMS.pack(3, 4), PARAMS.pack(5, 6)]
+    assert [params for *_, params in driver.launches] == [PARAMS.pack(3, 4), PARAMS.pack(5, 6)]
+
+
+def test_the_launch_config_is_laid_out_as_in_cuda_h(driver):
+    driver.local.context = 0x2000
+    _launch(0x7F00_0000_1000, 0, (1, 2), stream=0x5555_0000_0040)
+    ((_, function, config, _),) = driver.launches
+    assert function == 0x7F00_0000_1000  # a c_void_p: a bare int would not pass a 64-bit address
+    assert config == (3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0, 0)
 
 
 def test_threads_pack_into_their_own_buffers(driver):
@@ -89,7 +100,7 @@ def test_threads_pack_into_their_own_buffers(driver):
     def many(index: int) -> None:
         barrier.wait()
         for step in range(50):
-            _launch(index, 0, (index, step))
+            _launch(0x100 + index, 0, (0x100 + index, step))
 
     threads = [threading.Thread(target=many, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -97,8 +108,9 @@ def test_threads_pack_into_their_own_buffers(driver):
     for thread in threads:
         thread.join()
     assert len(driver.launches) == 400
-    assert all(PARAMS.unpack(params)[0] == function for _, function, params in driver.launches)
-    assert {PARAMS.unpack(params) for _, _, params in driver.launches} == {(i, s) for i in range(8) for s in range(50)}
+    assert all(PARAMS.unpack(params)[0] == function for _, function, _, params in driver.launches)
+    assert {PARAMS.unpack(params) for *_, params in driver.launches} == {
+        (0x100 + i, s) for i in range(8) for s in range(50)}
 
 
 @pytest.mark.parametrize("status", [INVALID_VALUE, INVALID_CONTEXT])
@@ -106,49 +118,15 @@ def test_a_driver_error_is_a_runtime_error(driver, status):
     driver.local.context = 0x2000
     _launch(7, 0, (1, 2))  # the thread's first launch succeeds
     driver.fail_with = status
-    with pytest.raises(RuntimeError, match=f"cupy_ops: kernel launch failed: CUDA error {status}"):
+    with pytest.raises(RuntimeError, match=f"cupy_ops: kernel launch failed: CUresult {status}"):
         _launch(7, 0, (1, 2))
 
 
 def test_ctypes_until_cupy_is_imported_then_cupys_binding(monkeypatch):
     cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
-    monkeypatch.setattr(launcher, "launch_kernel", launcher.ctypes_launch_kernel)
+    monkeypatch.setattr(launcher, "cupy_launch_kernel", None)
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    assert launcher.bind_launch_kernel() is launcher.ctypes_launch_kernel  # importing CuPy would cost 50-100 ms
+    assert launcher.bind_cupy_launch_kernel() is None  # importing CuPy would cost 50-100 ms
     monkeypatch.setitem(sys.modules, "cupy", pytest.importorskip("cupy"))
-    assert launcher.bind_launch_kernel() is cupy_binding
-    assert launcher.launch_kernel is cupy_binding  # what the ops' inlined launches call
-
-
-def test_ctypes_binding_packs_the_config_and_passes_handles_as_pointers(monkeypatch):
-    """cuLaunchKernelEx through ctypes without argtypes: grid, block, shared bytes and stream packed in the
-    CUlaunchConfig layout of cuda.h, the handles as c_void_p (a bare int would not pass a 64-bit address), this
-    thread's own kernelParams as its array; a nonzero CUresult raises DriverError carrying it."""
-    calls = []
-
-    def record(config, *handles):
-        calls.append((bytes(config), handles))
-        return 0
-
-    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", record)
-    launcher.ctypes_launch_kernel(0x7F00_0000_1000, 3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0x7FFF_0000_0010, 0)
-    ((config, handles),) = calls
-    # CUlaunchConfig: gridDimX..blockDimZ, sharedMemBytes (uint32), pad, hStream, attrs (pointers), numAttrs
-    assert struct.unpack_from("<7I4xQQI", config) == (3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0, 0)
-    assert [type(h) for h in handles[:2]] == [ctypes.c_void_p] * 2 and handles[2] is None
-    assert [h.value for h in handles[:2]] == [0x7F00_0000_1000, 0x7FFF_0000_0010]
-    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", lambda *args: INVALID_VALUE)
-    with pytest.raises(launcher.DriverError) as raised:
-        launcher.ctypes_launch_kernel(1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0)
-    assert raised.value.status == INVALID_VALUE
-
-
-def test_ctypes_binding_passes_the_threads_params_array_by_reference(driver, monkeypatch):
-    calls = []
-    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", lambda *args: calls.append(args) or 0)
-    buffers = launcher.launch_buffers
-    driver.local.context = 0x2000
-    _launch(7, 0, (1, 2))  # sets this thread's argv
-    launcher.ctypes_launch_kernel(7, 1, 1, 1, 32, 1, 1, 0, 0, buffers.argv, 0)
-    assert calls[-1][2] is buffers._argv
-    assert ctypes.addressof(buffers._argv) == buffers.argv
+    assert launcher.bind_cupy_launch_kernel() is cupy_binding
+    assert launcher.cupy_launch_kernel is cupy_binding  # what the ops' inlined launches call

@@ -357,7 +357,7 @@ def add_ratios(rows: list[dict], copy_GBps: float) -> None:
 
 
 # Child process: eager host costs where nothing has imported CuPy, so launches go through ctypes (see
-# launcher.launch_kernel); it reports whether that held (a cold kernel cache compiles through CuPy).
+# launcher.cupy_launch_kernel); it reports whether that held (a cold kernel cache compiles through CuPy).
 _EAGER_PROBE = """
 import json, sys
 from cupy_ops import _bench
@@ -365,7 +365,7 @@ from cupy_ops._runtime import launcher
 vllm_ops = _bench.try_load_vllm(sys.argv[2] or None)[0]
 costs = _bench.eager_host_us(_bench.SUITES[sys.argv[1]].eager_calls(vllm_ops), rounds=int(sys.argv[3]))
 print(json.dumps({"costs": costs, "cupy_imported": "cupy" in sys.modules,
-                  "launch_binding": launcher.launch_kernel.__module__ + "." + launcher.launch_kernel.__name__}))
+                  "launch_binding": "ctypes" if launcher.cupy_launch_kernel is None else "cupy"}))
 """
 
 

@@ -2,9 +2,10 @@
 
 Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
 context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
-imports CuPy (100-180 ms). The launch is one `cuLaunchKernel` (through ctypes, or CuPy's Cython binding once
-CuPy is loaded) with a single by-value params struct that the op packs with `struct`, instead of CuPy's
-`Function.__call__`, whose per-argument boxing costs more than the kernel at small sizes.
+imports CuPy (100-180 ms). The launch is one `cuLaunchKernelEx` through ctypes (or `cuLaunchKernel` through
+CuPy's Cython binding once CuPy is loaded) with a single by-value params struct that the op packs with
+`struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing costs more than the kernel at small
+sizes.
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
 launch inside `torch.cuda.graph` (or CuPy stream capture) is recorded into the graph.
@@ -20,8 +21,8 @@ import threading
 
 from . import compiler
 
-__all__ = ["DriverError", "Kernel", "bind_launch_kernel", "ctypes_launch_kernel", "device_arch", "fast_divmod",
-           "launch", "launch_buffers", "launch_failed", "launch_kernel"]
+__all__ = ["DriverError", "Kernel", "bind_cupy_launch_kernel", "cu_launch_kernel_ex", "cupy_launch_kernel",
+           "device_arch", "fast_divmod", "launch", "launch_buffers", "launch_failed", "pack_launch_config"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
@@ -133,90 +134,80 @@ class DriverError(RuntimeError):
         super().__init__(_error_name(status))
 
 
+# ---- the launch, two ways ---------------------------------------------------------------------------------
+#
+# CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`) takes 11 ints: ~3.0 us a launch on
+# the H100 VM. It is used once CuPy is imported in the process (CuPy arrays, an NVRTC compile, the user's own
+# import); importing CuPy just for it would add 50-100 ms to a warm-cache first call. Until then ctypes calls
+# cuLaunchKernelEx with the grid, block and stream packed in a per-thread CUlaunchConfig: 4 ready-made
+# arguments (no argtypes: ctypes converts one in ~0.2 us), ~0.6 us more a launch than Cython. Both read the
+# kernel's params struct, packed by the caller into this thread's `launch_buffers.params`. Hot paths inline
+# `_launch_packed` (see merge_attn_states): each Python call level costs ~0.2 us.
+
 # cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
 # stream, an attribute pointer and count.
-_LAUNCH_CONFIG = struct.Struct("<7I4xQQI4x")
+pack_launch_config = struct.Struct("<7I4xQQI4x").pack_into
+cupy_launch_kernel = None  # CuPy's launchKernel once `bind_cupy_launch_kernel` has seen CuPy imported
 
 
-def ctypes_launch_kernel(function: int, grid_x: int, grid_y: int, grid_z: int, block_x: int, block_y: int,
-                         block_z: int, shared_bytes: int, stream: int, kernel_params: int, extra: int) -> None:
-    """cuLaunchKernel's arguments, launched with cuLaunchKernelEx through ctypes; raises `DriverError`. The
-    binding until CuPy is imported. Ex takes the grid, block and stream packed in a per-thread CUlaunchConfig,
-    so ctypes converts 4 arguments instead of 11 (~0.5 us less); no argtypes (~0.2 us an argument): handles go
-    as c_void_p."""
-    buffers = launch_buffers
-    config = buffers.config
-    _LAUNCH_CONFIG.pack_into(config, 0, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes, stream,
-                             0, 0)
-    # The ops pass this thread's own kernelParams: its ctypes array goes by reference, no conversion.
-    params = buffers._argv if kernel_params == buffers._argv_address else _void_p(kernel_params)
-    code = _cu_launch_kernel_ex(config, _void_p(function), params, _void_p(extra) if extra else None)
-    if code:
-        raise DriverError(code)
+def bind_cupy_launch_kernel():
+    """`cupy_launch_kernel`, bound first if CuPy has been imported since the last check; None: use ctypes."""
+    global cupy_launch_kernel
+    if cupy_launch_kernel is None and "cupy" in sys.modules:
+        try:  # from cupy_backends, so that nothing more of CuPy is imported here
+            from cupy_backends.cuda.api.driver import launchKernel
+        except ImportError:
+            return None
+        cupy_launch_kernel = launchKernel
+    return cupy_launch_kernel
 
 
-_void_p = ctypes.c_void_p
-
-
-def _cu_launch_kernel_ex(*args) -> int:
+def cu_launch_kernel_ex(*args) -> int:  # noqa: F811 - the stub rebinds its own name
     """First call binds libcuda's cuLaunchKernelEx in place of this stub (no driver is needed before that)."""
-    global _cu_launch_kernel_ex
-    _cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
-    return _cu_launch_kernel_ex(*args)
-
-
-def _cupy_launch_kernel():
-    """CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`, from cupy_backends so that
-    nothing more of CuPy is imported here), or None without CuPy."""
-    try:
-        from cupy_backends.cuda.api.driver import launchKernel
-    except ImportError:
-        return None
-    return launchKernel
-
-
-# cuLaunchKernel(function, grid x, y, z, block x, y, z, shared bytes, stream, kernelParams, extra), all ints,
-# raising an exception with `.status` on failure. ctypes until CuPy is imported in this process, then CuPy's
-# Cython binding, ~0.5 us faster per launch (3.0 vs 3.5 us on the H100 VM). Importing CuPy just for it would
-# add 50-100 ms to a warm-cache first call; once CuPy is loaded (CuPy arrays, an NVRTC compile, the user's own
-# import) it is free. Hot paths call `launcher.launch_kernel`; `bind_launch_kernel` rebinds it.
-launch_kernel = ctypes_launch_kernel
-
-
-def bind_launch_kernel():
-    """`launch_kernel`, switched to CuPy's binding first if CuPy has been imported since the last check."""
-    global launch_kernel
-    if launch_kernel is ctypes_launch_kernel and "cupy" in sys.modules:
-        launch_kernel = _cupy_launch_kernel() or ctypes_launch_kernel
-    return launch_kernel
+    global cu_launch_kernel_ex
+    cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
+    return cu_launch_kernel_ex(*args)
 
 
 class _LaunchBuffers(threading.local):
-    """Per-thread params buffer: the driver copies it during the launch, so one per thread is enough (the
-    launch releases the GIL, so threads must not share it). `argv` is the address of cuLaunchKernel's
-    kernelParams: one pointer, to the params struct, the kernels' single by-value argument. The thread's first
-    launch sets `argv` (`launch_failed`) once a context is current here: reading it before raises
+    """Per-thread launch buffers: the driver copies them during the launch, so one set per thread is enough (the
+    launch releases the GIL, so threads must not share them). `params` holds the kernel's single by-value
+    argument, `config` the ctypes path's CUlaunchConfig. `argv` (its address, for CuPy's binding) and
+    `argv_array` (for ctypes) are cuLaunchKernel's kernelParams, one pointer to `params`; the thread's first
+    launch sets them (`launch_failed`) once a context is current here: reading them before raises
     AttributeError, which sends that launch to `launch_failed` at no cost to the others."""
 
     def __init__(self):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
-        self.config = ctypes.create_string_buffer(_LAUNCH_CONFIG.size)  # for the ctypes binding
+        self.config = ctypes.create_string_buffer(64)
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
-        self._argv_address = ctypes.addressof(self._argv)
 
 
 launch_buffers = _LaunchBuffers()
+
+
+def _launch_packed(function: int, grid: int, block_x: int, block_y: int, stream: int,
+                   buffers: _LaunchBuffers) -> None:
+    """Launch `function` with this thread's packed params, through CuPy's binding if bound, else ctypes."""
+    launch_kernel = bind_cupy_launch_kernel()
+    if launch_kernel is not None:
+        launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+        return
+    pack_launch_config(buffers.config, 0, grid, 1, 1, block_x, block_y, 1, 0, stream, 0, 0)
+    code = cu_launch_kernel_ex(buffers.config, ctypes.c_void_p(function), buffers.argv_array, None)
+    if code:
+        raise DriverError(code)
 
 
 def launch(function: int, device: int, grid: int, block_x: int, block_y: int, stream: int, params_layout,
            params: tuple) -> None:
     """Launch `function` (from `Kernel.function(device)`) on the raw CUstream `stream` with one struct argument
     that `params_layout` (a little-endian `struct.Struct`) packs from `params`. 1-D grid, 2-D block, no dynamic
-    shared memory. Hot paths inline this (see `merge_attn_states`): each Python call level costs ~0.2 us."""
+    shared memory."""
     buffers = launch_buffers
     params_layout.pack_into(buffers.params, 0, *params)
     try:
-        bind_launch_kernel()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+        _launch_packed(function, grid, block_x, block_y, stream, buffers)
     except Exception as exc:  # noqa: BLE001 - the binding's error (with .status) or a first launch here
         launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
 
@@ -232,16 +223,18 @@ def _make_context_current(device: int) -> None:
 
 def launch_failed(error: Exception, function: int, device: int, grid: int, block_x: int, block_y: int,
                   stream: int, buffers: _LaunchBuffers) -> None:
-    """A launch raised `error`. The thread's first launch (no `argv` yet) and a launch that found no current
-    context are made again with the device's context current; anything else is raised."""
+    """A launch with this thread's packed params raised `error`. The thread's first launch (no `argv` yet) and
+    a launch that found no current context are made again with the device's context current; anything else
+    is raised as a RuntimeError."""
     if isinstance(error, AttributeError) and not hasattr(buffers, "argv"):
         _make_context_current(device)
-        buffers.argv = buffers._argv_address
+        buffers.argv_array = buffers._argv
+        buffers.argv = ctypes.addressof(buffers._argv)
     elif getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
         _make_context_current(device)  # other code released this thread's context since its first launch
     else:
         raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error
     try:
-        bind_launch_kernel()(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+        _launch_packed(function, grid, block_x, block_y, stream, buffers)
     except Exception as again:  # noqa: BLE001 - reported as any failed launch
         raise RuntimeError(f"cupy_ops: kernel launch failed: {again}") from again

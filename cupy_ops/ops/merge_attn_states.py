@@ -20,6 +20,7 @@ Same schema, argument order and semantics as vLLM 0.33 (`torch.ops._C.merge_attn
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import torch
@@ -256,10 +257,10 @@ def _launch(args: tuple, stream: int) -> None:
 
 # Layouts `_check` accepted on CUDA tensors: the metadata it decides from (shape, strides, dtype and device of
 # every tensor, which optional ones are given, the pointers' 16-byte alignment) -> (device, n, CUfunction or
-# None when there is nothing to launch, grid, block_x, block_y, params tail, pack_into, byte
-# span of output, output_lse, prefix_output, suffix_output, prefix_lse, suffix_lse). What depends on the call
-# alone, the prefill count and the overlap of the tensors' memory, is checked per call; anything unusual (and a
-# device that is not the current one) takes the full check.
+# None when there is nothing to launch, the CUfunction as a c_void_p for ctypes, grid, block_x, block_y, params
+# tail, pack_into, byte span of output, output_lse, prefix_output, suffix_output, prefix_lse, suffix_lse).
+# What depends on the call alone, the prefill count and the overlap of the tensors' memory, is checked per call;
+# anything unusual (and a device that is not the current one) takes the full check.
 _layouts: dict[tuple, tuple] = {}
 _current_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU-only torch builds
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -316,7 +317,7 @@ def _merge_function(public: bool):
         except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: see `_merge_checked`
             key = layout = None
         if layout is not None:
-            (device, n, function, grid, block_x, block_y, tail, pack_params,
+            (device, n, function, function_ref, grid, block_x, block_y, tail, pack_params,
              out_span, lse_span, po_span, so_span, pl_span, sl_span) = layout
             if p is None:
                 p = n
@@ -340,10 +341,17 @@ def _merge_function(public: bool):
                                 0 if output_scale is None else output_scale.data_ptr(), p, tail)
                     stream = _current_raw_stream(device)
                     try:
-                        _launcher.launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv,
-                                                0)
-                    except Exception as exc:  # noqa: BLE001 - the driver binding's error, with .status
-                        _runtime.launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
+                        cupy_launch_kernel = _launcher.cupy_launch_kernel
+                        if cupy_launch_kernel is not None:
+                            cupy_launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
+                        else:  # ctypes
+                            config = buffers.config
+                            _launcher.pack_launch_config(config, 0, grid, 1, 1, block_x, block_y, 1, 0, stream, 0, 0)
+                            code = _launcher.cu_launch_kernel_ex(config, function_ref, buffers.argv_array, None)
+                            if code:
+                                raise _launcher.DriverError(code)
+                    except Exception as exc:  # noqa: BLE001 - a driver error (.status), or this thread's first launch
+                        _launcher.launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
                 return
         _merge_checked(public, key, output, output_lse, po, pl, so, sl, prefill_tokens_with_context, output_scale)
 
@@ -393,7 +401,8 @@ def _remember_layout(key: tuple, args: tuple) -> None:
     nhd, hn, extent = (n, h, d), (h, n), arrays.byte_extent  # torch strides are >= 0: extents start at 0
     if len(_layouts) >= _MAX_CACHED_CONFIGS:
         _layouts.clear()
-    _layouts[key] = (device, n, function, grid, block_x, block_y, tail, _PARAMS.pack_into,
+    _layouts[key] = (device, n, function, None if function is None else ctypes.c_void_p(function), grid, block_x,
+                     block_y, tail, _PARAMS.pack_into,
                      extent(nhd, out_st, 1 if fp8 else itemsize)[1],
                      0 if lse_ptr == 0 else extent(hn, lse_st, 4)[1],
                      extent(nhd, po_st, itemsize)[1], extent(nhd, so_st, itemsize)[1],
