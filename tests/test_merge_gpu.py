@@ -4,6 +4,8 @@ and compared with the float64 reference (run_and_check). Without a GPU every tes
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +191,36 @@ def test_tensors_on_a_device_other_than_the_current_one():
     run_and_check(make_case(129, 8, 128, torch.float16, "cuda:1", p=100, seed=3))
     run_and_check(make_case(129, 8, 128, torch.bfloat16, "cuda:1", fp8=True, seed=4))
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_new_thread_launching_on_the_second_gpu():
+    """A thread that never touched CUDA launches on cuda:1 tensors (its current device is 0: the checked path),
+    then makes cuda:1 current and launches the same layout again (the cached path); outputs poisoned first,
+    checked against the float64 reference here."""
+    cases = [make_case(129, 8, 128, torch.bfloat16, "cuda:1", seed=seed) for seed in (5, 6)]
+    expected = [case.reference() for case in cases]
+    for case in cases:
+        for _, buffer, _ in case.outputs:
+            poison_(buffer)
+    torch.cuda.synchronize(1)
+    errors = []
+
+    def launch_both() -> None:
+        try:
+            cupy_ops.merge_attn_states(*cases[0].args())
+            torch.cuda.set_device(1)
+            cupy_ops.merge_attn_states(*cases[1].args())
+        except BaseException as error:  # noqa: BLE001 - re-raised by the assert below
+            errors.append(error)
+
+    thread = threading.Thread(target=launch_both)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    torch.cuda.synchronize(1)
+    for case, (expected_out, expected_lse) in zip(cases, expected):
+        check_outputs(case, expected_out, expected_lse)
 
 
 def _require_free_gib(gib: float) -> None:
