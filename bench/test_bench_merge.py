@@ -86,8 +86,9 @@ def test_merge_gpu_time(benchmark, case, provider, vllm_ops, l2_bytes):
 @pytest.mark.parametrize("binding", ["ctypes", "cupy"])
 @pytest.mark.parametrize("provider", EAGER_PROVIDERS)
 def test_merge_eager_host_cost(benchmark, provider, binding, vllm_ops, monkeypatch):
-    """Host µs per eager call with our launches through ctypes (a process that has not imported CuPy) or
-    through CuPy's Cython binding (one that has); vLLM's op is timed in both, as the same-moment reference."""
+    """Host µs per eager call with our launches through ctypes (before CuPy's binding is ready, or with
+    CUPY_OPS_LAUNCH=ctypes) or through CuPy's Cython binding; vLLM's op is timed in both, as the same-moment
+    reference."""
     ops, why = vllm_ops
     calls = _bench.merge_eager_calls(ops)
     if provider not in calls:
@@ -95,8 +96,9 @@ def test_merge_eager_host_cost(benchmark, provider, binding, vllm_ops, monkeypat
     cupy_binding = None
     if binding == "cupy":
         cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
+    launcher.cupy_binding_ready()  # no import in the background during the timing
+    monkeypatch.setattr(launcher, "_start_cupy_binding_import", lambda: None)
     monkeypatch.setattr(launcher, "cupy_launch_kernel", cupy_binding)
-    monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: cupy_binding)
     fn, args = calls[provider]
     fn(*args)  # compile and load outside the timing
     torch.cuda.synchronize()

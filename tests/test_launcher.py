@@ -1,13 +1,12 @@
 """The launcher, checked without a GPU (libcuda replaced by a fake driver): a thread's first launch makes a
 context current only where none is, every thread packs into its own buffers, the ctypes path packs
 cuLaunchKernelEx's CUlaunchConfig as cuda.h lays it out, a driver error becomes a RuntimeError naming it, and
-launches go through ctypes until CuPy is imported, then through CuPy's binding."""
+the first launch imports CuPy's binding in the background (launches go through ctypes until it is ready)."""
 
 from __future__ import annotations
 
 import ctypes
 import struct
-import sys
 import threading
 import time
 
@@ -58,7 +57,10 @@ def driver(monkeypatch):
     fake = FakeDriver()
     monkeypatch.setattr(launcher, "_libcuda", lambda: fake)
     monkeypatch.setattr(launcher, "cu_launch_kernel_ex", fake.launch_ex)
-    monkeypatch.setattr(launcher, "bind_cupy_launch_kernel", lambda: None)  # the ctypes path
+    launcher.cupy_binding_ready()  # an import started by an earlier test must not switch bindings here
+    monkeypatch.setattr(launcher, "cupy_launch_kernel", None)  # the ctypes path...
+    monkeypatch.setattr(launcher, "_cupy_import", None)
+    monkeypatch.setenv("CUPY_OPS_LAUNCH", "ctypes")  # ...and no import of CuPy's binding
     monkeypatch.setattr(launcher, "_primary_context", lambda device: ctypes.c_void_p(0x1000 + device))
     monkeypatch.setattr(launcher, "launch_buffers", launcher._LaunchBuffers())  # no thread has launched yet
     return fake
@@ -122,11 +124,39 @@ def test_a_driver_error_is_a_runtime_error(driver, status):
         _launch(7, 0, (1, 2))
 
 
-def test_ctypes_until_cupy_is_imported_then_cupys_binding(monkeypatch):
-    cupy_binding = pytest.importorskip("cupy_backends.cuda.api.driver").launchKernel
-    monkeypatch.setattr(launcher, "cupy_launch_kernel", None)
-    monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    assert launcher.bind_cupy_launch_kernel() is None  # importing CuPy would cost 50-100 ms
-    monkeypatch.setitem(sys.modules, "cupy", pytest.importorskip("cupy"))
-    assert launcher.bind_cupy_launch_kernel() is cupy_binding
-    assert launcher.cupy_launch_kernel is cupy_binding  # what the ops' inlined launches call
+def test_ctypes_only_starts_no_import(driver):
+    driver.local.context = 0x2000
+    _launch(7, 0, (1, 2))
+    assert launcher._cupy_import is None and not launcher.cupy_binding_ready()
+
+
+def test_the_first_launch_imports_cupys_binding_in_the_background(driver, monkeypatch):
+    """The first launch goes through ctypes and starts the import; once ready, CuPy's binding is what the ops'
+    inlined launches call. (Its libcuda is faked here: on a machine without a driver, see the next test.)"""
+    driver_module = pytest.importorskip("cupy_backends.cuda.api.driver")
+    monkeypatch.setattr(driver_module, "ctxGetCurrent", lambda: 0)
+    monkeypatch.delenv("CUPY_OPS_LAUNCH")
+    driver.local.context = 0x2000
+    _launch(7, 0, (1, 2))
+    assert len(driver.launches) == 1  # through ctypes
+    assert launcher._cupy_import is not None and not launcher._cupy_import.daemon
+    assert launcher.cupy_binding_ready(timeout=120)
+    assert launcher.cupy_launch_kernel is driver_module.launchKernel
+    started = launcher._cupy_import
+    launcher._start_cupy_binding_import()  # as another thread's first launch would: no second import
+    assert launcher._cupy_import is started
+
+
+def test_launches_stay_on_ctypes_when_cupys_binding_cannot_load(driver, monkeypatch):
+    driver_module = pytest.importorskip("cupy_backends.cuda.api.driver")
+
+    def no_driver():
+        raise RuntimeError("CuPy failed to load libcuda.so.1")
+
+    monkeypatch.setattr(driver_module, "ctxGetCurrent", no_driver)
+    monkeypatch.delenv("CUPY_OPS_LAUNCH")
+    driver.local.context = 0x2000
+    _launch(7, 0, (1, 2))
+    assert not launcher.cupy_binding_ready(timeout=120)
+    _launch(7, 0, (3, 4))
+    assert len(driver.launches) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._runtime import launcher
 from .harness import (
     NO_GPU_MESSAGE,
     OpSuite,
@@ -24,7 +25,7 @@ from .harness import (
     compile_times,
     compile_torch_baseline,
     eager_host_us,
-    eager_host_us_without_cupy,
+    eager_host_us_ctypes_launch,
     format_table,
     l2_cache_bytes,
     load_vllm_anchor,
@@ -46,7 +47,7 @@ from .merge_attn_states import (
 )
 
 __all__ = ["MERGE_SUITE", "MergeCase", "OpSuite", "SUITES", "add_arguments", "calls_per_graph", "capture_rotated",
-           "compile_torch_baseline", "eager_host_us", "eager_host_us_without_cupy", "load_vllm_anchor",
+           "compile_torch_baseline", "eager_host_us", "eager_host_us_ctypes_launch", "load_vllm_anchor",
            "make_input_sets", "make_merge_inputs", "merge_eager_calls", "merge_providers", "merge_reference_into",
            "poison", "run", "try_load_vllm", "vllm_supports_merge"]
 
@@ -72,8 +73,12 @@ def add_arguments(parser) -> None:
 
 
 def _eager_host_costs(suite: OpSuite, vllm_ops, into: dict, label: str, rounds: int) -> None:
-    for name, cost in eager_host_us(suite.eager_calls(vllm_ops), rounds=rounds).items():
-        into[name + label] = cost
+    calls = suite.eager_calls(vllm_ops)
+    fn, args = calls["cupy_ops"]
+    fn(*args)  # a first launch starts the import of CuPy's launch binding: time what runs once it is ready
+    binding = "cupy" if launcher.cupy_binding_ready(timeout=120) else "ctypes"
+    for name, cost in eager_host_us(calls, rounds=rounds).items():
+        into[name + label] = dict(cost, launch_binding=binding)
 
 
 def _log(message: str) -> None:
@@ -119,21 +124,20 @@ def run(args) -> int:
     for op in ops:
         suite = SUITES[op]
         cases = suite.cases(quick)
-        # Host cost in this process (CuPy imported: its Cython launch binding), then in a fresh one without CuPy
-        # (ctypes launches; after this process has compiled the kernels, so the child's disk cache is warm),
-        # then here again after torch.compile has run (the torch baseline).
+        # Host cost in this process once CuPy's launch binding is ready (the first launch imports it in the
+        # background), in a fresh one with CUPY_OPS_LAUNCH=ctypes (after this one has compiled the kernels: the
+        # child's disk cache is warm), and here again after torch.compile has run (the torch baseline).
         eager[op] = {}
         rounds = 5 if quick else 21
-        _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy", rounds=rounds)
-        child = eager_host_us_without_cupy(op, vllm_path if vllm_ops is not None else None, rounds)
-        without = "" if child.get("cupy_imported") is False else " (child imported CuPy)"
+        _eager_host_costs(suite, vllm_ops, eager[op], "", rounds=rounds)
+        child = eager_host_us_ctypes_launch(op, vllm_path if vllm_ops is not None else None, rounds)
         for name, cost in child.get("costs", {"cupy_ops": {"error": child.get("error")}}).items():
-            eager[op][f"{name} without CuPy{without}"] = cost
+            eager[op][f"{name} (CUPY_OPS_LAUNCH=ctypes)"] = cost
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
             rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
         if "torch" in wanted:
-            _eager_host_costs(suite, vllm_ops, eager[op], " with CuPy, after torch.compile", rounds=rounds)
+            _eager_host_costs(suite, vllm_ops, eager[op], " (after torch.compile)", rounds=rounds)
         if not args.no_compile_timing:
             compile_ms[op] = compile_times(suite)
     add_ratios(rows, copy["GBps"])

@@ -356,25 +356,24 @@ def add_ratios(rows: list[dict], copy_GBps: float) -> None:
         row["ratio_vs_torch"] = torch_us / row["us_median"] if torch_us else None
 
 
-# Child process: eager host costs where nothing has imported CuPy, so launches go through ctypes (see
-# launcher.cupy_launch_kernel); it reports whether that held (a cold kernel cache compiles through CuPy).
-_EAGER_PROBE = """
+# Child process: eager host costs with CUPY_OPS_LAUNCH=ctypes (launches through ctypes, as before CuPy's binding
+# is ready in a process, or for good with that setting).
+_CTYPES_PROBE = """
 import json, sys
 from cupy_ops import _bench
 from cupy_ops._runtime import launcher
 vllm_ops = _bench.try_load_vllm(sys.argv[2] or None)[0]
 costs = _bench.eager_host_us(_bench.SUITES[sys.argv[1]].eager_calls(vllm_ops), rounds=int(sys.argv[3]))
-print(json.dumps({"costs": costs, "cupy_imported": "cupy" in sys.modules,
-                  "launch_binding": "ctypes" if launcher.cupy_launch_kernel is None else "cupy"}))
+print(json.dumps({"costs": costs, "launch_binding": "ctypes" if launcher.cupy_launch_kernel is None else "cupy"}))
 """
 
 
-def eager_host_us_without_cupy(op: str, vllm_path: str | None, rounds: int) -> dict:
-    """`eager_host_us` of the op's eager calls in a fresh process that does not import CuPy (this one has):
-    {"costs": {name: ...}, "cupy_imported": False unless the child had to compile, "launch_binding": ...}."""
-    env = dict(os.environ)
+def eager_host_us_ctypes_launch(op: str, vllm_path: str | None, rounds: int) -> dict:
+    """`eager_host_us` of the op's eager calls in a fresh process with CUPY_OPS_LAUNCH=ctypes:
+    {"costs": {name: ...}, "launch_binding": "ctypes"} or {"error": ...}."""
+    env = dict(os.environ, CUPY_OPS_LAUNCH="ctypes")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
-    child = subprocess.run([sys.executable, "-c", _EAGER_PROBE, op, vllm_path or "", str(rounds)], env=env,
+    child = subprocess.run([sys.executable, "-c", _CTYPES_PROBE, op, vllm_path or "", str(rounds)], env=env,
                            capture_output=True, text=True, timeout=600, check=False)
     lines = child.stdout.strip().splitlines()
     if child.returncode != 0 or not lines:

@@ -2,10 +2,10 @@
 
 Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
 context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
-imports CuPy (100-180 ms). The launch is one `cuLaunchKernelEx` through ctypes (or `cuLaunchKernel` through
-CuPy's Cython binding once CuPy is loaded) with a single by-value params struct that the op packs with
-`struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing costs more than the kernel at small
-sizes.
+imports CuPy (100-180 ms) on the caller's path. The launch is one `cuLaunchKernel` through CuPy's Cython
+binding (imported in the background; `cuLaunchKernelEx` through ctypes until then) with a single by-value
+params struct that the op packs with `struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing
+costs more than the kernel at small sizes.
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
 launch inside `torch.cuda.graph` (or CuPy stream capture) is recorded into the graph.
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
-import sys
 import threading
 
 from . import compiler
 
-__all__ = ["DriverError", "Kernel", "bind_cupy_launch_kernel", "cu_launch_kernel_ex", "cupy_launch_kernel",
-           "device_arch", "fast_divmod", "launch", "launch_buffers", "launch_failed", "pack_launch_config"]
+__all__ = ["DriverError", "Kernel", "cu_launch_kernel_ex", "cupy_binding_ready", "cupy_launch_kernel", "device_arch",
+           "fast_divmod", "launch", "launch_buffers", "launch_failed", "pack_launch_config"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
@@ -137,29 +137,47 @@ class DriverError(RuntimeError):
 # ---- the launch, two ways ---------------------------------------------------------------------------------
 #
 # CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`) takes 11 ints: ~3.0 us a launch on
-# the H100 VM. It is used once CuPy is imported in the process (CuPy arrays, an NVRTC compile, the user's own
-# import); importing CuPy just for it would add 50-100 ms to a warm-cache first call. Until then ctypes calls
-# cuLaunchKernelEx with the grid, block and stream packed in a per-thread CUlaunchConfig: 4 ready-made
-# arguments (no argtypes: ctypes converts one in ~0.2 us), ~0.6 us more a launch than Cython. Both read the
-# kernel's params struct, packed by the caller into this thread's `launch_buffers.params`. Hot paths inline
-# `_launch_packed` (see merge_attn_states): each Python call level costs ~0.2 us.
+# the H100 VM. ctypes calls cuLaunchKernelEx with the grid, block and stream packed in a per-thread
+# CUlaunchConfig: 4 ready-made arguments (no argtypes: ctypes converts one in ~0.2 us), yet ~0.6 us more a
+# launch. CuPy's binding needs CuPy imported (50-100 ms, as much as a warm-cache first call may take), so the
+# process's first launch starts a thread that imports it, and launches go through ctypes until it is ready
+# (`CUPY_OPS_LAUNCH=ctypes`: ctypes only). Both read the kernel's params struct, packed by the caller into this
+# thread's `launch_buffers.params`. Hot paths inline `_launch_packed` (see merge_attn_states): each Python call
+# level costs ~0.2 us.
 
 # cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
 # stream, an attribute pointer and count.
 pack_launch_config = struct.Struct("<7I4xQQI4x").pack_into
-cupy_launch_kernel = None  # CuPy's launchKernel once `bind_cupy_launch_kernel` has seen CuPy imported
+cupy_launch_kernel = None  # CuPy's launchKernel, once `_import_cupy_binding` has made it ready
+_cupy_import = None  # the thread running `_import_cupy_binding`, once started
 
 
-def bind_cupy_launch_kernel():
-    """`cupy_launch_kernel`, bound first if CuPy has been imported since the last check; None: use ctypes."""
+def _import_cupy_binding() -> None:
     global cupy_launch_kernel
-    if cupy_launch_kernel is None and "cupy" in sys.modules:
-        try:  # from cupy_backends, so that nothing more of CuPy is imported here
-            from cupy_backends.cuda.api.driver import launchKernel
-        except ImportError:
-            return None
-        cupy_launch_kernel = launchKernel
-    return cupy_launch_kernel
+    try:
+        import cupy  # noqa: F401 - CuPy's driver binding imports it on first use anyway: here, off the caller's path
+        from cupy_backends.cuda.api import driver
+
+        driver.ctxGetCurrent()  # loads its libcuda binding now rather than in the first launch through it
+    except Exception:  # noqa: BLE001 - no usable CuPy: launches stay on ctypes
+        return
+    cupy_launch_kernel = driver.launchKernel
+
+
+def _start_cupy_binding_import() -> None:
+    """Import CuPy's launch binding in a thread of its own (not a daemon: an exit waits for the import rather
+    than cutting it off), unless it is under way, ready, or `CUPY_OPS_LAUNCH=ctypes`."""
+    global _cupy_import
+    if _cupy_import is None and cupy_launch_kernel is None and os.environ.get("CUPY_OPS_LAUNCH") != "ctypes":
+        _cupy_import = threading.Thread(target=_import_cupy_binding, name="cupy_ops: import CuPy's launch binding")
+        _cupy_import.start()
+
+
+def cupy_binding_ready(timeout: float | None = None) -> bool:
+    """Wait up to `timeout` s for the import of CuPy's launch binding, if one was started; is it in use now?"""
+    if _cupy_import is not None:
+        _cupy_import.join(timeout)
+    return cupy_launch_kernel is not None
 
 
 def cu_launch_kernel_ex(*args) -> int:  # noqa: F811 - the stub rebinds its own name
@@ -189,7 +207,7 @@ launch_buffers = _LaunchBuffers()
 def _launch_packed(function: int, grid: int, block_x: int, block_y: int, stream: int,
                    buffers: _LaunchBuffers) -> None:
     """Launch `function` with this thread's packed params, through CuPy's binding if bound, else ctypes."""
-    launch_kernel = bind_cupy_launch_kernel()
+    launch_kernel = cupy_launch_kernel
     if launch_kernel is not None:
         launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
         return
@@ -226,7 +244,8 @@ def launch_failed(error: Exception, function: int, device: int, grid: int, block
     """A launch with this thread's packed params raised `error`. The thread's first launch (no `argv` yet) and
     a launch that found no current context are made again with the device's context current; anything else
     is raised as a RuntimeError."""
-    if isinstance(error, AttributeError) and not hasattr(buffers, "argv"):
+    first_launch = isinstance(error, AttributeError) and not hasattr(buffers, "argv")
+    if first_launch:
         _make_context_current(device)
         buffers.argv_array = buffers._argv
         buffers.argv = ctypes.addressof(buffers._argv)
@@ -238,3 +257,5 @@ def launch_failed(error: Exception, function: int, device: int, grid: int, block
         _launch_packed(function, grid, block_x, block_y, stream, buffers)
     except Exception as again:  # noqa: BLE001 - reported as any failed launch
         raise RuntimeError(f"cupy_ops: kernel launch failed: {again}") from again
+    if first_launch:
+        _start_cupy_binding_import()
