@@ -76,6 +76,7 @@ suffix_lse = torch.randn(h, n, device="cuda")
 output = torch.empty_like(prefix)
 output_lse = torch.empty(h, n, device="cuda")
 args = (output, output_lse, prefix, prefix_lse, suffix, suffix_lse)
+launcher._CUPY_IMPORT_DELAY_S = 0.0  # import at once: the capture below then overlaps it
 cupy_ops.merge_attn_states(*args)  # the process's first launch: starts importing CuPy's binding
 torch.cuda.synchronize()
 importing = launcher._cupy_import.is_alive()
@@ -95,8 +96,8 @@ print("importing during capture:", importing, "binding ready:", launcher.cupy_bi
 
 def test_capture_while_cupys_binding_is_imported(subprocess_env):
     """A fresh process with a warm kernel cache (no NVRTC, so nothing imported CuPy): its first launch starts
-    the background import of CuPy's binding, and a CUDA graph captured right after (torch's global capture
-    mode) neither fails nor misses the launch."""
+    the background import of CuPy's binding (without the usual delay), and a CUDA graph captured right after
+    (torch's global capture mode) neither fails nor misses the launch."""
     for _ in range(2):  # the first child fills the kernel cache; the second is the test
         child = subprocess.run([sys.executable, "-c", _CAPTURE_WHILE_IMPORTING], env=subprocess_env,
                                capture_output=True, text=True, timeout=300, check=False)

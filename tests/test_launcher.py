@@ -135,11 +135,12 @@ def test_the_first_launch_imports_cupys_binding_in_the_background(driver, monkey
     inlined launches call. (Its libcuda is faked here: on a machine without a driver, see the next test.)"""
     driver_module = pytest.importorskip("cupy_backends.cuda.api.driver")
     monkeypatch.setattr(driver_module, "ctxGetCurrent", lambda: 0)
+    monkeypatch.setattr(launcher, "_CUPY_IMPORT_DELAY_S", 0.0)
     monkeypatch.delenv("CUPY_OPS_LAUNCH")
     driver.local.context = 0x2000
     _launch(7, 0, (1, 2))
     assert len(driver.launches) == 1  # through ctypes
-    assert launcher._cupy_import is not None and not launcher._cupy_import.daemon
+    assert launcher._cupy_import is not None and launcher._cupy_import.daemon
     assert launcher.cupy_binding_ready(timeout=120)
     assert launcher.cupy_launch_kernel is driver_module.launchKernel
     started = launcher._cupy_import
@@ -154,6 +155,7 @@ def test_launches_stay_on_ctypes_when_cupys_binding_cannot_load(driver, monkeypa
         raise RuntimeError("CuPy failed to load libcuda.so.1")
 
     monkeypatch.setattr(driver_module, "ctxGetCurrent", no_driver)
+    monkeypatch.setattr(launcher, "_CUPY_IMPORT_DELAY_S", 0.0)
     monkeypatch.delenv("CUPY_OPS_LAUNCH")
     driver.local.context = 0x2000
     _launch(7, 0, (1, 2))

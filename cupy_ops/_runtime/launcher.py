@@ -17,7 +17,9 @@ import ctypes
 import functools
 import os
 import struct
+import sys
 import threading
+import time
 
 from . import compiler
 
@@ -139,21 +141,26 @@ class DriverError(RuntimeError):
 # CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`) takes 11 ints: ~3.0 us a launch on
 # the H100 VM. ctypes calls cuLaunchKernelEx with the grid, block and stream packed in a per-thread
 # CUlaunchConfig: 4 ready-made arguments (no argtypes: ctypes converts one in ~0.2 us), yet ~0.6 us more a
-# launch. CuPy's binding needs CuPy imported (50-100 ms, as much as a warm-cache first call may take), so the
-# process's first launch starts a thread that imports it, and launches go through ctypes until it is ready
-# (`CUPY_OPS_LAUNCH=ctypes`: ctypes only). Both read the kernel's params struct, packed by the caller into this
-# thread's `launch_buffers.params`. Hot paths inline `_launch_packed` (see merge_attn_states): each Python call
-# level costs ~0.2 us.
+# launch. CuPy's binding needs CuPy imported, 50-100 ms of mostly GIL-holding module set-up: on the caller's
+# path it would be most of a warm-cache first call, and in a thread started right then it still stalls the
+# caller's next steps. So the process's first launch starts a daemon thread that imports it a second later
+# (at once if CuPy is already imported), and launches go through ctypes until it is ready;
+# `CUPY_OPS_LAUNCH=ctypes` keeps them on ctypes. Both read the kernel's params struct, packed by the caller into
+# this thread's `launch_buffers.params`. Hot paths inline `_launch_packed` (see merge_attn_states): each Python
+# call level costs ~0.2 us.
 
 # cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
 # stream, an attribute pointer and count.
 pack_launch_config = struct.Struct("<7I4xQQI4x").pack_into
 cupy_launch_kernel = None  # CuPy's launchKernel, once `_import_cupy_binding` has made it ready
 _cupy_import = None  # the thread running `_import_cupy_binding`, once started
+_CUPY_IMPORT_DELAY_S = 1.0
 
 
 def _import_cupy_binding() -> None:
     global cupy_launch_kernel
+    if "cupy" not in sys.modules:
+        time.sleep(_CUPY_IMPORT_DELAY_S)
     try:
         import cupy  # noqa: F401 - CuPy's driver binding imports it on first use anyway: here, off the caller's path
         from cupy_backends.cuda.api import driver
@@ -165,11 +172,12 @@ def _import_cupy_binding() -> None:
 
 
 def _start_cupy_binding_import() -> None:
-    """Import CuPy's launch binding in a thread of its own (not a daemon: an exit waits for the import rather
-    than cutting it off), unless it is under way, ready, or `CUPY_OPS_LAUNCH=ctypes`."""
+    """Import CuPy's launch binding in a daemon thread (a process may exit before, or during, the import),
+    unless it is under way, ready, or `CUPY_OPS_LAUNCH=ctypes`."""
     global _cupy_import
     if _cupy_import is None and cupy_launch_kernel is None and os.environ.get("CUPY_OPS_LAUNCH") != "ctypes":
-        _cupy_import = threading.Thread(target=_import_cupy_binding, name="cupy_ops: import CuPy's launch binding")
+        _cupy_import = threading.Thread(target=_import_cupy_binding, name="cupy_ops: import CuPy's launch binding",
+                                        daemon=True)
         _cupy_import.start()
 
 
