@@ -154,6 +154,7 @@ class DriverError(RuntimeError):
 pack_launch_config = struct.Struct("<7I4xQQI4x").pack_into
 cupy_launch_kernel = None  # CuPy's launchKernel, once `_import_cupy_binding` has made it ready
 _cupy_import = None  # the thread running `_import_cupy_binding`, once started
+_cupy_import_lock = threading.Lock()  # two threads' first launches start one import
 _CUPY_IMPORT_DELAY_S = 1.0
 
 
@@ -175,10 +176,11 @@ def _start_cupy_binding_import() -> None:
     """Import CuPy's launch binding in a daemon thread (a process may exit before, or during, the import),
     unless it is under way, ready, or `CUPY_OPS_LAUNCH=ctypes`."""
     global _cupy_import
-    if _cupy_import is None and cupy_launch_kernel is None and os.environ.get("CUPY_OPS_LAUNCH") != "ctypes":
-        _cupy_import = threading.Thread(target=_import_cupy_binding, name="cupy_ops: import CuPy's launch binding",
-                                        daemon=True)
-        _cupy_import.start()
+    with _cupy_import_lock:
+        if _cupy_import is None and cupy_launch_kernel is None and os.environ.get("CUPY_OPS_LAUNCH") != "ctypes":
+            _cupy_import = threading.Thread(target=_import_cupy_binding, daemon=True,
+                                            name="cupy_ops: import CuPy's launch binding")
+            _cupy_import.start()
 
 
 def cupy_binding_ready(timeout: float | None = None) -> bool:
