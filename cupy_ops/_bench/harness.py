@@ -356,6 +356,13 @@ def add_ratios(rows: list[dict], copy_GBps: float) -> None:
         row["ratio_vs_torch"] = torch_us / row["us_median"] if torch_us else None
 
 
+def _child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment plus `overrides`, with this checkout first on PYTHONPATH: for child probes."""
+    env = dict(os.environ, **overrides)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 # Child process: eager host costs with CUPY_OPS_LAUNCH=ctypes (launches through ctypes, as before CuPy's binding
 # is ready in a process, or for good with that setting).
 _CTYPES_PROBE = """
@@ -371,9 +378,8 @@ print(json.dumps({"costs": costs, "launch_binding": "ctypes" if launcher.cupy_la
 def eager_host_us_ctypes_launch(op: str, vllm_path: str | None, rounds: int) -> dict:
     """`eager_host_us` of the op's eager calls in a fresh process with CUPY_OPS_LAUNCH=ctypes:
     {"costs": {name: ...}, "launch_binding": "ctypes"} or {"error": ...}."""
-    env = dict(os.environ, CUPY_OPS_LAUNCH="ctypes")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
-    child = subprocess.run([sys.executable, "-c", _CTYPES_PROBE, op, vllm_path or "", str(rounds)], env=env,
+    child = subprocess.run([sys.executable, "-c", _CTYPES_PROBE, op, vllm_path or "", str(rounds)],
+                           env=_child_env(CUPY_OPS_LAUNCH="ctypes"),
                            capture_output=True, text=True, timeout=600, check=False)
     lines = child.stdout.strip().splitlines()
     if child.returncode != 0 or not lines:
@@ -384,11 +390,9 @@ def eager_host_us_ctypes_launch(op: str, vllm_path: str | None, rounds: int) -> 
 def compile_times(suite: OpSuite) -> dict:
     """First-call ms in a fresh process with an empty CUPY_OPS_CACHE_DIR (cold: NVRTC compile), then in
     another fresh process with the same folder (warm disk cache); the child measures itself."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     result: dict[str, Any] = {"case": suite.small_case}
     with tempfile.TemporaryDirectory(prefix="cupy_ops_bench_cache_") as cache:
-        env["CUPY_OPS_CACHE_DIR"] = cache
+        env = _child_env(CUPY_OPS_CACHE_DIR=cache)
         for label in ("cold", "warm_disk"):
             child = subprocess.run([sys.executable, "-c", suite.compile_probe], env=env, capture_output=True,
                                    text=True, timeout=600, check=False)
