@@ -3,7 +3,7 @@
 from . import launcher
 from .arrays import ArrayInfo, describe, is_cupy_array
 from .compiler import CompileError, PtxasReport, cache_dir, compile_kernel, kernel_dir, ptxas_report
-from .launcher import Kernel, device_arch, fast_divmod, launch, launch_buffers, launch_failed
+from .launcher import Kernel, device_arch, fast_divmod, launch
 
 __all__ = [
     "ArrayInfo",
@@ -18,8 +18,6 @@ __all__ = [
     "is_cupy_array",
     "kernel_dir",
     "launch",
-    "launch_buffers",
-    "launch_failed",
     "launcher",
     "ptxas_report",
 ]

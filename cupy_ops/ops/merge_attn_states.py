@@ -267,8 +267,8 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _is_compiling = torch.compiler.is_compiling
 # A constant True while dynamo traces, else False: one Python call, where is_compiling() makes two.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
-_launch_buffers = _runtime.launch_buffers
-_launcher = _runtime.launcher
+_launcher = _runtime.launcher  # the hot path inlines its launch
+_launch_buffers = _launcher.launch_buffers
 
 
 def _merge_function(public: bool):
