@@ -30,7 +30,7 @@ CASES = [
     _bench.MergeCase(1024, 128, 128, torch.bfloat16, fp8_output=True),
 ]
 GRAPH_PROVIDERS = ("cupy_ops", "torch", "vllm")
-EAGER_PROVIDERS = ("cupy_ops", "cupy_ops_dispatcher", "vllm")
+EAGER_PROVIDERS = ("cupy_ops", "cupy_ops_layout_changing", "cupy_ops_dispatcher", "vllm")
 ROUNDS = 30
 EAGER_CALLS_PER_ROUND = 200
 # A round lasts ~2 ms (up to 1024 calls), so graph launch and sync (~10-20 µs of host time) stay ~1%.

@@ -41,6 +41,7 @@ def binding(request, monkeypatch) -> list:
         monkeypatch.setattr(launcher, "cupy_launch_kernel", None)
         monkeypatch.setattr(launcher, "cu_launch_kernel_ex", recording)
     monkeypatch.setattr(mas, "_layouts", {})
+    monkeypatch.setattr(mas, "_recent_layout", None)
     return launches
 
 
@@ -54,7 +55,7 @@ def test_a_driver_error_is_a_runtime_error(binding):
     """Too many threads per block: the driver refuses the launch (nothing runs); the op's error names it."""
     case = make_case(4, 2, 64, torch.float32, "cuda")
     cupy_ops.merge_attn_states(*case.args())  # compile and load
-    function = next(iter(mas._layouts.values()))[2]
+    function = next(iter(mas._layouts.values()))[4]
     stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
     with pytest.raises(RuntimeError, match="cupy_ops: kernel launch failed: .*INVALID_VALUE"):
         launcher.launch(function, torch.cuda.current_device(), 1, 2048, 1, stream, mas._PARAMS,

@@ -22,6 +22,7 @@ pytestmark = [gpu, requires_cuda]
 @pytest.fixture(autouse=True)
 def empty_layout_cache(monkeypatch):
     monkeypatch.setattr(mas, "_layouts", {})
+    monkeypatch.setattr(mas, "_recent_layout", None)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
@@ -121,3 +122,61 @@ def test_threads_launching_one_layout_at_once_keep_their_own_pointers():
     torch.cuda.synchronize()
     for case, (expected_out, expected_lse) in zip(cases, expected):
         check_outputs(case, expected_out, expected_lse)
+
+
+class _CountingDict(dict):
+    def __init__(self):
+        super().__init__()
+        self.lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def _bfloat16_case(seed: int, **changes):
+    return make_case(37, 8, 128, torch.bfloat16, "cuda", seed=seed, **changes)
+
+
+# A call that differs from the recent layout in one respect (and so must not launch its kernel): a different
+# pointer alignment only, strides, no output_lse, dtype, fp8 output, CPU tensors. Expected layouts remembered
+# after it: the CPU call runs the reference and remembers nothing.
+UNLIKE_THE_RECENT = {
+    "offset1": (lambda seed: _bfloat16_case(seed, layout="offset1"), 2),
+    "head_slice": (lambda seed: _bfloat16_case(seed, layout="head_slice"), 2),
+    "no-output-lse": (lambda seed: _bfloat16_case(seed, with_output_lse=False), 2),
+    "float16": (lambda seed: make_case(37, 8, 128, torch.float16, "cuda", seed=seed), 2),
+    "fp8": (lambda seed: _bfloat16_case(seed, fp8=True), 2),
+    "cpu": (lambda seed: make_case(37, 8, 128, torch.bfloat16, "cpu", seed=seed), 1),
+}
+
+
+def test_a_repeated_layout_is_decided_by_its_guard_alone(monkeypatch):
+    """Once a layout came from the dict it is the recent one: later calls like it launch without a dict lookup."""
+    layouts = _CountingDict()
+    monkeypatch.setattr(mas, "_layouts", layouts)
+    run_and_check(_bfloat16_case(1))  # validated, remembered
+    run_and_check(_bfloat16_case(2))  # from the dict; now the recent layout
+    assert mas._recent_layout is layouts[next(iter(layouts))]
+    lookups = layouts.lookups
+    for seed in (3, 4):
+        run_and_check(_bfloat16_case(seed))
+    assert layouts.lookups == lookups
+
+
+@pytest.mark.parametrize("unlike", UNLIKE_THE_RECENT)
+def test_a_call_unlike_the_recent_layout_takes_its_own(unlike):
+    """Poisoned outputs and the float64 reference around each call; the layout count shows which path ran."""
+    make_unlike, layouts_after = UNLIKE_THE_RECENT[unlike]
+    run_and_check(_bfloat16_case(1))
+    run_and_check(_bfloat16_case(2))
+    recent = mas._recent_layout
+    assert recent is not None
+    run_and_check(make_unlike(3))
+    assert len(mas._layouts) == layouts_after  # validated on its own, not launched as the recent layout
+    run_and_check(_bfloat16_case(4))  # the recent layout again
+    assert mas._recent_layout is recent
+    run_and_check(make_unlike(5))
+    run_and_check(make_unlike(6))  # from the dict: the recent layout now
+    assert (mas._recent_layout is recent) == (unlike == "cpu")
+    run_and_check(_bfloat16_case(7))

@@ -7,12 +7,13 @@ a CuPy array gives `data.ptr`. Dtypes are reported as torch dtypes for both kind
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ArrayInfo", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array", "memory_span",
-           "spans_overlap"]
+__all__ = ["ABSENT", "ArrayInfo", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
+           "memory_span", "metadata_guard", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
 _CUPY_DTYPES = {
@@ -35,6 +36,36 @@ class ArrayInfo(NamedTuple):
     strides: tuple        # in elements
     device: int           # CUDA ordinal, -1 for CPU
     itemsize: int
+
+
+try:  # dynamo's C++ tensor check, a private API: without it `metadata_guard` returns None
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:
+    _TensorGuards = None
+
+
+class _Absent(torch.Tensor):
+    """The type of `ABSENT`. No caller's tensor has this exact type."""
+
+
+# Stands for an optional tensor argument that was not given in a `metadata_guard` check: a guard made with it
+# fails for any tensor in that place, and a guard made with a tensor there fails for it.
+ABSENT = torch.empty(0).as_subclass(_Absent)
+
+
+def metadata_guard(*tensors: torch.Tensor) -> Callable[..., bool] | None:
+    """A function that, given as many tensors, says whether each has the exact Python type, dtype, device,
+    dispatch keys, requires_grad, sizes and strides of `tensors`: dynamo's TensorGuards, the C++ check that
+    torch.compile runs on every call of a compiled function (~0.1 us a tensor; reading shape, dtype, device and
+    strides from Python costs ~0.35 us). None where this torch has no usable one."""
+    if _TensorGuards is None:
+        return None
+    try:
+        guard = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        return guard.check if guard.check(*tensors) else None
+    except Exception:  # noqa: BLE001 - another torch's private API: go without
+        return None
 
 
 def is_cupy_array(x: object) -> bool:

@@ -1,0 +1,64 @@
+"""`arrays.metadata_guard`, the C++ check (dynamo's TensorGuards, a private torch API) that lets a merge call
+reuse the previous call's layout without reading every tensor's metadata in Python. On CPU tensors: it must say
+yes only to tensors alike in every respect the launch depends on, and `ABSENT` must stand for a missing
+optional tensor that no real tensor matches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cupy_ops._runtime import arrays
+
+BASE = {"output": torch.zeros(5, 3, 8, dtype=torch.bfloat16), "lse": torch.zeros(3, 5)}
+
+
+def _like_base(**changes) -> tuple:
+    tensors = {name: torch.zeros_like(t) for name, t in BASE.items()}
+    tensors.update(changes)
+    return tensors["output"], tensors["lse"]
+
+
+@pytest.fixture(scope="module")
+def guard():
+    check = arrays.metadata_guard(*BASE.values())
+    assert check is not None, "this torch has no usable TensorGuards: the merge fast path would be off"
+    return check
+
+
+def test_same_metadata_passes_whatever_the_data_and_pointers(guard):
+    assert guard(*_like_base())
+    assert guard(*_like_base(output=torch.full((5, 3, 8), 7.0, dtype=torch.bfloat16)))
+    offset = torch.zeros(5 * 3 * 8 + 1, dtype=torch.bfloat16)[1:].view(5, 3, 8)  # pointers are not its business
+    assert guard(*_like_base(output=offset))
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"output": torch.zeros(5, 3, 8, dtype=torch.float16)}, id="dtype"),
+    pytest.param({"output": torch.zeros(6, 3, 8, dtype=torch.bfloat16)}, id="shape"),
+    pytest.param({"output": torch.zeros(5, 4, 8, dtype=torch.bfloat16)[:, :3]}, id="token-stride"),
+    pytest.param({"lse": torch.zeros(5, 3).t()}, id="transposed-lse"),
+    pytest.param({"lse": torch.zeros(3, 5, requires_grad=True)}, id="requires-grad"),
+    pytest.param({"lse": torch.nn.Parameter(torch.zeros(3, 5), requires_grad=False)}, id="subclass"),
+    pytest.param({"lse": arrays.ABSENT}, id="absent"),
+])
+def test_any_other_metadata_fails(guard, change):
+    assert not guard(*_like_base(**change))
+
+
+def test_absent_matches_only_absent():
+    check = arrays.metadata_guard(BASE["output"], arrays.ABSENT)
+    assert check(torch.zeros_like(BASE["output"]), arrays.ABSENT)
+    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(0))  # ABSENT's metadata, another type
+    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(3, 5))
+
+
+def test_without_a_usable_tensorguards_there_is_no_guard(monkeypatch):
+    monkeypatch.setattr(arrays, "_TensorGuards", None)
+    assert arrays.metadata_guard(*BASE.values()) is None
+
+    def refuses(*args, **kwargs):
+        raise TypeError("another signature")
+
+    monkeypatch.setattr(arrays, "_TensorGuards", refuses)
+    assert arrays.metadata_guard(*BASE.values()) is None
