@@ -151,16 +151,19 @@ UNLIKE_THE_RECENT = {
 }
 
 
-def test_a_repeated_layout_is_decided_by_its_guard_alone(monkeypatch):
-    """Once a layout came from the dict it is the recent one: later calls like it launch without a dict lookup."""
+@pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
+@pytest.mark.parametrize("with_output_lse", [True, False], ids=["lse", "no-lse"])
+def test_a_repeated_layout_is_decided_by_its_guard_alone(monkeypatch, with_output_lse, fp8):
+    """Once a layout came from the dict it is the recent one: later calls like it launch without a dict lookup,
+    whichever optional tensors are given."""
     layouts = _CountingDict()
     monkeypatch.setattr(mas, "_layouts", layouts)
-    run_and_check(_bfloat16_case(1))  # validated, remembered
-    run_and_check(_bfloat16_case(2))  # from the dict; now the recent layout
+    run_and_check(_bfloat16_case(1, with_output_lse=with_output_lse, fp8=fp8))  # validated, remembered
+    run_and_check(_bfloat16_case(2, with_output_lse=with_output_lse, fp8=fp8))  # from the dict: the recent one
     assert mas._recent_layout is layouts[next(iter(layouts))]
     lookups = layouts.lookups
     for seed in (3, 4):
-        run_and_check(_bfloat16_case(seed))
+        run_and_check(_bfloat16_case(seed, with_output_lse=with_output_lse, fp8=fp8))
     assert layouts.lookups == lookups
 
 

@@ -1,6 +1,6 @@
 """`arrays.metadata_guard`, the C++ check (dynamo's TensorGuards, a private torch API) that lets a merge call
 reuse the previous call's layout without reading every tensor's metadata in Python. On CPU tensors: it must say
-yes only to tensors alike in every respect the launch depends on, and `ABSENT` must stand for a missing
+yes only to tensors alike in every respect the launch depends on, and `absent()` must stand for a missing
 optional tensor that no real tensor matches."""
 
 from __future__ import annotations
@@ -40,17 +40,29 @@ def test_same_metadata_passes_whatever_the_data_and_pointers(guard):
     pytest.param({"lse": torch.zeros(5, 3).t()}, id="transposed-lse"),
     pytest.param({"lse": torch.zeros(3, 5, requires_grad=True)}, id="requires-grad"),
     pytest.param({"lse": torch.nn.Parameter(torch.zeros(3, 5), requires_grad=False)}, id="subclass"),
-    pytest.param({"lse": arrays.ABSENT}, id="absent"),
+    pytest.param({"lse": arrays.absent()}, id="absent"),
 ])
 def test_any_other_metadata_fails(guard, change):
     assert not guard(*_like_base(**change))
 
 
-def test_absent_matches_only_absent():
-    check = arrays.metadata_guard(BASE["output"], arrays.ABSENT)
-    assert check(torch.zeros_like(BASE["output"]), arrays.ABSENT)
-    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(0))  # ABSENT's metadata, another type
-    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(3, 5))
+def test_absent_matches_only_a_stand_in():
+    no_lse, no_scale = arrays.absent(), arrays.absent()
+    check = arrays.metadata_guard(BASE["output"], no_lse, no_scale)
+    assert check is not None
+    assert check(torch.zeros_like(BASE["output"]), no_lse, no_scale)
+    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(0), no_scale)  # its metadata, another type
+    assert not check(torch.zeros_like(BASE["output"]), torch.zeros(3, 5), no_scale)
+
+
+def test_one_object_given_twice_never_passes():
+    """Why each optional argument has its own stand-in (and why an in-place call, output is suffix_output, never
+    takes the guard)."""
+    output = BASE["output"]
+    assert arrays.metadata_guard(output, output) is None
+    check = arrays.metadata_guard(output, torch.zeros_like(output))
+    assert not check(output, output)
+    assert check(output, output.view(output.shape))
 
 
 def test_without_a_usable_tensorguards_there_is_no_guard(monkeypatch):

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ABSENT", "ArrayInfo", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
+__all__ = ["ArrayInfo", "absent", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
            "memory_span", "metadata_guard", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
@@ -45,19 +45,22 @@ except ImportError:
 
 
 class _Absent(torch.Tensor):
-    """The type of `ABSENT`. No caller's tensor has this exact type."""
+    """The type of `absent()`'s stand-ins. No caller's tensor has this exact type."""
 
 
-# Stands for an optional tensor argument that was not given in a `metadata_guard` check: a guard made with it
-# fails for any tensor in that place, and a guard made with a tensor there fails for it.
-ABSENT = torch.empty(0).as_subclass(_Absent)
+def absent() -> torch.Tensor:
+    """A new stand-in for an optional tensor argument that was not given, in `metadata_guard` checks: a guard
+    made with it fails for any tensor in that place, and a guard made with a tensor there fails for it. One per
+    optional argument: a guard never passes one object given twice."""
+    return torch.empty(0).as_subclass(_Absent)
 
 
 def metadata_guard(*tensors: torch.Tensor) -> Callable[..., bool] | None:
     """A function that, given as many tensors, says whether each has the exact Python type, dtype, device,
     dispatch keys, requires_grad, sizes and strides of `tensors`: dynamo's TensorGuards, the C++ check that
     torch.compile runs on every call of a compiled function (~0.1 us a tensor; reading shape, dtype, device and
-    strides from Python costs ~0.35 us). None where this torch has no usable one."""
+    strides from Python costs ~0.35 us). It also fails when one Python object is given twice (a view of it is
+    another object). None where this torch has no usable one."""
     if _TensorGuards is None:
         return None
     try:

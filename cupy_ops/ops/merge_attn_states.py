@@ -266,7 +266,8 @@ _layouts: dict[tuple, tuple] = {}
 # The layout the dict gave last (only one with a metadata guard): a call whose seven tensors pass its guard (in
 # C++) and whose pointers have its alignment skips building the key, ~1.5 us of Python attribute reads.
 _recent_layout: tuple | None = None
-_ABSENT = arrays.ABSENT
+# Stand-ins for output_lse and output_scale when not given (`arrays.absent`: one each).
+_NO_OUTPUT_LSE, _NO_OUTPUT_SCALE = arrays.absent(), arrays.absent()
 _current_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU-only torch builds
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _is_compiling = torch.compiler.is_compiling
@@ -312,8 +313,8 @@ def _merge_function(public: bool):
             # calls, e.g. the layers of one forward step, share a layout), else the dict.
             key, layout = None, _recent_layout
             if not (layout is not None and layout[1] == alignment
-                    and layout[0](output, _ABSENT if output_lse is None else output_lse, po, pl, so, sl,
-                                  _ABSENT if output_scale is None else output_scale)):
+                    and layout[0](output, _NO_OUTPUT_LSE if output_lse is None else output_lse, po, pl, so, sl,
+                                  _NO_OUTPUT_SCALE if output_scale is None else output_scale)):
                 # `is_contiguous() or stride()`: True, or the strides. Contiguity ignores the stride of a size-1
                 # dim, which only ever multiplies index 0, so contiguous tensors of one shape share a layout.
                 key = (po.shape, po.dtype, po.get_device(), po.is_contiguous() or po.stride(),
@@ -404,9 +405,9 @@ def _merge_checked(public, key, output, output_lse, prefix_output, prefix_lse, s
         with torch.cuda.device(device):
             _launch(args, _current_raw_stream(device))
     if key is not None:
-        _remember_layout(key, args, (output, _ABSENT if output_lse is None else output_lse, prefix_output,
+        _remember_layout(key, args, (output, _NO_OUTPUT_LSE if output_lse is None else output_lse, prefix_output,
                                      prefix_lse, suffix_output, suffix_lse,
-                                     _ABSENT if output_scale is None else output_scale))
+                                     _NO_OUTPUT_SCALE if output_scale is None else output_scale))
 
 
 _merge_cuda = _merge_function(public=False)
@@ -414,7 +415,7 @@ _merge_cuda = _merge_function(public=False)
 
 def _remember_layout(key: tuple, args: tuple, tensors: tuple) -> None:
     """Store what a call with this (already validated) layout needs; `_launch` built the config just before.
-    `tensors`: the call's seven tensor arguments in guard order, `_ABSENT` for those not given."""
+    `tensors`: the call's seven tensor arguments in guard order, the stand-ins for those not given."""
     device, dtype, fp8, n, h, d, _, _, out_st, lse_ptr, lse_st, _, po_st, _, pl_st, _, so_st, _, sl_st, _ = args
     itemsize = _ITEMSIZE[dtype]
     function, grid, block_x, block_y, tail = _config_for(args) or (None,) * 5  # None: nothing to launch
