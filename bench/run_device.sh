@@ -3,8 +3,9 @@
 #   tests:  GPU + CPU tests, compute-sanitizer memcheck over the merge GPU tests, the self-check;
 #   bench:  the roofline bench against vLLM's anchor kernels, then the pytest-benchmark suite.
 # Logs and JSON go to $OUT (default bench/results/latest).
-# Usage (repository root, the vLLM anchor copied to .anchors/):
-#   CUPY_OPS_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh [tests|bench|all]
+# Usage (repository root, the vLLM anchor copied to .anchors/), with the sha of the commit that was sent (a
+# copied tree's .git may be missing or stale, so resolve it before sending):
+#   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all]
 set -uo pipefail
 STAGE="${1:-all}"
 OUT="${OUT:-bench/results/latest}"

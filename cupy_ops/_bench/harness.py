@@ -108,7 +108,7 @@ def run_meta(copy: dict) -> dict:
         "cuda_driver": _safe(cupy.cuda.runtime.driverGetVersion),
         "nvrtc": _safe(lambda: ".".join(map(str, compiler.nvrtc_version()))),
         "cupy_ops": cupy_ops.__version__,
-        # The device machine gets a copy of the tree without .git: the caller passes the sha it ran.
+        # A GPU machine may get a copy of the tree with no .git or a stale one: the caller passes the sha it ran.
         "git_sha": os.environ.get("CUPY_OPS_GIT_SHA") or _safe(lambda: _git("rev-parse", "HEAD")),
         "git_dirty": _safe(lambda: _git("rev-parse", "HEAD") and bool(_git("status", "--porcelain", "-uno"))),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
