@@ -422,7 +422,8 @@ def _remember_layout(key: tuple, args: tuple, tensors: tuple) -> None:
     nhd, hn, extent = (n, h, d), (h, n), arrays.byte_extent  # torch strides are >= 0: extents start at 0
     if len(_layouts) >= _MAX_CACHED_CONFIGS:
         _layouts.clear()
-    _layouts[key] = (arrays.metadata_guard(*tensors), key[-1], device, n, function, None if function is None else ctypes.c_void_p(function), grid, block_x,
+    _layouts[key] = (arrays.metadata_guard(*tensors), key[-1], device, n, function,
+                     None if function is None else ctypes.c_void_p(function), grid, block_x,
                      block_y, tail, _PARAMS.pack_into,
                      extent(nhd, out_st, 1 if fp8 else itemsize)[1],
                      0 if lse_ptr == 0 else extent(hn, lse_st, 4)[1],
