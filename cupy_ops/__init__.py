@@ -1,9 +1,16 @@
 """cupy-ops: LLM-serving CUDA kernels compiled at run time with NVRTC (through CuPy), launched on torch tensors
-or CuPy arrays, and registered as `torch.ops.cupy_ops.*` custom ops. No compiled extension."""
+or CuPy arrays, and registered as `torch.ops.cupy_ops.*` custom ops. No compiled extension.
+
+Every op of `cupy_ops.ops` is exported here under its name (the eager entry point, vLLM's schema and argument
+order) with its pure-torch reference as `<name>_ref`."""
 
 __version__ = "0.1.0"
 
-# Importing an op module registers torch.ops.cupy_ops.<op>.
-from .ops.merge_attn_states import merge_attn_states, merge_attn_states_ref  # noqa: E402
+from .ops import ops as _ops  # noqa: E402 - importing the package registers every op
 
-__all__ = ["__version__", "merge_attn_states", "merge_attn_states_ref"]
+__all__ = ["__version__"]
+for _name, _op in _ops().items():
+    globals()[_name] = _op.public
+    globals()[f"{_name}_ref"] = _op.reference
+    __all__ += [_name, f"{_name}_ref"]
+del _name, _op

@@ -1,7 +1,6 @@
-"""Helpers shared by the merge_attn_states tests: the tolerance table, poison, verbose comparisons, strided
-views with guard elements, random inputs with +-inf lse, and an independent attention model.
-
-Imported by the test modules (pytest puts tests/ on sys.path); fixtures live in conftest.py.
+"""merge_attn_states test data: named strided layouts, random inputs with +-inf lse, one call's arguments
+(`MergeCase`) and its check against the float64 reference, and an independent attention model. Generic helpers
+(marks, comparisons, poison, guarded views) are in helpers.py.
 """
 
 from __future__ import annotations
@@ -9,19 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import pytest
 import torch
+from helpers import (DEVICES, FP8, assert_bitwise_equal, assert_close, assert_untouched,  # noqa: F401
+                     gpu, poison_, requires_cuda, strided, synchronize)
 
 import cupy_ops
-
-FP8 = torch.float8_e4m3fn
-
-HAS_CUDA = torch.cuda.is_available()
-# GPU tests carry both marks: `-m gpu` selects them, and without a GPU they skip with this reason.
-gpu = pytest.mark.gpu
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-# Device axis of the tests that run both the CPU kernel (the reference) and the CUDA kernel.
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=(gpu, requires_cuda))]
 
 # Output kinds by name: (input dtype, fp8 output). Each input dtype to itself and to fp8 (the fp8 conversion runs
 # per input dtype); test grids pick the subset they need with `kinds`.
@@ -38,93 +29,6 @@ def kinds(*names: str) -> dict[str, tuple[torch.dtype, bool]]:
 
 NHD = ("output", "prefix_output", "suffix_output")  # [n, h, d] tensors
 HN = ("output_lse", "prefix_lse", "suffix_lse")     # [h, n] tensors
-
-# The one tolerance table, keyed by the dtype of the tensor compared: (rtol, atol).
-# - float16 / bfloat16: rtol just above one ulp (2^-10 and 2^-7 relative): the kernel's float32 math and the
-#   float64 reference may round to neighbouring values. atol covers values near zero, where float32 rounding of
-#   a * x + b * y (~eps32 * |x|) exceeds the output's ulp.
-# - float32 (outputs and every lse): a few ulps of float32 exp/log/divide, with the same atol reason.
-# - float8_e4m3fn: one ulp is 2^-3 relative (3 mantissa bits) and 2^-9 absolute among subnormals; compared after
-#   dequantisation (value * scale), so assert_close_verbose multiplies atol by the scale.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1e-2, 1e-5),
-    FP8: (0.125, 2.0**-9),
-}
-
-SENTINEL = -4096.0   # finite poison (exact in every float dtype) for tests whose reference holds NaN
-FP8_NAN_BYTE = 0x7F  # NaN in e4m3fn; the op never writes NaN to fp8 (NaN becomes +448)
-GUARD = 7            # poisoned elements after every buffer: a write just past the last row lands there
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of `t` as an integer tensor of the same shape (bit-exact comparisons, NaN payloads included)."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
-
-
-def poison_(t: torch.Tensor, *, finite: bool = False) -> torch.Tensor:
-    """Fill `t` with a value the op never writes: NaN (or SENTINEL when finite=True); byte 0x7f for fp8."""
-    if t.dtype == FP8:
-        t.view(torch.uint8).fill_(FP8_NAN_BYTE)
-    else:
-        t.fill_(SENTINEL if finite else float("nan"))
-    return t
-
-
-def _report(bad: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, message: str) -> None:
-    count = int(bad.sum())
-    if count == 0:
-        return
-    first = [tuple(i) for i in bad.nonzero()[:6].tolist()]
-    details = "; ".join(f"{i}: got {actual[i].item()!r}, expected {expected[i].item()!r}" for i in first)
-    pytest.fail(f"{message}: {count} of {bad.numel()} elements differ; first at {details}", pytrace=False)
-
-
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, what: str, *,
-                         scale: torch.Tensor | None = None) -> None:
-    """`actual` within TOLERANCES[actual.dtype] of `expected`; NaN exactly where `expected` has NaN.
-
-    fp8 tensors are dequantised (times `scale`) first. Fails with the count and the first bad indices."""
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        pytest.fail(f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} "
-                    f"{tuple(expected.shape)}", pytrace=False)
-    rtol, atol = TOLERANCES[actual.dtype]
-    a, e = actual.float().double(), expected.float().double()
-    if actual.dtype == FP8:
-        s = float(scale)
-        a, e, atol = a * s, e * s, atol * s
-    _report(a.isnan() != e.isnan(), a, e, f"{what}: NaN where the reference has none, or the reverse")
-    # equal_nan=True only lets NaN meet NaN, whose positions were just checked to agree.
-    _report(~torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True), a, e,
-            f"{what}: outside rtol={rtol}, atol={atol}")
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Same shape, dtype and bits (so +inf stays +inf and NaN stays the same NaN)."""
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        pytest.fail(f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} "
-                    f"{tuple(expected.shape)}", pytrace=False)
-    _report(bits(actual) != bits(expected), actual, expected, f"{what}: not bit-exact")
-
-
-# ---- strided views over guarded buffers ------------------------------------------------------------------
-
-
-def strided(shape, strides, offset, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view, buffer): a view of `shape`/`strides` at element `offset` of a flat buffer with GUARD spare elements."""
-    extent = offset + (sum((s - 1) * st for s, st in zip(shape, strides)) + 1 if all(shape) else 0)
-    buffer = torch.empty(extent + GUARD, dtype=dtype, device=device)
-    return buffer.as_strided(shape, strides, offset), buffer
-
-
-def assert_untouched(view: torch.Tensor, buffer: torch.Tensor, snapshot: torch.Tensor, what: str) -> None:
-    """Every element of `buffer` outside `view` still holds the bits it had in `snapshot`."""
-    inside = torch.zeros(buffer.shape, dtype=torch.bool, device=buffer.device)
-    inside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
-    _report(~inside & (bits(buffer) != bits(snapshot)), buffer, snapshot,
-            f"{what}: elements outside the view were written")
 
 
 # Named layouts, each as (strides, element offset) per tensor. Why each exists:
@@ -213,8 +117,10 @@ class MergeCase:
                 self.suffix_lse, self.p, self.output_scale)
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return cupy_ops.merge_attn_states_ref(self.prefix_output, self.prefix_lse, self.suffix_output,
-                                              self.suffix_lse, self.p, self.output_scale,
+        """float64-math reference: (output, output_lse), output_lse computed even when the call has none."""
+        output_lse = self.output_lse if self.output_lse is not None else torch.empty(0)
+        return cupy_ops.merge_attn_states_ref(self.output, output_lse, self.prefix_output, self.prefix_lse,
+                                              self.suffix_output, self.suffix_lse, self.p, self.output_scale,
                                               compute_dtype=torch.float64)
 
 
@@ -252,24 +158,19 @@ def make_case(n: int, h: int, d: int, dtype: torch.dtype, device, *, fp8: bool =
                      tensors["suffix_lse"], p, output_scale, outputs)
 
 
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def check_outputs(case: MergeCase, expected_out: torch.Tensor, expected_lse: torch.Tensor) -> None:
     """Merged tokens within tolerance of the reference; tokens t >= p bit-exact copies of the suffix (fp8: within
     one ulp of the scaled suffix), output_lse there bit-exact suffix_lse (+inf stays +inf)."""
     p = case.p_value
     fp8 = case.output.dtype == FP8
-    assert_close_verbose(case.output[:p], expected_out[:p], "output, tokens with context", scale=case.output_scale)
+    assert_close(case.output[:p], expected_out[:p], "output, tokens with context", scale=case.output_scale)
     if fp8:
-        assert_close_verbose(case.output[p:], expected_out[p:], "output, tokens without context",
+        assert_close(case.output[p:], expected_out[p:], "output, tokens without context",
                              scale=case.output_scale)
     else:
         assert_bitwise_equal(case.output[p:], case.suffix_output[p:], "output, tokens without context")
     if case.output_lse is not None:
-        assert_close_verbose(case.output_lse[:, :p], expected_lse[:, :p], "output_lse, tokens with context")
+        assert_close(case.output_lse[:, :p], expected_lse[:, :p], "output_lse, tokens with context")
         assert_bitwise_equal(case.output_lse[:, p:], case.suffix_lse[:, p:], "output_lse, tokens without context")
 
 

@@ -1,7 +1,8 @@
-"""The launcher, checked without a GPU (libcuda replaced by a fake driver): a thread's first launch makes a
-context current only where none is, every thread packs into its own buffers, the ctypes path packs
-cuLaunchKernelEx's CUlaunchConfig as cuda.h lays it out, a driver error becomes a RuntimeError naming it, and
-the first launch imports CuPy's binding in the background (launches go through ctypes until it is ready)."""
+"""The launcher, checked without a GPU (libcuda replaced by a fake driver): cuLaunchKernelEx gets the
+CUlaunchConfig cuda.h lays out (3-D grid and block, dynamic shared memory, stream, a cluster attribute), a
+thread's first launch makes a context current only where none is, threads pack into their own buffers, dynamic
+shared memory above 48 KiB is opted in once, a driver error becomes a RuntimeError naming it, and memset goes to
+cuMemsetD8Async on the given stream."""
 
 from __future__ import annotations
 
@@ -13,23 +14,26 @@ import time
 import pytest
 
 from cupy_ops._runtime import launcher
+from cupy_ops._runtime.launcher import Kernel, LaunchConfig
 
 PARAMS = struct.Struct("<2Q")
 # CUlaunchConfig (cuda.h): gridDimX..blockDimZ, sharedMemBytes (uint32), padding, hStream, attrs, numAttrs.
 CONFIG = struct.Struct("<7I4xQQI")
-INVALID_VALUE, INVALID_CONTEXT = 1, 201
+# CUlaunchAttribute: id, padding, then the value union (clusterDim x, y, z first).
+ATTRIBUTE = struct.Struct("<I4x3I")
+INVALID_VALUE, INVALID_CONTEXT, FUNCTION = 1, 201, 0xF00D
 
 
 class FakeDriver:
-    """cuCtxGetCurrent/cuCtxSetCurrent on a per-thread current context, and cuLaunchKernelEx recording
-    (thread, function, CUlaunchConfig fields, params bytes), or failing as the driver would."""
+    """Just enough of libcuda: a per-thread current context, function attributes, cuLaunchKernelEx and
+    cuMemsetD8Async recording what they were given, or failing as the driver would."""
 
     def __init__(self):
         self.local = threading.local()
-        self.launches, self.set_current = [], []
+        self.launches, self.set_current, self.attributes, self.memsets = [], [], [], []
         self.fail_with = None
 
-    def cuCtxGetCurrent(self, out):  # noqa: N802 - the driver's name
+    def cuCtxGetCurrent(self, out):  # noqa: N802 - the driver's names
         ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = getattr(self.local, "context", None)
         return 0
 
@@ -38,17 +42,33 @@ class FakeDriver:
         self.set_current.append((threading.get_ident(), context.value))
         return 0
 
+    def cuCtxPushCurrent_v2(self, context):  # noqa: N802
+        return 0
+
+    def cuCtxPopCurrent_v2(self, out):  # noqa: N802
+        return 0
+
+    def cuFuncSetAttribute(self, function, attribute, value):  # noqa: N802
+        self.attributes.append((function.value, attribute, value))
+        return 0
+
     def cuGetErrorName(self, status, out):  # noqa: N802 - unknown here: the launcher then says "CUresult <n>"
         return 1
 
-    def launch_ex(self, config, function, kernel_params, extra) -> int:
+    def cuMemsetD8Async(self, pointer, value, nbytes, stream):  # noqa: N802
+        self.memsets.append((pointer.value, value.value, nbytes.value, stream.value))
+        return 0
+
+    def cuLaunchKernelEx(self, config, function, kernel_params, extra) -> int:  # noqa: N802
         if self.fail_with is not None:
             return self.fail_with
         if getattr(self.local, "context", None) is None:
             return INVALID_CONTEXT
         time.sleep(0)  # let other threads run here, as the real call releases the GIL in the driver
         params = ctypes.string_at(kernel_params[0], PARAMS.size)
-        self.launches.append((threading.get_ident(), function.value, CONFIG.unpack_from(config), params))
+        fields = CONFIG.unpack_from(config)
+        attribute = ATTRIBUTE.unpack(ctypes.string_at(fields[8], ATTRIBUTE.size)) if fields[9] else None
+        self.launches.append((threading.get_ident(), function.value, fields[:8], fields[9], attribute, params))
         return 0
 
 
@@ -56,109 +76,87 @@ class FakeDriver:
 def driver(monkeypatch):
     fake = FakeDriver()
     monkeypatch.setattr(launcher, "_libcuda", lambda: fake)
-    monkeypatch.setattr(launcher, "cu_launch_kernel_ex", fake.launch_ex)
-    launcher.cupy_binding_ready()  # an import started by an earlier test must not switch bindings here
-    monkeypatch.setattr(launcher, "cupy_launch_kernel", None)  # the ctypes path...
-    monkeypatch.setattr(launcher, "_cupy_import", None)
-    monkeypatch.setenv("CUPY_OPS_LAUNCH", "ctypes")  # ...and no import of CuPy's binding
-    monkeypatch.setattr(launcher, "_primary_context", lambda device: ctypes.c_void_p(0x1000 + device))
-    monkeypatch.setattr(launcher, "launch_buffers", launcher._LaunchBuffers())  # no thread has launched yet
+    monkeypatch.setattr(launcher, "_cu_launch_kernel_ex", fake.cuLaunchKernelEx)
+    monkeypatch.setattr(launcher, "_primary_context", lambda device: ctypes.c_void_p(0xC0 + device))
+    monkeypatch.setattr(launcher, "device_attribute", lambda device, name: 227 * 1024)
+    monkeypatch.setattr(Kernel, "function", lambda self, device: FUNCTION)
+    monkeypatch.setattr(launcher, "_buffers", launcher._Buffers())  # no thread has launched yet
     return fake
 
 
-def _launch(function: int, device: int, values: tuple, stream: int = 0) -> None:
-    launcher.launch(function, device, 3, 32, 4, stream, PARAMS, values)
+def _launch(config: LaunchConfig, values=(1, 2), stream=0x5EA):
+    launcher.Launcher(Kernel("k.cu", "k"), 0, config).launch(stream, PARAMS.pack_into, values)
 
 
-def test_first_launch_in_a_thread_without_context_makes_the_devices_current(driver):
-    thread = threading.Thread(target=_launch, args=(7, 1, (1, 2)))
-    thread.start()
-    thread.join()
-    assert driver.set_current == [(thread.ident, 0x1001)]
-    assert [(who, function, params) for who, function, _, params in driver.launches] == [
-        (thread.ident, 7, PARAMS.pack(1, 2))]
+def test_config_is_packed_as_cuda_h_lays_it_out(driver):
+    driver.local.context = 0xC0
+    _launch(LaunchConfig((3, 4, 5), (32, 2, 1), 1024), (0xAB, 0xCD))
+    (_, function, head, count, attribute, params), = driver.launches
+    assert function == FUNCTION and head == (3, 4, 5, 32, 2, 1, 1024, 0x5EA) and count == 0 and attribute is None
+    assert PARAMS.unpack(params) == (0xAB, 0xCD)
 
 
-def test_a_thread_with_a_current_context_keeps_it(driver):
-    driver.local.context = 0x2000  # e.g. torch made its device's context current in this thread
-    _launch(7, 0, (3, 4))
-    _launch(7, 0, (5, 6))
-    assert driver.set_current == []
-    assert [params for *_, params in driver.launches] == [PARAMS.pack(3, 4), PARAMS.pack(5, 6)]
+def test_cluster_goes_as_a_launch_attribute(driver):
+    driver.local.context = 0xC0
+    _launch(LaunchConfig((8, 1, 1), (128, 1, 1), 0, (4, 1, 1)))
+    (*_, count, attribute, _), = driver.launches
+    assert count == 1 and attribute == (4, 4, 1, 1)  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 
 
-def test_the_launch_config_is_laid_out_as_in_cuda_h(driver):
-    driver.local.context = 0x2000
-    _launch(0x7F00_0000_1000, 0, (1, 2), stream=0x5555_0000_0040)
-    ((_, function, config, _),) = driver.launches
-    assert function == 0x7F00_0000_1000  # a c_void_p: a bare int would not pass a 64-bit address
-    assert config == (3, 1, 1, 32, 4, 1, 0, 0x5555_0000_0040, 0, 0)
+def test_non_portable_cluster_size_is_allowed_on_the_function(driver):
+    driver.local.context = 0xC0
+    _launch(LaunchConfig((16, 1, 1), (128, 1, 1), 0, (16, 1, 1)))
+    assert (FUNCTION, 14, 1) in driver.attributes  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
-def test_threads_pack_into_their_own_buffers(driver):
-    """8 threads, 50 launches each, all at once: each launch carries its own thread's values."""
+def test_dynamic_shared_memory_above_48_kib_is_opted_in_once(driver):
+    driver.local.context = 0xC0
+    kernel = Kernel("k.cu", "k")
+    for nbytes in (48 * 1024, 100 * 1024, 100 * 1024, 64 * 1024):
+        launcher.Launcher(kernel, 0, LaunchConfig((1, 1, 1), (32, 1, 1), nbytes))
+    assert driver.attributes == [(FUNCTION, 8, 100 * 1024)]  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+    with pytest.raises(ValueError, match="asks for 233472 bytes of shared memory; this GPU allows 232448"):
+        launcher.Launcher(kernel, 0, LaunchConfig((1, 1, 1), (32, 1, 1), 228 * 1024))
+
+
+def test_first_launch_of_a_thread_without_a_context_makes_one_current(driver):
+    _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
+    assert driver.set_current == [(threading.get_ident(), 0xC0)] and len(driver.launches) == 1
+    _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
+    assert len(driver.set_current) == 1 and len(driver.launches) == 2
+
+
+def test_a_driver_error_is_raised_with_its_status(driver):
+    driver.local.context = 0xC0
+    driver.fail_with = INVALID_VALUE
+    with pytest.raises(launcher.DriverError, match="kernel launch .* failed: CUresult 1") as info:
+        _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
+    assert info.value.status == INVALID_VALUE
+
+
+def test_threads_pack_their_own_params(driver):
+    """8 threads launch 50 times each with their own values at once: each launch carries its own thread's."""
     barrier = threading.Barrier(8)
 
-    def many(index: int) -> None:
+    def launch_many(k: int) -> None:
         barrier.wait()
-        for step in range(50):
-            _launch(0x100 + index, 0, (0x100 + index, step))
+        for i in range(50):
+            _launch(LaunchConfig((1, 1, 1), (32, 1, 1)), (k, i))
 
-    threads = [threading.Thread(target=many, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(driver.launches) == 400
-    assert all(PARAMS.unpack(params)[0] == function for _, function, _, params in driver.launches)
-    assert {PARAMS.unpack(params) for *_, params in driver.launches} == {
-        (0x100 + i, s) for i in range(8) for s in range(50)}
-
-
-@pytest.mark.parametrize("status", [INVALID_VALUE, INVALID_CONTEXT])
-def test_a_driver_error_is_a_runtime_error(driver, status):
-    driver.local.context = 0x2000
-    _launch(7, 0, (1, 2))  # the thread's first launch succeeds
-    driver.fail_with = status
-    with pytest.raises(RuntimeError, match=f"cupy_ops: kernel launch failed: CUresult {status}"):
-        _launch(7, 0, (1, 2))
+    threads = [threading.Thread(target=launch_many, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_thread = {}
+    for ident, *_, params in driver.launches:
+        by_thread.setdefault(ident, []).append(PARAMS.unpack(params))
+    assert sorted(len(v) for v in by_thread.values()) == [50] * 8
+    for values in by_thread.values():
+        assert len({k for k, _ in values}) == 1 and [i for _, i in values] == list(range(50))
 
 
-def test_ctypes_only_starts_no_import(driver):
-    driver.local.context = 0x2000
-    _launch(7, 0, (1, 2))
-    assert launcher._cupy_import is None and not launcher.cupy_binding_ready()
-
-
-def test_the_first_launch_imports_cupys_binding_in_the_background(driver, monkeypatch):
-    """The first launch goes through ctypes and starts the import; once ready, CuPy's binding is what the ops'
-    inlined launches call. (Its libcuda is faked here: on a machine without a driver, see the next test.)"""
-    driver_module = pytest.importorskip("cupy_backends.cuda.api.driver")
-    monkeypatch.setattr(driver_module, "ctxGetCurrent", lambda: 0)
-    monkeypatch.setattr(launcher, "_CUPY_IMPORT_DELAY_S", 0.0)
-    monkeypatch.delenv("CUPY_OPS_LAUNCH")
-    driver.local.context = 0x2000
-    _launch(7, 0, (1, 2))
-    assert len(driver.launches) == 1  # through ctypes
-    assert launcher._cupy_import is not None and launcher._cupy_import.daemon
-    assert launcher.cupy_binding_ready(timeout=120)
-    assert launcher.cupy_launch_kernel is driver_module.launchKernel
-    started = launcher._cupy_import
-    launcher._start_cupy_binding_import()  # as another thread's first launch would: no second import
-    assert launcher._cupy_import is started
-
-
-def test_launches_stay_on_ctypes_when_cupys_binding_cannot_load(driver, monkeypatch):
-    driver_module = pytest.importorskip("cupy_backends.cuda.api.driver")
-
-    def no_driver():
-        raise RuntimeError("CuPy failed to load libcuda.so.1")
-
-    monkeypatch.setattr(driver_module, "ctxGetCurrent", no_driver)
-    monkeypatch.setattr(launcher, "_CUPY_IMPORT_DELAY_S", 0.0)
-    monkeypatch.delenv("CUPY_OPS_LAUNCH")
-    driver.local.context = 0x2000
-    _launch(7, 0, (1, 2))
-    assert not launcher.cupy_binding_ready(timeout=120)
-    _launch(7, 0, (3, 4))
-    assert len(driver.launches) == 2
+def test_memset_is_ordered_on_the_stream(driver):
+    launcher.memset_async(0x1000, 0, 3088 * 4, 0x5EA, 0)
+    launcher.memset_async(0x2000, 7, 0, 0x5EA, 0)  # nothing to set: no call
+    assert driver.memsets == [(0x1000, 0, 3088 * 4, 0x5EA)]

@@ -11,7 +11,7 @@ from merge_utils import (
     DEVICES,
     FP8,
     assert_bitwise_equal,
-    assert_close_verbose,
+    assert_close,
     attention_with_lse,
     kinds,
     make_case,
@@ -33,12 +33,12 @@ def test_reference_float32_math_matches_float64(kind, p_kind):
     n, h, d = 37, 5, 24  # odd token and head counts; small, since this is pure torch on the CPU
     p = {"none": None, "zero": 0, "half": n // 2, "all": n}[p_kind]
     case = make_case(n, h, d, dtype, "cpu", fp8=fp8, p=p, seed=11)
-    args = (case.prefix_output, case.prefix_lse, case.suffix_output, case.suffix_lse, p, case.output_scale)
+    args = case.args()
     out32, lse32 = cupy_ops.merge_attn_states_ref(*args, compute_dtype=torch.float32)
     out64, lse64 = cupy_ops.merge_attn_states_ref(*args, compute_dtype=torch.float64)
     assert out64.dtype == (FP8 if fp8 else dtype) and lse64.dtype == torch.float32
-    assert_close_verbose(out32, out64, "output", scale=case.output_scale)
-    assert_close_verbose(lse32, lse64, "output_lse")
+    assert_close(out32, out64, "output", scale=case.output_scale)
+    assert_close(lse32, lse64, "output_lse")
     q = case.p_value
     if not fp8:
         assert_bitwise_equal(out64[q:], case.suffix_output[q:], "float64 reference, tokens without context")
@@ -74,7 +74,8 @@ def test_merge_equals_attention_over_all_keys(device, empty_lse):
     pl = torch.where(pl == -math.inf, empty_lse, pl)
     sl = torch.where(sl == -math.inf, empty_lse, sl)
 
-    out64, lse64 = cupy_ops.merge_attn_states_ref(po, pl.float(), so, sl.float(), compute_dtype=torch.float64)
+    out64, lse64 = cupy_ops.merge_attn_states_ref(torch.empty_like(po), torch.empty_like(pl), po, pl.float(), so,
+                                                  sl.float(), compute_dtype=torch.float64)
     # float64 math on float32 lse: the lse rounding (~1e-7 relative) bounds the agreement, not float64 eps.
     torch.testing.assert_close(out64, full, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse64, full_lse.float(), rtol=1e-6, atol=1e-6)
@@ -85,5 +86,5 @@ def test_merge_equals_attention_over_all_keys(device, empty_lse):
     out_lse = torch.full((h, n), float("nan"), device=device)
     cupy_ops.merge_attn_states(out, out_lse, po.float(), pl.float(), so.float(), sl.float())
     synchronize(device)
-    assert_close_verbose(out, full.float(), "output against attention over all keys")
-    assert_close_verbose(out_lse, full_lse.float(), "output_lse against attention over all keys")
+    assert_close(out, full.float(), "output against attention over all keys")
+    assert_close(out_lse, full_lse.float(), "output_lse against attention over all keys")

@@ -82,7 +82,7 @@ CASES = [
     ("scale-without-fp8-output", TypeError, "output_scale",
      lambda a: a.update(output_scale=torch.ones(1, device=a["output"].device))),
     ("fp8-output-without-scale", TypeError, "output", _fp8_output),
-    ("scale-float16", ValueError, "output_scale",
+    ("scale-float16", TypeError, "output_scale",
      lambda a: (_fp8_output(a), a.update(output_scale=torch.ones(1, dtype=torch.half, device=a["output"].device)))),
     ("scale-two-elements", ValueError, "output_scale",
      lambda a: (_fp8_output(a), a.update(output_scale=torch.ones(2, device=a["output"].device)))),

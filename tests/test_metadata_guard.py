@@ -1,7 +1,8 @@
-"""`arrays.metadata_guard`, the C++ check (dynamo's TensorGuards, a private torch API) that lets a merge call
-reuse the previous call's layout without reading every tensor's metadata in Python. On CPU tensors: it must say
-yes only to tensors alike in every respect the launch depends on, and `absent()` must stand for a missing
-optional tensor that no real tensor matches."""
+"""`arrays.metadata_guard`, the C++ check (dynamo's TensorGuards, a private torch API) that lets an op call
+reuse the previous call's layout without reading every tensor's metadata in Python, and the runtime's matcher
+built on it (`op._metadata_matcher`), which also handles one tensor given for two arguments. On CPU tensors: it
+must say yes only to tensors alike in every respect the launch depends on, and `absent()` must stand for a
+missing optional tensor that no real tensor matches."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from cupy_ops._runtime import arrays
+from cupy_ops._runtime.op import _metadata_matcher
 
 BASE = {"output": torch.zeros(5, 3, 8, dtype=torch.bfloat16), "lse": torch.zeros(3, 5)}
 
@@ -56,8 +58,7 @@ def test_absent_matches_only_a_stand_in():
 
 
 def test_one_object_given_twice_never_passes():
-    """Why each optional argument has its own stand-in (and why an in-place call, output is suffix_output, never
-    takes the guard)."""
+    """Why each optional argument has its own stand-in, and why the runtime's matcher guards unique objects."""
     output = BASE["output"]
     assert arrays.metadata_guard(output, output) is None
     check = arrays.metadata_guard(output, torch.zeros_like(output))
@@ -74,3 +75,23 @@ def test_without_a_usable_tensorguards_there_is_no_guard(monkeypatch):
 
     monkeypatch.setattr(arrays, "_TensorGuards", refuses)
     assert arrays.metadata_guard(*BASE.values()) is None
+
+
+def test_matcher_handles_one_object_given_twice():
+    """A sampler caller passes one mask as prompt_mask and output_mask: the matcher passes a call that repeats one
+    object in the same places, with the same metadata, and nothing else."""
+    mask, logits = torch.zeros(3, 7, dtype=torch.bool), torch.zeros(3, 7)
+    check = _metadata_matcher([logits, mask, mask])
+    assert check is not None
+    other_mask = torch.ones(3, 7, dtype=torch.bool)
+    assert check(torch.zeros(3, 7), other_mask, other_mask)
+    assert not check(torch.zeros(3, 7), other_mask, torch.ones(3, 7, dtype=torch.bool))  # two objects now
+    assert not check(torch.zeros(3, 7), torch.ones(3, 8, dtype=torch.bool)[:, :7], torch.ones(3, 8, dtype=torch.bool)[:, :7])
+    wide = torch.ones(3, 9, dtype=torch.bool)
+    assert not check(torch.zeros(3, 7), wide, wide)  # same object twice, other shape
+
+
+def test_matcher_of_distinct_objects_refuses_one_object_twice():
+    check = _metadata_matcher([torch.zeros(3, 7), torch.zeros(3, 7, dtype=torch.bool), torch.zeros(3, 7, dtype=torch.bool)])
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    assert not check(torch.zeros(3, 7), mask, mask)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ArrayInfo", "absent", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
+__all__ = ["CPU", "META", "ArrayInfo", "absent", "device_name", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
            "memory_span", "metadata_guard", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
@@ -29,13 +29,20 @@ _CUPY_DTYPES = {
 }
 
 
+CPU, META = -1, -2  # ArrayInfo.device for CPU and meta tensors; CUDA devices are their ordinals
+
+
 class ArrayInfo(NamedTuple):
     ptr: int
     dtype: Any            # torch.dtype, or the CuPy/NumPy dtype when torch has no equivalent
     shape: tuple
     strides: tuple        # in elements
-    device: int           # CUDA ordinal, -1 for CPU
+    device: int           # CUDA ordinal, CPU (-1) or META (-2)
     itemsize: int
+
+
+def device_name(device: int) -> str:
+    return "cpu" if device == CPU else "meta" if device == META else f"cuda:{device}"
 
 
 try:  # dynamo's C++ tensor check, a private API: without it `metadata_guard` returns None
@@ -45,7 +52,10 @@ except ImportError:
 
 
 class _Absent(torch.Tensor):
-    """The type of `absent()`'s stand-ins. No caller's tensor has this exact type."""
+    """The type of `absent()`'s stand-ins. No caller's tensor has this exact type. Its methods skip
+    __torch_function__, so `data_ptr()` is as cheap as a plain tensor's (and 0: it has no storage)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
 
 def absent() -> torch.Tensor:
@@ -72,8 +82,10 @@ def metadata_guard(*tensors: torch.Tensor) -> Callable[..., bool] | None:
 
 
 def is_cupy_array(x: object) -> bool:
-    cupy = sys.modules.get("cupy")  # never import CuPy just to answer "no"
-    return cupy is not None and isinstance(x, cupy.ndarray)
+    # Never import CuPy just to answer "no"; a CuPy another thread is still importing has no ndarray yet (and
+    # holds no arrays either).
+    ndarray = getattr(sys.modules.get("cupy"), "ndarray", None)
+    return ndarray is not None and isinstance(x, ndarray)
 
 
 def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
@@ -81,7 +93,13 @@ def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
     if type(x) is torch.Tensor or isinstance(x, torch.Tensor):
         if kind is not None and kind is not torch.Tensor:
             raise TypeError(f"{op}: {arg} is a torch.Tensor but other arguments are CuPy arrays; use one kind")
-        return ArrayInfo(x.data_ptr(), x.dtype, x.shape, x.stride(), x.get_device(), x.element_size())
+        device_type = x.device.type
+        device = {"cuda": x.device.index, "cpu": CPU, "meta": META}.get(device_type)
+        if device is None:
+            raise TypeError(f"{op}: {arg} is on {x.device}; cupy_ops runs on CUDA tensors (and its references on "
+                            "CPU tensors)")
+        return ArrayInfo(0 if device == META else x.data_ptr(), x.dtype, tuple(x.shape), x.stride(), device,
+                         x.element_size())
     if is_cupy_array(x):
         if kind is not None and kind is torch.Tensor:
             raise TypeError(f"{op}: {arg} is a CuPy array but other arguments are torch tensors; use one kind")

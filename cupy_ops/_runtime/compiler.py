@@ -195,9 +195,10 @@ def supported_arch(device_arch: int) -> tuple[int, bool]:
 
 
 @functools.lru_cache(maxsize=None)
-def _source_tree(filename: str) -> tuple[str, str]:
-    """(source text, sha256 over the .cu and every header it includes from cuda_kernels/, recursively)."""
-    root = kernel_dir()
+def _source_tree(filename: str, root: Path | None = None) -> tuple[str, str]:
+    """(source text, sha256 over the .cu and every header it includes, recursively): `filename` and its
+    relative includes under `root` (default: cuda_kernels/), `common/...` from cuda_kernels/."""
+    root = kernel_dir() if root is None else Path(root)
     digest = hashlib.sha256()
     seen: set[str] = set()
     pending = [filename]
@@ -206,12 +207,12 @@ def _source_tree(filename: str) -> tuple[str, str]:
         if name in seen:
             continue
         seen.add(name)
-        path = root / name
+        path = root / name if (root / name).is_file() else kernel_dir() / name
         text = path.read_text()
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         for inc in _INCLUDE_RE.findall(text):
             rel = os.path.normpath(os.path.join(os.path.dirname(name), inc))
-            pending.append(rel if (root / rel).is_file() else inc)
+            pending.append(rel if (root / rel).is_file() or (kernel_dir() / rel).is_file() else inc)
     return (root / filename).read_text(), digest.hexdigest()
 
 
@@ -225,8 +226,9 @@ def _arch_option(arch: int, native: bool) -> str:
     return f"-arch=sm_{arch}" if native else f"-arch=compute_{arch}"
 
 
-def _cache_key(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...]) -> str:
-    _, tree_digest = _source_tree(filename)
+def _cache_key(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...],
+               root: Path | None) -> str:
+    _, tree_digest = _source_tree(filename, root)
     parts = {
         "package": _package_version(),
         "source": filename,
@@ -241,13 +243,14 @@ def _cache_key(filename: str, name_expression: str, arch: int, native: bool, opt
 
 
 def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...],
-                   key: str) -> CompiledKernel:
+                   key: str, root: Path | None = None) -> CompiledKernel:
     nvrtc = _nvrtc()
-    source, _ = _source_tree(filename)
+    source, _ = _source_tree(filename, root)
     all_options = (
         *BASE_OPTIONS,
         *options,
         _arch_option(arch, native),
+        *([f"-I{root}"] if root is not None else []),
         f"-I{kernel_dir()}",
         f"-I{cuda_include_dir()}",
     )
@@ -267,6 +270,23 @@ def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool,
     if isinstance(image, str):
         image = image.encode()
     return CompiledKernel(key, name_expression, lowered, bytes(image), log)
+
+
+def compile_source(source: str, arch: int, root: Path | None = None, name: str = "check.cu") -> str:
+    """Compile a source text to PTX for `arch` with the kernels' options and include paths (no cache, no GPU);
+    return NVRTC's log, or raise CompileError with it. Tests use it for compile-time checks (static_assert)."""
+    nvrtc = _nvrtc()
+    options = [*BASE_OPTIONS, f"-arch=compute_{arch}", *([f"-I{root}"] if root is not None else []),
+               f"-I{kernel_dir()}", f"-I{cuda_include_dir()}"]
+    prog = nvrtc.createProgram(source, name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise CompileError(f"cupy_ops: NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}") from exc
+        return nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
 
 
 # ---- disk cache ------------------------------------------------------------------------------------------
@@ -325,14 +345,15 @@ _locks_guard = threading.Lock()
 
 
 def compile_kernel(filename: str, name_expression: str, arch: int, *, native: bool = True,
-                   options: tuple[str, ...] = ()) -> CompiledKernel:
+                   options: tuple[str, ...] = (), root: Path | None = None) -> CompiledKernel:
     """Compile `name_expression` (e.g. "cupy_ops::merge_attn_states_kernel<float, float, 4>") from
-    `cuda_kernels/<filename>` for compute capability `arch` (e.g. 90), through the memory and disk caches.
+    `cuda_kernels/<filename>` (or `root/<filename>`) for compute capability `arch` (e.g. 90), through the memory
+    and disk caches.
 
     Thread-safe: concurrent first calls for one key compile once per process; processes racing on the disk
     cache each write a complete file and the last rename wins.
     """
-    key = _cache_key(filename, name_expression, arch, native, options)
+    key = _cache_key(filename, name_expression, arch, native, options, root)
     hit = _memory.get(key)
     if hit is not None:
         return hit
@@ -343,7 +364,7 @@ def compile_kernel(filename: str, name_expression: str, arch: int, *, native: bo
         if hit is None:
             hit = _read_entry(key)
             if hit is None:
-                hit = _nvrtc_compile(filename, name_expression, arch, native, options, key)
+                hit = _nvrtc_compile(filename, name_expression, arch, native, options, key, root)
                 _write_entry(hit)
             _memory[key] = hit
     return hit
@@ -352,10 +373,10 @@ def compile_kernel(filename: str, name_expression: str, arch: int, *, native: bo
 _PTXAS_FUNC_RE = re.compile(r"Function properties for (\S+)")
 
 
-def ptxas_report(filename: str, name_expression: str, arch: int,
-                 options: tuple[str, ...] = ()) -> PtxasReport:
+def ptxas_report(filename: str, name_expression: str, arch: int, options: tuple[str, ...] = (),
+                 root: Path | None = None) -> PtxasReport:
     """Compile for `arch` (no GPU needed) and parse ptxas' resource usage for this instantiation."""
-    entry = compile_kernel(filename, name_expression, arch, native=True, options=options)
+    entry = compile_kernel(filename, name_expression, arch, native=True, options=options, root=root)
     lines = entry.log.splitlines()
     block: list[str] = []
     for i, line in enumerate(lines):

@@ -1,32 +1,49 @@
-"""Loading compiled kernels per device and launching them on torch's or CuPy's current stream.
+"""The CUDA driver through ctypes: load compiled kernels per device, query the device and a kernel's occupancy,
+and launch kernels or memsets on a raw stream.
 
-Kernels are compiled by `compiler.py` (NVRTC through CuPy on a cache miss) and loaded into the device's primary
-context, the one torch and CuPy share, with two driver calls through ctypes: a warm disk cache then never
-imports CuPy (100-180 ms) on the caller's path. The launch is one `cuLaunchKernel` through CuPy's Cython
-binding (imported in the background; `cuLaunchKernelEx` through ctypes until then) with a single by-value
-params struct that the op packs with `struct`, instead of CuPy's `Function.__call__`, whose per-argument boxing
-costs more than the kernel at small sizes.
+Kernels are compiled by `compiler.py` and loaded into the device's primary context, the one torch and CuPy
+share. Every call here goes straight to libcuda through ctypes, so a warm disk cache never imports CuPy
+(100-180 ms) on the caller's path. One launch is `cuLaunchKernelEx` with a `LaunchConfig` (3-D grid and block,
+dynamic shared memory, thread-block cluster) and a single by-value params struct that the runtime packs with
+`struct`. (CuPy's Cython binding of cuLaunchKernel measured 7.47 against ctypes' 7.15 us per merge call on the
+H100: not worth a second binding and the background import it needed.)
 
-Capture-safety: nothing here allocates device memory or synchronizes, and every launch names its stream, so a
-launch inside `torch.cuda.graph` (or CuPy stream capture) is recorded into the graph.
+Capture-safety: nothing here allocates device memory or synchronizes, and every launch and memset names its
+stream, so both are recorded into a CUDA graph under `torch.cuda.graph` (or CuPy stream capture).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import struct
-import sys
 import threading
-import time
+from typing import NamedTuple
 
 from . import compiler
 
-__all__ = ["DriverError", "Kernel", "cu_launch_kernel_ex", "cupy_binding_ready", "cupy_launch_kernel", "device_arch",
-           "fast_divmod", "launch", "launch_buffers", "launch_failed", "pack_launch_config"]
+__all__ = ["DriverError", "Kernel", "LaunchConfig", "Launcher", "device_arch", "device_attribute",
+           "fast_divmod", "memset_async", "occupancy", "max_active_clusters"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
+# Dynamic shared memory a kernel may use without opting in through its function attribute.
+DEFAULT_DYNAMIC_SMEM = 48 * 1024
+
+# cuDeviceGetAttribute ids (cuda.h, CUdevice_attribute)
+_DEVICE_ATTRIBUTES = {
+    "max_threads_per_block": 1,
+    "max_shared_memory_per_block": 8,
+    "sm_count": 16,
+    "compute_capability_major": 75,
+    "compute_capability_minor": 76,
+    "max_shared_memory_per_sm": 81,
+    "max_shared_memory_per_block_optin": 97,
+    "l2_cache_size": 38,
+    "cluster_launch": 120,
+}
+_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
+_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,49 +62,64 @@ def _error_name(code: int) -> str:
     return name.value.decode() if name.value else f"CUresult {code}"
 
 
+class DriverError(RuntimeError):
+    """A failed driver call; `status` is its CUresult."""
+
+    def __init__(self, status: int, what: str = "CUDA driver call"):
+        self.status = status
+        super().__init__(f"cupy_ops: {what} failed: {_error_name(status)}")
+
+
 def _check_cu(code: int, what: str) -> None:
     if code:
-        raise RuntimeError(f"cupy_ops: {what} failed: {_error_name(code)}")
+        raise DriverError(code, what)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_handle(device: int) -> int:
+    lib = _libcuda()
+    _check_cu(lib.cuInit(0), "cuInit")
+    handle = ctypes.c_int()
+    _check_cu(lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
+    return handle.value
 
 
 @functools.lru_cache(maxsize=None)
 def _primary_context(device: int) -> ctypes.c_void_p:
     """The device's primary context (the one torch and CuPy use), retained for the life of the process."""
-    lib = _libcuda()
-    _check_cu(lib.cuInit(0), "cuInit")
-    handle, context = ctypes.c_int(), ctypes.c_void_p()
-    _check_cu(lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
-    _check_cu(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle), "cuDevicePrimaryCtxRetain")
+    context = ctypes.c_void_p()
+    _check_cu(_libcuda().cuDevicePrimaryCtxRetain(ctypes.byref(context), _device_handle(device)),
+              "cuDevicePrimaryCtxRetain")
     return context
 
 
 @functools.lru_cache(maxsize=None)
+def device_attribute(device: int, name: str) -> int:
+    """One of `_DEVICE_ATTRIBUTES` (e.g. "sm_count", "max_shared_memory_per_block_optin") of `device`."""
+    value = ctypes.c_int()
+    _check_cu(_libcuda().cuDeviceGetAttribute(ctypes.byref(value), _DEVICE_ATTRIBUTES[name],
+                                              _device_handle(device)), f"cuDeviceGetAttribute({name})")
+    return value.value
+
+
 def device_arch(device: int) -> int:
     """Compute capability of `device` as an int, e.g. 90 for an H100."""
-    lib = _libcuda()
-    _check_cu(lib.cuInit(0), "cuInit")
-    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    _check_cu(lib.cuDeviceGet(ctypes.byref(handle), device), f"cuDeviceGet({device})")
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
-    _check_cu(lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle), "cuDeviceGetAttribute")
-    _check_cu(lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle), "cuDeviceGetAttribute")
-    return major.value * 10 + minor.value
+    return (device_attribute(device, "compute_capability_major") * 10
+            + device_attribute(device, "compute_capability_minor"))
 
 
-def _load_function(device: int, image: bytes, lowered_name: str) -> tuple[ctypes.c_void_p, int]:
-    """(CUmodule, CUfunction) of `image` loaded into `device`'s primary context, whatever is current here."""
-    lib = _libcuda()
-    context = _primary_context(device)
-    module, function, previous = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-    # cuda.h maps these names to their _v2 ABI; the bare symbols are the legacy ABI (INVALID_CONTEXT here).
-    _check_cu(lib.cuCtxPushCurrent_v2(context), "cuCtxPushCurrent")
-    try:
-        _check_cu(lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
-        _check_cu(lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
-                  f"cuModuleGetFunction({lowered_name})")
-    finally:
-        lib.cuCtxPopCurrent_v2(ctypes.byref(previous))
-    return module, function.value
+class _ContextPushed:
+    """`with _ContextPushed(device):` makes the device's primary context current for driver calls that need one,
+    whatever this thread has current, and restores it after."""
+
+    def __init__(self, device: int):
+        self.context = _primary_context(device)
+
+    def __enter__(self):
+        _check_cu(_libcuda().cuCtxPushCurrent_v2(self.context), "cuCtxPushCurrent")
+
+    def __exit__(self, *exc):
+        _libcuda().cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
 def fast_divmod(divisor: int) -> tuple[int, int, int]:
@@ -97,175 +129,201 @@ def fast_divmod(divisor: int) -> tuple[int, int, int]:
 
 
 class Kernel:
-    """One template instantiation of one `cuda_kernels/*.cu` file, loaded lazily once per device."""
+    """One template instantiation of one `.cu` file, loaded lazily once per device.
 
-    __slots__ = ("filename", "name_expression", "_functions", "_lock")
+    `source`: file name under `root` (default: the package's cuda_kernels/); `name_expression`: the
+    instantiation, e.g. "cupy_ops::merge_attn_states_kernel<float, float, 4, false>"."""
 
-    def __init__(self, filename: str, name_expression: str):
-        self.filename = filename
+    __slots__ = ("source", "name_expression", "root", "_functions", "_lock", "_dynamic_smem")
+
+    def __init__(self, source: str, name_expression: str, root=None):
+        self.source = source
         self.name_expression = name_expression
-        self._functions: dict[int, tuple[ctypes.c_void_p, int]] = {}  # device -> (CUmodule, CUfunction)
+        self.root = root
+        self._functions: dict[int, int] = {}  # device -> CUfunction
+        self._dynamic_smem: dict[int, int] = {}  # device -> opted-in dynamic shared memory
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Kernel({self.filename!r}, {self.name_expression!r})"
+        return f"Kernel({self.source!r}, {self.name_expression!r})"
 
     def compile(self, arch: int) -> compiler.CompiledKernel:
         target, native = compiler.supported_arch(arch)
-        return compiler.compile_kernel(self.filename, self.name_expression, target, native=native)
+        return compiler.compile_kernel(self.source, self.name_expression, target, native=native, root=self.root)
 
     def function(self, device: int) -> int:
         """CUfunction handle (an address) for `device`, compiling (or reading the disk cache) and loading on first
         use."""
-        loaded = self._functions.get(device)
-        if loaded is not None:
-            return loaded[1]
+        function = self._functions.get(device)
+        if function is not None:
+            return function
         with self._lock:
-            loaded = self._functions.get(device)
-            if loaded is None:
+            function = self._functions.get(device)
+            if function is None:
                 compiled = self.compile(device_arch(device))
-                loaded = self._functions[device] = _load_function(device, compiled.image, compiled.lowered_name)
-        return loaded[1]
+                function = self._functions[device] = _load_function(device, compiled.image, compiled.lowered_name)
+        return function
+
+    def allow_dynamic_smem(self, device: int, nbytes: int) -> None:
+        """Opt the kernel in to `nbytes` of dynamic shared memory (above 48 KiB the driver requires it); once per
+        device and size."""
+        if nbytes <= max(DEFAULT_DYNAMIC_SMEM, self._dynamic_smem.get(device, 0)):
+            return
+        limit = device_attribute(device, "max_shared_memory_per_block_optin")
+        if nbytes > limit:
+            raise ValueError(f"cupy_ops: {self.name_expression} asks for {nbytes} bytes of shared memory; "
+                             f"this GPU allows {limit}")
+        with _ContextPushed(device):
+            _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(self.function(device)),
+                                                    _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
+                      "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+        self._dynamic_smem[device] = nbytes
 
 
-class DriverError(RuntimeError):
-    """A failed driver call from the ctypes launch path; `status` is the CUresult (like CuPy's CUDADriverError)."""
+def _load_function(device: int, image: bytes, lowered_name: str) -> int:
+    """CUfunction of `image` loaded into `device`'s primary context, whatever is current in this thread."""
+    lib = _libcuda()
+    module, function = ctypes.c_void_p(), ctypes.c_void_p()
+    with _ContextPushed(device):
+        _check_cu(lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+        _check_cu(lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
+                  f"cuModuleGetFunction({lowered_name})")
+    return function.value
 
-    def __init__(self, status: int):
-        self.status = status
-        super().__init__(_error_name(status))
 
+class LaunchConfig(NamedTuple):
+    """Grid and block (x, y, z), dynamic shared memory in bytes, and thread-block cluster (x, y, z) or None."""
 
-# ---- the launch, two ways ---------------------------------------------------------------------------------
-#
-# CuPy's Cython binding of cuLaunchKernel (`cupy.cuda.driver.launchKernel`) takes 11 ints: ~3.0 us a launch on
-# the H100 VM. ctypes calls cuLaunchKernelEx with the grid, block and stream packed in a per-thread
-# CUlaunchConfig: 4 ready-made arguments (no argtypes: ctypes converts one in ~0.2 us), yet ~0.6 us more a
-# launch. CuPy's binding needs CuPy imported, 50-100 ms of mostly GIL-holding module set-up: on the caller's
-# path it would be most of a warm-cache first call, and in a thread started right then it still stalls the
-# caller's next steps. So the process's first launch starts a daemon thread that imports it a second later
-# (at once if CuPy is already imported), and launches go through ctypes until it is ready;
-# `CUPY_OPS_LAUNCH=ctypes` keeps them on ctypes. Both read the kernel's params struct, packed by the caller into
-# this thread's `launch_buffers.params`. Hot paths inline `_launch_packed` (see merge_attn_states): each Python
-# call level costs ~0.2 us.
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int = 0
+    cluster: tuple[int, int, int] | None = None
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1] * self.block[2]
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
 
 # cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
-# stream, an attribute pointer and count.
-pack_launch_config = struct.Struct("<7I4xQQI4x").pack_into
-cupy_launch_kernel = None  # CuPy's launchKernel, once `_import_cupy_binding` has made it ready
-_cupy_import = None  # the thread running `_import_cupy_binding`, once started
-_cupy_import_lock = threading.Lock()  # two threads' first launches start one import
-_CUPY_IMPORT_DELAY_S = 1.0
+# stream, a CUlaunchAttribute pointer and count. The first 28 bytes are fixed per launch config.
+_CONFIG_HEAD = struct.Struct("<7I")
+_CONFIG_TAIL = struct.Struct("<4xQQI4x")
+# CUlaunchAttribute: id (uint32), 4 bytes of padding, a 64-byte value union (clusterDim: 3 x uint32).
+_LAUNCH_ATTRIBUTE = struct.Struct("<I4x3I52x")
 
 
-def _import_cupy_binding() -> None:
-    global cupy_launch_kernel
-    if "cupy" not in sys.modules:
-        time.sleep(_CUPY_IMPORT_DELAY_S)
-    try:
-        import cupy  # noqa: F401 - CuPy's driver binding imports it on first use anyway: here, off the caller's path
-        from cupy_backends.cuda.api import driver
+class Launcher:
+    """One kernel ready to launch with one `LaunchConfig` on one device: `launch(stream, pack_into, values)`
+    packs the kernel's params struct with `pack_into(buffer, 0, *values)` (a `struct.Struct.pack_into`) and
+    launches it on the raw CUstream `stream`."""
 
-        driver.ctxGetCurrent()  # loads its libcuda binding now rather than in the first launch through it
-    except Exception:  # noqa: BLE001 - no usable CuPy: launches stay on ctypes
-        return
-    cupy_launch_kernel = driver.launchKernel
+    __slots__ = ("function", "device", "config", "_head", "_attributes", "_attribute_count")
+
+    def __init__(self, kernel: Kernel, device: int, config: LaunchConfig):
+        self.function = ctypes.c_void_p(kernel.function(device))
+        self.device = device
+        self.config = config
+        kernel.allow_dynamic_smem(device, config.shared_bytes)
+        if config.cluster is not None and config.cluster[0] * config.cluster[1] * config.cluster[2] > 8:
+            _check_cu(_libcuda().cuFuncSetAttribute(self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                                                    1), "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
+        self._head = _CONFIG_HEAD.pack(*config.grid, *config.block, config.shared_bytes)
+        if config.cluster is None:
+            self._attributes, self._attribute_count = None, 0
+        else:
+            self._attributes = ctypes.create_string_buffer(
+                _LAUNCH_ATTRIBUTE.pack(_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *config.cluster), _LAUNCH_ATTRIBUTE.size)
+            self._attribute_count = 1
+
+    def _config(self, stream: int) -> ctypes.Array:
+        buffers = _buffers
+        config = buffers.config
+        config[:28] = self._head
+        _CONFIG_TAIL.pack_into(config, 28, stream,
+                               0 if self._attributes is None else ctypes.addressof(self._attributes),
+                               self._attribute_count)
+        return config
+
+    def launch(self, stream: int, pack_into, values) -> None:
+        buffers = _buffers
+        pack_into(buffers.params, 0, *values)
+        code = _cu_launch_kernel_ex(self._config(stream), self.function, buffers.argv, None)
+        if code:
+            if code != _CUDA_ERROR_INVALID_CONTEXT:
+                raise DriverError(code, f"kernel launch ({self.config})")
+            _make_context_current(self.device)  # a thread that never touched CUDA has no current context
+            _check_cu(_cu_launch_kernel_ex(self._config(stream), self.function, buffers.argv, None),
+                      f"kernel launch ({self.config})")
+
+    def max_active_clusters(self) -> int:
+        """Clusters of this launch's shape that can be resident at once on the whole GPU (cluster launches only)."""
+        count = ctypes.c_int()
+        with _ContextPushed(self.device):
+            _check_cu(_libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(count), self.function,
+                                                              self._config(0)), "cuOccupancyMaxActiveClusters")
+        return count.value
 
 
-def _start_cupy_binding_import() -> None:
-    """Import CuPy's launch binding in a daemon thread (a process may exit before, or during, the import),
-    unless it is under way, ready, or `CUPY_OPS_LAUNCH=ctypes`."""
-    global _cupy_import
-    with _cupy_import_lock:
-        if _cupy_import is None and cupy_launch_kernel is None and os.environ.get("CUPY_OPS_LAUNCH") != "ctypes":
-            _cupy_import = threading.Thread(target=_import_cupy_binding, daemon=True,
-                                            name="cupy_ops: import CuPy's launch binding")
-            _cupy_import.start()
-
-
-def cupy_binding_ready(timeout: float | None = None) -> bool:
-    """Wait up to `timeout` s for the import of CuPy's launch binding, if one was started; is it in use now?"""
-    if _cupy_import is not None:
-        _cupy_import.join(timeout)
-    return cupy_launch_kernel is not None
-
-
-def cu_launch_kernel_ex(*args) -> int:  # noqa: F811 - the stub rebinds its own name
+def _cu_launch_kernel_ex(*args) -> int:
     """First call binds libcuda's cuLaunchKernelEx in place of this stub (no driver is needed before that)."""
-    global cu_launch_kernel_ex
-    cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
-    return cu_launch_kernel_ex(*args)
+    global _cu_launch_kernel_ex
+    _cu_launch_kernel_ex = _libcuda().cuLaunchKernelEx
+    return _cu_launch_kernel_ex(*args)
 
 
-class _LaunchBuffers(threading.local):
+class _Buffers(threading.local):
     """Per-thread launch buffers: the driver copies them during the launch, so one set per thread is enough (the
     launch releases the GIL, so threads must not share them). `params` holds the kernel's single by-value
-    argument, `config` the ctypes path's CUlaunchConfig. `argv` (its address, for CuPy's binding) and
-    `argv_array` (for ctypes) are cuLaunchKernel's kernelParams, one pointer to `params`; the thread's first
-    launch sets them (`launch_failed`) once a context is current here: reading them before raises
-    AttributeError, which sends that launch to `launch_failed` at no cost to the others."""
+    argument, `config` the CUlaunchConfig, `argv` cuLaunchKernelEx's kernelParams (one pointer to `params`)."""
 
     def __init__(self):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
         self.config = ctypes.create_string_buffer(64)
-        self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        self.argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
 
 
-launch_buffers = _LaunchBuffers()
-
-
-def _launch_packed(function: int, grid: int, block_x: int, block_y: int, stream: int,
-                   buffers: _LaunchBuffers) -> None:
-    """Launch `function` with this thread's packed params, through CuPy's binding if bound, else ctypes."""
-    launch_kernel = cupy_launch_kernel
-    if launch_kernel is not None:
-        launch_kernel(function, grid, 1, 1, block_x, block_y, 1, 0, stream, buffers.argv, 0)
-        return
-    pack_launch_config(buffers.config, 0, grid, 1, 1, block_x, block_y, 1, 0, stream, 0, 0)
-    code = cu_launch_kernel_ex(buffers.config, ctypes.c_void_p(function), buffers.argv_array, None)
-    if code:
-        raise DriverError(code)
-
-
-def launch(function: int, device: int, grid: int, block_x: int, block_y: int, stream: int, params_layout,
-           params: tuple) -> None:
-    """Launch `function` (from `Kernel.function(device)`) on the raw CUstream `stream` with one struct argument
-    that `params_layout` (a little-endian `struct.Struct`) packs from `params`. 1-D grid, 2-D block, no dynamic
-    shared memory."""
-    buffers = launch_buffers
-    params_layout.pack_into(buffers.params, 0, *params)
-    try:
-        _launch_packed(function, grid, block_x, block_y, stream, buffers)
-    except Exception as exc:  # noqa: BLE001 - the binding's error (with .status) or a first launch here
-        launch_failed(exc, function, device, grid, block_x, block_y, stream, buffers)
+_buffers = _Buffers()
 
 
 def _make_context_current(device: int) -> None:
     """Make `device`'s primary context current in this thread if none is, as the CUDA runtime does on a
-    thread's first call (a thread that never touched CUDA has none, and a launch there would fail)."""
+    thread's first call."""
     lib, current = _libcuda(), ctypes.c_void_p()
     _check_cu(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
     if not current.value:
         _check_cu(lib.cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
 
 
-def launch_failed(error: Exception, function: int, device: int, grid: int, block_x: int, block_y: int,
-                  stream: int, buffers: _LaunchBuffers) -> None:
-    """A launch with this thread's packed params raised `error`. The thread's first launch (no `argv` yet) and
-    a launch that found no current context are made again with the device's context current; anything else
-    is raised as a RuntimeError."""
-    first_launch = isinstance(error, AttributeError) and not hasattr(buffers, "argv")
-    if first_launch:
+def occupancy(kernel: Kernel, device: int, threads_per_block: int, shared_bytes: int = 0) -> int:
+    """Blocks of `kernel` that fit on one SM at once with this block size and dynamic shared memory (the
+    driver's answer for this exact instantiation: registers, static and dynamic shared memory)."""
+    kernel.allow_dynamic_smem(device, shared_bytes)
+    count = ctypes.c_int()
+    with _ContextPushed(device):
+        _check_cu(_libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(count), ctypes.c_void_p(kernel.function(device)), threads_per_block,
+            ctypes.c_size_t(shared_bytes)), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    return count.value
+
+
+def max_active_clusters(kernel: Kernel, device: int, config: LaunchConfig) -> int:
+    """Clusters of `config`'s shape that can be resident on the whole GPU at once."""
+    return Launcher(kernel, device, config).max_active_clusters()
+
+
+def memset_async(pointer: int, value: int, nbytes: int, stream: int, device: int) -> None:
+    """Set `nbytes` bytes at `pointer` to `value` (0-255), ordered on `stream` (captured by CUDA graphs)."""
+    if nbytes == 0:
+        return
+    lib = _libcuda()
+    code = lib.cuMemsetD8Async(ctypes.c_uint64(pointer), ctypes.c_ubyte(value), ctypes.c_size_t(nbytes),
+                               ctypes.c_void_p(stream))
+    if code == _CUDA_ERROR_INVALID_CONTEXT:
         _make_context_current(device)
-        buffers.argv_array = buffers._argv
-        buffers.argv = ctypes.addressof(buffers._argv)
-    elif getattr(error, "status", None) == _CUDA_ERROR_INVALID_CONTEXT:
-        _make_context_current(device)  # other code released this thread's context since its first launch
-    else:
-        raise RuntimeError(f"cupy_ops: kernel launch failed: {error}") from error
-    try:
-        _launch_packed(function, grid, block_x, block_y, stream, buffers)
-    except Exception as again:  # noqa: BLE001 - reported as any failed launch
-        raise RuntimeError(f"cupy_ops: kernel launch failed: {again}") from again
-    if first_launch:
-        _start_cupy_binding_import()
+        code = lib.cuMemsetD8Async(ctypes.c_uint64(pointer), ctypes.c_ubyte(value), ctypes.c_size_t(nbytes),
+                                   ctypes.c_void_p(stream))
+    _check_cu(code, "cuMemsetD8Async")

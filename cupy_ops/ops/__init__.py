@@ -1,17 +1,29 @@
-"""One module per op: validation, dtype dispatch and launch configuration, plus its pure-torch reference.
+"""One module per op, each declaring one `cupy_ops._runtime.Op`: importing this package imports every module in
+it, which registers every op (`torch.ops.cupy_ops.<name>`, `cupy_ops.<name>`, warm-up, check, benchmarks and
+tests all read `ops()`)."""
 
-Each module exposes OP, SCHEMA, the public function of the same name, `<op>_ref` and `instantiations()`.
-"""
+from __future__ import annotations
 
 import importlib
+import pkgutil
 
-# Every op, for warm-up, self-check, benchmarks and the compile tests.
-ALL_OPS = ("merge_attn_states",)
+from .._runtime import Op, registry
+
+NAMESPACE = "cupy_ops"
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def op_module(name: str):
-    """The module `cupy_ops.ops.<name>` (the package attribute of that name is shadowed by nothing)."""
-    return importlib.import_module(f"{__name__}.{name}")
+def ops() -> dict[str, Op]:
+    """Every op of this package, by name, in name order."""
+    found = {op.name: op for op in registry.values() if op.namespace == NAMESPACE}
+    return dict(sorted(found.items()))
 
 
-__all__ = ["ALL_OPS", "op_module"]
+def reference(name: str):
+    """The pure-torch reference of op `name`: `<name>_ref` in its module."""
+    return ops()[name].reference
+
+
+__all__ = ["NAMESPACE", "ops", "reference"]

@@ -1,6 +1,7 @@
-"""The eager CUDA path remembers layouts that passed validation (`merge_attn_states._layouts`). A repeated layout
-must still read each call's own pointers and prefill count, and still reject what depends on the call alone: a
-bad prefill count, an output_lse or output that overlaps an input. Without a GPU every test here skips."""
+"""The runtime's eager CUDA path remembers layouts that passed validation (`Op._layouts`, the recent one in
+`Op._recent`), tested on merge_attn_states, the op with the most optional and aliasing arguments. A repeated layout
+must still read each call's own pointers, and still reject what depends on the call alone: an output_lse or
+output that overlaps an input. Without a GPU every test here skips."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from merge_utils import check_outputs, gpu, make_case, poison_, requires_cuda, run_and_check
 
 import cupy_ops
-from cupy_ops.ops import merge_attn_states as mas
+from cupy_ops.ops.merge_attn_states import OP
 from cupy_ops.testing import mismatch
 
 pytestmark = [gpu, requires_cuda]
@@ -21,21 +22,21 @@ pytestmark = [gpu, requires_cuda]
 
 @pytest.fixture(autouse=True)
 def empty_layout_cache(monkeypatch):
-    monkeypatch.setattr(mas, "_layouts", {})
-    monkeypatch.setattr(mas, "_recent_layout", None)
+    monkeypatch.setattr(OP, "_layouts", {})
+    monkeypatch.setattr(OP, "_recent", None)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
 @pytest.mark.parametrize("layout", ["contiguous", "head_slice", "offset1"])
 def test_repeated_layout_uses_each_calls_tensors_and_count(layout, fp8):
     """Three calls with one layout and fresh tensors (poisoned outputs, float64 reference): the first fills the
-    cache, the others hit it, the third with another prefill count."""
+    cache, the second hits it, the third has another prefill count: a scalar argument, part of the layout."""
     n, h, d = 37, 8, 128
     run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=1))
-    assert len(mas._layouts) == 1
+    assert len(OP._layouts) == 1
     run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=2))
     run_and_check(make_case(n, h, d, torch.bfloat16, "cuda", fp8=fp8, layout=layout, seed=3, p=n // 3))
-    assert len(mas._layouts) == 1  # p is not part of the layout
+    assert len(OP._layouts) == 2
 
 
 @pytest.mark.parametrize("p, exception", [(38, ValueError), (-1, ValueError), (True, TypeError),
@@ -43,7 +44,7 @@ def test_repeated_layout_uses_each_calls_tensors_and_count(layout, fp8):
 def test_cached_layout_still_checks_the_count(p, exception):
     case = make_case(37, 8, 128, torch.float16, "cuda")
     cupy_ops.merge_attn_states(*case.args())
-    assert len(mas._layouts) == 1
+    assert len(OP._layouts) == 1
     with pytest.raises(exception, match="merge_attn_states: prefill_tokens_with_context"):
         cupy_ops.merge_attn_states(*dataclasses.replace(case, p=p).args())
 
@@ -95,7 +96,7 @@ def test_contiguous_tensors_with_odd_size_one_strides_share_a_layout():
     case = dataclasses.replace(case, **odd, outputs=[(odd["output"], odd["output"], "output"),
                                                      *case.outputs[1:]])
     run_and_check(case)
-    assert len(mas._layouts) == 1
+    assert len(OP._layouts) == 1
 
 
 def test_threads_launching_one_layout_at_once_keep_their_own_pointers():
@@ -154,13 +155,13 @@ UNLIKE_THE_RECENT = {
 @pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
 @pytest.mark.parametrize("with_output_lse", [True, False], ids=["lse", "no-lse"])
 def test_a_repeated_layout_is_decided_by_its_guard_alone(monkeypatch, with_output_lse, fp8):
-    """Once a layout came from the dict it is the recent one: later calls like it launch without a dict lookup,
-    whichever optional tensors are given."""
+    """A layout just validated is the recent one: later calls like it launch without a dict lookup, whichever
+    optional tensors are given."""
     layouts = _CountingDict()
-    monkeypatch.setattr(mas, "_layouts", layouts)
-    run_and_check(_bfloat16_case(1, with_output_lse=with_output_lse, fp8=fp8))  # validated, remembered
-    run_and_check(_bfloat16_case(2, with_output_lse=with_output_lse, fp8=fp8))  # from the dict: the recent one
-    assert mas._recent_layout is layouts[next(iter(layouts))]
+    monkeypatch.setattr(OP, "_layouts", layouts)
+    run_and_check(_bfloat16_case(1, with_output_lse=with_output_lse, fp8=fp8))  # validated, remembered, recent
+    run_and_check(_bfloat16_case(2, with_output_lse=with_output_lse, fp8=fp8))
+    assert OP._recent is layouts[next(iter(layouts))]
     lookups = layouts.lookups
     for seed in (3, 4):
         run_and_check(_bfloat16_case(seed, with_output_lse=with_output_lse, fp8=fp8))
@@ -173,13 +174,29 @@ def test_a_call_unlike_the_recent_layout_takes_its_own(unlike):
     make_unlike, layouts_after = UNLIKE_THE_RECENT[unlike]
     run_and_check(_bfloat16_case(1))
     run_and_check(_bfloat16_case(2))
-    recent = mas._recent_layout
+    recent = OP._recent
     assert recent is not None
     run_and_check(make_unlike(3))
-    assert len(mas._layouts) == layouts_after  # validated on its own, not launched as the recent layout
-    run_and_check(_bfloat16_case(4))  # the recent layout again
-    assert mas._recent_layout is recent
-    run_and_check(make_unlike(5))
-    run_and_check(make_unlike(6))  # from the dict: the recent layout now
-    assert (mas._recent_layout is recent) == (unlike == "cpu")
+    assert len(OP._layouts) == layouts_after  # validated on its own, not launched as the recent layout
+    run_and_check(_bfloat16_case(4))  # from the dict: the recent layout again
+    assert OP._recent is recent
+    run_and_check(make_unlike(5))  # from the dict (CPU: validated again): the recent layout now
+    run_and_check(make_unlike(6))
+    assert (OP._recent is recent) == (unlike == "cpu")
     run_and_check(_bfloat16_case(7))
+
+
+def test_one_tensor_given_twice_keeps_a_guard():
+    """A tensor passed as both prefix_output and suffix_output (one object in two places): the recent layout's
+    guard still decides repeated calls (dynamo's guard alone never passes one object given twice)."""
+    layouts = _CountingDict()
+    OP._layouts = layouts
+    case = _bfloat16_case(1)
+    same = dataclasses.replace(case, suffix_output=case.prefix_output)
+    run_and_check(same)
+    lookups = layouts.lookups
+    for seed in (2, 3):
+        case = _bfloat16_case(seed)
+        run_and_check(dataclasses.replace(case, suffix_output=case.prefix_output))
+    assert layouts.lookups == lookups
+    run_and_check(_bfloat16_case(4))  # two objects again: not the twice-given layout's guard, still correct

@@ -1,0 +1,618 @@
+"""Ops: an op file declares what is particular to it; `Op` does the rest, once for every op.
+
+An op declares its schema (vLLM's), its tensor arguments (`TensorArg`: accepted dtypes, symbolic shape), its
+params struct(s) (`params.CStruct`), its kernels, a `check` for rules across arguments, a `plan` that turns a
+validated call into launch steps (`Launch`, `Memset`, `Scratch`), and a pure-torch `reference`. From that
+`Op` builds the public function and registers `torch.ops.<namespace>.<name>`; every call is then:
+
+- **routed**: inside torch.compile, or on fake/functional tensors, to the registered op (its fake kernel is a
+  no-op: ops mutate their outputs and return nothing); CPU tensors to the reference; CuPy arrays to a launch on
+  CuPy's current stream; meta tensors to validation only; CUDA tensors to a launch on torch's current stream.
+- **validated** before anything is launched or written: kinds, devices, dtypes, shapes, strides, scalar
+  types, the op's own rules, and memory overlap of written tensors; errors are ValueError/TypeError naming the
+  op and the argument.
+- **cached**: a CUDA call whose layout (every tensor's type, dtype, device, shape and strides, the scalar
+  arguments and the 16-byte alignment of pointers the plan reads) passed validation before skips validation
+  and planning. The layout of the last such call keeps dynamo's C++ metadata guard (`arrays.metadata_guard`);
+  other calls build a dict key. Pointers are read and overlap is checked on every call.
+
+Scalar arguments are part of the layout, so a plan (grid, params) may depend on them; a plan never depends on
+the data (lengths read on the device): a CUDA graph replays it with new data.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from . import arrays, launcher
+from .launcher import Kernel, LaunchConfig
+from .params import CStruct
+
+__all__ = ["Call", "Launch", "LaunchConfig", "Memset", "Op", "Scratch", "TensorArg", "TensorInfo", "registry"]
+
+_MAX_CACHED_LAYOUTS = 4096
+_current_device = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU-only torch builds
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_is_compiling = torch.compiler.is_compiling
+# A constant True while dynamo traces, else False: one Python call, where is_compiling() makes two.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
+
+
+# ---- what an op declares -------------------------------------------------------------------------------------
+
+
+class TensorArg(NamedTuple):
+    """A tensor argument of the schema, as validation sees it.
+
+    role: "in" (read), "out" (written, not read: tests poison it) or "inout" (read, then written); "out" and
+        "inout" are exactly the schema's written (`Tensor!`) arguments.
+    shape: one entry per dimension, a symbol (str) bound by the first argument that has it or an int; None
+        accepts any shape (the op's `check` decides).
+    dtypes: accepted dtypes (TypeError otherwise), or the name of an earlier argument whose dtype this one must
+        have; None accepts any (the op's `check` decides).
+    unit_last_stride: the last dimension must have stride 1 (when it has more than one element).
+    aligned: the plan reads this pointer's alignment (`TensorInfo.align`, its address modulo 16): the layout
+        cache then keys on it.
+    may_alias: (written arguments) inputs this argument may be exactly (same address, strides and dtype), as in
+        an in-place call; any other overlap with another argument is rejected.
+    """
+
+    name: str
+    role: str = "in"
+    shape: tuple | None = None
+    dtypes: tuple | str | None = None
+    unit_last_stride: bool = False
+    aligned: bool = False
+    may_alias: tuple[str, ...] = ()
+
+
+class TensorInfo(NamedTuple):
+    """A tensor argument as `check` and `plan` see it: no data pointer, only its alignment where declared."""
+
+    dtype: Any
+    shape: tuple
+    strides: tuple
+    itemsize: int
+    align: int | None  # address % 16 for `aligned` arguments, else None
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+class Launch(NamedTuple):
+    """Launch `kernel` with `config`; its params struct `params` gets `values` (every non-pointer field)."""
+
+    kernel: Kernel
+    config: LaunchConfig
+    params: CStruct
+    values: dict
+
+
+class Memset(NamedTuple):
+    """Set the first `nbytes` bytes of tensor argument (or scratch buffer) `target` to `value`, on the stream."""
+
+    target: str
+    nbytes: int
+    value: int = 0
+
+
+class Scratch(NamedTuple):
+    """A temporary device buffer of `nbytes` bytes for this call (torch's caching allocator, or CuPy's pool for
+    CuPy arrays), named so that pointer fields and memsets can use it. Uninitialised."""
+
+    name: str
+    nbytes: int
+
+
+class Call:
+    """What `check` and `plan` see: every argument by name (`TensorInfo`, None for an absent optional tensor, or
+    the scalar's value), `dims` (symbol -> size), `device` (CUDA ordinal, or arrays.CPU / arrays.META)."""
+
+    def __init__(self, op: str, values: dict, dims: dict, device: int):
+        self.__dict__.update(values)
+        self.op, self.dims, self.device = op, dims, device
+
+    def reject(self, arg: str, message: str, error: type = ValueError):
+        """Raise `error` naming the op and `arg`: `call.reject("output", "must be ...")`."""
+        raise error(f"{self.op}: {arg} {message}")
+
+
+# ---- the runtime's form of a plan ------------------------------------------------------------------------------
+
+
+class _LaunchStep:
+    __slots__ = ("launcher", "pointers", "tail", "pack_into")
+
+    def __init__(self, step: Launch, device: int, pointer_index: Callable[[str], int]):
+        self.launcher = launcher.Launcher(step.kernel, device, step.config)
+        indices = [pointer_index(f.source) for f in step.params.pointers]
+        self.pointers = _picker(indices)
+        self.tail = step.params.pack(step.values)
+        self.pack_into = step.params.pack_into
+
+    def run(self, pointers: list, stream: int) -> None:
+        self.launcher.launch(stream, self.pack_into, (*self.pointers(pointers), self.tail))
+
+
+class _MemsetStep:
+    __slots__ = ("index", "nbytes", "value", "device")
+
+    def __init__(self, step: Memset, device: int, pointer_index: Callable[[str], int]):
+        self.index, self.nbytes, self.value, self.device = pointer_index(step.target), step.nbytes, step.value, device
+
+    def run(self, pointers: list, stream: int) -> None:
+        launcher.memset_async(pointers[self.index], self.value, self.nbytes, stream, self.device)
+
+
+class _Layout:
+    """A validated CUDA layout: its launch steps, and what each call with it still checks."""
+
+    __slots__ = ("match", "scalars", "scalar_types", "align", "device", "scratch", "steps", "overlaps")
+
+    def __init__(self, scalars, align, device, scratch, steps, overlaps, match=None):
+        self.scalars, self.scalar_types = scalars, tuple(map(type, scalars))
+        self.align, self.device = align, device
+        self.scratch = scratch      # bytes per scratch buffer, in the order of their pointer slots
+        self.steps = steps
+        self.overlaps = overlaps    # (i, j, extent i, extent j, same-view allowed) for each pair to check
+        self.match = match          # metadata guard of the tensors that made it, or None
+
+
+def _layout_key(tensors: list, scalars: tuple, align: tuple) -> tuple:
+    """The dict key of a CUDA call's layout. `is_contiguous() or stride()`: True, or the strides (contiguity
+    ignores the stride of a size-1 dim, which only ever multiplies index 0). Scalars carry their types: 1, 1.0
+    and True are equal in Python but not to validation."""
+    return (tuple(None if type(t) is arrays._Absent else
+                  (type(t), t.shape, t.dtype, t.get_device(), t.is_contiguous() or t.stride()) for t in tensors),
+            tuple((type(v), v) for v in scalars), align)
+
+
+# ---- the op --------------------------------------------------------------------------------------------------
+
+_LIBRARIES: dict[str, torch.library.Library] = {}
+registry: dict[str, Op] = {}  # qualified name ("cupy_ops::merge_attn_states") -> Op
+
+
+class Op:
+    """One op: `Op(schema, tensors=..., kernels=..., params=..., check=..., plan=..., reference=...)`.
+
+    check(call): raise (`call.reject`) on what the declarations cannot say; may be None.
+    plan(call) -> list of steps (`Launch`, `Memset`, `Scratch`) for a validated CUDA call; [] launches nothing.
+    reference(*args, **kwargs) -> one new tensor (or None) per written argument, in schema order: the pure-torch
+        semantics, and the op's CPU kernel.
+    examples(device) -> [(label, args)]: random valid calls for `python -m cupy_ops check` (fresh data each time).
+    compare(args, expected) -> None or what differs, for written arguments after a call; default: every written
+        tensor within `testing.TOLERANCE` of the float64 reference (`reference(..., compute_dtype=float64)`).
+    """
+
+    def __init__(self, schema: str, *, tensors: Sequence[TensorArg], kernels: Sequence[Kernel],
+                 params: CStruct | Sequence[CStruct], plan: Callable, reference: Callable,
+                 check: Callable | None = None, examples: Callable | None = None, compare: Callable | None = None,
+                 namespace: str = "cupy_ops", doc: str | None = None):
+        parsed = torch._C.parse_schema(schema)
+        self.name, self.namespace, self.schema = parsed.name, namespace, schema
+        self.qualified_name = f"{namespace}::{self.name}"
+        self.kernels = tuple(kernels)
+        self.params = (params,) if isinstance(params, CStruct) else tuple(params)
+        self.check, self.plan, self.reference = check, plan, reference
+        self.examples, self.compare = examples, compare
+        self.arguments = [a.name for a in parsed.arguments]
+        self.defaults = {a.name: a.default_value for a in parsed.arguments if a.has_default_value()}
+        self.written = [a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write]
+        is_tensor = {a.name: "Tensor" in str(a.type) for a in parsed.arguments}
+        self.optional = {a.name for a in parsed.arguments if isinstance(a.type, torch.OptionalType)}
+        self.scalar_types = {a.name: str(a.type).replace("Optional[", "").rstrip("]")
+                             for a in parsed.arguments if not is_tensor[a.name]}
+        reserved = {"op", "dims", "device", "reject"} & set(self.arguments)
+        if reserved:
+            raise ValueError(f"{self.name}: argument names {sorted(reserved)} are taken by `Call`")
+        declared = {t.name: t for t in tensors}
+        schema_tensors = [n for n in self.arguments if is_tensor[n]]
+        if sorted(declared) != sorted(schema_tensors):
+            raise ValueError(f"{self.name}: TensorArg declarations {sorted(declared)} must be the schema's tensors "
+                             f"{sorted(schema_tensors)}")
+        roles = {t.name: t.role for t in tensors}
+        if sorted(n for n, r in roles.items() if r != "in") != sorted(self.written) or not set(roles.values()) <= {
+                "in", "out", "inout"}:
+            raise ValueError(f"{self.name}: roles {roles} must say 'out' or 'inout' exactly for the schema's written "
+                             f"arguments {self.written}")
+        self.outputs = [n for n in self.arguments if roles.get(n) == "out"]  # written, not read
+        self.tensor_args = tuple(tensors)                # validation order
+        self.tensor_names = tuple(schema_tensors)        # pointer-slot order (schema order)
+        self._tensor_slots = tuple((self.arguments.index(n), arrays.absent() if n in self.optional else None)
+                                   for n in schema_tensors)
+        self._scalar_positions = tuple(i for i, n in enumerate(self.arguments) if not is_tensor[n])
+        self._scalars = _picker(self._scalar_positions)
+        self._aligned = tuple(i for i, n in enumerate(schema_tensors) if declared[n].aligned)
+        self._aligned_pointers = _picker(self._aligned)
+        self._layouts: dict[tuple, _Layout] = {}
+        self._recent: _Layout | None = None
+        self.overload = self._register()
+        self.public = self._public_function(doc)
+        if self.qualified_name in registry:
+            raise ValueError(f"{self.qualified_name} is defined twice")
+        registry[self.qualified_name] = self
+
+    def __repr__(self) -> str:
+        return f"Op({self.qualified_name})"
+
+    # ---- binding and routing ----
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple:
+        """Positional and keyword arguments as one positional tuple in schema order, defaults filled in (an
+        optional argument without a default in the schema defaults to None, as in vLLM's Python wrappers)."""
+        if len(args) > len(self.arguments):
+            raise TypeError(f"{self.name}() takes {len(self.arguments)} arguments, got {len(args)}")
+        values = list(args)
+        for name in self.arguments[len(args):]:
+            if name in kwargs:
+                values.append(kwargs.pop(name))
+            elif name in self.defaults or name in self.optional:
+                values.append(self.defaults.get(name))
+            else:
+                raise TypeError(f"{self.name}() missing argument {name!r}")
+        if kwargs:
+            raise TypeError(f"{self.name}() got unexpected or repeated arguments {sorted(kwargs)}")
+        return tuple(values)
+
+    def _public_function(self, doc: str | None) -> Callable:
+        op, overload, nargs = self, self.overload, len(self.arguments)
+
+        def public(*args, **kwargs):
+            if _is_dynamo_compiling():
+                return overload(*args, **kwargs)
+            if kwargs or len(args) != nargs:
+                args = op.bind(args, kwargs)
+            op._run(args, True)
+
+        public.__name__ = public.__qualname__ = self.name
+        public.__doc__ = doc
+        public.__module__ = "cupy_ops"
+        return public
+
+    def _run(self, args: tuple, public: bool) -> None:
+        """One call: the cached CUDA path when the layout was validated before, else `_run_validated`."""
+        tensors = [standin if (t := args[i]) is None else t for i, standin in self._tensor_slots]
+        scalars = self._scalars(args)
+        layout = self._recent
+        try:
+            if (layout is None or layout.scalars != scalars or layout.scalar_types != tuple(map(type, scalars))
+                    or not layout.match(*tensors)):
+                layout = self._lookup(tensors, scalars)
+            pointers = None if layout is None else list(map(_data_ptr, tensors))
+        except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: validate
+            layout = None
+        if layout is not None and layout.align == tuple([p & 15 for p in self._aligned_pointers(pointers)]):
+            for i, j, size_i, size_j, same_view in layout.overlaps:
+                a, b = pointers[i], pointers[j]
+                if a < b + size_j and b < a + size_i and not (same_view and a == b):
+                    break  # overlapping memory: the full check explains, or allows, it
+            else:
+                self._launch(layout, pointers)
+                return
+        self._run_validated(args, public)
+
+    def _lookup(self, tensors: list, scalars: tuple) -> _Layout | None:
+        """The cached layout of these tensors and scalars (made the recent one), or None."""
+        key = _layout_key(tensors, scalars, tuple(tensors[i].data_ptr() & 15 for i in self._aligned))
+        layout = self._layouts.get(key)
+        if layout is not None:
+            if layout.match is None or not layout.match(*tensors):
+                # Made by other tensor objects (one given twice, now not, or the reverse): guard these.
+                layout.match = _metadata_matcher(tensors)
+            if layout.match is not None:
+                self._recent = layout
+        return layout
+
+    def _launch(self, layout: _Layout, pointers: list, stream: int | None = None, cupy: bool = False) -> None:
+        """Run the layout's steps on `stream` (default: torch's current stream on the layout's device)."""
+        device = layout.device
+        if stream is None:
+            if device != _current_device():
+                with torch.cuda.device(device):
+                    self._launch(layout, pointers)
+                return
+            stream = _current_raw_stream(device)
+        scratch = None
+        if layout.scratch:
+            scratch = _allocate_scratch(layout.scratch, device, cupy)
+            pointers = pointers + [buffer.data_ptr() for buffer in scratch]
+        for step in layout.steps:
+            step.run(pointers, stream)
+        del scratch  # the allocator hands it out again only after this stream's queued work
+
+    def _run_validated(self, args: tuple, public: bool) -> None:
+        first = next((args[i] for i, _ in self._tensor_slots if args[i] is not None), None)
+        if public and isinstance(first, torch.Tensor) and (type(first) is not torch.Tensor or _is_compiling()):
+            # Fake or functional tensors (torch.export, make_fx), or a call while torch.compile compiles: the
+            # registered op, which tracing understands through its fake kernel.
+            self.overload(*args)
+            return
+        call, infos = self.validate(args)
+        pointers = [0 if info is None else info.ptr for info in infos]
+        if call.device == arrays.CPU:
+            self._run_reference(args)
+        elif call.device == arrays.META:
+            return  # meta tensors: validated, nothing to compute (as torch's meta kernels)
+        elif arrays.is_cupy_array(first):
+            import cupy
+
+            layout = self._layout(call, infos, args)
+            with cupy.cuda.Device(call.device):
+                self._launch(layout, pointers, cupy.cuda.get_current_stream().ptr, cupy=True)
+        else:
+            layout = self._layout(call, infos, args)
+            self._launch(layout, pointers)
+            tensors = [standin if (t := args[i]) is None else t for i, standin in self._tensor_slots]
+            if all(type(t) in (torch.Tensor, arrays._Absent) for t in tensors):
+                self._remember(layout, tensors)
+
+    def _run_reference(self, args: tuple) -> None:
+        results = self.reference(*args)
+        written = [n for n in self.arguments if n in self.written]
+        if len(results) != len(written):
+            raise RuntimeError(f"{self.name}: reference returned {len(results)} results for {written}")
+        for name, value in zip(written, results):
+            target = args[self.arguments.index(name)]
+            if target is not None and value is not None:
+                target.copy_(value)
+
+    def _remember(self, layout: _Layout, tensors: list) -> None:
+        key = _layout_key(tensors, layout.scalars, layout.align)
+        if len(self._layouts) >= _MAX_CACHED_LAYOUTS:
+            self._layouts.clear()
+            self._recent = None
+        layout.match = _metadata_matcher(tensors)
+        self._layouts[key] = layout
+        if layout.match is not None:
+            self._recent = layout
+
+    # ---- validation ----
+
+    def validate(self, args: tuple) -> tuple[Call, list]:
+        """Check every argument (torch tensors on one device, or CuPy arrays); return the `Call` that `check` and
+        `plan` see and each tensor argument's `arrays.ArrayInfo` (None when absent), in schema order."""
+        op = self.name
+        info: dict[str, arrays.ArrayInfo | None] = {}
+        kind = None
+        for spec in self.tensor_args:
+            value = args[self.arguments.index(spec.name)]
+            if value is None:
+                if spec.name not in self.optional:
+                    raise TypeError(f"{op}: {spec.name} must be a tensor, got None")
+                info[spec.name] = None
+                continue
+            info[spec.name] = arrays.describe(value, op, spec.name, kind)
+            kind = kind or (torch.Tensor if isinstance(value, torch.Tensor) else type(value))
+        given = [(n, i) for n, i in info.items() if i is not None]
+        device = given[0][1].device if given else arrays.CPU
+        for name, i in given:
+            if i.device != device:
+                raise ValueError(f"{op}: {name} is on {arrays.device_name(i.device)} but {given[0][0]} is on "
+                                 f"{arrays.device_name(device)}; all tensors must be on one device")
+        dims: dict[str, int] = {}
+        bound_by: dict[str, str] = {}
+        for spec in self.tensor_args:
+            i = info[spec.name]
+            if i is None:
+                continue
+            if isinstance(spec.dtypes, str):
+                other = info[spec.dtypes]
+                if other is not None and i.dtype != other.dtype:
+                    raise TypeError(f"{op}: {spec.name} must have {spec.dtypes}'s dtype {_dtype_name(other.dtype)}, "
+                                    f"got {_dtype_name(i.dtype)}")
+            elif spec.dtypes is not None and i.dtype not in spec.dtypes:
+                raise TypeError(f"{op}: {spec.name} must be {_dtype_names(spec.dtypes)}, got {_dtype_name(i.dtype)}")
+            if spec.shape is not None:
+                self._check_shape(spec, i.shape, dims, bound_by)
+            if spec.unit_last_stride and i.shape and i.shape[-1] > 1 and i.strides[-1] != 1:
+                raise ValueError(f"{op}: {spec.name} must have a contiguous last dimension (stride 1), got strides "
+                                 f"{tuple(i.strides)}")
+        values: dict[str, Any] = {}
+        for position in self._scalar_positions:
+            name = self.arguments[position]
+            values[name] = _check_scalar(op, name, args[position], self.scalar_types[name], name in self.optional)
+        for spec in self.tensor_args:
+            i = info[spec.name]
+            values[spec.name] = None if i is None else TensorInfo(
+                i.dtype, tuple(i.shape), tuple(i.strides), i.itemsize, i.ptr & 15 if spec.aligned else None)
+        call = Call(op, values, dims, device)
+        if self.check is not None:
+            self.check(call)
+        self._check_overlap(info)
+        return call, [info[n] for n in self.tensor_names]
+
+    def _check_shape(self, spec: TensorArg, shape: tuple, dims: dict, bound_by: dict) -> None:
+        op, want = self.name, spec.shape
+        pretty = "[" + ", ".join(map(str, want)) + "]"
+        if len(shape) != len(want):
+            raise ValueError(f"{op}: {spec.name} must be {pretty}, got shape {tuple(shape)}")
+        for axis, (size, symbol) in enumerate(zip(shape, want)):
+            expected = symbol if isinstance(symbol, int) else dims.setdefault(symbol, size)
+            if size != expected:
+                source = f" ({symbol} = {expected} from {bound_by[symbol]})" if symbol in bound_by else ""
+                raise ValueError(f"{op}: {spec.name} has shape {tuple(shape)}, expected {pretty}{source}")
+            if isinstance(symbol, str):
+                bound_by.setdefault(symbol, spec.name)
+
+    def _overlap_pairs(self):
+        """(written argument, other argument, same view allowed) for every pair whose memory must not overlap."""
+        may_alias = {t.name: set(t.may_alias) for t in self.tensor_args}
+        done = set()
+        for w in self.tensor_names:
+            if w not in self.written:
+                continue
+            for other in self.tensor_names:
+                if other != w and (other, w) not in done:
+                    done.add((w, other))
+                    yield w, other, other in may_alias[w] or w in may_alias[other]
+
+    def _check_overlap(self, info: dict) -> None:
+        op = self.name
+        for name in self.written:
+            i = info.get(name)
+            if i is not None and arrays.has_internal_overlap(i):
+                raise ValueError(f"{op}: {name} must not have elements that share memory (an expanded view?)")
+        for w, other, same_ok in self._overlap_pairs():
+            a, b = info[w], info[other]
+            if a is None or b is None or not arrays.spans_overlap(a, b):
+                continue
+            if same_ok and a.ptr == b.ptr and _same_layout(a, b):
+                continue
+            what = "partially overlaps" if same_ok else "overlaps"
+            raise ValueError(f"{op}: {w} {what} {other} in memory")
+
+    # ---- planning ----
+
+    def _layout(self, call: Call, infos: list, args: tuple) -> _Layout:
+        """The runtime form of `plan(call)` for a validated CUDA call."""
+        steps = self.plan(call) or []
+        if isinstance(steps, Launch | Memset | Scratch):
+            steps = [steps]
+        unlisted = [s.kernel for s in steps if isinstance(s, Launch) and s.kernel not in self.kernels]
+        if unlisted:
+            raise RuntimeError(f"{self.name}: plan launched {unlisted}, which the op does not list in `kernels` "
+                               "(warm-up and the compile tests would miss it)")
+        scratch = [s for s in steps if isinstance(s, Scratch)]
+        slots = {name: k for k, name in enumerate(self.tensor_names)}
+        slots.update({s.name: len(self.tensor_names) + k for k, s in enumerate(scratch)})
+
+        def pointer_index(name: str) -> int:
+            if name not in slots:
+                raise ValueError(f"{self.name}: a params field or memset names {name!r}, which is neither a tensor "
+                                 "argument nor a scratch buffer")
+            return slots[name]
+
+        runtime_steps = tuple(
+            _LaunchStep(s, call.device, pointer_index) if isinstance(s, Launch) else
+            _MemsetStep(s, call.device, pointer_index)
+            for s in steps if not isinstance(s, Scratch)
+            and not (isinstance(s, Launch) and s.config.blocks == 0) and not (isinstance(s, Memset) and s.nbytes == 0))
+        # Same-view pairs may share memory exactly; every other written/other pair must not touch.
+        extents = [0 if i is None else arrays.byte_extent(i.shape, i.strides, i.itemsize)[1] for i in infos]
+        overlaps = tuple((slots[w], slots[o], extents[slots[w]], extents[slots[o]],
+                          same_ok and _same_layout(infos[slots[w]], infos[slots[o]]))
+                         for w, o, same_ok in self._overlap_pairs()
+                         if extents[slots[w]] and extents[slots[o]])
+        align = tuple(0 if infos[i] is None else infos[i].ptr & 15 for i in self._aligned)
+        return _Layout(self._scalars(args), align, call.device, tuple(s.nbytes for s in scratch), runtime_steps,
+                       overlaps)
+
+    def instantiations(self) -> list[Kernel]:
+        return list(self.kernels)
+
+    # ---- torch.library ----
+
+    def _register(self):
+        library = _LIBRARIES.get(self.namespace)
+        if library is None:
+            library = _LIBRARIES[self.namespace] = torch.library.Library(self.namespace, "DEF")
+        library.define(self.schema)
+        kernel = _DispatchedKernel(self)
+        library.impl(self.name, kernel, "CUDA")
+        library.impl(self.name, kernel, "CPU")
+        torch.library.register_fake(self.qualified_name, _no_op_fake, lib=library)
+        return getattr(getattr(torch.ops, self.namespace), self.name).default
+
+
+class _DispatchedKernel:
+    """The CUDA and CPU kernel registered with torch.library (the dispatcher leaves out trailing defaults)."""
+
+    def __init__(self, op: Op):
+        self.op, self.nargs = op, len(op.arguments)
+
+    def __call__(self, *args, **kwargs) -> None:
+        if kwargs or len(args) != self.nargs:
+            args = self.op.bind(args, kwargs)
+        self.op._run(args, False)
+
+
+def _allocate_scratch(sizes: tuple, device: int, cupy: bool) -> list:
+    if cupy:
+        import cupy as cp
+
+        return [_CupyBuffer(cp.empty(nbytes, dtype=cp.uint8)) for nbytes in sizes]
+    return [torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}") for nbytes in sizes]
+
+
+class _CupyBuffer:
+    """A CuPy scratch array with a torch-like `data_ptr()`."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def data_ptr(self) -> int:
+        return self.array.data.ptr
+
+
+def _no_op_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _metadata_matcher(tensors: list) -> Callable[..., bool] | None:
+    """A check that a call's tensors are like `tensors` (`arrays.metadata_guard`), also where one tensor object
+    fills two arguments (the guard alone never passes one object given twice): then those places must hold one
+    object again, and the guard checks the others."""
+    first: dict[int, int] = {}
+    unique, repeats = [], []
+    for position, t in enumerate(tensors):
+        seen = first.setdefault(id(t), position)
+        (unique if seen == position else repeats).append(position if seen == position else (position, seen))
+    guard = arrays.metadata_guard(*(tensors[i] for i in unique))
+    if guard is None or not repeats:
+        return guard
+    pick = _picker(unique)
+
+    def check(*ts) -> bool:
+        return all(ts[a] is ts[b] for a, b in repeats) and guard(*pick(ts))
+
+    return check
+
+
+def _picker(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
+    """f(seq) -> tuple(seq[i] for i in indices), in C (operator.itemgetter) where it can."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    if indices:
+        return lambda seq, i=indices[0]: (seq[i],)
+    return lambda seq: ()
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _same_layout(a: arrays.ArrayInfo, b: arrays.ArrayInfo) -> bool:
+    return a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_names(dtypes) -> str:
+    names = [_dtype_name(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _check_scalar(op: str, name: str, value, type_name: str, optional: bool):
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{op}: {name} must be {type_name}, got None")
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool)}.get(type_name)
+    if ok is None:
+        raise TypeError(f"{op}: {name} has schema type {type_name}, which cupy_ops does not validate yet")
+    if not ok(value):
+        raise TypeError(f"{op}: {name} must be {'an' if type_name == 'int' else 'a'} {type_name}"
+                        f"{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
