@@ -53,3 +53,18 @@ def subprocess_env(fresh_cache) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["CUPY_OPS_CACHE_DIR"] = str(fresh_cache)
     return env
+
+
+@pytest.fixture(scope="session")
+def vllm_ops():
+    """vLLM 0.33's compiled ops (`torch.ops._C`) from the anchor library named by $CUPY_OPS_VLLM_ANCHOR, for GPU
+    cross-checks; the test skips when it is unset or does not load (the anchor is never a dependency)."""
+    from cupy_ops._bench.harness import try_load_vllm
+
+    path = os.environ.get("CUPY_OPS_VLLM_ANCHOR")
+    if not path:
+        pytest.skip("CUPY_OPS_VLLM_ANCHOR is not set (vLLM's anchor library for cross-checks)")
+    ops, error = try_load_vllm(path)
+    if ops is None:
+        pytest.skip(f"vLLM anchor did not load: {error}")
+    return ops

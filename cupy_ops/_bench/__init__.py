@@ -3,7 +3,7 @@
 GPU µs per call from CUDA-graph replays over rotated inputs, against measured copy bandwidth, vLLM's kernel
 (optional anchor) and a torch.compile'd reference; eager host µs per call; cold and warm-cache first-call ms.
 Each op has an `OpSuite` in its own module here (cases stating their bytes moved, inputs, providers, float64
-reference); a new op adds that module and one entry in `SUITES`.
+reference); `SUITES` finds them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .._runtime import launcher
+import importlib
+import pkgutil
+
 from .harness import (
     NO_GPU_MESSAGE,
     OpSuite,
@@ -25,7 +27,6 @@ from .harness import (
     compile_times,
     compile_torch_baseline,
     eager_host_us,
-    eager_host_us_ctypes_launch,
     format_table,
     l2_cache_bytes,
     load_vllm_anchor,
@@ -36,22 +37,18 @@ from .harness import (
     run_meta,
     try_load_vllm,
 )
-from .merge_attn_states import SUITE as MERGE_SUITE
-from .merge_attn_states import (
-    MergeCase,
-    make_merge_inputs,
-    merge_eager_calls,
-    merge_providers,
-    merge_reference_into,
-    vllm_supports_merge,
-)
 
-__all__ = ["MERGE_SUITE", "MergeCase", "OpSuite", "SUITES", "add_arguments", "calls_per_graph", "capture_rotated",
-           "compile_torch_baseline", "eager_host_us", "eager_host_us_ctypes_launch", "load_vllm_anchor",
-           "make_input_sets", "make_merge_inputs", "merge_eager_calls", "merge_providers", "merge_reference_into",
-           "poison", "run", "try_load_vllm", "vllm_supports_merge"]
+__all__ = ["OpSuite", "SUITES", "add_arguments", "calls_per_graph", "capture_rotated", "compile_torch_baseline",
+           "eager_host_us", "l2_cache_bytes", "load_vllm_anchor", "make_input_sets", "poison", "run",
+           "try_load_vllm"]
 
-SUITES: dict[str, OpSuite] = {"merge_attn_states": MERGE_SUITE}
+# One module per op next to this file, each defining SUITE = OpSuite(op="<op name>", ...).
+SUITES: dict[str, OpSuite] = {}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "harness":
+        _suite = importlib.import_module(f"{__name__}.{_module.name}").SUITE
+        SUITES[_suite.op] = _suite
+SUITES = dict(sorted(SUITES.items()))
 
 # ---- command line ------------------------------------------------------------------------------------------
 
@@ -73,12 +70,8 @@ def add_arguments(parser) -> None:
 
 
 def _eager_host_costs(suite: OpSuite, vllm_ops, into: dict, label: str, rounds: int) -> None:
-    calls = suite.eager_calls(vllm_ops)
-    fn, args = calls["cupy_ops"]
-    fn(*args)  # a first launch starts the import of CuPy's launch binding: time what runs once it is ready
-    binding = "cupy" if launcher.cupy_binding_ready(timeout=120) else "ctypes"
-    for name, cost in eager_host_us(calls, rounds=rounds).items():
-        into[name + label] = dict(cost, launch_binding=binding)
+    for name, cost in eager_host_us(suite.eager_calls(vllm_ops), rounds=rounds).items():
+        into[name + label] = cost
 
 
 def _log(message: str) -> None:
@@ -124,15 +117,10 @@ def run(args) -> int:
     for op in ops:
         suite = SUITES[op]
         cases = suite.cases(quick)
-        # Host cost in this process once CuPy's launch binding is ready (the first launch imports it in the
-        # background), in a fresh one with CUPY_OPS_LAUNCH=ctypes (after this one has compiled the kernels: the
-        # child's disk cache is warm), and here again after torch.compile has run (the torch baseline).
+        # Host cost in this process, and again after torch.compile has run (the torch baseline).
         eager[op] = {}
         rounds = 5 if quick else 21
         _eager_host_costs(suite, vllm_ops, eager[op], "", rounds=rounds)
-        child = eager_host_us_ctypes_launch(op, vllm_path if vllm_ops is not None else None, rounds)
-        for name, cost in child.get("costs", {"cupy_ops": {"error": child.get("error")}}).items():
-            eager[op][f"{name} (CUPY_OPS_LAUNCH=ctypes)"] = cost
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
             rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)

@@ -2,8 +2,8 @@
 
 GPU µs per call from CUDA-graph replays over rotated inputs, against measured copy bandwidth, vLLM's kernel
 (optional anchor) and a torch.compile'd reference; eager host µs per call; cold and warm-cache first-call ms.
-Each op has an `OpSuite` (cases stating their bytes moved, inputs, providers, float64 reference); a new op adds
-those functions and one entry in `SUITES`.
+Each op has an `OpSuite` (cases stating their bytes moved, inputs, providers, float64 reference) in its own
+module of cupy_ops/_bench/.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def try_load_vllm(xz_path: str | None) -> tuple[Any, str | None]:
         ops = load_vllm_anchor(xz_path)
     except Exception as exc:  # noqa: BLE001 - missing file, wrong torch/CUDA ABI, noexec temp dir...
         return None, f"{type(exc).__name__}: {exc}"
-    if not hasattr(ops, "merge_attn_states"):
-        return None, f"{xz_path} loaded but registers no torch.ops._C.merge_attn_states"
+    if not hasattr(ops, "merge_attn_states"):  # any of its ops: the library registers them all at once
+        return None, f"{xz_path} loaded but registers no torch.ops._C ops"
     return ops, None
 
 
@@ -269,6 +269,7 @@ class OpSuite:
     """How to benchmark one op. Cases have .name .shape .dtype_name .input_bytes .bytes_moved (which is also
     the device memory of one input set); args are the op's positional arguments (one input set)."""
 
+    op: str                                                # the op's name (cupy_ops.ops.ops() key)
     cases: Callable[[bool], list]                          # quick -> cases
     make_inputs: Callable[[Any, int], tuple]               # (case, seed) -> args
     providers: Callable[[Any, Any], dict[str, Callable]]   # (case, vLLM ops or None) -> {name: fn(*args)}
@@ -277,17 +278,24 @@ class OpSuite:
     gold: Callable[[tuple], tuple]                         # args -> float64 reference of those tensors
     output_dtypes: Callable[[Any], tuple]                  # case -> dtype per output: testing.TOLERANCE
     eager_calls: Callable[[Any], dict]                     # vLLM ops or None -> {name: (fn, args)}
+    eager_providers: tuple[str, ...]                       # the names eager_calls can return
     compile_probe: str                                     # child code printing {"first_call_ms": ...}
     small_case: str                                        # what eager_calls and compile_probe run on
+    # (case, args, outputs, expected outputs, loose) -> (agree?, worst difference); default: testing.TOLERANCE
+    # by output dtype. Ops whose outputs are not values (top-k indices) bring their own.
+    agree: Callable | None = None
 
 
 # ---- one op, end to end -------------------------------------------------------------------------------------
 
 
-def _agreement(suite: OpSuite, case, got: tuple, want: tuple, *, loose: bool = False) -> tuple[bool, float]:
-    """All outputs within testing.TOLERANCE. `loose` (2x rtol, atol >= rtol) for two fp32-math kernels
-    that may order operations differently (vLLM): near-zero results of a cancelling sum differ by a few
-    ulps of the operands, not of the result."""
+def _agreement(suite: OpSuite, case, args: tuple, got: tuple, want: tuple, *,
+               loose: bool = False) -> tuple[bool, float]:
+    """All outputs within testing.TOLERANCE (or the suite's own `agree`). `loose` (2x rtol, atol >= rtol) for
+    two fp32-math kernels that may order operations differently (vLLM): near-zero results of a cancelling sum
+    differ by a few ulps of the operands, not of the result."""
+    if suite.agree is not None:
+        return suite.agree(case, args, got, want, loose)
     ok, worst = True, 0.0
     for g, w, dtype in zip(got, want, suite.output_dtypes(case)):
         rtol, atol = TOLERANCE[dtype]
@@ -311,7 +319,8 @@ def bench_case(op: str, suite: OpSuite, case, vllm_ops, wanted: set[str], l2_byt
     base = {"op": op, "case": f"{case.name} {case.dtype_name}", "shape": list(case.shape),
             "dtype": case.dtype_name, "bytes": case.bytes_moved, "input_sets": len(sets),
             "calls_per_graph": calls, "reps": reps}
-    gold = suite.gold(sets[0])
+    # Checks run on fresh copies of the first input set (seed 0): in-place ops overwrite their inputs.
+    gold = suite.gold(suite.make_inputs(case, 0))
     outputs: dict[str, tuple] = {}
     rows = []
     for name in sorted(providers, key=lambda k: k != "vllm"):  # vLLM first: the others compare with it
@@ -320,13 +329,14 @@ def bench_case(op: str, suite: OpSuite, case, vllm_ops, wanted: set[str], l2_byt
         if name == "torch-eager":
             row["torch_compile_error"] = compile_error
         try:
-            poison(*suite.outputs(sets[0]))
-            fn(*sets[0])
-            outputs[name] = tuple(t.clone() for t in suite.outputs(sets[0]))
-            row["matches_ref"], row["max_abs_diff_ref"] = _agreement(suite, case, outputs[name], gold)
+            args = suite.make_inputs(case, 0)
+            fn(*args)
+            outputs[name] = tuple(t.clone() for t in suite.outputs(args))
+            row["matches_ref"], row["max_abs_diff_ref"] = _agreement(suite, case, args, outputs[name], gold)
             if "vllm" in outputs and name != "vllm":
-                row["matches_vllm"], row["max_abs_diff_vllm"] = _agreement(suite, case, outputs[name],
+                row["matches_vllm"], row["max_abs_diff_vllm"] = _agreement(suite, case, args, outputs[name],
                                                                            outputs["vllm"], loose=True)
+            del args
             graph = capture_rotated(fn, sets, calls)
             row.update(summarize_us(time_replays(graph, reps), calls))
             del graph
@@ -361,30 +371,6 @@ def _child_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ, **overrides)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     return env
-
-
-# Child process: eager host costs with CUPY_OPS_LAUNCH=ctypes (launches through ctypes, as before CuPy's binding
-# is ready in a process, or for good with that setting).
-_CTYPES_PROBE = """
-import json, sys
-from cupy_ops import _bench
-from cupy_ops._runtime import launcher
-vllm_ops = _bench.try_load_vllm(sys.argv[2] or None)[0]
-costs = _bench.eager_host_us(_bench.SUITES[sys.argv[1]].eager_calls(vllm_ops), rounds=int(sys.argv[3]))
-print(json.dumps({"costs": costs, "launch_binding": "ctypes" if launcher.cupy_launch_kernel is None else "cupy"}))
-"""
-
-
-def eager_host_us_ctypes_launch(op: str, vllm_path: str | None, rounds: int) -> dict:
-    """`eager_host_us` of the op's eager calls in a fresh process with CUPY_OPS_LAUNCH=ctypes:
-    {"costs": {name: ...}, "launch_binding": "ctypes"} or {"error": ...}."""
-    child = subprocess.run([sys.executable, "-c", _CTYPES_PROBE, op, vllm_path or "", str(rounds)],
-                           env=_child_env(CUPY_OPS_LAUNCH="ctypes"),
-                           capture_output=True, text=True, timeout=600, check=False)
-    lines = child.stdout.strip().splitlines()
-    if child.returncode != 0 or not lines:
-        return {"error": (child.stderr or child.stdout).strip()[-500:]}
-    return json.loads(lines[-1])
 
 
 def compile_times(suite: OpSuite) -> dict:

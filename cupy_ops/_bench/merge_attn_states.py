@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 import cupy_ops
-from cupy_ops.ops import merge_attn_states as merge_module
+from cupy_ops.ops.merge_attn_states import OP
 
 from .harness import OpSuite, poison
 
@@ -99,8 +99,8 @@ def make_merge_inputs(case: MergeCase, seed: int = 0, device: str = "cuda") -> t
 def merge_reference_into(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
                          prefill_tokens_with_context=None, output_scale=None) -> None:
     """The reference (float32 math) written into the outputs: what the torch baseline compiles."""
-    out, lse = merge_module.merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse,
-                                                  prefill_tokens_with_context, output_scale)
+    out, lse = OP.reference(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                            prefill_tokens_with_context, output_scale)
     output.copy_(out)
     if output_lse is not None:
         output_lse.copy_(lse)
@@ -121,8 +121,7 @@ def merge_providers(case: MergeCase, vllm_ops=None) -> dict[str, Callable]:
 
 def merge_gold(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """float64-math reference of (output, output_lse), rounded like the op rounds."""
-    _, _, po, pl, so, sl, p, scale = args
-    return merge_module.merge_attn_states_ref(po, pl, so, sl, p, scale, compute_dtype=torch.float64)
+    return OP.reference(*args, compute_dtype=torch.float64)
 
 
 def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
@@ -142,17 +141,18 @@ def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
              "cupy_ops_dispatcher": (torch.ops.cupy_ops.merge_attn_states, args)}
     if vllm_ops is not None:
         calls["vllm"] = (vllm_ops.merge_attn_states, args)
-    # The floor under both: our launch alone (params packed, one cuLaunchKernel), validation done beforehand.
-    launch_args = (merge_module._check(*args), torch._C._cuda_getCurrentRawStream(args[0].get_device()))
-    calls["launch_only"] = (merge_module._launch, launch_args)
+    # The floor under both: our launch alone (params packed, one cuLaunchKernelEx), the layout found beforehand.
+    cupy_ops.merge_attn_states(*args)
+    tensors = [standin if (t := args[i]) is None else t for i, standin in OP._tensor_slots]
+    calls["launch_only"] = (OP._launch, (OP._recent, [t.data_ptr() for t in tensors]))
     return calls
 
 
 # Child process: first call (compile or disk-cache load, module load, first launch) of one instantiation.
 _MERGE_COMPILE_PROBE = """
 import json, time, torch
-from cupy_ops import _bench
-args = _bench.make_merge_inputs(_bench.MergeCase(1, 32, 128, torch.bfloat16))
+from cupy_ops._bench.merge_attn_states import MergeCase, make_merge_inputs
+args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))
 import cupy_ops
 torch.cuda.synchronize()
 t0 = time.perf_counter()
@@ -167,8 +167,10 @@ print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) 
 
 
 SUITE = OpSuite(
-    cases=merge_cases, make_inputs=make_merge_inputs, providers=merge_providers,
+    op="merge_attn_states", cases=merge_cases, make_inputs=make_merge_inputs, providers=merge_providers,
     reference_into=merge_reference_into, outputs=lambda args: (args[0], args[1]), gold=merge_gold,
     output_dtypes=lambda case: (case.output_dtype, torch.float32),
-    eager_calls=merge_eager_calls, compile_probe=_MERGE_COMPILE_PROBE, small_case="1x32x128 bf16",
+    eager_calls=merge_eager_calls,
+    eager_providers=("cupy_ops", "cupy_ops_layout_changing", "cupy_ops_dispatcher", "vllm", "launch_only"),
+    compile_probe=_MERGE_COMPILE_PROBE, small_case="1x32x128 bf16",
 )
