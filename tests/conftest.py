@@ -1,4 +1,5 @@
-"""Fixtures shared by the test suite; plain helpers are in merge_utils.py."""
+"""Fixtures shared by the test suite (plain helpers are in helpers.py), and a one-line-per-reason summary of
+skipped tests."""
 
 from __future__ import annotations
 
@@ -68,3 +69,15 @@ def vllm_ops():
     if ops is None:
         pytest.skip(f"vLLM anchor did not load: {error}")
     return ops
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips summed up by reason, one line each (e.g. "355 skipped: needs a CUDA GPU"), instead of a line per
+    test and place."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{count} skipped: {reason}")

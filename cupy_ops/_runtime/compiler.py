@@ -242,8 +242,18 @@ def _cache_key(filename: str, name_expression: str, arch: int, native: bool, opt
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+_compilations = 0  # NVRTC compilations made by this process (cache misses)
+
+
+def compile_count() -> int:
+    """How many kernels this process has compiled with NVRTC (cache misses) so far."""
+    return _compilations
+
+
 def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool, options: tuple[str, ...],
                    key: str, root: Path | None = None) -> CompiledKernel:
+    global _compilations
+    _compilations += 1
     nvrtc = _nvrtc()
     source, _ = _source_tree(filename, root)
     all_options = (

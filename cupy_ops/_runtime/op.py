@@ -235,10 +235,10 @@ class Op:
         self._aligned_pointers = _picker(self._aligned)
         self._layouts: dict[tuple, _Layout] = {}
         self._recent: _Layout | None = None
-        self.overload = self._register()
-        self.public = self._public_function(doc)
         if self.qualified_name in registry:
             raise ValueError(f"{self.qualified_name} is defined twice")
+        self.overload = self._register()
+        self.public = self._public_function(doc)
         registry[self.qualified_name] = self
 
     def __repr__(self) -> str:

@@ -1,0 +1,52 @@
+"""`python -m cupy_ops` for a newcomer: `info` is consistent about NVRTC, `warmup --arch` refuses archs it cannot
+serve and says what it compiled and what was cached, and without CuPy/NVRTC `check` and `warmup` say which extra
+to install instead of raising a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from cupy_ops import _cli
+from cupy_ops._runtime import compiler
+
+
+def test_info_lists_every_op_and_is_consistent_about_nvrtc(capsys):
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    from cupy_ops.ops import ops
+
+    assert all(f"torch.ops.cupy_ops.{name}" in out for name in ops())
+    nvrtc_line = next(line for line in out.splitlines() if line.startswith("NVRTC"))
+    gpu_line = next((line for line in out.splitlines() if line.startswith("GPU ")), "")
+    assert not ("not found" in nvrtc_line and "compile checks work" in gpu_line)
+
+
+@pytest.mark.parametrize("arch, message", [(70, "need sm_80 or newer"), (999, "compiles for sm_80")])
+def test_warmup_refuses_an_arch_it_cannot_serve(capsys, arch, message):
+    assert _cli.main(["warmup", "--arch", str(arch)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_warmup_says_what_it_compiled_and_what_was_cached(capsys, fresh_cache):
+    assert _cli.main(["warmup", "--arch", "90"]) == 0
+    first = capsys.readouterr().out
+    kernels = int(first.split()[0])
+    assert f"{kernels} compiled, 0 already in the cache" in first
+    compiler.clear_memory_cache()
+    assert _cli.main(["warmup", "--arch", "90"]) == 0
+    assert f"0 compiled, {kernels} already in the cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["check"], ["warmup", "--arch", "90"]])
+def test_without_nvrtc_the_commands_name_the_extra(monkeypatch, capsys, command):
+    def missing():
+        raise ImportError("No module named 'cupy'")
+
+    monkeypatch.setattr(compiler, "_nvrtc", missing)
+    code = _cli.main(command)
+    captured = capsys.readouterr()
+    assert "cupy-ops[cuda13]" in captured.out + captured.err
+    if command == ["check"]:  # the CPU references still run and pass
+        assert code == 0 and "passed, 0 failed" in captured.out
+    else:
+        assert code == 2

@@ -1,0 +1,85 @@
+"""The op runtime's own rules, on the example op and on toy declarations (CPU only): binding, meta tensors,
+declaration errors, and what a plan may launch. Validation and caching on real ops are in their own tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from example_op.scaled_copy import KERNELS, OP, PARAMS
+
+from cupy_ops._runtime import Launch, LaunchConfig, Op, TensorArg
+
+
+def test_keywords_positional_and_missing_arguments():
+    x = torch.randn(3, 4)
+    out = torch.empty(3, 4)
+    OP.public(out=out, x=x, scale=2.0)
+    torch.testing.assert_close(out, x * 2)
+    with pytest.raises(TypeError, match=r"scaled_copy\(\) missing argument 'scale'"):
+        OP.public(out, x)
+    with pytest.raises(TypeError, match=r"unexpected or repeated arguments \['bias'\]"):
+        OP.public(out, x, 2.0, bias=1.0)
+    with pytest.raises(TypeError, match=r"takes 3 arguments, got 4"):
+        OP.public(out, x, 2.0, 1.0)
+
+
+def test_meta_tensors_are_validated_and_nothing_is_computed():
+    """The one rule for meta tensors outside torch.compile: all on meta is validation only (as torch's meta
+    kernels); meta mixed with another device is the usual device error."""
+    OP.public(torch.empty(3, 4, device="meta"), torch.empty(3, 4, device="meta"), 2.0)
+    with pytest.raises(ValueError, match=r"scaled_copy: out has shape \(3, 5\)"):
+        OP.public(torch.empty(3, 5, device="meta"), torch.empty(3, 4, device="meta"), 2.0)
+    with pytest.raises(ValueError, match=r"scaled_copy: out is on meta but x is on cpu"):
+        OP.public(torch.empty(3, 4, device="meta"), torch.randn(3, 4), 2.0)
+
+
+def test_an_in_place_call_is_allowed_and_a_partial_overlap_is_not():
+    x = torch.randn(4, 4)
+    want = x * 3
+    OP.public(x, x, 3.0)
+    torch.testing.assert_close(x, want)
+    buffer = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="scaled_copy: out partially overlaps x in memory"):
+        OP.public(buffer[1:], buffer[:4], 3.0)
+
+
+def _declare(schema, tensors, **changes):
+    fields = dict(tensors=tensors, kernels=KERNELS.values(), params=PARAMS, plan=lambda c: [],
+                  reference=lambda *a, **k: (None,), namespace="cupy_ops_test_declarations")
+    fields.update(changes)
+    return Op(schema, **fields)
+
+
+@pytest.mark.parametrize("schema, tensors, message", [
+    ("bad_a(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out")], "must be the schema's tensors"),
+    ("bad_b(Tensor! out, Tensor x) -> ()", [TensorArg("out", "in"), TensorArg("x", "in")], "roles"),
+    ("bad_c(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out"), TensorArg("x", "out")], "roles"),
+    ("bad_d(Tensor! out, Tensor device) -> ()", [TensorArg("out", "out"), TensorArg("device", "in")],
+     "taken by `Call`"),
+])
+def test_declarations_must_match_the_schema(schema, tensors, message):
+    with pytest.raises(ValueError, match=message):
+        _declare(schema, tensors)
+
+
+def test_a_plan_may_only_launch_listed_kernels():
+    """Warm-up and the compile tests read `kernels`: a plan launching anything else is a bug, said at once."""
+    stray = type(KERNELS[torch.float32])("scaled_copy.cu", "stray<float>")
+    op = _declare("stray_plan(Tensor! out, Tensor x) -> ()", [TensorArg("x", "in", ("n",)),
+                                                             TensorArg("out", "out", ("n",))],
+                  plan=lambda c: [Launch(stray, LaunchConfig((1, 1, 1), (32, 1, 1)), PARAMS, {})])
+    call, infos = op.validate((torch.empty(4), torch.empty(4)))
+    with pytest.raises(RuntimeError, match="does not list in `kernels`"):
+        op._layout(call, infos, (torch.empty(4), torch.empty(4)))
+
+
+@pytest.fixture(scope="module")
+def int_scalar_op():
+    return _declare("scalars_i(Tensor! out, int k) -> ()", [TensorArg("out", "out")])
+
+
+@pytest.mark.parametrize("value, error", [(True, "must be an int, got bool"), (2.0, "must be an int, got float"),
+                                          (None, "must be int, got None")])
+def test_scalar_types_are_checked(int_scalar_op, value, error):
+    with pytest.raises(TypeError, match=f"scalars_i: k {error}"):
+        int_scalar_op.public(torch.empty(2), value)
