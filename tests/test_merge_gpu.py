@@ -267,14 +267,16 @@ def test_output_token_stride_past_2_pow_31_elements():
 def test_empty_inputs_launch_nothing(monkeypatch):
     """n = 0 or h = 0: no kernel launch at all (and nothing written); a non-empty call launches once, so the
     counter does see launches."""
-    real_launch = cupy_ops._runtime.launch
+    from cupy_ops._runtime import launcher
+
+    real_launch = launcher.Launcher.launch
     launches = []
 
-    def counting_launch(*args, **kwargs):
+    def counting_launch(self, *args, **kwargs):
         launches.append(args)
-        return real_launch(*args, **kwargs)
+        return real_launch(self, *args, **kwargs)
 
-    monkeypatch.setattr(cupy_ops._runtime, "launch", counting_launch)
+    monkeypatch.setattr(launcher.Launcher, "launch", counting_launch)
     for shape in [(0, 8, 128), (4, 0, 128)]:
         run_and_check(make_case(*shape, torch.bfloat16, "cuda", layout="head_slice"))
         run_and_check(make_case(*shape, torch.float16, "cuda", fp8=True))
