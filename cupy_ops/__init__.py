@@ -2,7 +2,7 @@
 or CuPy arrays, and registered as `torch.ops.cupy_ops.*` custom ops. No compiled extension.
 
 Every op of `cupy_ops.ops` is exported here under its name (the eager entry point, vLLM's schema and argument
-order) with its pure-torch reference as `<name>_ref`."""
+order) with its pure-torch reference under the reference's own name (`<name>_ref`)."""
 
 __version__ = "0.1.0"
 
@@ -11,6 +11,6 @@ from .ops import ops as _ops  # noqa: E402 - importing the package registers eve
 __all__ = ["__version__"]
 for _name, _op in _ops().items():
     globals()[_name] = _op.public
-    globals()[f"{_name}_ref"] = _op.reference
-    __all__ += [_name, f"{_name}_ref"]
+    globals()[_op.reference.__name__] = _op.reference
+    __all__ += [_name, _op.reference.__name__]
 del _name, _op

@@ -197,9 +197,8 @@ def test_meta_tensors_are_validated():
         cupy_ops.apply_repetition_penalties_(logits, prompt.byte(), output, penalties)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="runtime: every meta tensor's pointer reads as 0, so "
-                   "the overlap check sees the written logits overlap every other argument")
 def test_valid_meta_call_is_accepted():
+    """Meta tensors: validation only (no memory, so no overlap to check)."""
     cupy_ops.apply_repetition_penalties_(*(t.to("meta") for t in _args("cpu", torch.float16, 3, 17)))
 
 

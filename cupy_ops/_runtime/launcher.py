@@ -209,9 +209,10 @@ class LaunchConfig(NamedTuple):
 
 
 # cuLaunchKernelEx's CUlaunchConfig (cuda.h): grid x/y/z, block x/y/z, dynamic shared bytes (7 x uint32), the
-# stream, a CUlaunchAttribute pointer and count. The first 28 bytes are fixed per launch config.
-_CONFIG_HEAD = struct.Struct("<7I")
-_CONFIG_TAIL = struct.Struct("<4xQQI4x")
+# stream (at byte 32), a CUlaunchAttribute pointer and count. Only the stream changes between calls.
+_CONFIG = struct.Struct("<7I4xQQI4x")
+_STREAM_OFFSET = 32
+_pack_stream = struct.Struct("<Q").pack_into
 # CUlaunchAttribute: id (uint32), 4 bytes of padding, a 64-byte value union (clusterDim: 3 x uint32).
 _LAUNCH_ATTRIBUTE = struct.Struct("<I4x3I52x")
 
@@ -221,7 +222,7 @@ class Launcher:
     packs the kernel's params struct with `pack_into(buffer, 0, *values)` (a `struct.Struct.pack_into`) and
     launches it on the raw CUstream `stream`."""
 
-    __slots__ = ("function", "device", "config", "_head", "_attributes", "_attribute_count")
+    __slots__ = ("function", "device", "config", "_attributes", "_packed_config", "_local")
 
     def __init__(self, kernel: Kernel, device: int, config: LaunchConfig):
         self.function = ctypes.c_void_p(kernel.function(device))
@@ -231,21 +232,19 @@ class Launcher:
         if config.cluster is not None and config.cluster[0] * config.cluster[1] * config.cluster[2] > 8:
             _check_cu(_libcuda().cuFuncSetAttribute(self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
                                                     1), "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
-        self._head = _CONFIG_HEAD.pack(*config.grid, *config.block, config.shared_bytes)
-        if config.cluster is None:
-            self._attributes, self._attribute_count = None, 0
-        else:
-            self._attributes = ctypes.create_string_buffer(
-                _LAUNCH_ATTRIBUTE.pack(_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *config.cluster), _LAUNCH_ATTRIBUTE.size)
-            self._attribute_count = 1
+        self._attributes = None if config.cluster is None else ctypes.create_string_buffer(
+            _LAUNCH_ATTRIBUTE.pack(_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *config.cluster), _LAUNCH_ATTRIBUTE.size)
+        self._packed_config = _CONFIG.pack(*config.grid, *config.block, config.shared_bytes, 0,
+                                           0 if self._attributes is None else ctypes.addressof(self._attributes),
+                                           0 if self._attributes is None else 1)
+        self._local = threading.local()  # this launch's CUlaunchConfig per thread: calls only write the stream
 
     def _config(self, stream: int) -> ctypes.Array:
-        buffers = _buffers
-        config = buffers.config
-        config[:28] = self._head
-        _CONFIG_TAIL.pack_into(config, 28, stream,
-                               0 if self._attributes is None else ctypes.addressof(self._attributes),
-                               self._attribute_count)
+        try:
+            config = self._local.config
+        except AttributeError:
+            config = self._local.config = ctypes.create_string_buffer(self._packed_config, len(self._packed_config))
+        _pack_stream(config, _STREAM_OFFSET, stream)
         return config
 
     def launch(self, stream: int, pack_into, values) -> None:
@@ -278,11 +277,10 @@ def _cu_launch_kernel_ex(*args) -> int:
 class _Buffers(threading.local):
     """Per-thread launch buffers: the driver copies them during the launch, so one set per thread is enough (the
     launch releases the GIL, so threads must not share them). `params` holds the kernel's single by-value
-    argument, `config` the CUlaunchConfig, `argv` cuLaunchKernelEx's kernelParams (one pointer to `params`)."""
+    argument, `argv` cuLaunchKernelEx's kernelParams (one pointer to `params`)."""
 
     def __init__(self):
         self.params = ctypes.create_string_buffer(4096)  # CUDA's by-value parameter limit
-        self.config = ctypes.create_string_buffer(64)
         self.argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
 
 

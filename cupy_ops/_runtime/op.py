@@ -52,8 +52,9 @@ class TensorArg(NamedTuple):
         "inout" are exactly the schema's written (`Tensor!`) arguments.
     shape: one entry per dimension, a symbol (str) bound by the first argument that has it or an int; None
         accepts any shape (the op's `check` decides).
-    dtypes: accepted dtypes (TypeError otherwise), or the name of an earlier argument whose dtype this one must
-        have; None accepts any (the op's `check` decides).
+    dtypes: accepted dtypes (TypeError otherwise); an entry may be the name of an earlier argument, accepting
+        its dtype ("x" alone: the same dtype as x; ("logits", torch.float32): logits' dtype or float32); None
+        accepts any (the op's `check` decides).
     unit_last_stride: the last dimension must have stride 1 (when it has more than one element).
     aligned: the plan reads this pointer's alignment (`TensorInfo.align`, its address modulo 16): the layout
         cache then keys on it.
@@ -288,9 +289,11 @@ class Op:
                     or not layout.match(*tensors)):
                 layout = self._lookup(tensors, scalars)
             pointers = None if layout is None else list(map(_data_ptr, tensors))
+            if layout is not None and layout.align != tuple([p & 15 for p in self._aligned_pointers(pointers)]):
+                layout = self._lookup(tensors, scalars)  # the recent layout's metadata at another alignment
         except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: validate
             layout = None
-        if layout is not None and layout.align == tuple([p & 15 for p in self._aligned_pointers(pointers)]):
+        if layout is not None:
             for i, j, size_i, size_j, same_view in layout.overlaps:
                 a, b = pointers[i], pointers[j]
                 if a < b + size_j and b < a + size_i and not (same_view and a == b):
@@ -404,13 +407,14 @@ class Op:
             i = info[spec.name]
             if i is None:
                 continue
-            if isinstance(spec.dtypes, str):
-                other = info[spec.dtypes]
-                if other is not None and i.dtype != other.dtype:
-                    raise TypeError(f"{op}: {spec.name} must have {spec.dtypes}'s dtype {_dtype_name(other.dtype)}, "
-                                    f"got {_dtype_name(i.dtype)}")
-            elif spec.dtypes is not None and i.dtype not in spec.dtypes:
-                raise TypeError(f"{op}: {spec.name} must be {_dtype_names(spec.dtypes)}, got {_dtype_name(i.dtype)}")
+            if spec.dtypes is not None:
+                accepted = [info[d].dtype if isinstance(d, str) and info[d] is not None else d
+                            for d in ((spec.dtypes,) if isinstance(spec.dtypes, str) else spec.dtypes)]
+                if i.dtype not in accepted:
+                    names = [f"{d}'s dtype ({_dtype_name(a)})" if isinstance(d, str) else _dtype_name(d)
+                             for d, a in zip((spec.dtypes,) if isinstance(spec.dtypes, str) else spec.dtypes,
+                                             accepted)]
+                    raise TypeError(f"{op}: {spec.name} must be {_or(names)}, got {_dtype_name(i.dtype)}")
             if spec.shape is not None:
                 self._check_shape(spec, i.shape, dims, bound_by)
             if spec.unit_last_stride and i.shape and i.shape[-1] > 1 and i.strides[-1] != 1:
@@ -427,7 +431,8 @@ class Op:
         call = Call(op, values, dims, device)
         if self.check is not None:
             self.check(call)
-        self._check_overlap(info)
+        if device != arrays.META:  # meta tensors have no memory to overlap
+            self._check_overlap(info)
         return call, [info[n] for n in self.tensor_names]
 
     def _check_shape(self, spec: TensorArg, shape: tuple, dims: dict, bound_by: dict) -> None:
@@ -597,8 +602,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _dtype_names(dtypes) -> str:
-    names = [_dtype_name(d) for d in dtypes]
+def _or(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
