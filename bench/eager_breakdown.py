@@ -55,6 +55,12 @@ def _pieces(vllm_ops) -> dict:
     argv = ctypes.addressof(buffers.argv)
     pieces["ctypes cuLaunchKernel (11 args), prepacked"] = (
         legacy, (run.function.value, 1, 1, 1, 128, 1, 1, 0, stream, argv, None))
+    plain = ctypes.CDLL("libcuda.so.1").cuLaunchKernel  # no argtypes: small ints convert fastest that way
+    stream_ref = ctypes.c_void_p(stream)
+    pieces["ctypes cuLaunchKernel, no argtypes, prepacked"] = (
+        plain, (run.function, 1, 1, 1, 128, 1, 1, 0, stream_ref, buffers.argv, None))
+    pieces["ctypes cuLaunchKernel, no argtypes, stream wrapped per call"] = (
+        lambda: plain(run.function, 1, 1, 1, 128, 1, 1, 0, ctypes.c_void_p(stream), buffers.argv, None), ())
     x, y = torch.zeros(32, device="cuda"), torch.zeros(32, device="cuda")
     pieces["torch.add(x, 1, out=y) (a C++ op)"] = (lambda: torch.add(x, 1, out=y), ())
     try:

@@ -89,7 +89,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _instantiations() -> list[launcher.Kernel]:
-    return [kernel for op in ops().values() for kernel in op.kernels]
+    """Every kernel of every op, once (ops may share kernels)."""
+    unique = {(k.source, k.name_expression, k.root): k for op in ops().values() for k in op.kernels}
+    return list(unique.values())
 
 
 def _progress(done: int, total: int, started: float, label: str) -> None:

@@ -21,9 +21,10 @@ pytestmark = [gpu, requires_cuda]
 
 
 @pytest.fixture(autouse=True)
-def empty_layout_cache(monkeypatch):
-    monkeypatch.setattr(OP, "_layouts", {})
-    monkeypatch.setattr(OP, "_recent", None)
+def empty_layout_cache():
+    OP.forget_layouts()
+    yield
+    OP.forget_layouts()
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bfloat16", "fp8"])
@@ -186,11 +187,11 @@ def test_a_call_unlike_the_recent_layout_takes_its_own(unlike):
     run_and_check(_bfloat16_case(7))
 
 
-def test_one_tensor_given_twice_keeps_a_guard():
+def test_one_tensor_given_twice_keeps_a_guard(monkeypatch):
     """A tensor passed as both prefix_output and suffix_output (one object in two places): the recent layout's
     guard still decides repeated calls (dynamo's guard alone never passes one object given twice)."""
     layouts = _CountingDict()
-    OP._layouts = layouts
+    monkeypatch.setattr(OP, "_layouts", layouts)
     case = _bfloat16_case(1)
     same = dataclasses.replace(case, suffix_output=case.prefix_output)
     run_and_check(same)

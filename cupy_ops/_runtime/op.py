@@ -13,8 +13,9 @@ validated call into launch steps (`Launch`, `Memset`, `Scratch`), and a pure-tor
   op and the argument.
 - **cached**: a CUDA call whose layout (every tensor's type, dtype, device, shape and strides, the scalar
   arguments and the 16-byte alignment of pointers the plan reads) passed validation before skips validation
-  and planning. The layout of the last such call keeps dynamo's C++ metadata guard (`arrays.metadata_guard`);
-  other calls build a dict key. Pointers are read and overlap is checked on every call.
+  and planning. A call like the last such one runs `fastpath.recent_call`, straight-line code written for that
+  layout around dynamo's C++ metadata guard (`arrays.metadata_guard`); other calls build a dict key. Pointers
+  are read and overlap is checked on every call.
 
 Scalar arguments are part of the layout, so a plan (grid, params) may depend on them; a plan never depends on
 the data (lengths read on the device): a CUDA graph replays it with new data.
@@ -28,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import arrays, launcher
+from . import arrays, fastpath, launcher
 from .launcher import Kernel, LaunchConfig
 from .params import CStruct
 
@@ -130,12 +131,12 @@ class Call:
 
 
 class _LaunchStep:
-    __slots__ = ("launcher", "pointers", "tail", "pack_into")
+    __slots__ = ("launcher", "indices", "pointers", "tail", "pack_into")
 
     def __init__(self, step: Launch, device: int, pointer_index: Callable[[str], int]):
         self.launcher = launcher.Launcher(step.kernel, device, step.config)
-        indices = [pointer_index(f.source) for f in step.params.pointers]
-        self.pointers = _picker(indices)
+        self.indices = [pointer_index(f.source) for f in step.params.pointers]
+        self.pointers = _picker(self.indices)
         self.tail = step.params.pack(step.values)
         self.pack_into = step.params.pack_into
 
@@ -156,11 +157,14 @@ class _MemsetStep:
 class _Layout:
     """A validated CUDA layout: its launch steps, and what each call with it still checks."""
 
-    __slots__ = ("match", "scalars", "scalar_types", "align", "device", "scratch", "steps", "overlaps")
+    __slots__ = ("match", "scalars", "scalar_types", "align", "device", "given", "scratch", "steps", "overlaps",
+                 "recent_call")
 
-    def __init__(self, scalars, align, device, scratch, steps, overlaps, match=None):
+    def __init__(self, scalars, align, device, given, scratch, steps, overlaps, match=None):
         self.scalars, self.scalar_types = scalars, tuple(map(type, scalars))
         self.align, self.device = align, device
+        self.given = given          # per tensor argument (schema order): given, or an absent optional one
+        self.recent_call = None     # fastpath.recent_call, written when the layout first becomes the recent one
         self.scratch = scratch      # bytes per scratch buffer, in the order of their pointer slots
         self.steps = steps
         self.overlaps = overlaps    # (i, j, extent i, extent j, same-view allowed) for each pair to check
@@ -236,6 +240,7 @@ class Op:
         self._aligned_pointers = _picker(self._aligned)
         self._layouts: dict[tuple, _Layout] = {}
         self._recent: _Layout | None = None
+        self._recent_call: Callable[..., bool] = _no_recent_call
         if self.qualified_name in registry:
             raise ValueError(f"{self.qualified_name} is defined twice")
         self.overload = self._register()
@@ -272,7 +277,8 @@ class Op:
                 return overload(*args, **kwargs)
             if kwargs or len(args) != nargs:
                 args = op.bind(args, kwargs)
-            op._run(args, True)
+            if not op._recent_call(*args):
+                op._run(args, True)
 
         public.__name__ = public.__qualname__ = self.name
         public.__doc__ = doc
@@ -280,17 +286,12 @@ class Op:
         return public
 
     def _run(self, args: tuple, public: bool) -> None:
-        """One call: the cached CUDA path when the layout was validated before, else `_run_validated`."""
+        """A call the recent layout's `recent_call` did not take: a cached layout from the dict (which becomes
+        the recent one), else `_run_validated`."""
         tensors = [standin if (t := args[i]) is None else t for i, standin in self._tensor_slots]
-        scalars = self._scalars(args)
-        layout = self._recent
         try:
-            if (layout is None or layout.scalars != scalars or layout.scalar_types != tuple(map(type, scalars))
-                    or not layout.match(*tensors)):
-                layout = self._lookup(tensors, scalars)
+            layout = self._lookup(tensors, self._scalars(args))
             pointers = None if layout is None else list(map(_data_ptr, tensors))
-            if layout is not None and layout.align != tuple([p & 15 for p in self._aligned_pointers(pointers)]):
-                layout = self._lookup(tensors, scalars)  # the recent layout's metadata at another alignment
         except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: validate
             layout = None
         if layout is not None:
@@ -310,10 +311,23 @@ class Op:
         if layout is not None:
             if layout.match is None or not layout.match(*tensors):
                 # Made by other tensor objects (one given twice, now not, or the reverse): guard these.
-                layout.match = _metadata_matcher(tensors)
-            if layout.match is not None:
-                self._recent = layout
+                layout.match, layout.recent_call = _metadata_matcher(tensors), None
+            self._make_recent(layout, tensors)
         return layout
+
+    def forget_layouts(self) -> None:
+        """Drop every cached layout (tests start from a cold cache with it)."""
+        self._layouts.clear()
+        self._recent, self._recent_call = None, _no_recent_call
+
+    def _make_recent(self, layout: _Layout, tensors: list) -> None:
+        if layout.match is None:
+            return  # no guard on this torch: every call takes the dict
+        if layout.recent_call is None:
+            given = [t for t, g in zip(tensors, layout.given) if g]  # recent_call checks which are given itself
+            layout.recent_call = fastpath.recent_call(self, layout, _metadata_matcher(given), _current_device,
+                                                      _current_raw_stream)
+        self._recent, self._recent_call = layout, layout.recent_call
 
     def _launch(self, layout: _Layout, pointers: list, stream: int | None = None, cupy: bool = False) -> None:
         """Run the layout's steps on `stream` (default: torch's current stream on the layout's device)."""
@@ -371,12 +385,10 @@ class Op:
     def _remember(self, layout: _Layout, tensors: list) -> None:
         key = _layout_key(tensors, layout.scalars, layout.align)
         if len(self._layouts) >= _MAX_CACHED_LAYOUTS:
-            self._layouts.clear()
-            self._recent = None
+            self.forget_layouts()
         layout.match = _metadata_matcher(tensors)
         self._layouts[key] = layout
-        if layout.match is not None:
-            self._recent = layout
+        self._make_recent(layout, tensors)
 
     # ---- validation ----
 
@@ -508,8 +520,8 @@ class Op:
                          for w, o, same_ok in self._overlap_pairs()
                          if extents[slots[w]] and extents[slots[o]])
         align = tuple(0 if infos[i] is None else infos[i].ptr & 15 for i in self._aligned)
-        return _Layout(self._scalars(args), align, call.device, tuple(s.nbytes for s in scratch), runtime_steps,
-                       overlaps)
+        return _Layout(self._scalars(args), align, call.device, tuple(i is not None for i in infos),
+                       tuple(s.nbytes for s in scratch), runtime_steps, overlaps)
 
     def instantiations(self) -> list[Kernel]:
         return list(self.kernels)
@@ -537,7 +549,8 @@ class _DispatchedKernel:
     def __call__(self, *args, **kwargs) -> None:
         if kwargs or len(args) != self.nargs:
             args = self.op.bind(args, kwargs)
-        self.op._run(args, False)
+        if not self.op._recent_call(*args):
+            self.op._run(args, False)
 
 
 def _allocate_scratch(sizes: tuple, device: int, cupy: bool) -> list:
@@ -560,6 +573,10 @@ class _CupyBuffer:
 
 def _no_op_fake(*args, **kwargs) -> None:
     return None
+
+
+def _no_recent_call(*args) -> bool:
+    return False
 
 
 def _metadata_matcher(tensors: list) -> Callable[..., bool] | None:
