@@ -29,7 +29,6 @@ def _pieces(vllm_ops) -> dict:
     layout = OP._recent
     tensors = [standin if (t := args[i]) is None else t for i, standin in OP._tensor_slots]
     pointers = [t.data_ptr() for t in tensors]
-    device = torch.cuda.current_device()
     stream = torch.cuda.current_stream().cuda_stream
     step = layout.steps[0]
     values = (*step.pointers(pointers), step.tail)

@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["CPU", "META", "ArrayInfo", "absent", "device_name", "byte_extent", "describe", "has_internal_overlap", "is_cupy_array",
-           "memory_span", "metadata_guard", "spans_overlap"]
+__all__ = ["CPU", "META", "ArrayInfo", "absent", "byte_extent", "describe", "device_name", "has_internal_overlap",
+           "is_cupy_array", "memory_span", "metadata_guard", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
 _CUPY_DTYPES = {

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import torch
 
-from . import arrays, fastpath, launcher
+from . import arrays, fastpath, launcher, validation
 from .launcher import Kernel, LaunchConfig
 from .params import CStruct
+from .records import Call, Launch, Memset, Scratch, TensorArg, TensorInfo
 
 __all__ = ["Call", "Launch", "LaunchConfig", "Memset", "Op", "Scratch", "TensorArg", "TensorInfo", "registry"]
 
@@ -41,90 +41,6 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _is_compiling = torch.compiler.is_compiling
 # A constant True while dynamo traces, else False: one Python call, where is_compiling() makes two.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
-
-
-# ---- what an op declares -------------------------------------------------------------------------------------
-
-
-class TensorArg(NamedTuple):
-    """A tensor argument of the schema, as validation sees it.
-
-    role: "in" (read), "out" (written, not read: tests poison it) or "inout" (read, then written); "out" and
-        "inout" are exactly the schema's written (`Tensor!`) arguments.
-    shape: one entry per dimension, a symbol (str) bound by the first argument that has it or an int; None
-        accepts any shape (the op's `check` decides).
-    dtypes: accepted dtypes (TypeError otherwise); an entry may be the name of an earlier argument, accepting
-        its dtype ("x" alone: the same dtype as x; ("logits", torch.float32): logits' dtype or float32); None
-        accepts any (the op's `check` decides).
-    unit_last_stride: the last dimension must have stride 1 (when it has more than one element).
-    aligned: the plan reads this pointer's alignment (`TensorInfo.align`, its address modulo 16): the layout
-        cache then keys on it.
-    may_alias: (written arguments) inputs this argument may be exactly (same address, strides and dtype), as in
-        an in-place call; any other overlap with another argument is rejected.
-    """
-
-    name: str
-    role: str = "in"
-    shape: tuple | None = None
-    dtypes: tuple | str | None = None
-    unit_last_stride: bool = False
-    aligned: bool = False
-    may_alias: tuple[str, ...] = ()
-
-
-class TensorInfo(NamedTuple):
-    """A tensor argument as `check` and `plan` see it: no data pointer, only its alignment where declared."""
-
-    dtype: Any
-    shape: tuple
-    strides: tuple
-    itemsize: int
-    align: int | None  # address % 16 for `aligned` arguments, else None
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
-
-
-class Launch(NamedTuple):
-    """Launch `kernel` with `config`; its params struct `params` gets `values` (every non-pointer field)."""
-
-    kernel: Kernel
-    config: LaunchConfig
-    params: CStruct
-    values: dict
-
-
-class Memset(NamedTuple):
-    """Set the first `nbytes` bytes of tensor argument (or scratch buffer) `target` to `value`, on the stream."""
-
-    target: str
-    nbytes: int
-    value: int = 0
-
-
-class Scratch(NamedTuple):
-    """A temporary device buffer of `nbytes` bytes for this call (torch's caching allocator, or CuPy's pool for
-    CuPy arrays), named so that pointer fields and memsets can use it. Uninitialised."""
-
-    name: str
-    nbytes: int
-
-
-class Call:
-    """What `check` and `plan` see: every argument by name (`TensorInfo`, None for an absent optional tensor, or
-    the scalar's value), `dims` (symbol -> size), `device` (CUDA ordinal, or arrays.CPU / arrays.META)."""
-
-    def __init__(self, op: str, values: dict, dims: dict, device: int):
-        self.__dict__.update(values)
-        self.op, self.dims, self.device = op, dims, device
-
-    def reject(self, arg: str, message: str, error: type = ValueError):
-        """Raise `error` naming the op and `arg`: `call.reject("output", "must be ...")`."""
-        raise error(f"{self.op}: {arg} {message}")
 
 
 # ---- the runtime's form of a plan ------------------------------------------------------------------------------
@@ -390,102 +306,12 @@ class Op:
         self._layouts[key] = layout
         self._make_recent(layout, tensors)
 
-    # ---- validation ----
+    # ---- validation (validation.py) ----
 
     def validate(self, args: tuple) -> tuple[Call, list]:
         """Check every argument (torch tensors on one device, or CuPy arrays); return the `Call` that `check` and
         `plan` see and each tensor argument's `arrays.ArrayInfo` (None when absent), in schema order."""
-        op = self.name
-        info: dict[str, arrays.ArrayInfo | None] = {}
-        kind = None
-        for spec in self.tensor_args:
-            value = args[self.arguments.index(spec.name)]
-            if value is None:
-                if spec.name not in self.optional:
-                    raise TypeError(f"{op}: {spec.name} must be a tensor, got None")
-                info[spec.name] = None
-                continue
-            info[spec.name] = arrays.describe(value, op, spec.name, kind)
-            kind = kind or (torch.Tensor if isinstance(value, torch.Tensor) else type(value))
-        given = [(n, i) for n, i in info.items() if i is not None]
-        device = given[0][1].device if given else arrays.CPU
-        for name, i in given:
-            if i.device != device:
-                raise ValueError(f"{op}: {name} is on {arrays.device_name(i.device)} but {given[0][0]} is on "
-                                 f"{arrays.device_name(device)}; all tensors must be on one device")
-        dims: dict[str, int] = {}
-        bound_by: dict[str, str] = {}
-        for spec in self.tensor_args:
-            i = info[spec.name]
-            if i is None:
-                continue
-            if spec.dtypes is not None:
-                accepted = [info[d].dtype if isinstance(d, str) and info[d] is not None else d
-                            for d in ((spec.dtypes,) if isinstance(spec.dtypes, str) else spec.dtypes)]
-                if i.dtype not in accepted:
-                    names = [f"{d}'s dtype ({_dtype_name(a)})" if isinstance(d, str) else _dtype_name(d)
-                             for d, a in zip((spec.dtypes,) if isinstance(spec.dtypes, str) else spec.dtypes,
-                                             accepted)]
-                    raise TypeError(f"{op}: {spec.name} must be {_or(names)}, got {_dtype_name(i.dtype)}")
-            if spec.shape is not None:
-                self._check_shape(spec, i.shape, dims, bound_by)
-            if spec.unit_last_stride and i.shape and i.shape[-1] > 1 and i.strides[-1] != 1:
-                raise ValueError(f"{op}: {spec.name} must have a contiguous last dimension (stride 1), got strides "
-                                 f"{tuple(i.strides)}")
-        values: dict[str, Any] = {}
-        for position in self._scalar_positions:
-            name = self.arguments[position]
-            values[name] = _check_scalar(op, name, args[position], self.scalar_types[name], name in self.optional)
-        for spec in self.tensor_args:
-            i = info[spec.name]
-            values[spec.name] = None if i is None else TensorInfo(
-                i.dtype, tuple(i.shape), tuple(i.strides), i.itemsize, i.ptr & 15 if spec.aligned else None)
-        call = Call(op, values, dims, device)
-        if self.check is not None:
-            self.check(call)
-        if device != arrays.META:  # meta tensors have no memory to overlap
-            self._check_overlap(info)
-        return call, [info[n] for n in self.tensor_names]
-
-    def _check_shape(self, spec: TensorArg, shape: tuple, dims: dict, bound_by: dict) -> None:
-        op, want = self.name, spec.shape
-        pretty = "[" + ", ".join(map(str, want)) + "]"
-        if len(shape) != len(want):
-            raise ValueError(f"{op}: {spec.name} must be {pretty}, got shape {tuple(shape)}")
-        for axis, (size, symbol) in enumerate(zip(shape, want)):
-            expected = symbol if isinstance(symbol, int) else dims.setdefault(symbol, size)
-            if size != expected:
-                source = f" ({symbol} = {expected} from {bound_by[symbol]})" if symbol in bound_by else ""
-                raise ValueError(f"{op}: {spec.name} has shape {tuple(shape)}, expected {pretty}{source}")
-            if isinstance(symbol, str):
-                bound_by.setdefault(symbol, spec.name)
-
-    def _overlap_pairs(self):
-        """(written argument, other argument, same view allowed) for every pair whose memory must not overlap."""
-        may_alias = {t.name: set(t.may_alias) for t in self.tensor_args}
-        done = set()
-        for w in self.tensor_names:
-            if w not in self.written:
-                continue
-            for other in self.tensor_names:
-                if other != w and (other, w) not in done:
-                    done.add((w, other))
-                    yield w, other, other in may_alias[w] or w in may_alias[other]
-
-    def _check_overlap(self, info: dict) -> None:
-        op = self.name
-        for name in self.written:
-            i = info.get(name)
-            if i is not None and arrays.has_internal_overlap(i):
-                raise ValueError(f"{op}: {name} must not have elements that share memory (an expanded view?)")
-        for w, other, same_ok in self._overlap_pairs():
-            a, b = info[w], info[other]
-            if a is None or b is None or not arrays.spans_overlap(a, b):
-                continue
-            if same_ok and a.ptr == b.ptr and _same_layout(a, b):
-                continue
-            what = "partially overlaps" if same_ok else "overlaps"
-            raise ValueError(f"{op}: {w} {what} {other} in memory")
+        return validation.validate(self, args)
 
     # ---- planning ----
 
@@ -516,8 +342,8 @@ class Op:
         # Same-view pairs may share memory exactly; every other written/other pair must not touch.
         extents = [0 if i is None else arrays.byte_extent(i.shape, i.strides, i.itemsize)[1] for i in infos]
         overlaps = tuple((slots[w], slots[o], extents[slots[w]], extents[slots[o]],
-                          same_ok and _same_layout(infos[slots[w]], infos[slots[o]]))
-                         for w, o, same_ok in self._overlap_pairs()
+                          same_ok and validation.same_layout(infos[slots[w]], infos[slots[o]]))
+                         for w, o, same_ok in validation.overlap_pairs(self)
                          if extents[slots[w]] and extents[slots[o]])
         align = tuple(0 if infos[i] is None else infos[i].ptr & 15 for i in self._aligned)
         return _Layout(self._scalars(args), align, call.device, tuple(i is not None for i in infos),
@@ -609,31 +435,3 @@ def _picker(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
 
 
 _data_ptr = torch.Tensor.data_ptr
-
-
-def _same_layout(a: arrays.ArrayInfo, b: arrays.ArrayInfo) -> bool:
-    return a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _or(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-
-
-def _check_scalar(op: str, name: str, value, type_name: str, optional: bool):
-    if value is None:
-        if optional:
-            return None
-        raise TypeError(f"{op}: {name} must be {type_name}, got None")
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool)}.get(type_name)
-    if ok is None:
-        raise TypeError(f"{op}: {name} has schema type {type_name}, which cupy_ops does not validate yet")
-    if not ok(value):
-        raise TypeError(f"{op}: {name} must be {'an' if type_name == 'int' else 'a'} {type_name}"
-                        f"{' or None' if optional else ''}, got {type(value).__name__}")
-    return value
