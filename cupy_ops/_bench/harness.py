@@ -132,7 +132,7 @@ def calls_per_graph(sets: int, bytes_moved: int, *, target_us: float = 200.0, mi
 
 
 def make_input_sets(make_inputs: Callable[[Any, int], tuple], case, l2_bytes: int, *,
-                    min_sets: int = 2, max_sets: int = 16) -> list[tuple]:
+                    min_sets: int = 2, max_sets: int = 128) -> list[tuple]:
     """`make_inputs(case, seed)` for enough seeds that one pass over the sets reads >= 2x L2 (every call then
     starts from cold L2), within [min_sets, max_sets] and 40% of free memory."""
     sets = max(min_sets, min(max_sets, -(-2 * l2_bytes // max(1, case.input_bytes))))
