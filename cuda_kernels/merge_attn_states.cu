@@ -74,19 +74,37 @@ __device__ __forceinline__ index_t offset2(index_t i, index_t j, const int64_t (
   return i * static_cast<index_t>(stride[0]) + j * static_cast<index_t>(stride[1]);
 }
 
+// VEC floats rounded into the output type; fp8 two at a time (VEC is even whenever it is above 1).
+template <typename out_t, int VEC>
+__device__ __forceinline__ vec<out_t, VEC> convert(const float (&f)[VEC], const output_writer<out_t>& write) {
+  vec<out_t, VEC> o;
+  if constexpr (sizeof(out_t) == 1 && VEC % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2) {
+      const unsigned short pair = to_fp8x2_e4m3(f[i], f[i + 1], write.inv_scale);
+      o.v[i].bits = static_cast<unsigned char>(pair & 0xFF);
+      o.v[i + 1].bits = static_cast<unsigned char>(pair >> 8);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = write(f[i]);
+  }
+  return o;
+}
+
 // One vector of the merged row: the blend, or a plain copy of one side (bit-exact unless converting to fp8).
 template <typename scalar_t, typename out_t, int VEC>
 __device__ __forceinline__ vec<out_t, VEC> blend(const vec<scalar_t, VEC>& x, const vec<scalar_t, VEC>& y,
                                                 float a, float b, bool copy_prefix,
                                                 const output_writer<out_t>& write) {
-  vec<out_t, VEC> o;
+  float f[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     const float xf = to_float(x.v[i]);
     // a = 1, b = 0 would still turn an inf or NaN suffix into NaN, so the empty-both case selects.
-    o.v[i] = write(copy_prefix ? xf : xf * a + to_float(y.v[i]) * b);
+    f[i] = copy_prefix ? xf : xf * a + to_float(y.v[i]) * b;
   }
-  return o;
+  return convert<out_t, VEC>(f, write);
 }
 
 template <typename scalar_t, typename out_t, int VEC>
@@ -95,10 +113,10 @@ __device__ __forceinline__ void copy_vector(const scalar_t* src, out_t* dst, con
   if constexpr (sizeof(out_t) == sizeof(scalar_t)) {
     x.store(dst);
   } else {
-    vec<out_t, VEC> o;
+    float f[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) o.v[i] = write(to_float(x.v[i]));
-    o.store(dst);
+    for (int i = 0; i < VEC; ++i) f[i] = to_float(x.v[i]);
+    convert<out_t, VEC>(f, write).store(dst);
   }
 }
 
