@@ -1,0 +1,38 @@
+// Thread-block clusters (sm_90): the cluster barrier and loads from another CTA's shared memory, in inline PTX
+// (no cooperative_groups, whose CCCL headers cost NVRTC ~1.5 s). The sm_80 build of a kernel that calls them
+// traps: plans launch cluster instantiations only where launcher.device_arch() >= 90.
+#pragma once
+#include "types.cuh"
+
+namespace cupy_ops {
+
+// barrier.cluster with release/acquire: every thread of every CTA of the cluster arrives, and the shared-memory
+// writes before it are visible to the whole cluster after it. All threads of the CTA must call it.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// This CTA's shared-memory address of `p` (a __shared__ object), for cluster_load.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The 32-bit word at shared address `address` in the shared memory of cluster CTA `rank` (the same variable in
+// that CTA). The owner must not have exited: callers end with cluster_sync.
+__device__ __forceinline__ uint32_t cluster_load(uint32_t address, uint32_t rank) {
+#if __CUDA_ARCH__ >= 900
+  uint32_t remote, value;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(value) : "r"(remote) : "memory");
+  return value;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+}  // namespace cupy_ops

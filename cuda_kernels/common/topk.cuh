@@ -1,0 +1,392 @@
+// Top-k over rows of fp32 scores: the device core of top_k_per_row_prefill, top_k_per_row_decode
+// (top_k_per_row.cu) and persistent_topk (persistent_topk.cu). Specs: ../shared/specs/sampler_ops.md section 2,
+// ../shared/specs/persistent_topk.md.
+//
+// One row is `len` elements at base[i * stride], 0 <= i < len; its result is k int32 slots:
+// - len <= k: 0, 1, ..., len - 1, then -1.
+// - len > k: the indices of the k largest values, in ascending index order. Values are ranked by an
+//   order-preserving uint32 key (float_key) in which -0 == +0 and every NaN is one value above +inf (torch.topk's
+//   order); among values equal to the k-th largest, the lowest indices win. The result depends on the data only.
+//
+// Algorithm: one read of global memory, everything else in shared memory.
+// 1. The row is cut into CLUSTER contiguous chunks, one per CTA of a thread-block cluster (sm_90; CLUSTER = 1
+//    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots and appends the elements
+//    whose key is >= min_key to a shared buffer, in index order (block scan), keeping a histogram of their top 8
+//    key bits.
+// 2. When a group would overflow the buffer (cap entries), the CTA keeps only the top k of its buffer (the select
+//    and emission below, on this CTA alone) and sets min_key above the k-th key: a later element of the chunk
+//    has a higher index, so one not above that key loses to the k kept ones. Long rows need no second pass.
+// 3. Select: 4 rounds of 8-bit radix over the buffers (in a cluster, histograms summed through distributed
+//    shared memory, one cluster barrier per round) give `pivot`, the k-th largest key, and `rem`, the number of
+//    pivot-equal entries to take.
+// 4. Emit: every entry above pivot and the first rem pivot-equal ones (the cluster's prefix of per-CTA counts
+//    orders them across CTAs) is written at its rank in index order.
+#pragma once
+#include "async_copy.cuh"
+#include "cluster.cuh"
+#include "types.cuh"
+
+namespace cupy_ops {
+namespace topk {
+
+// float_key(NaN): one above key(+inf) = 0xff800000, so NaN ranks above +inf and every NaN ties with every other.
+constexpr uint32_t kNanKey = 0xff800001u;
+constexpr uint32_t kFullMask = 0xffffffffu;
+
+// Larger value <=> larger key. Keys of real values lie in [key(-inf) = 0x007fffff, kNanKey]; -0 maps to +0's key.
+__device__ __forceinline__ uint32_t float_key(float x) {
+  const uint32_t u = x == 0.0f ? 0u : __float_as_uint(x);
+  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return x != x ? kNanKey : key;
+}
+
+// Shared state besides the dynamic buffers (about 3.3 KB).
+struct alignas(16) Shared {
+  uint32_t hist[2][256];  // radix histograms, double-buffered by round: other CTAs of the cluster read them
+  uint32_t total[256];    // a round's histogram summed over the cluster
+  uint32_t scan[2][32];   // block scan: warp totals, double-buffered by call
+  uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
+  uint32_t found[2];      // select: the round's digit and the pivot-rank left inside it
+  int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
+};
+
+// ---- warp and block scans (shuffles; no CUB) ----
+
+__device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const uint32_t y = __shfl_up_sync(kFullMask, v, d);
+    if (lane >= d) v += y;
+  }
+  return v;
+}
+
+// Exclusive prefix of v over the block in thread order, and the block total. Fields packed in v add without
+// carries as long as each field's block total fits. One __syncthreads: the warp totals alternate between two
+// buffers (`parity`, uniform over the block), and a buffer is written again only after the next call's barrier,
+// which every thread reaches after reading it.
+template <int THREADS>
+__device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t v, uint32_t& total, Shared& sh, uint32_t& parity) {
+  constexpr int kWarps = THREADS / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t inclusive = warp_inclusive_sum(v);
+  uint32_t* warp_totals = sh.scan[parity];
+  parity ^= 1u;
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  const uint32_t w = lane < kWarps ? warp_totals[lane] : 0u;
+  const uint32_t w_inclusive = warp_inclusive_sum(w);
+  total = __shfl_sync(kFullMask, w_inclusive, 31);
+  return __shfl_sync(kFullMask, w_inclusive - w, warp) + inclusive - v;
+}
+
+// ---- select ----
+
+// Warp 0: the bin B of counts[256] holding the rem-th largest entry, i.e. above(B) < rem <= above(B) + counts[B]
+// with above(B) = the entries of bins > B; found = (B, rem - above(B)). Needs sum(counts) >= rem >= 1.
+__device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, uint32_t* found) {
+  const int lane = threadIdx.x & 31;
+  const uint4 lo = reinterpret_cast<const uint4*>(counts)[2 * lane];
+  const uint4 hi = reinterpret_cast<const uint4*>(counts)[2 * lane + 1];
+  const uint32_t c[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  uint32_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum += c[j];
+  uint32_t suffix = sum;  // entries in the bins of lanes >= this lane
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const uint32_t y = __shfl_down_sync(kFullMask, suffix, d);
+    if (lane + d < 32) suffix += y;
+  }
+  uint32_t above = suffix - sum;
+#pragma unroll
+  for (int j = 7; j >= 0; --j) {
+    if (above < rem && rem <= above + c[j]) {
+      found[0] = 8 * lane + j;
+      found[1] = rem - above;
+    }
+    above += c[j];
+  }
+}
+
+// The k-th largest of the n keys (over the whole cluster when `cluster`): its key `pivot`, and `rem` >= 1, how
+// many entries equal to it belong to the top k. hist[0] must hold the histogram of key >> 24 of these keys; it is
+// zero on return. Every thread of the block (and of the cluster when `cluster`) calls it.
+template <int THREADS, int CLUSTER>
+__device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
+                             uint32_t& rem) {
+  static_assert(THREADS >= 512, "threads 256..511 clear the next histogram while warp 0 searches");
+  uint32_t prefix = 0, mask = 0;
+  rem = k;
+#pragma unroll 1
+  for (int round = 0; round < 4; ++round) {
+    const int shift = 24 - 8 * round;
+    uint32_t* hist = sh.hist[round & 1];
+    if (round > 0) {
+      for (int i = threadIdx.x; i < n; i += THREADS) {
+        const uint32_t key = keys[i];
+        if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+    }
+    const uint32_t* counts = hist;
+    if (CLUSTER > 1 && cluster) {
+      cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
+      if (threadIdx.x < 256) {
+        const uint32_t address = shared_address(&hist[threadIdx.x]);
+        uint32_t sum = 0;
+#pragma unroll
+        for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
+        sh.total[threadIdx.x] = sum;
+      }
+      counts = sh.total;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      find_bin(counts, rem, sh.found);
+    } else if (threadIdx.x >= 256 && threadIdx.x < 512) {
+      // The next round's buffer. In a cluster, other CTAs read it last in the previous round, before arriving at
+      // this round's barrier, which this CTA has passed.
+      sh.hist[(round + 1) & 1][threadIdx.x - 256] = 0u;
+    }
+    __syncthreads();
+    prefix |= sh.found[0] << shift;
+    mask |= 0xffu << shift;
+    rem = sh.found[1];
+  }
+  pivot = prefix;
+}
+
+// ---- emission: a stable compaction of the selected entries, in index order ----
+
+// Each thread owns a contiguous run of the buffer; an odd run length puts a warp's 32 reads in 32 banks.
+__device__ __forceinline__ void thread_run(int n, int threads, int& begin, int& end) {
+  const int length = ((n + threads - 1) / threads) | 1;
+  begin = min(n, static_cast<int>(threadIdx.x) * length);
+  end = min(n, begin + length);
+}
+
+// Entries above / equal to the pivot before this thread's run (packed: above | equal << 16, as is `total`, the
+// block's counts); n < 65536.
+template <int THREADS>
+__device__ __forceinline__ uint32_t count_split(const uint32_t* keys, int n, uint32_t pivot, uint32_t& total,
+                                                Shared& sh, uint32_t& parity) {
+  int begin, end;
+  thread_run(n, THREADS, begin, end);
+  uint32_t above = 0, equal = 0;
+  for (int i = begin; i < end; ++i) {
+    const uint32_t key = keys[i];
+    above += key > pivot;
+    equal += key == pivot;
+  }
+  return block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
+}
+
+// sink(slot, i) for every selected entry i: above the pivot, or equal to it and among the first `take` equal
+// ones; slots count from `first` in index order. `before` is count_split's result for this thread.
+template <int THREADS, typename Sink>
+__device__ __forceinline__ void write_selected(const uint32_t* keys, int n, uint32_t pivot, uint32_t before,
+                                               int first, int take, Sink sink) {
+  int begin, end;
+  thread_run(n, THREADS, begin, end);
+  int above = before & 0xffffu, equal = before >> 16;
+  for (int i = begin; i < end; ++i) {
+    const uint32_t key = keys[i];
+    if (key > pivot) {
+      sink(first + above + min(equal, take), i);
+      ++above;
+    } else if (key == pivot) {
+      if (equal < take) sink(first + above + equal, i);
+      ++equal;
+    }
+  }
+}
+
+// Shrink this CTA's buffer to its own top k (exactly k entries, index order kept) through the staging buffer;
+// later elements must then be above the returned min_key. Only __syncthreads: the cluster is not involved.
+template <int THREADS, int CLUSTER>
+__device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* stage_keys, int* stage_idx,
+                           Shared& sh, uint32_t& parity, uint32_t& min_key) {
+  __syncthreads();  // the last group's entries are in the buffer
+  uint32_t pivot, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, pivot, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, total, sh, parity);
+  write_selected<THREADS>(keys, n, pivot, before, 0, static_cast<int>(rem), [&](int slot, int i) {
+    stage_keys[slot] = keys[i];
+    stage_idx[slot] = idx[i];
+  });
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += THREADS) {  // hist[0] is zero after select_pivot
+    const uint32_t key = stage_keys[i];
+    keys[i] = key;
+    idx[i] = stage_idx[i];
+    atomicAdd(&sh.hist[0][key >> 24], 1u);
+  }
+  __syncthreads();
+  n = k;
+  min_key = pivot + 1;  // pivot <= kNanKey: no overflow
+}
+
+// ---- loading ----
+
+// Keys of the 4 elements of slot s (elements i0 = 4s - a .. i0 + 3) that lie in [lo, hi): from the ring when the
+// slot is whole and the row contiguous (it was copied there, 16-byte aligned), else element by element from global
+// memory. Returns the valid-lane bits.
+__device__ __forceinline__ uint32_t slot_keys(const float* base, int64_t stride, bool whole, const float4* copied,
+                                              int i0, int lo, int hi, uint32_t* key) {
+  if (whole) {
+    const float4 v = *copied;
+    key[0] = float_key(v.x);
+    key[1] = float_key(v.y);
+    key[2] = float_key(v.z);
+    key[3] = float_key(v.w);
+    return 0xfu;
+  }
+  uint32_t valid = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int i = i0 + e;
+    key[e] = 0u;
+    if (i >= lo && i < hi) {
+      key[e] = float_key(__ldg(base + i * stride));
+      valid |= 1u << e;
+    }
+  }
+  return valid;
+}
+
+// ---- one row ----
+
+// Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], idx[cap], then
+// the staging keys[stage] and idx[stage] (stage = k when a chunk can exceed cap, else 0). The host guarantees:
+// cap >= k + 8 * THREADS when stage > 0 (a group fits after a shrink), cap >= every chunk when stage == 0,
+// 1 <= stages <= 3, and len <= 2^31 - 8.
+template <int THREADS, int CLUSTER>
+__device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
+                         int stages) {
+  __shared__ Shared sh;
+  extern __shared__ uint4 topk_dynamic_smem[];
+  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+
+  if (len <= k) {  // every index, then -1; each CTA of the cluster writes its share of the k slots
+    const int per_cta = (k + CLUSTER - 1) / CLUSTER;
+    const int end = min(k, (rank + 1) * per_cta);
+    for (int j = rank * per_cta + threadIdx.x; j < end; j += THREADS) out[j] = j < len ? j : -1;
+    return;
+  }
+
+  float4* ring = reinterpret_cast<float4*>(topk_dynamic_smem);
+  uint32_t* keys = reinterpret_cast<uint32_t*>(ring + stages * 2 * THREADS);
+  int* idx = reinterpret_cast<int*>(keys + cap);
+  uint32_t* stage_keys = reinterpret_cast<uint32_t*>(idx + cap);
+  int* stage_idx = reinterpret_cast<int*>(stage_keys + stage);
+
+  // Slot s holds elements 4s - a .. 4s - a + 3, where a (the row start's offset in 16-byte units) aligns every
+  // whole slot; CTA `rank` streams slots [s_lo, s_hi), i.e. elements [lo, hi), in groups of 2 x THREADS slots:
+  // thread t takes slots t and THREADS + t of a group. Group j's whole slots are copied to ring stage j % stages
+  // `stages - 1` groups ahead; each thread reads back only its own copies.
+  const bool contiguous = stride == 1;
+  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
+  const int slots = (len + a + 3) >> 2;
+  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
+  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
+  const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
+  const int groups = (s_hi - s_lo + 2 * THREADS - 1) / (2 * THREADS);
+  const int ahead = min(stages - 1, groups);  // batches in flight beyond the one being read
+  auto whole = [&](int s) { return s < s_hi && contiguous && 4 * s - a >= lo && 4 * s - a + 4 <= hi; };
+  auto copy_group = [&](int j) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int s = s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x);
+      if (whole(s)) async_copy16(&ring[((j % stages) * 2 + u) * THREADS + threadIdx.x], base + (4 * s - a));
+    }
+    async_commit();
+  };
+  for (int j = 0; j < ahead; ++j) copy_group(j);
+
+  for (int i = threadIdx.x; i < 256; i += THREADS) sh.hist[0][i] = 0u;
+  __syncthreads();
+  uint32_t parity = 0, min_key = 0;
+  int n = 0;
+#pragma unroll 1
+  for (int j = 0; j < groups; ++j) {
+    if (j + ahead < groups) {
+      copy_group(j + ahead);
+    } else {
+      async_commit();  // empty: the count of batches after group j stays `ahead`
+    }
+    async_wait(ahead);
+    uint32_t key[8];
+    uint32_t valid = 0;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int s = s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x);
+      key[4 * u] = key[4 * u + 1] = key[4 * u + 2] = key[4 * u + 3] = 0u;
+      if (s < s_hi) {
+        valid |= slot_keys(base, stride, whole(s), &ring[((j % stages) * 2 + u) * THREADS + threadIdx.x],
+                           4 * s - a, lo, hi, key + 4 * u) << (4 * u);
+      }
+    }
+    uint32_t pass, before, total;
+#pragma unroll 1
+    for (;;) {
+      pass = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(key[e] >= min_key) << e;
+      pass &= valid;
+      before = block_exclusive_sum<THREADS>(__popc(pass & 0xfu) | __popc(pass >> 4) << 16, total, sh, parity);
+      if (n + static_cast<int>((total & 0xffffu) + (total >> 16)) <= cap) break;
+      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
+    }
+    int slot[2] = {n + static_cast<int>(before & 0xffffu), n + static_cast<int>((total & 0xffffu) + (before >> 16))};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (pass >> e & 1u) {
+        const int u = e >> 2;
+        const int p = slot[u]++;
+        keys[p] = key[e];
+        idx[p] = 4 * (s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+        atomicAdd(&sh.hist[0][key[e] >> 24], 1u);
+      }
+    }
+    n += static_cast<int>((total & 0xffffu) + (total >> 16));
+  }
+  __syncthreads();
+
+  uint32_t pivot, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, total, sh, parity);
+  int first = 0, take = static_cast<int>(rem);
+  if constexpr (CLUSTER > 1) {
+    // Output slots and pivot-equal ranks continue from the lower-ranked CTAs, whose chunks come first.
+    if (threadIdx.x == 0) {
+      sh.counts[0] = total & 0xffffu;
+      sh.counts[1] = total >> 16;
+    }
+    cluster_sync();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      uint32_t above = 0, equal = 0;
+      if (lane < CLUSTER) {
+        above = cluster_load(shared_address(&sh.counts[0]), lane);
+        equal = cluster_load(shared_address(&sh.counts[1]), lane);
+      }
+      const uint32_t equal_before = warp_inclusive_sum(equal) - equal;
+      const int may_take = max(0, static_cast<int>(rem) - static_cast<int>(equal_before));
+      const uint32_t taken = above + min(static_cast<uint32_t>(may_take), equal);
+      const uint32_t taken_before = warp_inclusive_sum(taken) - taken;
+      if (lane == rank) {
+        sh.emit[0] = static_cast<int>(taken_before);
+        sh.emit[1] = may_take;
+      }
+    }
+    __syncthreads();
+    first = sh.emit[0];
+    take = sh.emit[1];
+  }
+  write_selected<THREADS>(keys, n, pivot, before, first, take, [&](int slot, int i) { out[slot] = idx[i]; });
+  if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
+}
+
+}  // namespace topk
+}  // namespace cupy_ops

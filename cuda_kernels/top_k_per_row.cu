@@ -1,0 +1,45 @@
+// top_k_per_row_prefill and top_k_per_row_decode: for each row, the indices of the k largest scores of its window,
+// relative to the window start (common/topk.cuh has the contract and the algorithm). One kernel for both ops: they
+// differ only in how a row's window is found.
+#include "common/topk.cuh"
+
+namespace cupy_ops {
+
+struct TopKPerRowParams {
+  int* indices;          // [num_rows, k] int32, row stride out_stride
+  const float* logits;   // [num_rows, num_cols] fp32, strides (stride0, stride1) in elements
+  const int* starts;     // prefill: rowStarts[num_rows]; decode: unused
+  const int* ends;       // prefill: rowEnds[num_rows]; decode: seq_lens, flattened
+  int64_t num_cols;
+  int64_t stride0;
+  int64_t stride1;
+  int64_t out_stride;
+  int k;                 // 1..4096
+  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row)
+  int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
+  int stages;            // groups of the copy ring (1..3)
+  int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
+  int next_n;            // decode: query tokens per sequence (>= 1)
+  int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
+};
+
+// Prefill: [clamp(start, 0, W), clamp(end, start, W)). Decode: [0, clamp(end, 0, W)) with end = seq_lens[row] when
+// per_row, else seq_lens[row / next_n] - next_n + row % next_n + 1 (query row % next_n of its sequence).
+template <int THREADS, int CLUSTER>
+__global__ void __launch_bounds__(THREADS, 1024 / THREADS) top_k_per_row_kernel(const TopKPerRowParams p) {
+  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  int64_t start = 0, end;
+  if (p.decode) {
+    end = p.per_row ? static_cast<int64_t>(p.ends[row])
+                    : static_cast<int64_t>(p.ends[row / p.next_n]) - p.next_n + row % p.next_n + 1;
+  } else {
+    start = min(max(static_cast<int64_t>(p.starts[row]), int64_t{0}), p.num_cols);
+    end = p.ends[row];
+  }
+  end = min(max(end, start), p.num_cols);
+  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + start * p.stride1, p.stride1,
+                                   static_cast<int>(end - start), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
+                                   p.stages);
+}
+
+}  // namespace cupy_ops

@@ -1,0 +1,301 @@
+"""top_k_per_row_prefill, top_k_per_row_decode: per row, the indices of the topK largest fp32 scores of the row's
+window, relative to the window's start. Spec: ../shared/specs/sampler_ops.md section 2.
+
+    indices[r, :] = the topK columns of logits[r, start_r : start_r + L_r] with the largest values, minus start_r,
+                    in ascending order; when L_r <= topK: 0, 1, ..., L_r - 1, then -1.
+
+prefill: window [rowStarts[r], rowEnds[r]). decode: window [0, end_r) with end_r = seqLens[r] when seqLens is 2-D
+with numRows elements, else seqLens.flat[r // next_n] - next_n + r % next_n + 1 (query r % next_n of its sequence).
+
+Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), and beyond it:
+- deterministic: values are ranked by an order-preserving key in which -0 == +0 and every NaN ranks above +inf
+  (torch.topk's order), ties at the topK-th value go to the lowest column, and the output lists the chosen columns in
+  ascending order: the same bits on every run and GPU, equal to `top_k_per_row_ref` (vLLM's order and tie choice
+  vary from call to call; its radix path can emit garbage indices when -inf must fill the last slots);
+- windows are clamped to the row: start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W) (prefill), end =
+  clamp(end_r, 0, W) (decode), so rowEnd < rowStart or seq_len < next_n give empty rows (all -1) and nothing is read
+  outside the row; indices stay relative to the clamped start;
+- any topK in 1..4096, any rowStart alignment, any stride1 (16-byte loads where the row is contiguous);
+- numRows, stride0 and stride1 are checked against logits (numRows == logits.size(0) == indices.size(0); the
+  strides equal logits' where that dimension has more than one element), and indices may have any row stride.
+The GPU algorithm (common/topk.cuh) reads every score once; rows of up to 16 x (what one CTA holds) go to a
+thread-block cluster on sm_90. persistent_topk shares it: `plan_rows`, `select_rows_ref` and `float_keys` are here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, launcher
+from .._runtime import params as P
+
+MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
+MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs len + 6 < 2^31
+# (threads, cluster) instantiations: 512-thread CTAs (40 registers on sm_90: 3 per SM) for many rows, 1024-thread
+# CTAs (~57 registers: 1 per SM) for few rows and for clusters, which exist for few, long rows.
+INSTANTIATIONS = ((512, 1), (1024, 1), (1024, 2), (1024, 4), (1024, 8), (1024, 16))
+MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
+MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
+STATIC_SMEM = 4096        # bound on the kernel's static shared memory (topk::Shared is 3360 bytes)
+RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
+NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
+
+_F32, _I32 = (torch.float32,), (torch.int32,)
+
+
+# ---- the rows' plan, shared with persistent_topk ------------------------------------------------------------------
+
+
+class RowPlan(NamedTuple):
+    """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a copy ring of `stages` groups (32 bytes
+    per thread each), a buffer of `cap` entries and a staging area of `stage` entries (k when a chunk can exceed
+    cap, else 0), 8 bytes per entry: `shared_bytes` of dynamic shared memory in all."""
+
+    threads: int
+    cluster: int
+    stages: int
+    cap: int
+    stage: int
+    shared_bytes: int
+
+
+def chunk_bound(width: int, cluster: int) -> int:
+    """The most elements one of `cluster` CTAs streams from a row of at most `width`: the kernel splits a row's
+    4-element aligned slots (up to 3 elements of misalignment) evenly over the cluster."""
+    slots = (width + 3 + 3) // 4
+    return 4 * -(-slots // cluster)
+
+
+def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
+                per_sm: int) -> RowPlan:
+    """One CTA's shared memory. The copy ring keeps stages - 1 groups in flight (3 stages for 1024 threads, 2 for
+    512), fewer when the chunk has fewer groups or k leaves no room. The buffer holds the whole chunk when that
+    fits the budget of `per_sm_target` CTAs per SM (then no shrink ever happens), else it streams with
+    max(k + 8 * threads, what the budget leaves) entries and a k-entry staging area."""
+    chunk = chunk_bound(width, cluster)
+    groups = max(1, -(-(chunk // 4) // (2 * threads)))
+    limit = optin - STATIC_SMEM
+    budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
+    for stages in range(min(groups, 3 if threads == 1024 else 2), 0, -1):
+        ring = 32 * threads * stages
+        if ring + 8 * chunk <= budget:
+            return RowPlan(threads, cluster, stages, chunk, 0, ring + 8 * chunk)
+        cap = max(k + 8 * threads, (budget - ring) // 8 - k)
+        if ring + 8 * (cap + k) <= limit:
+            return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
+    raise ValueError(f"k = {k} with {threads} threads needs more than the {optin} bytes of shared memory this GPU "
+                     "allows per block")
+
+
+def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tuple[Kernel, LaunchConfig, RowPlan]:
+    """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
+    only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
+    2 x rows x cluster fits the SMs and each CTA keeps >= 2 x MIN_CHUNK elements; a cluster shape the GPU cannot
+    hold is halved. Grids that fit the GPU once use 1024-thread CTAs (one per SM); larger ones 512-thread CTAs,
+    two per SM (64 registers each)."""
+    sms = launcher.device_attribute(device, "sm_count")
+    optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
+    per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
+    cluster = 1
+    if launcher.device_arch(device) >= 90:
+        while cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK:
+            cluster *= 2
+    while True:
+        many = rows * cluster > sms
+        row = buffer_plan(width, k, 512 if many else 1024, cluster, 2 if many else 1, optin, per_sm)
+        kernel = kernels[row.threads, cluster]
+        config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
+                              None if cluster == 1 else (cluster, 1, 1))
+        if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
+            return kernel, config, row
+        cluster //= 2
+
+
+# ---- reference (also the CPU kernel) -------------------------------------------------------------------------------
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's order-preserving keys of float32 `x`, as int64 in [0, 2^32): larger value <=> larger key; -0 and
+    +0 share a key; every NaN gets NAN_KEY, one above +inf's."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where(x == 0, torch.zeros_like(bits), bits)
+    keys = torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return torch.where(x.isnan(), torch.full_like(keys, NAN_KEY), keys)
+
+
+def select_rows_ref(logits: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, k] int32: per row r, the k columns of logits[r, starts[r] : starts[r] + lengths[r]] (int64 [rows],
+    inside the row) with the largest keys, ties to the lowest column, minus starts[r], ascending, then -1."""
+    rows, width = logits.shape
+    rel = torch.arange(width, device=logits.device)[None, :] - starts[:, None]
+    inside = (rel >= 0) & (rel < lengths[:, None])
+    keys = torch.where(inside, float_keys(logits), torch.full((), -1, dtype=torch.int64, device=logits.device))
+    if width < k:
+        keys = torch.cat([keys, keys.new_full((rows, k - width), -1)], dim=1)
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+    chosen = keys.gather(1, order) >= 0
+    absent = torch.iinfo(torch.int64).max
+    picked = torch.where(chosen, order - starts[:, None], torch.full_like(order, absent)).sort(dim=1).values
+    return torch.where(picked == absent, torch.full_like(picked, -1), picked).to(torch.int32)
+
+
+def _prefill_windows(logits, row_starts, row_ends, num_rows):
+    width = logits.shape[1]
+    start = row_starts.reshape(-1)[:num_rows].to(torch.int64).clamp(0, width)
+    end = torch.maximum(row_ends.reshape(-1)[:num_rows].to(torch.int64), start).clamp(max=width)
+    return start, end - start
+
+
+def decode_ends(seq_lens: torch.Tensor, next_n: int, num_rows: int) -> torch.Tensor:
+    """int64 [num_rows]: each decode row's end before clamping (the per-row lengths of a 2-D seq_lens with num_rows
+    elements, else the causal formula on the flattened seq_lens)."""
+    flat = seq_lens.reshape(-1).to(torch.int64)
+    if seq_lens.dim() == 2 and flat.numel() == num_rows:
+        return flat
+    r = torch.arange(num_rows, device=seq_lens.device)
+    return flat[r // next_n] - next_n + r % next_n + 1
+
+
+def top_k_per_row_prefill_ref(logits, rowStarts, rowEnds, indices, numRows, stride0, stride1, topK, *,  # noqa: N803
+                              compute_dtype=torch.float32):
+    """(new indices [numRows, topK] int32,): the op's result (exact; compute_dtype is unused)."""
+    start, length = _prefill_windows(logits, rowStarts, rowEnds, numRows)
+    return (select_rows_ref(logits[:numRows], start, length, topK),)
+
+
+def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0, stride1, topK, *,  # noqa: N803
+                             compute_dtype=torch.float32):
+    """(new indices [numRows, topK] int32,): the op's result (exact; compute_dtype is unused)."""
+    length = decode_ends(seqLens, next_n, numRows).clamp(0, logits.shape[1])
+    return (select_rows_ref(logits[:numRows], torch.zeros_like(length), length, topK),)
+
+
+# ---- the ops --------------------------------------------------------------------------------------------------------
+
+KERNELS = {(t, c): Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_kernel<{t}, {c}>") for t, c in INSTANTIATIONS}
+PARAMS = P.CStruct("TopKPerRowParams", [
+    P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
+    P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
+    P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("decode"), P.i32("next_n"), P.i32("per_row"),
+])
+# decode has no rowStarts/rowEnds: both pointers take seqLens (the kernel reads `ends` only).
+DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
+    P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "seqLens"), P.ptr("ends", "seqLens"), *PARAMS.fields[4:]])
+
+
+def _check_common(c: Call) -> None:
+    rows, cols = c.dims["rows"], c.dims["cols"]
+    if c.numRows != rows:
+        c.reject("numRows", f"= {c.numRows} must equal logits.size(0) = {rows} (and indices.size(0))")
+    for axis, name in ((0, "stride0"), (1, "stride1")):
+        given, actual = getattr(c, name), c.logits.strides[axis]
+        if c.logits.shape[axis] > 1 and given != actual:
+            c.reject(name, f"= {given} must equal logits.stride({axis}) = {actual}")
+    if not 1 <= c.topK <= MAX_K:
+        c.reject("topK", f"= {c.topK} must be in [1, {MAX_K}]")
+    if c.dims["k"] != c.topK:
+        c.reject("indices", f"has {c.dims['k']} columns; expected topK = {c.topK}")
+    if cols > MAX_WIDTH:
+        c.reject("logits", f"has {cols} columns; at most {MAX_WIDTH} are supported (int32 indices)")
+
+
+def check_lengths(c: Call, name: str, count: int, dims: tuple = (1,)) -> None:
+    """Argument `name` is a contiguous int tensor with `dims` dimensions and at least `count` elements."""
+    t = getattr(c, name)
+    if len(t.shape) not in dims:
+        c.reject(name, f"must have {' or '.join(map(str, dims))} dimensions, got shape {t.shape}")
+    if t.numel < count:
+        c.reject(name, f"has {t.numel} elements; expected at least {count}")
+    expected, stride = [], 1
+    for size in reversed(t.shape):  # contiguous: the kernel reads element i at i
+        expected.insert(0, stride)
+        stride *= size
+    if any(s != e for s, e, size in zip(t.strides, expected, t.shape) if size > 1):
+        c.reject(name, f"must be contiguous, got strides {t.strides}")
+
+
+def check_prefill(c: Call) -> None:
+    _check_common(c)
+    check_lengths(c, "rowStarts", c.numRows)
+    check_lengths(c, "rowEnds", c.numRows)
+
+
+def check_decode(c: Call) -> None:
+    _check_common(c)
+    if c.next_n < 1:
+        c.reject("next_n", f"= {c.next_n} must be >= 1")
+    per_row = len(c.seqLens.shape) == 2 and c.seqLens.numel == c.numRows
+    check_lengths(c, "seqLens", c.numRows if per_row else -(-c.numRows // c.next_n), dims=(1, 2))
+
+
+def _plan(c: Call, decode: bool) -> list:
+    rows, cols = c.dims["rows"], c.dims["cols"]
+    if rows == 0:
+        return []
+    kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK)
+    per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
+    values = dict(num_cols=cols, stride0=c.logits.strides[0], stride1=c.logits.strides[1],
+                  out_stride=c.indices.strides[0], k=c.topK, cap=row.cap, stage=row.stage, stages=row.stages,
+                  decode=int(decode),
+                  next_n=c.next_n if decode else 1, per_row=int(per_row))
+    return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
+
+
+def plan_prefill(c: Call) -> list:
+    return _plan(c, decode=False)
+
+
+def plan_decode(c: Call) -> list:
+    return _plan(c, decode=True)
+
+
+def _examples_logits(device, rows, cols, gen):
+    return torch.randn(rows, cols, generator=gen, device=device)
+
+
+def examples_prefill(device: str) -> list[tuple[str, tuple]]:
+    """Causal prefill windows over 300 rows of 5000 columns, K 2048, starts at 0 and at 7 (unaligned)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = []
+    for start in (0, 7):
+        rows, cols = 300, 5000
+        logits = _examples_logits(device, rows, cols, gen)
+        starts = torch.full((rows,), start, dtype=torch.int32, device=device)
+        ends = torch.linspace(start, cols, rows, device=device).to(torch.int32)
+        indices = torch.empty(rows, 2048, dtype=torch.int32, device=device)
+        cases.append((f"prefill {rows}x{cols} K2048 start {start}",
+                      (logits, starts, ends, indices, rows, cols, 1, 2048)))
+    return cases
+
+
+def examples_decode(device: str) -> list[tuple[str, tuple]]:
+    """4 sequences x next_n 2 over 70000 columns (long rows), K 2048 and 512."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    cases = []
+    for k in (2048, 512):
+        logits = _examples_logits(device, 8, 70000, gen)
+        seq_lens = torch.tensor([70000, 3000, 2049, 40000], dtype=torch.int32, device=device)
+        indices = torch.empty(8, k, dtype=torch.int32, device=device)
+        cases.append((f"decode 4x2x70000 K{k}", (logits, 2, seq_lens, indices, 8, 70000, 1, k)))
+    return cases
+
+
+_LOGITS = TensorArg("logits", "in", ("rows", "cols"), _F32)
+_INDICES = TensorArg("indices", "out", ("rows", "k"), _I32, unit_last_stride=True)
+
+PREFILL = Op(
+    "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, int numRows, "
+    "int stride0, int stride1, int topK) -> ()",
+    tensors=[_LOGITS, TensorArg("rowStarts", "in", None, _I32), TensorArg("rowEnds", "in", None, _I32), _INDICES],
+    kernels=KERNELS.values(), params=PARAMS, check=check_prefill, plan=plan_prefill,
+    reference=top_k_per_row_prefill_ref, examples=examples_prefill, doc=__doc__)
+DECODE = Op(
+    "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, int numRows, int stride0, "
+    "int stride1, int topK) -> ()",
+    tensors=[_LOGITS, TensorArg("seqLens", "in", None, _I32), _INDICES],
+    kernels=KERNELS.values(), params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
+    reference=top_k_per_row_decode_ref, examples=examples_decode, doc=__doc__)
+top_k_per_row_prefill = PREFILL.public
+top_k_per_row_decode = DECODE.public
