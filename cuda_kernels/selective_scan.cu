@@ -1,0 +1,688 @@
+// Mamba-1 selective scan forward (vLLM's selective_scan_fwd). Spec: ../shared/specs/selective_scan_fwd.md.
+//
+// Per sequence, channel c, state k and token t, in float32:
+//   dt = delta + delta_bias (softplus'd when asked), h_k = exp(dt A[c,k]) h_k + dt B[k,t] u,
+//   y = sum_k C[k,t] h_k + D u;   y -> delta,  y * silu(z) -> z,  h -> ssm_states.
+//
+// Chunk kernel (any length, batched or varlen): a block is 16 channels x one chunk of tokens; a warp is 4
+// channels x 8 lanes, and each lane owns I consecutive tokens (32 bytes of input: I = 16 for 16-bit inputs, 8
+// for fp32) of a window of W = 8 I tokens. For each state k a lane folds its tokens' (decay, value) pairs into
+// one pair (sweep 1), the channel's 8 lanes scan those pairs with 3 shuffles, and sweep 2 turns the lane's
+// starting state into h and y at each token. One exp per (token, channel, state), no block-wide barrier.
+// The state entering a window (the carry) is kept in shared memory per channel and state.
+// A window whose tokens all continue one sequence takes a path without masks; sequence starts (varlen),
+// states to store (final, and per-block states in prefix-cache mode), padding and chunk edges are "events" of
+// a per-warp table built for that window only.
+// Long sequences with few channels are cut into chunks scanned in parallel: pass 1 folds each chunk's
+// sequence-crossing tail into (sum of dt, end state from zero), the carry kernel chains those per sequence,
+// and pass 2 (the same chunk kernel) starts every chunk from its carried-in state.
+//
+// Short kernel (batched, plain mode, L <= 8: decode-like): 16 lanes per channel own the states (k = lane,
+// lane + 16, ...), each runs its states over the <= 8 tokens, and y is summed over the lanes with shuffles.
+#include "common/dtypes.cuh"
+#include "common/types.cuh"
+
+namespace cupy_ops {
+
+struct SelectiveScanParams {
+  void* u;                       // [b, d, L] or [d, T] (varlen)
+  void* delta;                   // like u; read, then y is written in place
+  const float* A;                // [d, n]
+  const void* B;                 // [b, g, n, L] or [g, n, T]
+  const void* C;                 // like B
+  const float* D;                // [d] or nullptr
+  void* z;                       // like u, or nullptr; y * silu(z) is written in place
+  const float* delta_bias;       // [d] or nullptr
+  const int* query_start_loc;    // [b + 1] (varlen) or nullptr
+  const int* cache_indices;      // [b] or [b, max_blocks] (prefix-cache mode), or nullptr
+  const bool* has_initial_state; // [b] or nullptr
+  void* ssm_states;              // [slots, d, n], float or the input type
+  const int* block_idx_first;    // [b] (prefix-cache mode) or nullptr
+  const int* block_idx_last;     // [b]
+  const int* initial_state_idx;  // [b]
+  const int* cu_chunk_seqlen;    // [chunks + 1] or nullptr
+  const int* last_chunk_indices; // [b] or nullptr
+  float* scratch;                // chunked runs only: see scratch_* below
+  int64_t batch;                 // b sequences
+  int64_t dim;                   // d channels
+  int64_t dstate;                // n states
+  int64_t seqlen;                // tokens per row: L (batched) or T (varlen)
+  int64_t group_size;            // d / g channels share one B and C
+  int64_t num_slots;             // ssm_states.shape[0]
+  int64_t max_blocks;            // cache_indices columns in prefix-cache mode
+  int64_t null_block_id;
+  int64_t block_size;
+  int64_t cu_len;                // cu_chunk_seqlen entries (0 when absent)
+  int64_t chunk_tokens;          // tokens per chunk, a multiple of the window
+  int64_t chunks_per_row;        // chunks of one sequence (batched) or of the token axis (varlen)
+  int64_t num_chunks;            // chunks of the whole call (grid.x of the chunk kernel)
+  // strides in elements: (sequence, channel) for u, delta, z; (sequence, group, state) for B and C; the
+  // sequence stride is 0 in varlen mode (tokens are addressed by their index in T)
+  int64_t u_stride[2];
+  int64_t delta_stride[2];
+  int64_t z_stride[2];
+  int64_t B_stride[3];
+  int64_t C_stride[3];
+  int64_t A_stride[2];
+  int64_t D_stride;
+  int64_t delta_bias_stride;
+  int64_t state_stride[3];
+  int64_t qsl_stride;
+  int64_t ci_stride[2];
+  int64_t his_stride;
+  int64_t bif_stride;
+  int64_t bil_stride;
+  int64_t isi_stride;
+  int64_t cu_stride;
+  int64_t lci_stride;
+  bool varlen;
+  bool softplus;
+  bool state_f32;                // ssm_states is float32 (else the input type)
+  bool cache_mode;               // prefix-cache mode (block_idx_first given)
+  bool vec_ok;                   // every row of u, delta, z, B, C starts 16-byte aligned
+  bool chunked;                  // pass 1 and the carry kernel ran: chunks start from carried-in states
+};
+
+constexpr int kLanes = 8;                       // lanes per channel in the chunk kernel
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChannels = kWarps * 32 / kLanes; // 16 channels per block
+constexpr int kShortLanes = 16;                 // lanes per channel in the short kernel
+constexpr int kShortMaxLen = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kNone = -1;                       // table slot: no state (zeros / nothing stored)
+constexpr int kSnap = -2;                       // table slot: the initial state pass 1 copied to scratch
+constexpr unsigned char kValid = 1, kReset = 2, kStore = 4;
+
+template <typename T> struct items_of { static constexpr int value = 32 / sizeof(T); };
+
+// One MUFU.EX2; results below 2^-126 flush to 0 (a decay that small is 0 to every output).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(expf(x)) : x; }
+
+template <typename T>
+__device__ __forceinline__ unsigned short bits16(T x) { return *reinterpret_cast<unsigned short*>(&x); }
+
+// Element `high` (0: low half, 1: high half) of a word of two 16-bit values, as float.
+__device__ __forceinline__ float half_word_to_float(__nv_bfloat16, uint32_t word, int high) {
+  return __uint_as_float(high ? (word & 0xffff0000u) : (word << 16));
+}
+__device__ __forceinline__ float half_word_to_float(__half, uint32_t word, int high) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? (word >> 16) : word)));
+}
+__device__ __forceinline__ float half_word_to_float(float, uint32_t word, int) { return __uint_as_float(word); }
+
+// I items of T packed in 32-bit words (16-bit types: two per word), converted to float on use.
+template <typename T, int I>
+struct Raw {
+  static constexpr int kWords = I * int(sizeof(T)) / 4;
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ float get(int i) const {
+    if constexpr (sizeof(T) == 4) return __uint_as_float(w[i]);
+    return half_word_to_float(T(), w[i >> 1], i & 1);
+  }
+
+  // Items whose bit is set in `mask` (others read as 0): 16-byte loads when `vector` (all set, aligned).
+  __device__ __forceinline__ void load(const T* ptr, bool vector, uint32_t mask) {
+    if (vector) {
+#pragma unroll
+      for (int v = 0; v < kWords / 4; ++v) {
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(ptr) + v);
+        w[4 * v] = x.x, w[4 * v + 1] = x.y, w[4 * v + 2] = x.z, w[4 * v + 3] = x.w;
+      }
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) w[k] = 0;
+#pragma unroll
+    for (int i = 0; i < I; ++i) {
+      if (!(mask >> i & 1)) continue;
+      if constexpr (sizeof(T) == 4) {
+        w[i] = __float_as_uint(__ldg(reinterpret_cast<const float*>(ptr) + i));
+      } else {
+        const uint32_t bits = __ldg(reinterpret_cast<const unsigned short*>(ptr) + i);
+        w[i >> 1] |= bits << (16 * (i & 1));
+      }
+    }
+  }
+};
+
+// Stores the items whose bit is set in `mask`: 16-byte stores when `vector` (all set, aligned).
+template <typename T, int I>
+__device__ __forceinline__ void store_items(T* ptr, const float (&v)[I], bool vector, uint32_t mask) {
+  if (vector) {
+    constexpr int kWords = I * int(sizeof(T)) / 4;
+    uint32_t w[kWords];
+#pragma unroll
+    for (int i = 0; i < I; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        w[i] = __float_as_uint(v[i]);
+      } else {
+        const uint32_t bits = bits16(from_float<T>(v[i]));
+        w[i >> 1] = (i & 1) ? (w[i >> 1] | (bits << 16)) : bits;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kWords / 4; ++k)
+      reinterpret_cast<uint4*>(ptr)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < I; ++i)
+    if (mask >> i & 1) ptr[i] = from_float<T>(v[i]);
+}
+
+__device__ __forceinline__ int64_t ld(const int* p, int64_t i, int64_t stride) { return __ldg(p + i * stride); }
+
+// ---- sequences and their state slots ----------------------------------------------------------------------
+
+struct Seq {
+  int64_t start, end;  // token range [start, end) in the row (varlen: indices in T)
+  int64_t pos0;        // prefix-cache mode: block-grid position of token `start`
+  int64_t row;         // s
+  int slot0;           // slot of the initial state, or kNone (zeros)
+  int fin;             // slot of the final state, or kNone (not stored)
+  int cu_first;        // prefix-cache mode with cu_chunk_seqlen: the sequence's chunks, or cu_first > cu_last
+  int cu_last;
+  bool pad;            // padding, or tokens of no sequence: nothing read or written
+};
+
+// A slot we may read or write: inside ssm_states and not the null block (vLLM writes the null block; we never
+// touch it, so null_block_id = -1 from older callers never indexes out of bounds).
+__device__ __forceinline__ bool slot_ok(const SelectiveScanParams& p, int64_t slot) {
+  return slot >= 0 && slot < p.num_slots && slot != p.null_block_id;
+}
+
+__device__ Seq seq_info(const SelectiveScanParams& p, int64_t s) {
+  Seq q;
+  q.row = s;
+  q.start = p.varlen ? ld(p.query_start_loc, s, p.qsl_stride) : 0;
+  q.end = p.varlen ? ld(p.query_start_loc, s + 1, p.qsl_stride) : p.seqlen;
+  q.pos0 = 0;
+  q.slot0 = q.fin = kNone;
+  q.cu_first = 0, q.cu_last = -1;
+  q.pad = false;
+  const bool init = p.has_initial_state != nullptr &&
+                    __ldg(reinterpret_cast<const unsigned char*>(p.has_initial_state) + s * p.his_stride) != 0;
+  if (!p.cache_mode) {
+    const int64_t slot = p.cache_indices != nullptr ? ld(p.cache_indices, s, p.ci_stride[0]) : s;
+    q.pad = p.cache_indices != nullptr && slot == p.null_block_id;
+    if (!q.pad && slot_ok(p, slot)) {
+      q.fin = static_cast<int>(slot);
+      if (init) q.slot0 = q.fin;
+    }
+    return q;
+  }
+  // Prefix-cache mode: the initial state's slot decides padding (as in vLLM); columns are bounds-checked.
+  const int* row = p.cache_indices + s * p.ci_stride[0];
+  const int64_t col0 = ld(p.initial_state_idx, s, p.isi_stride);
+  if (col0 >= 0 && col0 < p.max_blocks) {
+    const int64_t slot0 = ld(row, col0, p.ci_stride[1]);
+    q.pad = slot0 == p.null_block_id;
+    if (init && slot_ok(p, slot0)) q.slot0 = static_cast<int>(slot0);
+  }
+  if (q.pad) return q;
+  const int64_t col = ld(p.block_idx_last, s, p.bil_stride);
+  if (col >= 0 && col < p.max_blocks) {
+    const int64_t slot = ld(row, col, p.ci_stride[1]);
+    if (slot_ok(p, slot)) q.fin = static_cast<int>(slot);
+  }
+  q.pos0 = ld(p.block_idx_first, s, p.bif_stride) * p.block_size;
+  if (p.cu_chunk_seqlen != nullptr) {
+    const int64_t first = s == 0 ? 0 : ld(p.last_chunk_indices, s - 1, p.lci_stride) + 1;
+    const int64_t last = ld(p.last_chunk_indices, s, p.lci_stride);
+    if (first >= 0 && first <= last && last + 1 < p.cu_len) {
+      q.cu_first = static_cast<int>(first), q.cu_last = static_cast<int>(last);
+      // A partial first chunk fills the rest of an already started block.
+      const int64_t first_tokens = ld(p.cu_chunk_seqlen, first + 1, p.cu_stride) -
+                                   ld(p.cu_chunk_seqlen, first, p.cu_stride);
+      if (last > first && first_tokens < p.block_size) q.pos0 += p.block_size - first_tokens;
+    }
+  }
+  return q;
+}
+
+// The sequence holding token t: varlen binary search of query_start_loc (monotone: the caller's contract; if it
+// is not, results are wrong but every access stays in bounds); tokens outside every sequence form padding.
+__device__ Seq find_seq(const SelectiveScanParams& p, int64_t t, int64_t batched_row) {
+  if (!p.varlen) return seq_info(p, batched_row);
+  int64_t lo = 0, hi = p.batch + 1;  // first i with query_start_loc[i] > t
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (ld(p.query_start_loc, mid, p.qsl_stride) <= t) lo = mid + 1; else hi = mid;
+  }
+  if (lo >= 1 && lo <= p.batch) return seq_info(p, lo - 1);
+  Seq q;
+  q.start = lo == 0 ? 0 : ld(p.query_start_loc, p.batch, p.qsl_stride);
+  q.end = lo == 0 ? ld(p.query_start_loc, 0, p.qsl_stride) : (int64_t(1) << 62);
+  q.pad = true;
+  q.row = 0, q.pos0 = 0, q.slot0 = q.fin = kNone, q.cu_first = 0, q.cu_last = -1;
+  return q;
+}
+
+// Prefix-cache mode: the slot that gets the state after token `pos` of the sequence when a chunk other than
+// the last ends there (block_size chunks, or cu_chunk_seqlen's), else kNone.
+__device__ int store_point(const SelectiveScanParams& p, const Seq& q, int64_t pos) {
+  if (pos + 1 >= q.end - q.start) return kNone;  // the last token: the final state
+  bool chunk_end;
+  if (p.cu_chunk_seqlen == nullptr) {
+    chunk_end = (pos + 1) % p.block_size == 0;
+  } else {
+    const int64_t want = ld(p.cu_chunk_seqlen, q.cu_first, p.cu_stride) + pos + 1;
+    int64_t lo = int64_t(q.cu_first) + 1, hi = q.cu_last;  // ends of chunks cu_first .. cu_last - 1
+    chunk_end = false;
+    while (lo <= hi && !chunk_end) {
+      const int64_t mid = (lo + hi) >> 1, v = ld(p.cu_chunk_seqlen, mid, p.cu_stride);
+      chunk_end = v == want;
+      if (v < want) lo = mid + 1; else hi = mid - 1;
+    }
+  }
+  if (!chunk_end) return kNone;
+  const int64_t col = (q.pos0 + pos) / p.block_size;
+  if (col < 0 || col >= p.max_blocks) return kNone;
+  const int64_t slot = ld(p.cache_indices + q.row * p.ci_stride[0], col, p.ci_stride[1]);
+  return slot_ok(p, slot) ? static_cast<int>(slot) : kNone;
+}
+
+// ---- states ------------------------------------------------------------------------------------------------
+
+// Scratch of a chunked run (floats): carry [chunks][d][n] (pass 1: end state from zero; the carry kernel turns
+// it into the state entering the chunk), snapshot [chunks][d][n] (initial state of the sequence that starts
+// in the chunk and crosses its end), sum of dt [chunks][d], restart flag [chunks] (int bits).
+__device__ __forceinline__ int64_t scratch_carry(const SelectiveScanParams& p, int64_t chunk, int64_t c) {
+  return (chunk * p.dim + c) * p.dstate;
+}
+__device__ __forceinline__ int64_t scratch_snap(const SelectiveScanParams& p, int64_t chunk, int64_t c) {
+  return (p.num_chunks + chunk) * p.dim * p.dstate + c * p.dstate;
+}
+__device__ __forceinline__ int64_t scratch_sdt(const SelectiveScanParams& p, int64_t chunk) {
+  return 2 * p.num_chunks * p.dim * p.dstate + chunk * p.dim;
+}
+__device__ __forceinline__ int64_t scratch_flag(const SelectiveScanParams& p, int64_t chunk) {
+  return 2 * p.num_chunks * p.dim * p.dstate + p.num_chunks * p.dim + chunk;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_state(const SelectiveScanParams& p, int slot, int64_t c, int64_t k,
+                                            int64_t chunk) {
+  if (slot == kSnap) return p.scratch[scratch_snap(p, chunk, c) + k];
+  if (slot < 0) return 0.f;
+  const int64_t off = slot * p.state_stride[0] + c * p.state_stride[1] + k * p.state_stride[2];
+  return p.state_f32 ? static_cast<const float*>(p.ssm_states)[off]
+                     : to_float(static_cast<const T*>(p.ssm_states)[off]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_state(const SelectiveScanParams& p, int slot, int64_t c, int64_t k,
+                                            float h) {
+  const int64_t off = slot * p.state_stride[0] + c * p.state_stride[1] + k * p.state_stride[2];
+  if (p.state_f32) static_cast<float*>(p.ssm_states)[off] = h;
+  else static_cast<T*>(p.ssm_states)[off] = from_float<T>(h);
+}
+
+// ---- the chunk kernel ----------------------------------------------------------------------------------------
+
+// Bits [first, last) of an I-bit mask: the items of a lane whose tokens lie in [lo, hi).
+template <int I>
+__device__ __forceinline__ uint32_t range_mask(int64_t t0, int64_t lo, int64_t hi) {
+  const int64_t first = lo > t0 ? lo - t0 : 0, last = hi - t0 < I ? hi - t0 : I;
+  if (first >= last) return 0;
+  return (last - first >= 32 ? ~0u : ((1u << (last - first)) - 1)) << first;
+}
+
+// Inclusive scan of (decay, value) pairs over the kLanes lanes of a channel: (a, b) follows (pa, pb) as
+// h -> a (pa h + pb) + b.
+__device__ __forceinline__ void scan_pairs(float& a, float& b, int gl) {
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) {
+    const float pa = __shfl_up_sync(0xffffffffu, a, off, kLanes);
+    const float pb = __shfl_up_sync(0xffffffffu, b, off, kLanes);
+    if (gl >= off) {
+      b = fmaf(a, pb, b);
+      a *= pa;
+    }
+  }
+}
+
+// One window of one lane: tokens t0 .. t0 + I - 1 of channel c. PASS1: fold into the carry only (no y).
+// FAST: every item valid, no events. Otherwise `valid`, `reset`, `store` masks and the warp's event table.
+template <typename T, bool FAST, bool PASS1>
+__device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_t c, int64_t chunk, int gl,
+                                            const T* Brow, const T* Crow, float* carry_in, float* carry_out,
+                                            const float (&dt)[items_of<T>::value],
+                                            const float (&dtu)[items_of<T>::value],
+                                            float (&y)[items_of<T>::value], float sum_dt, uint32_t valid,
+                                            uint32_t reset, uint32_t store, const volatile int* h0_slot,
+                                            const volatile int* st_slot, bool vector, bool ch_ok) {
+  // h0_slot / st_slot: the lane's entries of the warp's event table (shared memory). Volatile: read at each
+  // event, never hoisted out of the state loop (16 slots and their addresses would each take registers).
+  constexpr int I = items_of<T>::value;
+  const int64_t n = p.dstate;
+  const float* Arow = p.A + c * p.A_stride[0];
+  Raw<T, I> Bn;
+  float An = 0.f;
+  if (n > 0) {
+    Bn.load(Brow, vector, valid);
+    An = __ldg(Arow);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const Raw<T, I> Bk = Bn;
+    const float A2 = An * kLog2e;
+    if (k + 1 < n) {  // the next state's B and A are in flight during this one
+      Bn.load(Brow + (k + 1) * p.B_stride[2], vector, valid);
+      An = __ldg(Arow + (k + 1) * p.A_stride[1]);
+    }
+    Raw<T, I> Ck;
+    if constexpr (!PASS1) Ck.load(Crow + k * p.C_stride[2], vector, valid);
+    // sweep 1: decays and inputs of the lane's tokens, folded into one pair
+    float a[I], b[I], fa = 1.f, fb = 0.f;
+#pragma unroll
+    for (int i = 0; i < I; ++i) {
+      a[i] = ex2(dt[i] * A2);
+      b[i] = dtu[i] * Bk.get(i);
+      if constexpr (!FAST) {
+        if (!(valid >> i & 1)) a[i] = 1.f;  // identity: padding, other chunks, past the end
+        if (reset >> i & 1) {               // a sequence starts: drop the carry, start from its initial state
+          b[i] = fmaf(a[i], load_state<T>(p, h0_slot[i], c, k, chunk), b[i]);
+          a[i] = 0.f;
+        }
+        fa *= a[i];
+      }
+      fb = fmaf(a[i], fb, b[i]);
+    }
+    if constexpr (FAST) fa = ex2(A2 * sum_dt);
+    scan_pairs(fa, fb, gl);
+    if constexpr (PASS1) {
+      if (gl == kLanes - 1) carry_out[k] = fmaf(fa, carry_in[k], fb);
+      continue;
+    }
+    // sweep 2: the state entering the lane's first token, then h and y token by token
+    float ea = __shfl_up_sync(0xffffffffu, fa, 1, kLanes), eb = __shfl_up_sync(0xffffffffu, fb, 1, kLanes);
+    if (gl == 0) ea = 1.f, eb = 0.f;
+    float h = fmaf(ea, carry_in[k], eb);
+#pragma unroll
+    for (int i = 0; i < I; ++i) {
+      h = fmaf(a[i], h, b[i]);
+      y[i] = fmaf(Ck.get(i), h, y[i]);
+      if constexpr (!FAST) {
+        if ((store >> i & 1) && ch_ok) store_state<T>(p, st_slot[i], c, k, h);
+      }
+    }
+    if (gl == kLanes - 1) carry_out[k] = h;
+  }
+}
+
+// Loads the lane's delta and u, and sets dt (softplus'd), dt * u and y = D u; invalid items get zeros.
+template <typename T, int I>
+__device__ __forceinline__ float load_inputs(const SelectiveScanParams& p, const T* drow, const T* urow,
+                                             float bias, float Dc, bool vector, uint32_t valid, float (&dt)[I],
+                                             float (&dtu)[I], float (&y)[I]) {
+  Raw<T, I> rd, ru;
+  rd.load(drow, vector, valid);
+  ru.load(urow, vector, valid);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < I; ++i) {
+    float d = rd.get(i) + bias;
+    if (p.softplus) d = softplus(d);
+    const bool ok = valid >> i & 1;
+    dt[i] = ok ? d : 0.f;
+    dtu[i] = ok ? d * ru.get(i) : 0.f;
+    y[i] = ok ? Dc * ru.get(i) : 0.f;
+    sum += dt[i];
+  }
+  return sum;
+}
+
+// grid (chunks, ceil(d / 16)), 128 threads. Dynamic shared memory: carry [2][16][n] floats, then per warp an
+// event table of W tokens: initial-state slot, store slot (ints) and flags (bytes).
+template <typename T, bool PASS1>
+__global__ void __launch_bounds__(kThreads, 2) selective_scan_chunk_kernel(const SelectiveScanParams p) {
+  constexpr int I = items_of<T>::value;
+  constexpr int W = I * kLanes;
+  constexpr uint32_t kAll = (1u << I) - 1;
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gl = lane % kLanes;
+  const int chl = warp * (32 / kLanes) + lane / kLanes;
+  const int64_t c_raw = int64_t(blockIdx.y) * kChannels + chl;
+  const bool ch_ok = c_raw < p.dim;
+  const int64_t c = ch_ok ? c_raw : p.dim - 1;  // lanes past d compute channel d - 1 and store nothing
+  const int64_t n = p.dstate, chunk = blockIdx.x;
+  const int64_t s = p.varlen ? 0 : chunk / p.chunks_per_row;  // batched: the block's sequence
+  const int64_t lo = (chunk - s * p.chunks_per_row) * p.chunk_tokens;
+  const int64_t hi = lo + p.chunk_tokens < p.seqlen ? lo + p.chunk_tokens : p.seqlen;
+  float* carry[2] = {smem + chl * n, smem + (kChannels + chl) * n};
+  int* h0_tab = reinterpret_cast<int*>(smem + 2 * kChannels * n) + warp * (2 * W + W / 4);
+  int* st_tab = h0_tab + W;
+  unsigned char* flag_tab = reinterpret_cast<unsigned char*>(st_tab + W);
+
+  const int64_t grp = c / p.group_size;
+  const T* drow = static_cast<const T*>(p.delta) + s * p.delta_stride[0] + c * p.delta_stride[1];
+  const T* urow = static_cast<const T*>(p.u) + s * p.u_stride[0] + c * p.u_stride[1];
+  const T* Brow = static_cast<const T*>(p.B) + s * p.B_stride[0] + grp * p.B_stride[1];
+  const T* Crow = static_cast<const T*>(p.C) + s * p.C_stride[0] + grp * p.C_stride[1];
+  const float bias = p.delta_bias != nullptr ? __ldg(p.delta_bias + c * p.delta_bias_stride) : 0.f;
+  const float Dc = p.D != nullptr ? __ldg(p.D + c * p.D_stride) : 0.f;
+  float dt[I], dtu[I], y[I];
+
+  if constexpr (PASS1) {
+    // The chunk's tail that crosses into the next chunk: fold it from zero (or from the initial state of a
+    // sequence starting here, which is also copied to scratch: pass 2 must not read a slot that another
+    // block of pass 2 may be writing the final state to).
+    const Seq q = find_seq(p, hi - 1, s);
+    const bool crosses = !q.pad && q.end > hi, starts = q.start >= lo;
+    float* out = p.scratch + scratch_carry(p, chunk, c);
+    if (blockIdx.y == 0 && threadIdx.x == 0)
+      reinterpret_cast<int*>(p.scratch)[scratch_flag(p, chunk)] = (!crosses || starts) ? 1 : 0;
+    if (!crosses) {
+      if (ch_ok) {
+        for (int64_t k = gl; k < n; k += kLanes) out[k] = 0.f;
+        if (gl == 0) p.scratch[scratch_sdt(p, chunk) + c] = 0.f;
+      }
+      return;
+    }
+    const int64_t seg = starts ? q.start : lo;
+    for (int64_t k = gl; k < n; k += kLanes) {
+      const float h0 = starts ? load_state<T>(p, q.slot0, c, k, chunk) : 0.f;
+      carry[0][k] = h0;
+      if (starts && ch_ok) p.scratch[scratch_snap(p, chunk, c) + k] = h0;
+    }
+    __syncwarp();
+    float sum_dt = 0.f;
+    int buf = 0;
+    for (int64_t w = seg - (seg - lo) % W; w < hi; w += W, buf ^= 1) {
+      const int64_t t0 = w + gl * I;
+      const uint32_t valid = range_mask<I>(t0, seg, hi);
+      const bool vector = p.vec_ok && valid == kAll;
+      const float part = load_inputs<T, I>(p, drow + t0, urow + t0, bias, Dc, vector, valid, dt, dtu, y);
+      sum_dt += part;
+      if (w >= seg && w + W <= hi)
+        scan_window<T, true, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+                                   y, part, kAll, 0, 0, h0_tab, st_tab, vector, ch_ok);
+      else
+        scan_window<T, false, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+                                    y, part, valid, 0, 0, h0_tab, st_tab, vector, ch_ok);
+      __syncwarp();
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) sum_dt += __shfl_xor_sync(0xffffffffu, sum_dt, off, kLanes);
+    if (ch_ok) {
+      for (int64_t k = gl; k < n; k += kLanes) out[k] = carry[buf][k];
+      if (gl == 0) p.scratch[scratch_sdt(p, chunk) + c] = sum_dt;
+    }
+    return;
+  } else {
+    const bool continues = p.chunked && lo > 0;
+    if (!p.varlen && seq_info(p, s).pad) return;  // a padding sequence: nothing read or written
+    for (int64_t k = gl; k < n; k += kLanes)
+      carry[0][k] = continues ? p.scratch[scratch_carry(p, chunk, c) + k] : 0.f;
+    __syncwarp();
+    T* zrow = p.z == nullptr ? nullptr : static_cast<T*>(p.z) + s * p.z_stride[0] + c * p.z_stride[1];
+    T* yrow = static_cast<T*>(p.delta) + s * p.delta_stride[0] + c * p.delta_stride[1];
+    // The sequence holding the window's first token (the same for the whole warp).
+    int64_t cur_start = 0, cur_end = -1;
+    bool cur_pad = true;
+    int buf = 0;
+    for (int64_t w = lo; w < hi; w += W) {
+      if (w < cur_start || w >= cur_end) {
+        const Seq q = find_seq(p, w, s);
+        cur_start = q.start, cur_end = q.end, cur_pad = q.pad;
+      }
+      if (cur_pad && cur_start <= w && w + W <= cur_end) continue;  // padding: nothing to read or write
+      const bool fast = !p.cache_mode && !cur_pad && cur_start < w && w + W < cur_end && w + W <= hi;
+      const int64_t t0 = w + gl * I;
+      uint32_t valid = kAll, reset = 0, store = 0;
+      if (!fast) {
+        // This window's events: each lane describes W / 32 consecutive tokens for the whole warp.
+        __syncwarp();
+        Seq q;
+        q.start = 0, q.end = -1;
+#pragma unroll
+        for (int j = 0; j < W / 32; ++j) {
+          const int64_t t = w + lane * (W / 32) + j;
+          unsigned char f = 0;
+          int slot0 = kNone, slot = kNone;
+          if (t >= lo && t < hi) {
+            if (!(q.start <= t && t < q.end)) q = find_seq(p, t, s);
+            if (!q.pad) {
+              f = kValid;
+              if (t == q.start) f |= kReset, slot0 = (p.chunked && q.end > hi) ? kSnap : q.slot0;
+              slot = t == q.end - 1 ? q.fin : p.cache_mode ? store_point(p, q, t - q.start) : kNone;
+              if (slot != kNone) f |= kStore;
+            }
+          }
+          const int at = lane * (W / 32) + j;
+          h0_tab[at] = slot0, st_tab[at] = slot, flag_tab[at] = f;
+        }
+        __syncwarp();
+        valid = reset = store = 0;
+#pragma unroll
+        for (int i = 0; i < I; ++i) {
+          const unsigned char f = flag_tab[gl * I + i];
+          valid |= uint32_t(f & kValid) << i;
+          reset |= uint32_t((f & kReset) != 0) << i;
+          store |= uint32_t((f & kStore) != 0) << i;
+        }
+      }
+      const bool vector = p.vec_ok && valid == kAll;
+      const float sum_dt = load_inputs<T, I>(p, drow + t0, urow + t0, bias, Dc, vector, valid, dt, dtu, y);
+      if (zrow != nullptr && valid != 0)  // needed after the states: start the fetch now
+        asm volatile("prefetch.L1 [%0];" ::"l"(zrow + t0));
+      if (fast)
+        scan_window<T, true, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+                                    y, sum_dt, kAll, 0, 0, h0_tab, st_tab, vector, ch_ok);
+      else
+        scan_window<T, false, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+                                     y, sum_dt, valid, reset, store, h0_tab + gl * I,
+                                     st_tab + gl * I, vector, ch_ok);
+      buf ^= 1;
+      __syncwarp();
+      if (!ch_ok || valid == 0) continue;
+      store_items<T, I>(yrow + t0, y, vector, valid);
+      if (zrow != nullptr) {
+        Raw<T, I> rz;
+        rz.load(zrow + t0, vector, valid);
+#pragma unroll
+        for (int i = 0; i < I; ++i) {
+          const float zv = rz.get(i);
+          y[i] *= zv / (1.f + expf(-zv));
+        }
+        store_items<T, I>(zrow + t0, y, vector, valid);
+      }
+    }
+  }
+}
+
+// Chains the chunks of each row (a batched sequence, or the varlen token axis): the state entering chunk j
+// is h_j = restart_{j-1} ? end_{j-1} : exp(A sum_dt_{j-1}) h_{j-1} + end_{j-1}. grid (ceil(d n / 256), rows).
+__global__ void __launch_bounds__(256) selective_scan_carry_kernel(const SelectiveScanParams p) {
+  const int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= p.dim * p.dstate) return;
+  const int64_t c = i / p.dstate, k = i - c * p.dstate;
+  const float A2 = __ldg(p.A + c * p.A_stride[0] + k * p.A_stride[1]) * kLog2e;
+  float h = 0.f;
+  for (int64_t j = 0; j < p.chunks_per_row; ++j) {
+    const int64_t chunk = int64_t(blockIdx.y) * p.chunks_per_row + j;
+    float* slot = p.scratch + scratch_carry(p, chunk, c) + k;
+    const float end = *slot;
+    *slot = h;
+    const bool restart = reinterpret_cast<const int*>(p.scratch)[scratch_flag(p, chunk)] != 0;
+    h = restart ? end : fmaf(ex2(A2 * p.scratch[scratch_sdt(p, chunk) + c]), h, end);
+  }
+}
+
+// ---- the short kernel ----------------------------------------------------------------------------------------
+
+// Batched, plain mode, L <= 8. grid (b * ceil(d / 8)), 128 threads: 8 channels of one sequence per block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) selective_scan_short_kernel(const SelectiveScanParams p) {
+  constexpr int L8 = kShortMaxLen;
+  const int lane = threadIdx.x & 31, gl = lane % kShortLanes;
+  const int64_t blocks_per_seq = (p.dim + kThreads / kShortLanes - 1) / (kThreads / kShortLanes);
+  const int64_t s = blockIdx.x / blocks_per_seq;
+  const int64_t c_raw = (blockIdx.x - s * blocks_per_seq) * (kThreads / kShortLanes) + threadIdx.x / kShortLanes;
+  const bool ch_ok = c_raw < p.dim;
+  const int64_t c = ch_ok ? c_raw : p.dim - 1, L = p.seqlen;
+  const Seq q = seq_info(p, s);
+  if (q.pad) return;
+  // Lane t < L reads token t; every lane then gets each token's dt and dt * u.
+  const T* drow = static_cast<const T*>(p.delta) + s * p.delta_stride[0] + c * p.delta_stride[1];
+  const T* urow = static_cast<const T*>(p.u) + s * p.u_stride[0] + c * p.u_stride[1];
+  const float Dc = p.D != nullptr ? __ldg(p.D + c * p.D_stride) : 0.f;
+  float my_dt = 0.f, my_u = 0.f;
+  if (gl < L) {
+    my_dt = to_float(drow[gl]) + (p.delta_bias != nullptr ? __ldg(p.delta_bias + c * p.delta_bias_stride) : 0.f);
+    if (p.softplus) my_dt = softplus(my_dt);
+    my_u = to_float(urow[gl]);
+  }
+  float dt[L8], dtu[L8], yp[L8];
+#pragma unroll
+  for (int t = 0; t < L8; ++t) {
+    dt[t] = __shfl_sync(0xffffffffu, my_dt, t, kShortLanes);
+    dtu[t] = __shfl_sync(0xffffffffu, my_dt * my_u, t, kShortLanes);
+    yp[t] = 0.f;
+  }
+  const int64_t grp = c / p.group_size;
+  const T* Brow = static_cast<const T*>(p.B) + s * p.B_stride[0] + grp * p.B_stride[1];
+  const T* Crow = static_cast<const T*>(p.C) + s * p.C_stride[0] + grp * p.C_stride[1];
+  const uint32_t valid = (1u << L) - 1;
+  const bool vector = p.vec_ok && L == L8;
+  for (int64_t k = gl; k < p.dstate; k += kShortLanes) {
+    const float A2 = __ldg(p.A + c * p.A_stride[0] + k * p.A_stride[1]) * kLog2e;
+    Raw<T, L8> Bk, Ck;
+    Bk.load(Brow + k * p.B_stride[2], vector, valid);
+    Ck.load(Crow + k * p.C_stride[2], vector, valid);
+    float h = load_state<T>(p, q.slot0, c, k, 0);
+#pragma unroll
+    for (int t = 0; t < L8; ++t) {
+      if (t < L) {
+        h = fmaf(ex2(dt[t] * A2), h, dtu[t] * Bk.get(t));
+        yp[t] = fmaf(Ck.get(t), h, yp[t]);
+      }
+    }
+    if (q.fin != kNone && ch_ok) store_state<T>(p, q.fin, c, k, h);
+  }
+  float mine = 0.f;
+#pragma unroll
+  for (int t = 0; t < L8; ++t) {
+#pragma unroll
+    for (int off = kShortLanes / 2; off > 0; off >>= 1) yp[t] += __shfl_xor_sync(0xffffffffu, yp[t], off, kShortLanes);
+    if (gl == t) mine = yp[t];
+  }
+  if (!ch_ok || gl >= L) return;
+  const float yv = mine + Dc * my_u;
+  static_cast<T*>(p.delta)[s * p.delta_stride[0] + c * p.delta_stride[1] + gl] = from_float<T>(yv);
+  if (p.z != nullptr) {
+    T* zp = static_cast<T*>(p.z) + s * p.z_stride[0] + c * p.z_stride[1] + gl;
+    const float zv = to_float(*zp);
+    *zp = from_float<T>(yv * (zv / (1.f + expf(-zv))));
+  }
+}
+
+}  // namespace cupy_ops
