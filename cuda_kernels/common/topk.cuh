@@ -40,8 +40,12 @@ __device__ __forceinline__ uint32_t float_key(float x) {
   return x != x ? kNanKey : key;
 }
 
-// Shared state besides the dynamic buffers (about 3.3 KB).
+// Shared state besides the dynamic buffers (about 11.5 KB).
 struct alignas(16) Shared {
+  // Histogram of key >> 21 of the buffer, kept while streaming. Round 0 of the select folds it to 256 bins; 2048
+  // bins spread the atomics: typical scores share 2-3 values of the top 8 key bits (sign and 7 exponent bits),
+  // so 8-bit bins would serialize ~10 lanes of a warp on one address.
+  uint32_t fine[2048];
   uint32_t hist[2][256];  // radix histograms, double-buffered by round: other CTAs of the cluster read them
   uint32_t total[256];    // a round's histogram summed over the cluster
   uint32_t scan[2][32];   // block scan: warp totals, double-buffered by call
@@ -111,8 +115,8 @@ __device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, u
 }
 
 // The k-th largest of the n keys (over the whole cluster when `cluster`): its key `pivot`, and `rem` >= 1, how
-// many entries equal to it belong to the top k. hist[0] must hold the histogram of key >> 24 of these keys; it is
-// zero on return. Every thread of the block (and of the cluster when `cluster`) calls it.
+// many entries equal to it belong to the top k. sh.fine must hold the histogram of key >> 21 of these keys. Every
+// thread of the block (and of the cluster when `cluster`) calls it.
 template <int THREADS, int CLUSTER>
 __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
                              uint32_t& rem) {
@@ -123,7 +127,13 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
   for (int round = 0; round < 4; ++round) {
     const int shift = 24 - 8 * round;
     uint32_t* hist = sh.hist[round & 1];
-    if (round > 0) {
+    if (round == 0) {
+      if (threadIdx.x < 256) {
+        const uint4 lo = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x];
+        const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x + 1];
+        hist[threadIdx.x] = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+      }
+    } else {
       for (int i = threadIdx.x; i < n; i += THREADS) {
         const uint32_t key = keys[i];
         if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
@@ -215,16 +225,17 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
     stage_keys[slot] = keys[i];
     stage_idx[slot] = idx[i];
   });
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;  // select_pivot read it before a barrier
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += THREADS) {  // hist[0] is zero after select_pivot
+  for (int i = threadIdx.x; i < k; i += THREADS) {
     const uint32_t key = stage_keys[i];
     keys[i] = key;
     idx[i] = stage_idx[i];
-    atomicAdd(&sh.hist[0][key >> 24], 1u);
+    atomicAdd(&sh.fine[key >> 21], 1u);
   }
   __syncthreads();
   n = k;
-  min_key = pivot + 1;  // pivot <= kNanKey: no overflow
+  min_key = pivot + 1;  // pivot <= kNanKey: no overflow; and min_key > 0 from now on
 }
 
 // ---- loading ----
@@ -304,7 +315,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   };
   for (int j = 0; j < ahead; ++j) copy_group(j);
 
-  for (int i = threadIdx.x; i < 256; i += THREADS) sh.hist[0][i] = 0u;
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
   __syncthreads();
   uint32_t parity = 0, min_key = 0;
   int n = 0;
@@ -316,17 +327,44 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
       async_commit();  // empty: the count of batches after group j stays `ahead`
     }
     async_wait(ahead);
+    const int first_slot = s_lo + 2 * j * THREADS;
     uint32_t key[8];
     uint32_t valid = 0;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const int s = s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x);
+      const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
       key[4 * u] = key[4 * u + 1] = key[4 * u + 2] = key[4 * u + 3] = 0u;
       if (s < s_hi) {
         valid |= slot_keys(base, stride, whole(s), &ring[((j % stages) * 2 + u) * THREADS + threadIdx.x],
                            4 * s - a, lo, hi, key + 4 * u) << (4 * u);
       }
     }
+    const int end_slot = min(s_hi, first_slot + 2 * THREADS);
+    if (min_key == 0 && 4 * (end_slot - s_lo) > cap) {
+      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
+    }
+    if (min_key == 0) {
+      // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
+      // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)
+      // = 0x007fffff): they are never selected while the row has more than k real elements.
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
+        if (s < s_hi) {
+          const int p = 4 * (s - s_lo), i0 = 4 * s - a;
+          uint32_t* q = key + 4 * u;
+          const uint32_t v = valid >> (4 * u);
+          *reinterpret_cast<uint4*>(keys + p) = make_uint4(v & 1u ? q[0] : 0u, v & 2u ? q[1] : 0u,
+                                                           v & 4u ? q[2] : 0u, v & 8u ? q[3] : 0u);
+          *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[(v >> e & 1u ? q[e] : 0u) >> 21], 1u);
+        }
+      }
+      n = 4 * (end_slot - s_lo);
+      continue;
+    }
+    // Filtering: the passing elements of the group go after the buffer's n entries, in index order.
     uint32_t pass, before, total;
 #pragma unroll 1
     for (;;) {
@@ -345,8 +383,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
         const int u = e >> 2;
         const int p = slot[u]++;
         keys[p] = key[e];
-        idx[p] = 4 * (s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
-        atomicAdd(&sh.hist[0][key[e] >> 24], 1u);
+        idx[p] = 4 * (first_slot + u * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+        atomicAdd(&sh.fine[key[e] >> 21], 1u);
       }
     }
     n += static_cast<int>((total & 0xffffu) + (total >> 16));

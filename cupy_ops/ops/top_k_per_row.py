@@ -38,7 +38,7 @@ MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs le
 INSTANTIATIONS = ((512, 1), (1024, 1), (1024, 2), (1024, 4), (1024, 8), (1024, 16))
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
-STATIC_SMEM = 4096        # bound on the kernel's static shared memory (topk::Shared is 3360 bytes)
+STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11552 bytes)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
 
@@ -82,7 +82,7 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
         ring = 32 * threads * stages
         if ring + 8 * chunk <= budget:
             return RowPlan(threads, cluster, stages, chunk, 0, ring + 8 * chunk)
-        cap = max(k + 8 * threads, (budget - ring) // 8 - k)
+        cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         if ring + 8 * (cap + k) <= limit:
             return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
     raise ValueError(f"k = {k} with {threads} threads needs more than the {optin} bytes of shared memory this GPU "
