@@ -204,12 +204,14 @@ def random_call(device, dtype=torch.bfloat16, *, b=None, d=16, n=8, L=None, leng
     tokens = sum(lengths) if varlen else L
     tok_shape = (d, tokens) if varlen else (b, d, L)
     bc_shape = (g, n, tokens) if varlen else (b, g, n, L)
-    u, delta = randn(*tok_shape), randn(*tok_shape, scale=0.5)
+    u = randn(*tok_shape)
+    # dt must stay positive without softplus (exp(dt A) > 1 would blow the scan up): delta in [0, 0.5) then
+    delta = randn(*tok_shape, scale=0.5) if softplus else (torch.rand(*tok_shape, generator=gen) / 2).to(dtype).to(device)
     A = -torch.exp(torch.randn(d, n, generator=gen) / 2).to(device) * a_scale
     Bm, Cm = randn(*bc_shape), randn(*bc_shape)
     Dv = randn(d, dt=torch.float32) if D else None
     zt = randn(*tok_shape) if z else None
-    bias_t = (torch.rand(d, generator=gen) - 1.0).to(device) if bias else None
+    bias_t = (torch.rand(d, generator=gen) - (1.0 if softplus else 0.0)).to(device) if bias else None
     qsl = None
     if varlen:
         qsl = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(b)], dtype=torch.int32, device=device)
