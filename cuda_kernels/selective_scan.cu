@@ -20,6 +20,7 @@
 // Short kernel (batched, plain mode, L <= 8: decode-like): 16 lanes per channel own the states (k = lane,
 // lane + 16, ...), each runs its states over the <= 8 tokens, and y is summed over the lanes with shuffles.
 #include "common/dtypes.cuh"
+#include "common/packed.cuh"
 #include "common/types.cuh"
 
 namespace cupy_ops {
@@ -96,87 +97,7 @@ constexpr unsigned char kValid = 1, kReset = 2, kStore = 4;
 
 template <typename T> struct items_of { static constexpr int value = 32 / sizeof(T); };
 
-// One MUFU.EX2; results below 2^-126 flush to 0 (a decay that small is 0 to every output).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(expf(x)) : x; }
-
-template <typename T>
-__device__ __forceinline__ unsigned short bits16(T x) { return *reinterpret_cast<unsigned short*>(&x); }
-
-// Element `high` (0: low half, 1: high half) of a word of two 16-bit values, as float.
-__device__ __forceinline__ float half_word_to_float(__nv_bfloat16, uint32_t word, int high) {
-  return __uint_as_float(high ? (word & 0xffff0000u) : (word << 16));
-}
-__device__ __forceinline__ float half_word_to_float(__half, uint32_t word, int high) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? (word >> 16) : word)));
-}
-__device__ __forceinline__ float half_word_to_float(float, uint32_t word, int) { return __uint_as_float(word); }
-
-// I items of T packed in 32-bit words (16-bit types: two per word), converted to float on use.
-template <typename T, int I>
-struct Raw {
-  static constexpr int kWords = I * int(sizeof(T)) / 4;
-  uint32_t w[kWords];
-
-  __device__ __forceinline__ float get(int i) const {
-    if constexpr (sizeof(T) == 4) return __uint_as_float(w[i]);
-    return half_word_to_float(T(), w[i >> 1], i & 1);
-  }
-
-  // Items whose bit is set in `mask` (others read as 0): 16-byte loads when `vector` (all set, aligned).
-  __device__ __forceinline__ void load(const T* ptr, bool vector, uint32_t mask) {
-    if (vector) {
-#pragma unroll
-      for (int v = 0; v < kWords / 4; ++v) {
-        const uint4 x = __ldg(reinterpret_cast<const uint4*>(ptr) + v);
-        w[4 * v] = x.x, w[4 * v + 1] = x.y, w[4 * v + 2] = x.z, w[4 * v + 3] = x.w;
-      }
-      return;
-    }
-#pragma unroll
-    for (int k = 0; k < kWords; ++k) w[k] = 0;
-#pragma unroll
-    for (int i = 0; i < I; ++i) {
-      if (!(mask >> i & 1)) continue;
-      if constexpr (sizeof(T) == 4) {
-        w[i] = __float_as_uint(__ldg(reinterpret_cast<const float*>(ptr) + i));
-      } else {
-        const uint32_t bits = __ldg(reinterpret_cast<const unsigned short*>(ptr) + i);
-        w[i >> 1] |= bits << (16 * (i & 1));
-      }
-    }
-  }
-};
-
-// Stores the items whose bit is set in `mask`: 16-byte stores when `vector` (all set, aligned).
-template <typename T, int I>
-__device__ __forceinline__ void store_items(T* ptr, const float (&v)[I], bool vector, uint32_t mask) {
-  if (vector) {
-    constexpr int kWords = I * int(sizeof(T)) / 4;
-    uint32_t w[kWords];
-#pragma unroll
-    for (int i = 0; i < I; ++i) {
-      if constexpr (sizeof(T) == 4) {
-        w[i] = __float_as_uint(v[i]);
-      } else {
-        const uint32_t bits = bits16(from_float<T>(v[i]));
-        w[i >> 1] = (i & 1) ? (w[i >> 1] | (bits << 16)) : bits;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kWords / 4; ++k)
-      reinterpret_cast<uint4*>(ptr)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < I; ++i)
-    if (mask >> i & 1) ptr[i] = from_float<T>(v[i]);
-}
 
 __device__ __forceinline__ int64_t ld(const int* p, int64_t i, int64_t stride) { return __ldg(p + i * stride); }
 

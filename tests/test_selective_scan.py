@@ -142,7 +142,7 @@ def _closed_form(u, dt, A, B, C, D, h0):
 
 
 def test_reference_matches_closed_form():
-    u, delta, A, B, C, D, z, bias, sp, qsl, ci, his, st, null, bs, *_ = call("cpu", torch.float64, b=1, d=6, n=5,
+    u, delta, A, B, C, D, _, bias, _, _, ci, his, st, null, bs, *_ = call("cpu", torch.float64, b=1, d=6, n=5,
                                                                             L=40, z=False, init=1.0, seed=12)
     his = torch.ones_like(his)
     _, y, _, _, _, _, new_states = selective_scan_fwd_ref(u, delta, A, B, C, D, None, bias, True, None, ci, his,
@@ -169,7 +169,7 @@ def test_prefix_cache_states_equal_plain_prefixes():
     """Each stored block state is the plain-mode final state of the sequence's tokens up to that block's end."""
     args = call("cpu", torch.float64, b=1, d=6, n=4, L=45, cache=True, cu_chunks=True, block_size=8, init=0.0,
                 seed=14)
-    u, delta, A, B, C, D, z, bias, sp, qsl, ci, his, st, null, bs, bif, bil, isi, cu, lci = args
+    u, delta, A, B, C, D, _, bias, sp, _, ci, his, st, _, bs, bif, _, _, cu, lci = args
     his = torch.zeros_like(his)
     out = OP.reference(*with_args(args, has_initial_state=his), compute_dtype=torch.float64)
     done = int(bif[0]) * bs + (bs - int(cu[1] - cu[0]) if int(cu[1] - cu[0]) < bs else 0)
@@ -220,7 +220,7 @@ def test_selective_scan_fn(device, varlen):
     ones = torch.ones(h0.shape[0], dtype=torch.bool, device=device)
     states = h0.clone()
     slots = torch.arange(h0.shape[0], dtype=torch.int32, device=device)
-    _, y, _, _, _, zz, st = selective_scan_fwd_ref(u, delta, A, Bg.contiguous(), Cg.contiguous(), D, z, None, True,
+    _, _, _, _, _, zz, st = selective_scan_fwd_ref(u, delta, A, Bg.contiguous(), Cg.contiguous(), D, z, None, True,
                                                    qsl, slots, ones, states, -1, 0, compute_dtype=torch.float64)
     torch.testing.assert_close(out, zz.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last, st.float(), rtol=1e-4, atol=1e-4)

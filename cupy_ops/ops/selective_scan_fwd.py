@@ -190,6 +190,10 @@ def _vector_ok(c: Call, varlen: bool) -> bool:
     return True
 
 
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _one(t, axis: int = 0) -> int:
     return 0 if t is None else t.strides[axis]
 
@@ -227,7 +231,7 @@ def plan(c: Call) -> list:
     warps = rows * channel_blocks * (THREADS // 32)
     wanted = MIN_WARPS_PER_SM * launcher.device_attribute(c.device, "sm_count")
     per_row = 1 if warps >= wanted else min(-(-wanted // warps), -(-tokens // window), 65535)
-    chunk_tokens = -(-(-(-tokens // per_row)) // window) * window
+    chunk_tokens = _ceil(_ceil(tokens, per_row), window) * window
     per_row = -(-tokens // chunk_tokens)
     chunks = rows * per_row
     values.update(chunk_tokens=chunk_tokens, chunks_per_row=per_row, num_chunks=chunks, chunked=per_row > 1)
