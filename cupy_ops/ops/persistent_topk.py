@@ -61,9 +61,9 @@ def check(c: Call) -> None:
         c.reject("output", f"has {c.dims['k']} columns; expected k = {c.k}")
     if width > MAX_WIDTH:
         c.reject("logits", f"has {width} columns; at most {MAX_WIDTH} are supported (int32 indices)")
-    check_lengths(c, "lengths", rows, dims=(1, 2))
     if c.lengths.numel != rows:
         c.reject("lengths", f"has {c.lengths.numel} elements; expected one per row ({rows})")
+    check_lengths(c, "lengths", rows, dims=(1, 2))
     need = workspace_bytes(rows, width, c.k)
     if c.workspace.numel * c.workspace.itemsize < need:
         c.reject("workspace", f"is too small: {c.workspace.numel} bytes, this call needs {need} "

@@ -69,11 +69,11 @@ def chunk_bound(width: int, cluster: int) -> int:
 
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
-                per_sm: int) -> RowPlan:
-    """One CTA's shared memory. The copy ring keeps stages - 1 groups in flight (3 stages for 1024 threads, 2 for
-    512), fewer when the chunk has fewer groups or k leaves no room. The buffer holds the whole chunk when that
-    fits the budget of `per_sm_target` CTAs per SM (then no shrink ever happens), else it streams with
-    max(k + 8 * threads, what the budget leaves) entries and a k-entry staging area."""
+                per_sm: int) -> RowPlan | None:
+    """One CTA's shared memory, or None when k leaves no room. The copy ring keeps stages - 1 groups in flight
+    (3 stages for 1024 threads, 2 for 512), fewer when the chunk has fewer groups or the buffer needs the room. The
+    buffer holds the whole chunk when that fits the budget of `per_sm_target` CTAs per SM (then no shrink ever
+    happens), else it streams with max(k + 8 * threads, what the budget leaves) entries and a k-entry stage."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
@@ -85,16 +85,15 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         if ring + 8 * (cap + k) <= limit:
             return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
-    raise ValueError(f"k = {k} with {threads} threads needs more than the {optin} bytes of shared memory this GPU "
-                     "allows per block")
+    return None
 
 
 def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits the SMs and each CTA keeps >= 2 x MIN_CHUNK elements; a cluster shape the GPU cannot
-    hold is halved. Grids that fit the GPU once use 1024-thread CTAs (one per SM); larger ones 512-thread CTAs,
-    two per SM (64 registers each)."""
+    hold is halved. Grids that fit the GPU once use 1024-thread CTAs (one per SM; 512 when k leaves no room for
+    1024 threads' group); larger ones 512-thread CTAs, two per SM where shared memory allows (64 registers)."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
@@ -104,7 +103,14 @@ def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tupl
             cluster *= 2
     while True:
         many = rows * cluster > sms
-        row = buffer_plan(width, k, 512 if many else 1024, cluster, 2 if many else 1, optin, per_sm)
+        candidates = [(512, 2), (512, 1)] if many else [(1024, 1), (512, 1)]
+        row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm) for t, n in candidates)),
+                   None)
+        if row is None:
+            raise ValueError(f"k = {k} needs more shared memory per block than the {optin} bytes this GPU allows")
+        if (row.threads, cluster) not in kernels:  # 512-thread CTAs are instantiated without clusters
+            cluster //= 2
+            continue
         kernel = kernels[row.threads, cluster]
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))

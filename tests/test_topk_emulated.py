@@ -1,0 +1,329 @@
+"""The top-k device code (common/topk.cuh, top_k_per_row.cu, persistent_topk.cu) run on the CPU: g++ compiles the
+real sources against a small emulation of the CUDA features they use, one OS thread per CUDA thread. So CI, which
+has no GPU, executes the streaming, shrink, radix select, cluster exchange and emission logic and compares every
+slot with the reference. What it does not model: timing, warp-level hardware behaviour beyond shuffles (a warp is
+32 threads meeting at a barrier for each shuffle), memory-model subtleties. What it checks besides results: every
+barrier is reached by every thread (a deadlock fails the case after a timeout), cp.async data is read only after
+its wait (copies land at the wait, the slot holds garbage before), 16-byte alignment of vector copies.
+
+Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
+distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
+topk_row are rewritten to per-block storage. Instantiations: (512|1024 threads) x (1|2|4 CTAs per cluster)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from topk_utils import DECODE, PERSISTENT, PREFILL, assert_reference, decode_args, make_scores, persistent_args, \
+    prefill_args
+
+from cupy_ops._runtime import LaunchConfig, compiler
+from cupy_ops.ops import persistent_topk as PT
+from cupy_ops.ops import top_k_per_row as T
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+
+EMU_CUDA = r"""
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+struct dim3e { unsigned x, y, z; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+namespace emu {
+struct Deadlock {};
+inline std::atomic<bool> aborted{false};
+// A barrier whose waiters give up (and make every other waiter give up) after 30 s: a thread that skips a
+// barrier the others reach fails the case instead of hanging the test run.
+struct Barrier {
+  std::mutex m;
+  std::condition_variable cv;
+  int count, waiting = 0;
+  long phase = 0;
+  explicit Barrier(int n) : count(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m);
+    const long mine = phase;
+    if (++waiting == count) { waiting = 0; ++phase; cv.notify_all(); return; }
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (phase == mine) {
+      if (aborted) throw Deadlock{};
+      if (cv.wait_until(lock, std::min(give_up, std::chrono::steady_clock::now() + std::chrono::milliseconds(50)))
+          == std::cv_status::timeout && std::chrono::steady_clock::now() >= give_up) {
+        aborted = true;
+        throw Deadlock{};
+      }
+    }
+  }
+};
+struct Cluster;
+struct Block {
+  Barrier* bar;
+  std::vector<Barrier*> warps;
+  std::vector<uint64_t> shfl;
+  unsigned char* smem;  // [static | dynamic]
+  size_t static_bytes;
+  Cluster* cluster;
+};
+struct Cluster { Barrier* bar; std::vector<Block*> blocks; };
+inline thread_local Block* cur = nullptr;
+inline thread_local dim3e tidx, bidx;
+}  // namespace emu
+#define threadIdx (emu::tidx)
+#define blockIdx (emu::bidx)
+inline void __syncthreads() { emu::cur->bar->wait(); }
+inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
+inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline float __ldg(const float* p) { return *p; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+namespace emu {
+template <typename T> inline T shuffle(T v, int src, bool own) {
+  const int t = tidx.x, warp = t >> 5;
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  cur->shfl[t] = raw;
+  cur->warps[warp]->wait();
+  T out = v;
+  if (!own) std::memcpy(&out, &cur->shfl[warp * 32 + src], sizeof(T));
+  cur->warps[warp]->wait();
+  return out;
+}
+}  // namespace emu
+template <typename T> inline T __shfl_up_sync(unsigned, T v, int d) {
+  const int lane = emu::tidx.x & 31;
+  return emu::shuffle(v, lane - d, lane - d < 0);
+}
+template <typename T> inline T __shfl_down_sync(unsigned, T v, int d) {
+  const int lane = emu::tidx.x & 31;
+  return emu::shuffle(v, lane + d, lane + d > 31);
+}
+template <typename T> inline T __shfl_sync(unsigned, T v, int src) { return emu::shuffle(v, src & 31, false); }
+namespace emu {
+// kernel() on grid_x blocks of `threads`, `cluster` blocks at a time; 0, or 1 after a deadlock.
+template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic) {
+  aborted = false;
+  for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
+    Barrier cluster_bar(threads * cluster);
+    Cluster cl{&cluster_bar, {}};
+    std::vector<Block> blocks(cluster);
+    for (auto& b : blocks) {
+      b.bar = new Barrier(threads);
+      for (int w = 0; w < threads / 32; ++w) b.warps.push_back(new Barrier(32));
+      b.shfl.assign(threads, 0);
+      b.static_bytes = (static_bytes + 15) & ~size_t(15);
+      b.smem = static_cast<unsigned char*>(std::aligned_alloc(16, b.static_bytes + dynamic + 16));
+      std::memset(b.smem, 0xA5, b.static_bytes + dynamic + 16);  // garbage, as real shared memory
+      b.cluster = &cl;
+      cl.blocks.push_back(&b);
+    }
+    std::vector<std::thread> pool;
+    for (int r = 0; r < cluster; ++r)
+      for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, r, t] {
+          cur = &blocks[r];
+          tidx = {unsigned(t), 0, 0};
+          bidx = {unsigned(c0 + r), 0, 0};
+          try { kernel(); } catch (Deadlock&) { aborted = true; }
+        });
+    for (auto& th : pool) th.join();
+    for (auto& b : blocks) {
+      delete b.bar;
+      for (auto* w : b.warps) delete w;
+      std::free(b.smem);
+    }
+  }
+  return aborted ? 1 : 0;
+}
+}  // namespace emu
+"""
+
+CLUSTER_CUH = r"""
+#pragma once
+#include "types.cuh"
+namespace cupy_ops {
+inline void cluster_sync() { emu::cur->cluster->bar->wait(); }
+inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::cur->smem);
+}
+inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
+  emu::Block* b = emu::cur->cluster->blocks.at(rank);
+  return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(b->smem + address)).load(std::memory_order_relaxed);
+}
+}  // namespace cupy_ops
+"""
+
+ASYNC_COPY_CUH = r"""
+#pragma once
+#include "cluster.cuh"
+namespace cupy_ops {
+struct EmuCopy { void* dst; const void* src; };
+inline thread_local std::deque<std::vector<EmuCopy>> emu_batches;
+inline thread_local std::vector<EmuCopy> emu_open;
+inline void async_copy16(void* dst, const void* src) {  // lands at the wait; garbage until then
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) { std::fprintf(stderr, "misaligned cp.async\n"); std::abort(); }
+  std::memset(dst, 0xCD, 16);
+  emu_open.push_back({dst, src});
+}
+inline void async_commit() { emu_batches.push_back(std::move(emu_open)); emu_open.clear(); }
+inline void async_wait(int pending) {
+  while (static_cast<int>(emu_batches.size()) > pending) {
+    for (auto& c : emu_batches.front()) std::memcpy(c.dst, c.src, 16);
+    emu_batches.pop_front();
+  }
+}
+}  // namespace cupy_ops
+"""
+
+INSTANTIATIONS = ((512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
+DRIVER = r"""
+#include "emu_cuda.h"
+#include "top_k_per_row.cu"
+#include "persistent_topk.cu"
+using namespace cupy_ops;
+template <int T, int C, typename P, typename K> static int go(K kernel, const P* p, int grid, long long dynamic) {
+  const P copy = *p;
+  return emu::launch([&] { kernel(copy); }, grid, T, C, sizeof(topk::Shared), dynamic);
+}
+#define DISPATCH(KERNEL) \
+""" + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}>, p, grid, dynamic); \\\n"
+              for t, c in INSTANTIATIONS) + r"""  return 2;
+extern "C" int run_top_k_per_row(int threads, int cluster, int grid, long long dynamic, const TopKPerRowParams* p) {
+  DISPATCH(top_k_per_row_kernel)
+}
+extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long dynamic, const PersistentTopKParams* p) {
+  DISPATCH(persistent_topk_kernel)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulation library, built from the current sources (about 3 s)."""
+    out = tmp_path_factory.mktemp("topk_emulator")
+    source = compiler.kernel_dir()
+    (out / "common").mkdir()
+    (out / "common" / "types.cuh").write_text((source / "common" / "types.cuh").read_text())
+    (out / "common" / "cluster.cuh").write_text(CLUSTER_CUH)
+    (out / "common" / "async_copy.cuh").write_text(ASYNC_COPY_CUH)
+    core = (source / "common" / "topk.cuh").read_text()
+    core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);", core)
+    core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
+                            "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
+                            "emu::cur->static_bytes);", core)
+    assert shared == dynamic == 1, "topk_row's shared declarations changed: update the emulation"
+    (out / "common" / "topk.cuh").write_text(core)
+    for name in ("top_k_per_row.cu", "persistent_topk.cu"):
+        (out / name).write_text((source / name).read_text())
+    (out / "emu_cuda.h").write_text(EMU_CUDA)
+    (out / "driver.cpp").write_text(DRIVER)
+    library = out / "libtopk_emulated.so"
+    built = subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+                            f"-I{out}", str(out / "driver.cpp"), "-o", str(library)], capture_output=True, text=True)
+    if built.returncode:
+        pytest.fail(f"g++ failed on the emulation:\n{built.stderr[-3000:]}", pytrace=False)
+    return ctypes.CDLL(str(library))
+
+
+def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False):
+    """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
+    its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
+    entries), so rows of a few thousand elements shrink many times."""
+    module = T if op is not PERSISTENT else PT
+
+    def plan_rows(kernels, device, rows, width, k):
+        row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472)
+        if shrink:
+            cap = -(-(k + 8 * threads) // 4) * 4
+            row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k))
+        return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
+
+    monkeypatch.setattr(module, "plan_rows", plan_rows)
+    call, _ = op.validate(args)
+    (launch,) = op.plan(call)
+    pointers = [args[op.arguments.index(f.source)].data_ptr() for f in launch.params.pointers]
+    params = ctypes.create_string_buffer(launch.params.size)
+    launch.params.pack_into(params, 0, *pointers, launch.params.pack(launch.values))
+    run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
+    status = run(threads, cluster, launch.config.grid[0], ctypes.c_longlong(launch.config.shared_bytes), params)
+    assert status != 2, f"({threads}, {cluster}) is not emulated"
+    assert status == 0, "a barrier was not reached by every thread (emulated deadlock)"
+
+
+# (threads, cluster, shrink). A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to
+# a dozen (ascending scores shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and
+# full chunks. (The emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
+def _ids(geometries):
+    return [f"{t}x{c}{'-shrink' if s else ''}" for t, c, s in geometries]
+
+
+PREFILL_GEOMETRIES = [(512, 1, False), (512, 1, True), (512, 2, True), (1024, 2, False)]
+
+
+@pytest.mark.parametrize("threads, cluster, shrink", PREFILL_GEOMETRIES, ids=_ids(PREFILL_GEOMETRIES))
+@pytest.mark.parametrize("kind", ["special", "ascending"])
+def test_prefill_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
+    """Unaligned starts, lengths k - 1 / k / k + 1, an inverted window, long rows; NaN past every window."""
+    gen = torch.Generator().manual_seed(len(kind) + threads + cluster)
+    width, k = 9001, 61
+    logits = make_scores(kind, 5, width, gen)
+    args = prefill_args(logits, [1, 0, 3, 10, 5], [width, k - 1, 3 + k, 10 + k + 1, 4], k)
+    emulate(emulator, monkeypatch, PREFILL, args, threads, cluster, shrink=shrink)
+    assert_reference(PREFILL, args, what=f"prefill {kind} {threads}x{cluster}")
+
+
+DECODE_GEOMETRIES = [(512, 1, True), (512, 4, False)]
+
+
+@pytest.mark.parametrize("threads, cluster, shrink", DECODE_GEOMETRIES, ids=_ids(DECODE_GEOMETRIES))
+def test_decode_strided_rows(emulator, monkeypatch, threads, cluster, shrink):
+    """Columns with stride 2 (element loads), next_n 2 with a sequence shorter than next_n, tied values."""
+    gen = torch.Generator().manual_seed(threads + cluster)
+    buffer = make_scores("ties", 4, 2 * 5001, gen)
+    args = decode_args(buffer[:, ::2], 2, [5001, 1], 300)
+    emulate(emulator, monkeypatch, DECODE, args, threads, cluster, shrink=shrink)
+    assert_reference(DECODE, args, what=f"decode {threads}x{cluster}")
+
+
+PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False)]
+
+
+@pytest.mark.parametrize("threads, cluster, shrink", PERSISTENT_GEOMETRIES, ids=_ids(PERSISTENT_GEOMETRIES))
+@pytest.mark.parametrize("kind", ["lowbits", "neginf"])
+def test_persistent_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
+    """An odd row pitch (each row misaligned differently), lengths -1 / k / W + 17 / k + 1; low-bits ties and
+    -inf filling the last slots."""
+    gen = torch.Generator().manual_seed(threads * cluster)
+    width, k = 9001, 64
+    logits = make_scores(kind, 4, width + 2, gen)[:, :width]
+    args = persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
+    emulate(emulator, monkeypatch, PERSISTENT, args, threads, cluster, shrink=shrink)
+    assert_reference(PERSISTENT, args, what=f"persistent {kind} {threads}x{cluster}")

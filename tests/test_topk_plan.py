@@ -1,0 +1,126 @@
+"""The top-k plans on the CPU, with the driver's answers faked for an H200, an H100 and an A100: cluster sizes,
+block sizes, shared-memory budgets and the buffer invariants the kernel relies on (common/topk.cuh: cap >= a chunk
+when nothing can be shrunk, cap >= k + 8 x threads with a k-entry stage otherwise, 16-byte aligned arrays); the
+static shared memory bound against ptxas; params packing. No GPU needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, persistent_args, prefill_args
+
+from cupy_ops._runtime import compiler, launcher
+from cupy_ops.ops import top_k_per_row as T
+
+GPUS = {  # sm_count, opt-in shared memory per block, per SM, arch
+    "H200": (132, 232448, 233472, 90),
+    "H100-PCIe": (114, 232448, 233472, 90),
+    "A100": (108, 166912, 167936, 80),
+}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, max_cluster=16): the driver's answers for that GPU; clusters above max_cluster do not fit."""
+    def use(name, max_cluster=16):
+        sms, optin, per_sm, arch = GPUS[name]
+        values = {"sm_count": sms, "max_shared_memory_per_block_optin": optin, "max_shared_memory_per_sm": per_sm}
+        monkeypatch.setattr(launcher, "device_attribute", lambda device, attr: values[attr])
+        monkeypatch.setattr(launcher, "device_arch", lambda device: arch)
+        monkeypatch.setattr(launcher, "max_active_clusters",
+                            lambda kernel, device, config: 4 if config.cluster[0] <= max_cluster else 0)
+        return sms, optin, per_sm, arch
+    return use
+
+
+# (rows, width, k): the issues' benchmark shapes and a few edges (one row, tiny rows, k = 4096)
+SHAPES = [(1, 8192, 2048), (4, 163840, 2048), (128, 131072, 2048), (64, 65536, 512), (1, 163840, 2048),
+          (32, 163840, 2048), (4, 65536, 1024), (256, 32768, 512), (4096, 8192, 2048), (8192, 32768, 2048),
+          (1, 1, 1), (3, 100, 4096), (2, 300000, 4096), (1000, 20000, 1), (7, 0, 16)]
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+@pytest.mark.parametrize("rows, width, k", SHAPES, ids=[f"{r}x{w}-k{k}" for r, w, k in SHAPES])
+def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width, k):
+    sms, optin, per_sm, arch = fake_gpu(gpu)
+    kernel, config, row = T.plan_rows(T.KERNELS, 0, rows, width, k)
+    assert kernel is T.KERNELS[row.threads, row.cluster]
+    assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
+    assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
+    assert row.cluster == 1 or arch >= 90
+    assert 1 <= row.stages <= 3 and row.cap % 4 == 0
+    assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage) == config.shared_bytes
+    assert row.shared_bytes + T.STATIC_SMEM <= optin
+    if row.stage == 0:  # the whole chunk is buffered: no shrink can happen
+        assert row.cap >= T.chunk_bound(width, row.cluster)
+    else:  # after a shrink to k entries, one group of 8 x threads elements fits
+        assert row.stage == k and row.cap >= k + 8 * row.threads
+    if rows * row.cluster > sms:  # many CTAs: 512 threads, two per SM where 228 KB per SM allow it (not k = 4096)
+        assert row.threads == 512
+        assert 2 * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
+
+
+def test_cluster_sizes_on_h200(fake_gpu):
+    fake_gpu("H200")
+    cluster = {shape: T.plan_rows(T.KERNELS, 0, *shape)[2].cluster for shape in SHAPES}
+    assert cluster[1, 163840, 2048] == cluster[4, 163840, 2048] == cluster[4, 65536, 1024] == 16
+    assert cluster[32, 163840, 2048] == 4 and cluster[64, 65536, 512] == 2 and cluster[1, 8192, 2048] == 2
+    assert cluster[128, 131072, 2048] == 1 and cluster[4096, 8192, 2048] == 1 and cluster[256, 32768, 512] == 1
+
+
+def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):
+    fake_gpu("H200", max_cluster=8)
+    assert T.plan_rows(T.KERNELS, 0, 4, 163840, 2048)[2].cluster == 8
+
+
+def test_sm80_never_uses_clusters(fake_gpu):
+    fake_gpu("A100")
+    assert {T.plan_rows(T.KERNELS, 0, *shape)[2].cluster for shape in SHAPES} == {1}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_static_shared_memory_bound(arch):
+    """STATIC_SMEM (budgeted by the plans) covers ptxas' static shared memory of every instantiation."""
+    for kernel in (*T.KERNELS.values(), *PERSISTENT.kernels):
+        report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
+        assert 0 < report.shared_memory <= T.STATIC_SMEM, kernel
+
+
+def _plan(op, args):
+    call, _ = op.validate(args)
+    return op.plan(call)
+
+
+def test_plans_pack_into_the_params_structs(fake_gpu):
+    fake_gpu("H200")
+    logits = torch.randn(6, 1000)
+    for op, args in ((PREFILL, prefill_args(logits, [0] * 6, [1000] * 6, 64, poison=None)),
+                     (DECODE, decode_args(logits, 3, [1000, 900], 64, poison=None)),
+                     (PERSISTENT, persistent_args(logits, [1000] * 6, 64, max_seq_len=500, poison=None))):
+        (launch,) = _plan(op, args)
+        assert launch.kernel in op.kernels
+        assert len(launch.params.pack(launch.values)) == launch.params.size - 8 * len(launch.params.pointers)
+
+
+def test_persistent_plan_depends_on_max_seq_len_not_lengths(fake_gpu):
+    """The grid follows min(max_seq_len, W) (host scalars), never the lengths (device data)."""
+    fake_gpu("H200")
+    logits = torch.randn(4, 163840)
+    short = _plan(PERSISTENT, persistent_args(logits, [10] * 4, 2048, max_seq_len=8000, poison=None))[0]
+    long = _plan(PERSISTENT, persistent_args(logits, [10] * 4, 2048, poison=None))[0]
+    assert short.values["max_len"] == 8000 and long.values["max_len"] == 163840
+    assert short.config.cluster is None and long.config.cluster == (16, 1, 1)
+    assert _plan(PERSISTENT, persistent_args(logits, [163840] * 4, 2048, poison=None))[0].config == long.config
+
+
+def test_decode_per_row_flag(fake_gpu):
+    fake_gpu("H200")
+    logits = torch.randn(4, 100)
+    assert _plan(DECODE, decode_args(logits, 2, [[50, 60], [70, 80]], 8))[0].values["per_row"] == 1
+    assert _plan(DECODE, decode_args(logits, 2, [50, 60], 8))[0].values["per_row"] == 0
+    assert _plan(DECODE, decode_args(logits, 2, [[50], [60]], 8))[0].values["per_row"] == 0
+
+
+def test_no_rows_no_launch(fake_gpu):
+    fake_gpu("H200")
+    assert _plan(PREFILL, prefill_args(torch.randn(0, 10), [], [], 4, poison=None)) == []

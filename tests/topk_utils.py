@@ -1,0 +1,199 @@
+"""Helpers shared by the top-k tests (top_k_per_row_prefill/decode, persistent_topk): score generators, argument
+builders with poisoned tails, and the output contract checked independently of our reference (torch.topk values).
+
+The contract (specs: sampler_ops.md 2.4, persistent_topk.md 3): per row with window length L and k slots,
+min(k, L) distinct indices in [0, L), then -1; the multiset of their values equals torch.topk's bit for bit (as
+order keys: -0 == +0, NaN above +inf). Ours is stricter: indices ascending, ties to the lowest index, i.e. exactly
+the op's reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cupy_ops.ops.persistent_topk import OP as PERSISTENT
+from cupy_ops.ops.persistent_topk import persistent_topk_workspace
+from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends, float_keys
+
+__all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "assert_reference", "decode_args",
+           "make_scores", "persistent_args", "prefill_args", "vllm_agrees", "windows_of"]
+
+# Score patterns: each stresses another part of the select (spec test plans).
+DATA_KINDS = ("randn", "lowbits", "equal", "ties", "special", "neginf", "ascending", "descending")
+
+
+def make_scores(kind: str, rows: int, width: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """float32 [rows, width] of pattern `kind`:
+    randn; lowbits (0x3F900000 | 10 random bits: values within 1024 ulps of 1.125, every 8-bit radix digit but the
+    last one tied); equal (all 0.5); ties (10 distinct values); special (~10% -inf, 5% +inf, 5% NaN, 40% +-0);
+    neginf (all -inf but every 97th, so -inf fills the last slots); ascending / descending (0, 1, 2, ...)."""
+    if kind == "lowbits":
+        bits = torch.randint(0, 1024, (rows, width), generator=gen, device=device, dtype=torch.int32)
+        return (bits | 0x3F900000).view(torch.float32)
+    if kind == "equal":
+        return torch.full((rows, width), 0.5, device=device)
+    if kind == "ties":
+        return torch.randint(0, 10, (rows, width), generator=gen, device=device).float()
+    if kind in ("ascending", "descending"):
+        ramp = torch.arange(width, device=device, dtype=torch.float32).repeat(rows, 1)
+        return ramp if kind == "ascending" else -ramp
+    x = torch.randn(rows, width, generator=gen, device=device)
+    if kind == "special":
+        r = torch.rand(rows, width, generator=gen, device=device)
+        x = torch.where(r < 0.10, float("-inf"), x)
+        x = torch.where((r >= 0.10) & (r < 0.15), float("inf"), x)
+        x = torch.where((r >= 0.15) & (r < 0.20), float("nan"), x)
+        x = torch.where((r >= 0.20) & (r < 0.40), -0.0, x)
+        x = torch.where((r >= 0.40) & (r < 0.60), 0.0, x)
+    elif kind == "neginf":
+        x = torch.full((rows, width), float("-inf"), device=device)
+        x[:, ::97] = 1.0
+    elif kind != "randn":
+        raise ValueError(kind)
+    return x
+
+
+def _poison_outside(logits: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, poison: float) -> None:
+    """Write `poison` to every column of each row outside [start, start + length): the op must never read it."""
+    cols = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    outside = (cols < starts[:, None]) | (cols >= (starts + lengths)[:, None])
+    logits.masked_fill_(outside, poison)
+
+
+def prefill_args(logits, starts, ends, k, *, poison=float("nan")) -> tuple:
+    """Positional args of top_k_per_row_prefill for `logits` [rows, W] (any view) and int lists/tensors starts/ends;
+    scores outside each (clamped) window are set to `poison` first (None: left alone)."""
+    device = logits.device
+    starts = torch.as_tensor(starts, dtype=torch.int32, device=device)
+    ends = torch.as_tensor(ends, dtype=torch.int32, device=device)
+    rows = logits.shape[0]
+    if poison is not None:
+        s, length = windows_of(PREFILL, (logits, starts, ends, None, rows, 0, 0, k))
+        _poison_outside(logits, s, length, poison)
+    indices = torch.empty(rows, k, dtype=torch.int32, device=device)
+    return (logits, starts, ends, indices, rows, logits.stride(0), logits.stride(1), k)
+
+
+def decode_args(logits, next_n, seq_lens, k, *, poison=float("nan")) -> tuple:
+    """Positional args of top_k_per_row_decode; `seq_lens` a list (1-D) or nested list (2-D [B, next_n])."""
+    device = logits.device
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
+    rows = logits.shape[0]
+    if poison is not None:
+        s, length = windows_of(DECODE, (logits, next_n, seq_lens, None, rows, 0, 0, k))
+        _poison_outside(logits, s, length, poison)
+    indices = torch.empty(rows, k, dtype=torch.int32, device=device)
+    return (logits, next_n, seq_lens, indices, rows, logits.stride(0), logits.stride(1), k)
+
+
+def persistent_args(logits, lengths, k, max_seq_len=None, *, poison=float("nan")) -> tuple:
+    """Positional args of persistent_topk (max_seq_len defaults to the width)."""
+    device = logits.device
+    rows, width = logits.shape
+    lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
+    max_seq_len = width if max_seq_len is None else max_seq_len
+    if poison is not None:
+        s, length = windows_of(PERSISTENT, (logits, lengths, None, None, k, max_seq_len))
+        _poison_outside(logits, s, length, poison)
+    output = torch.empty(rows, k, dtype=torch.int32, device=device)
+    return (logits, lengths, output, persistent_topk_workspace(rows, width, k, device), k, max_seq_len)
+
+
+def windows_of(op, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) int64 [rows] of each row's clamped window (the ops' documented clamping)."""
+    logits = args[0]
+    width = logits.shape[1]
+    if op is PREFILL:
+        rows = args[4]
+        start = args[1][:rows].to(torch.int64).clamp(0, width)
+        end = torch.maximum(args[2][:rows].to(torch.int64), start).clamp(max=width)
+        return start, end - start
+    if op is DECODE:
+        length = decode_ends(args[2], args[1], args[4]).clamp(0, width)
+        return torch.zeros_like(length), length
+    limit = max(0, min(args[5], width))
+    length = args[1].reshape(-1).to(torch.int64).clamp(0, limit)
+    return torch.zeros_like(length), length
+
+
+def _topk_key_multiset(logits, start, length, k):
+    """Sorted (descending) keys of torch.topk's values on each masked row, -1 for absent slots."""
+    rows, width = logits.shape
+    cols = torch.arange(width, device=logits.device)[None, :]
+    inside = (cols >= start[:, None]) & (cols < (start + length)[:, None])
+    masked = torch.where(inside, logits, torch.full_like(logits, float("-inf")))
+    count = min(k, width)
+    values = masked.topk(count, dim=1).values if count else masked[:, :0]
+    keys = torch.where(torch.arange(count, device=logits.device)[None, :] < length[:, None],
+                       float_keys(values), torch.full_like(values, -1, dtype=torch.int64))
+    if count < k:
+        keys = torch.cat([keys, keys.new_full((rows, k - count), -1)], dim=1)
+    return keys.sort(dim=1, descending=True).values
+
+
+def assert_contract(op, args, out=None, *, what="", ordered=True) -> None:
+    """The output contract, checked against torch.topk values (not our reference): for each row, min(k, L) distinct
+    in-window indices then -1, value keys equal to torch.topk's multiset; `ordered`: ascending indices too (ours)."""
+    out = args[op.arguments.index(op.written[0])] if out is None else out
+    out = out.cpu().to(torch.int64)
+    logits = args[0].cpu()
+    start, length = (t.cpu() for t in windows_of(op, args))
+    k = out.shape[1]
+    taken = torch.minimum(length, torch.tensor(k))
+    slot = torch.arange(k)[None, :]
+    valid = slot < taken[:, None]
+    bad = (valid & ((out < 0) | (out >= length[:, None]))) | (~valid & (out != -1))
+    if bool(bad.any()):
+        r, j = (int(v) for v in bad.nonzero()[0])
+        pytest.fail(f"{what}: row {r} slot {j} holds {int(out[r, j])}; L = {int(length[r])}, k = {k}", pytrace=False)
+    picked = torch.where(valid, out, torch.zeros_like(out))
+    if ordered:
+        step = picked[:, 1:] - picked[:, :-1]
+        unordered = valid[:, 1:] & (step <= 0)
+    else:
+        s = torch.where(valid, out, torch.full_like(out, 2**40)).sort(dim=1).values
+        unordered = valid[:, 1:] & (s[:, 1:] == s[:, :-1])
+    if bool(unordered.any()):
+        r = int(unordered.nonzero()[0, 0])
+        pytest.fail(f"{what}: row {r} has {'unordered or ' if ordered else ''}repeated indices: {out[r, :16].tolist()}",
+                    pytrace=False)
+    columns = (picked + start[:, None]).clamp(0, max(logits.shape[1] - 1, 0))
+    got = torch.where(valid, float_keys(logits.gather(1, columns)), torch.full_like(out, -1))
+    got = got.sort(dim=1, descending=True).values
+    want = _topk_key_multiset(logits, start, length, k)
+    differ = (got != want).any(dim=1)
+    if bool(differ.any()):
+        r = int(differ.nonzero()[0, 0])
+        pytest.fail(f"{what}: row {r} (L = {int(length[r])}) selects other values than torch.topk "
+                    f"({int(differ.sum())} rows differ)", pytrace=False)
+
+
+def assert_reference(op, args, *, what="") -> None:
+    """The written output equals the op's reference exactly (our deterministic order and tie rule)."""
+    out = args[op.arguments.index(op.written[0])]
+    want = op.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])[0]
+    got = out.cpu()
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()
+        r = int(bad[0, 0])
+        pytest.fail(f"{what}: {len(bad)} slots differ from the reference; row {r}: got {got[r, :12].tolist()}, "
+                    f"expected {want[r, :12].tolist()}", pytrace=False)
+
+
+def vllm_agrees(op, args, vllm_out: torch.Tensor) -> torch.Tensor:
+    """bool [rows]: rows where vLLM's output satisfies the contract (any order, any tie choice) and so must agree
+    with ours up to order and ties: for those rows both select the same value multiset."""
+    out = vllm_out.cpu().to(torch.int64)
+    logits = args[0].cpu()
+    start, length = (t.cpu() for t in windows_of(op, args))
+    k = out.shape[1]
+    valid = torch.arange(k)[None, :] < torch.minimum(length, torch.tensor(k))[:, None]
+    in_range = torch.where(valid, (out >= 0) & (out < length[:, None]), out == -1).all(dim=1)
+    s = torch.where(valid, out, torch.full_like(out, 2**40)).sort(dim=1).values
+    distinct = ~(valid[:, 1:] & (s[:, 1:] == s[:, :-1])).any(dim=1)
+    columns = (torch.where(valid, out, torch.zeros_like(out)).clamp(min=0) + start[:, None]).clamp(
+        max=max(logits.shape[1] - 1, 0))
+    got = torch.where(valid, float_keys(logits.gather(1, columns)), torch.full_like(out, -1))
+    same = (got.sort(dim=1, descending=True).values == _topk_key_multiset(logits, start, length, k)).all(dim=1)
+    return in_range & distinct & same
