@@ -14,3 +14,7 @@ for _name, _op in _ops().items():
     globals()[_op.reference.__name__] = _op.reference
     __all__ += [_name, _op.reference.__name__]
 del _name, _op
+
+from .ops.selective_scan_ref import selective_scan_fn  # noqa: E402 - mamba_ssm's functional form, on our kernel
+
+__all__ += ["selective_scan_fn"]

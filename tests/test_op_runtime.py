@@ -52,7 +52,6 @@ def _declare(schema, tensors, **changes):
 
 @pytest.mark.parametrize("schema, tensors, message", [
     ("bad_a(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out")], "must be the schema's tensors"),
-    ("bad_b(Tensor! out, Tensor x) -> ()", [TensorArg("out", "in"), TensorArg("x", "in")], "roles"),
     ("bad_c(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out"), TensorArg("x", "out")], "roles"),
     ("bad_d(Tensor! out, Tensor device) -> ()", [TensorArg("out", "out"), TensorArg("device", "in")],
      "taken by `Call`"),
@@ -83,3 +82,15 @@ def int_scalar_op():
 def test_scalar_types_are_checked(int_scalar_op, value, error):
     with pytest.raises(TypeError, match=f"scalars_i: k {error}"):
         int_scalar_op.public(torch.empty(2), value)
+
+
+def test_a_schema_written_argument_the_kernel_only_reads_may_overlap_inputs():
+    """vLLM's selective_scan_fwd marks inputs `Tensor!`: declared "in", they may share memory with other inputs,
+    while a written one ("out") may not."""
+    op = _declare("reads_marked(Tensor! a, Tensor! b, Tensor! out) -> ()",
+                  [TensorArg("a", "in", ("n",)), TensorArg("b", "in", ("n",)), TensorArg("out", "out", ("n",))])
+    assert op.writes == ["out"] and op.written == ["a", "b", "out"]
+    x = torch.randn(4)
+    op.validate((x, x, torch.empty(4)))
+    with pytest.raises(ValueError, match="reads_marked: out overlaps a in memory"):
+        op.validate((x, torch.randn(4), x))

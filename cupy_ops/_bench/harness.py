@@ -321,6 +321,9 @@ def bench_case(op: str, suite: OpSuite, case, vllm_ops, wanted: set[str], l2_byt
     base = {"op": op, "case": f"{case.name} {case.dtype_name}", "shape": list(case.shape),
             "dtype": case.dtype_name, "bytes": case.bytes_moved, "input_sets": len(sets),
             "calls_per_graph": calls, "reps": reps}
+    floors = getattr(case, "floors_us", None)  # a case may state its floors (exp throughput, bytes) in µs
+    if floors:
+        base["floors_us"] = dict(floors)
     # Checks run on fresh copies of the first input set (seed 0): in-place ops overwrite their inputs.
     gold = suite.gold(suite.make_inputs(case, 0))
     outputs: dict[str, tuple] = {}
@@ -402,21 +405,27 @@ def format_table(rows: list[dict]) -> str:
     def ratio(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    header = ("op", "shape", "dtype", "provider", "us median (p20-p80)", "GB/s", "%copy", "vs vllm", "vs torch",
-              "check")
+    header = ("op", "shape", "dtype", "provider", "us median (p20-p80)", "GB/s", "%copy", "floor us", "vs vllm",
+              "vs torch", "check")
     lines = [header]
     for r in rows:
         if "us_median" not in r:
-            lines.append((r["op"], r["case"].split()[0], r["dtype"], r["provider"], "error", "-", "-", "-", "-",
+            lines.append((r["op"], r["case"].split()[0], r["dtype"], r["provider"], "error", "-", "-", "-", "-", "-",
                           r.get("error", "")[:40]))
             continue
         bad = [k for k in ("ref", "vllm") if r.get(f"matches_{k}") is False]
         lines.append((r["op"], r["case"].split()[0], r["dtype"], r["provider"],
                       f"{r['us_median']:.2f} ({r['us_p20']:.2f}-{r['us_p80']:.2f})", f"{r['GBps']:.0f}",
-                      f"{r['pct_copy_bw']:.0f}%", ratio(r["ratio_vs_vllm"]), ratio(r["ratio_vs_torch"]),
+                      f"{r['pct_copy_bw']:.0f}%", _floor(r), ratio(r["ratio_vs_vllm"]), ratio(r["ratio_vs_torch"]),
                       "DIFF " + ",".join(bad) if bad else "ok"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _floor(row: dict) -> str:
+    """The case's own floor (the largest of its computed floors: exp throughput, bytes), else "-"."""
+    floors = [v for k, v in row.get("floors_us", {}).items() if not k.startswith("vllm")]
+    return f"{max(floors):.1f}" if floors else "-"
 
 
 def plot_results(rows: list[dict], path: str, title: str = "") -> None:

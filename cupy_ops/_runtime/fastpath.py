@@ -88,7 +88,7 @@ def recent_call_source(op, layout, match: Callable[..., bool], current_device: C
         for s, step in enumerate(layout.steps):
             names[f"launch_{s}"], names[f"pack_{s}"], names[f"tail_{s}"] = step.launcher.launch, step.pack_into, \
                 step.tail
-            values = "".join(f"{pointer[k]}, " for k in step.indices)
+            values = "".join(f"{'0' if k is None else pointer[k]}, " for k in step.indices)
             lines.append(f"    launch_{s}(stream, pack_{s}, ({values}tail_{s}))")
     lines.append("    return True")
     return "\n".join(lines) + "\n", names

@@ -51,8 +51,9 @@ class _LaunchStep:
 
     def __init__(self, step: Launch, device: int, pointer_index: Callable[[str], int]):
         self.launcher = launcher.Launcher(step.kernel, device, step.config)
-        self.indices = [pointer_index(f.source) for f in step.params.pointers]
-        self.pointers = _picker(self.indices)
+        self.indices = [pointer_index(f.source) for f in step.params.pointers]  # None: a null pointer
+        self.pointers = (_picker(self.indices) if None not in self.indices else
+                         lambda pointers, idx=tuple(self.indices): tuple(0 if i is None else pointers[i] for i in idx))
         self.tail = step.params.pack(step.values)
         self.pack_into = step.params.pack_into
 
@@ -141,11 +142,12 @@ class Op:
             raise ValueError(f"{self.name}: TensorArg declarations {sorted(declared)} must be the schema's tensors "
                              f"{sorted(schema_tensors)}")
         roles = {t.name: t.role for t in tensors}
-        if sorted(n for n, r in roles.items() if r != "in") != sorted(self.written) or not set(roles.values()) <= {
+        if not {n for n, r in roles.items() if r != "in"} <= set(self.written) or not set(roles.values()) <= {
                 "in", "out", "inout"}:
-            raise ValueError(f"{self.name}: roles {roles} must say 'out' or 'inout' exactly for the schema's written "
-                             f"arguments {self.written}")
+            raise ValueError(f"{self.name}: roles {roles}: 'out' or 'inout' only for the schema's written arguments "
+                             f"{self.written}")
         self.outputs = [n for n in self.arguments if roles.get(n) == "out"]  # written, not read
+        self.writes = [n for n in self.arguments if roles.get(n) in ("out", "inout")]  # what the kernels write
         self.tensor_args = tuple(tensors)                # validation order
         self.tensor_names = tuple(schema_tensors)        # pointer-slot order (schema order)
         self._tensor_slots = tuple((self.arguments.index(n), arrays.absent() if n in self.optional else None)
@@ -324,8 +326,9 @@ class Op:
         if unlisted:
             raise RuntimeError(f"{self.name}: plan launched {unlisted}, which the op does not list in `kernels` "
                                "(warm-up and the compile tests would miss it)")
-        scratch = [s for s in steps if isinstance(s, Scratch)]
+        scratch = [s for s in steps if isinstance(s, Scratch) and s.nbytes > 0]
         slots = {name: k for k, name in enumerate(self.tensor_names)}
+        slots.update({s.name: None for s in steps if isinstance(s, Scratch) and s.nbytes == 0})  # null pointers
         slots.update({s.name: len(self.tensor_names) + k for k, s in enumerate(scratch)})
 
         def pointer_index(name: str) -> int:
@@ -339,6 +342,8 @@ class Op:
             _MemsetStep(s, call.device, pointer_index)
             for s in steps if not isinstance(s, Scratch)
             and not (isinstance(s, Launch) and s.config.blocks == 0) and not (isinstance(s, Memset) and s.nbytes == 0))
+        if any(isinstance(s, _MemsetStep) and s.index is None for s in runtime_steps):
+            raise ValueError(f"{self.name}: a memset targets a 0-byte scratch buffer")
         # Same-view pairs may share memory exactly; every other written/other pair must not touch.
         extents = [0 if i is None else arrays.byte_extent(i.shape, i.strides, i.itemsize)[1] for i in infos]
         overlaps = tuple((slots[w], slots[o], extents[slots[w]], extents[slots[o]],

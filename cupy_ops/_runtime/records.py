@@ -13,8 +13,9 @@ __all__ = ["Call", "Launch", "Memset", "Scratch", "TensorArg", "TensorInfo"]
 class TensorArg(NamedTuple):
     """A tensor argument of the schema, as validation sees it.
 
-    role: "in" (read), "out" (written, not read: tests poison it) or "inout" (read, then written); "out" and
-        "inout" are exactly the schema's written (`Tensor!`) arguments.
+    role: "in" (read), "out" (written, not read: tests poison it) or "inout" (read, then written). Only schema
+        arguments marked written (`Tensor!`) may be "out" or "inout"; one the kernel only reads may still be "in"
+        (vLLM's selective_scan_fwd marks inputs `Tensor!`): overlap rules follow the roles.
     shape: one entry per dimension, a symbol (str) bound by the first argument that has it or an int; None
         accepts any shape (the op's `check` decides).
     dtypes: accepted dtypes (TypeError otherwise); an entry may be the name of an earlier argument, accepting
@@ -72,7 +73,8 @@ class Memset(NamedTuple):
 
 class Scratch(NamedTuple):
     """A temporary device buffer of `nbytes` bytes for this call (torch's caching allocator, or CuPy's pool for
-    CuPy arrays), named so that pointer fields and memsets can use it. Uninitialised."""
+    CuPy arrays), named so that pointer fields and memsets can use it. Uninitialised. 0 bytes: no buffer, and
+    the pointer fields naming it get a null pointer (a plan that needs none says so without another struct)."""
 
     name: str
     nbytes: int

@@ -92,7 +92,7 @@ def overlap_pairs(op):
     may_alias = {t.name: set(t.may_alias) for t in op.tensor_args}
     done = set()
     for w in op.tensor_names:
-        if w not in op.written:
+        if w not in op.writes:
             continue
         for other in op.tensor_names:
             if other != w and (other, w) not in done:
@@ -101,7 +101,7 @@ def overlap_pairs(op):
 
 
 def _check_overlap(op, info: dict) -> None:
-    for arg in op.written:
+    for arg in op.writes:
         i = info.get(arg)
         if i is not None and arrays.has_internal_overlap(i):
             raise ValueError(f"{op.name}: {arg} must not have elements that share memory (an expanded view?)")

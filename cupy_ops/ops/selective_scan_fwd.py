@@ -72,13 +72,12 @@ KERNELS = {
 }
 
 
-def _fields(scratch_source: str) -> list:
-    return [
+PARAMS = P.CStruct("SelectiveScanParams", [
         P.ptr("u"), P.ptr("delta"), P.ptr("A"), P.ptr("B"), P.ptr("C"), P.ptr("D", "D_"), P.ptr("z", "z_"),
         P.ptr("delta_bias", "delta_bias_"), P.ptr("query_start_loc"), P.ptr("cache_indices"),
         P.ptr("has_initial_state"), P.ptr("ssm_states"), P.ptr("block_idx_first", "block_idx_first_scheduled_token"),
         P.ptr("block_idx_last", "block_idx_last_scheduled_token"), P.ptr("initial_state_idx"),
-        P.ptr("cu_chunk_seqlen"), P.ptr("last_chunk_indices"), P.ptr("scratch", scratch_source),
+        P.ptr("cu_chunk_seqlen"), P.ptr("last_chunk_indices"), P.ptr("scratch"),
         P.i64("batch"), P.i64("dim"), P.i64("dstate"), P.i64("seqlen"), P.i64("group_size"), P.i64("num_slots"),
         P.i64("max_blocks"), P.i64("null_block_id"), P.i64("block_size"), P.i64("cu_len"), P.i64("chunk_tokens"),
         P.i64("chunks_per_row"), P.i64("num_chunks"), P.i64("u_stride", 2), P.i64("delta_stride", 2),
@@ -87,13 +86,9 @@ def _fields(scratch_source: str) -> list:
         P.i64("his_stride"), P.i64("bif_stride"), P.i64("bil_stride"), P.i64("isi_stride"), P.i64("cu_stride"),
         P.i64("lci_stride"), P.u8("varlen"), P.u8("softplus"), P.u8("state_f32"), P.u8("cache_mode"),
         P.u8("vec_ok"), P.u8("chunked"),
-    ]
-
-
-PARAMS = P.CStruct("SelectiveScanParams", _fields("scratch"))
-# Unchunked plans have no scratch buffer (a Scratch step would allocate on every call): the same struct with the
-# field bound to u, which the kernels never read through it.
-PARAMS_NO_SCRATCH = P.CStruct("SelectiveScanParams", _fields("u"))
+])
+# Unchunked plans need no scratch buffer: a 0-byte Scratch gives the field a null pointer and allocates nothing.
+NO_SCRATCH = Scratch("scratch", 0)
 
 
 def _varlen(c: Call) -> bool:
@@ -223,8 +218,8 @@ def plan(c: Call) -> list:
     )
     if not varlen and not cache_mode and tokens <= SHORT_MAX_LEN:
         blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
-        return [Launch(KERNELS["short", dtype], LaunchConfig((blocks, 1, 1), (THREADS, 1, 1)), PARAMS_NO_SCRATCH,
-                       values)]
+        return [NO_SCRATCH, Launch(KERNELS["short", dtype], LaunchConfig((blocks, 1, 1), (THREADS, 1, 1)), PARAMS,
+                                   values)]
     window = LANES * (32 // c.u.itemsize)
     rows = 1 if varlen else b
     channel_blocks = -(-d // CHANNELS_PER_BLOCK)
@@ -239,7 +234,7 @@ def plan(c: Call) -> list:
     smem = 2 * CHANNELS_PER_BLOCK * n * 4 + table_bytes
     scan = LaunchConfig((chunks, channel_blocks, 1), (THREADS, 1, 1), smem)
     if per_row == 1:
-        return [Launch(KERNELS["chunk", dtype, False], scan, PARAMS_NO_SCRATCH, values)]
+        return [NO_SCRATCH, Launch(KERNELS["chunk", dtype, False], scan, PARAMS, values)]
     scratch_floats = chunks * (2 * d * n + d + 1)
     return [Scratch("scratch", 4 * scratch_floats),
             Launch(KERNELS["chunk", dtype, True], scan, PARAMS, values),
@@ -270,11 +265,12 @@ OP = Op(
     "Tensor? block_idx_first_scheduled_token, Tensor? block_idx_last_scheduled_token, Tensor? initial_state_idx, "
     "Tensor? cu_chunk_seqlen, Tensor? last_chunk_indices) -> ()",
     tensors=[  # validation order: A binds d and n
-        TensorArg("A", "inout", ("d", "n"), F32),  # vLLM's schema marks u, A, B, C written; none is
-        TensorArg("u", "inout", None, tuple(DTYPES), unit_last_stride=True, aligned=True),
+        # vLLM's schema marks u, A, B and C written (`Tensor!`); the kernels only read them: "in".
+        TensorArg("A", "in", ("d", "n"), F32),
+        TensorArg("u", "in", None, tuple(DTYPES), unit_last_stride=True, aligned=True),
         TensorArg("delta", "inout", None, "u", unit_last_stride=True, aligned=True),
-        TensorArg("B", "inout", None, "u", unit_last_stride=True, aligned=True),
-        TensorArg("C", "inout", None, "u", unit_last_stride=True, aligned=True),
+        TensorArg("B", "in", None, "u", unit_last_stride=True, aligned=True),
+        TensorArg("C", "in", None, "u", unit_last_stride=True, aligned=True),
         TensorArg("D_", "in", ("d",), F32),
         TensorArg("z_", "inout", None, "u", unit_last_stride=True, aligned=True),
         TensorArg("delta_bias_", "in", ("d",), F32),
@@ -288,7 +284,7 @@ OP = Op(
         TensorArg("cu_chunk_seqlen", "in", None, I32),
         TensorArg("last_chunk_indices", "in", None, I32),
     ],
-    kernels=KERNELS.values(), params=(PARAMS, PARAMS_NO_SCRATCH), check=check, plan=plan,
+    kernels=KERNELS.values(), params=PARAMS, check=check, plan=plan,
     reference=selective_scan_fwd_ref, examples=examples, doc=__doc__,
 )
 selective_scan_fwd = OP.public
