@@ -77,8 +77,8 @@ def plan(c: Call) -> list:
     max_len = max_length(c.max_seq_len, c.dims["width"])
     kernel, config, row = plan_rows(KERNELS, c.device, rows, max_len, c.k)
     return [Launch(kernel, config, PARAMS,
-                   dict(stride0=c.logits.strides[0], out_stride=c.output.strides[0], max_len=max_len, k=c.k,
-                        cap=row.cap, stage=row.stage, stages=row.stages))]
+                   {"stride0": c.logits.strides[0], "out_stride": c.output.strides[0], "max_len": max_len, "k": c.k,
+                    "cap": row.cap, "stage": row.stage, "stages": row.stages})]
 
 
 def persistent_topk_ref(logits, lengths, output, workspace, k, max_seq_len, *, compute_dtype=torch.float32):

@@ -164,14 +164,14 @@ def decode_ends(seq_lens: torch.Tensor, next_n: int, num_rows: int) -> torch.Ten
     return flat[r // next_n] - next_n + r % next_n + 1
 
 
-def top_k_per_row_prefill_ref(logits, rowStarts, rowEnds, indices, numRows, stride0, stride1, topK, *,  # noqa: N803
+def top_k_per_row_prefill_ref(logits, rowStarts, rowEnds, indices, numRows, stride0, stride1, topK, *,
                               compute_dtype=torch.float32):
     """(new indices [numRows, topK] int32,): the op's result (exact; compute_dtype is unused)."""
     start, length = _prefill_windows(logits, rowStarts, rowEnds, numRows)
     return (select_rows_ref(logits[:numRows], start, length, topK),)
 
 
-def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0, stride1, topK, *,  # noqa: N803
+def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0, stride1, topK, *,
                              compute_dtype=torch.float32):
     """(new indices [numRows, topK] int32,): the op's result (exact; compute_dtype is unused)."""
     length = decode_ends(seqLens, next_n, numRows).clamp(0, logits.shape[1])
@@ -242,10 +242,10 @@ def _plan(c: Call, decode: bool) -> list:
         return []
     kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK)
     per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
-    values = dict(num_cols=cols, stride0=c.logits.strides[0], stride1=c.logits.strides[1],
-                  out_stride=c.indices.strides[0], k=c.topK, cap=row.cap, stage=row.stage, stages=row.stages,
-                  decode=int(decode),
-                  next_n=c.next_n if decode else 1, per_row=int(per_row))
+    values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
+              "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
+              "stages": row.stages, "decode": int(decode), "next_n": c.next_n if decode else 1,
+              "per_row": int(per_row)}
     return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
 
 
