@@ -1,0 +1,80 @@
+"""Benchmark suite of persistent_topk (shared pieces in top_k_per_row_prefill.py).
+
+Targets (issue 10, H200, CUDA-graph replay, vs vLLM in one run): >= 2x at 1 and 4 rows x 163840 (k 2048; vLLM
+22.5 and 21.7 us) and at 4 x 65536 (k 1024; 21.6 us); >= 1.2x at 32 x 163840 and 128 x 131072 (k 2048; 51.6 and
+30.6 us) and 256 x 32768 (k 512; 23.2 us); never slower than vLLM. Lengths 80-100% of the width with NaN past
+them and max_seq_len = width, as vLLM's benchmark_persistent_topk.py; vLLM gets its usual 1 MiB workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import cupy_ops
+from cupy_ops.ops.persistent_topk import OP, persistent_topk_workspace
+
+from .harness import OpSuite
+from .top_k_per_row_prefill import (
+    VLLM_WORKSPACE_BYTES,
+    TopKCase,
+    agree,
+    compile_probe,
+    eager_calls_for,
+    masked_topk_into,
+    row_lengths,
+    scores,
+)
+
+
+def _case(rows, width, k, vllm_us=None):
+    return TopKCase(rows, width, k, int(0.8 * width), width, vllm_us=vllm_us)
+
+
+def cases(quick: bool = False) -> list[TopKCase]:
+    main = [_case(1, 163840, 2048, 22.5), _case(4, 163840, 2048, 21.7), _case(4, 65536, 1024, 21.6),
+            _case(32, 163840, 2048, 51.6), _case(128, 131072, 2048, 30.6), _case(256, 32768, 512, 23.2)]
+    if quick:
+        return main[1:2] + main[4:]
+    return main + [_case(8, 4096, 2048), _case(64, 20000, 512), _case(1024, 8192, 2048), _case(8, 262144, 2048)]
+
+
+def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
+    """(logits [rows, width], lengths [rows], output, workspace (ours: empty), k, max_seq_len = width)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lengths = row_lengths(case, gen, device)
+    logits = scores(case, lengths, gen, device, float("nan"))
+    output = torch.full((case.rows, case.k), -7, dtype=torch.int32, device=device)
+    workspace = persistent_topk_workspace(case.rows, case.width, case.k, device)
+    return (logits, lengths, output, workspace, case.k, case.width)
+
+
+def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
+    found: dict[str, Callable] = {"cupy_ops": cupy_ops.persistent_topk}
+    if vllm_ops is not None:
+        found["vllm"] = _vllm_call(vllm_ops)
+    return found
+
+
+def _vllm_call(vllm_ops) -> Callable:
+    """vLLM's op with the 1 MiB workspace its callers reserve (ours needs none)."""
+    workspace = torch.empty(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+
+    def call(logits, lengths, output, _workspace, k, max_seq_len):
+        vllm_ops.persistent_topk(logits, lengths, output, workspace, k, max_seq_len)
+    return call
+
+
+SMALL_CASE = _case(4, 8192, 2048)
+
+SUITE = OpSuite(
+    op="persistent_topk", cases=cases, make_inputs=make_inputs, providers=providers,
+    reference_into=masked_topk_into("persistent_topk"), outputs=lambda args: (args[2],),
+    gold=lambda args: OP.reference(*args), output_dtypes=lambda case: (torch.int32,),
+    eager_calls=lambda vllm_ops: eager_calls_for(OP, make_inputs, SMALL_CASE,
+                                                 _vllm_call(vllm_ops) if vllm_ops else None),
+    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
+    compile_probe=compile_probe("persistent_topk", "persistent_topk"),
+    small_case="4 rows x 8192, k 2048", agree=agree("persistent_topk"),
+)

@@ -1,0 +1,69 @@
+"""Benchmark suite of top_k_per_row_decode (shared pieces in top_k_per_row_prefill.py).
+
+Targets (issue 9, H200, CUDA-graph replay, vs vLLM in one run): >= 2x at 4 x 163840 and 128 x 131072, k 2048
+(vLLM 71 and 91 us; byte floor of the second ~16 us); no slower at 1 x 8192 (7.4 us) and 64 x 65536 k 512
+(35 us); faster than torch.topk everywhere. Lengths 80-100% of the width with -inf past them, as vLLM's
+bench_top_k_per_row.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import cupy_ops
+from cupy_ops.ops.top_k_per_row import DECODE
+
+from .harness import OpSuite
+from .top_k_per_row_prefill import (
+    TopKCase,
+    agree,
+    compile_probe,
+    eager_calls_for,
+    masked_topk_into,
+    row_lengths,
+    scores,
+)
+
+
+def _case(rows, width, k, vllm_us=None):
+    return TopKCase(rows, width, k, int(0.8 * width), width, vllm_us=vllm_us)
+
+
+def cases(quick: bool = False) -> list[TopKCase]:
+    main = [_case(4, 163840, 2048, 71.4), _case(128, 131072, 2048, 90.8), _case(1, 8192, 2048, 7.4),
+            _case(64, 65536, 512, 34.6)]
+    if quick:
+        return main[:3]
+    return main + [_case(1, 163840, 2048), _case(32, 163840, 2048), _case(16, 32768, 1024), _case(256, 16384, 2048)]
+
+
+def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
+    """(logits [rows, width], next_n = 1, seq_lens [rows], indices, rows, stride0, stride1, k)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lengths = row_lengths(case, gen, device)
+    logits = scores(case, lengths, gen, device, float("-inf"))
+    indices = torch.full((case.rows, case.k), -7, dtype=torch.int32, device=device)
+    return (logits, 1, lengths, indices, case.rows, logits.stride(0), logits.stride(1), case.k)
+
+
+def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
+    found: dict[str, Callable] = {"cupy_ops": cupy_ops.top_k_per_row_decode}
+    if vllm_ops is not None:
+        found["vllm"] = vllm_ops.top_k_per_row_decode
+    return found
+
+
+SMALL_CASE = _case(4, 8192, 2048)
+
+SUITE = OpSuite(
+    op="top_k_per_row_decode", cases=cases, make_inputs=make_inputs, providers=providers,
+    reference_into=masked_topk_into("top_k_per_row_decode"), outputs=lambda args: (args[3],),
+    gold=lambda args: DECODE.reference(*args), output_dtypes=lambda case: (torch.int32,),
+    eager_calls=lambda vllm_ops: eager_calls_for(DECODE, make_inputs, SMALL_CASE,
+                                                 vllm_ops.top_k_per_row_decode if vllm_ops else None),
+    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
+    compile_probe=compile_probe("top_k_per_row_decode", "top_k_per_row_decode"),
+    small_case="4 rows x 8192, k 2048", agree=agree("top_k_per_row_decode"),
+)

@@ -1,0 +1,212 @@
+"""Benchmark suite of top_k_per_row_prefill, and what the three top-k suites share (cases, inputs, agreement).
+
+Targets (issue 9, H200, CUDA-graph replay, vs vLLM in one run): >= 1.5x at 4096 rows with lengths rising from
+2048 to 8192, k 2048 (vLLM 90 us; byte floor ~20 us) and at 8192 rows with lengths rising to 32768 (vLLM 462 us);
+faster than torch.topk everywhere. Outputs are index sets, so agreement is the output contract: every row a valid
+top-k (in-window, distinct, -1 padded) whose values equal torch.topk's as a multiset (any order, any tie choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+import cupy_ops
+from cupy_ops.ops.persistent_topk import max_length
+from cupy_ops.ops.top_k_per_row import PREFILL, decode_ends, float_keys
+
+from .harness import OpSuite
+
+VLLM_WORKSPACE_BYTES = 1 << 20  # RADIX_TOPK_WORKSPACE_SIZE: what vLLM's callers pass to its persistent_topk
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKCase:
+    """`rows` x `width` fp32 scores, k; row lengths `lo`..`hi`: rising linearly over the rows (`ramp`, causal
+    prefill) or uniform at random (decode batches, vLLM's benchmarks: 80-100% of the width). `vllm_us`: the
+    anchor's H200 figure (shared/anchors/README.md), for the record."""
+
+    rows: int
+    width: int
+    k: int
+    lo: int
+    hi: int
+    ramp: bool = False
+    vllm_us: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.width)
+
+    @property
+    def name(self) -> str:
+        lengths = f"{self.lo}..{self.hi}" if self.ramp else f"{round(100 * self.lo / self.width)}-100%"
+        return f"{self.rows}x{self.width}-k{self.k}-{lengths}"
+
+    @property
+    def dtype_name(self) -> str:
+        return "fp32"
+
+    @property
+    def input_bytes(self) -> int:
+        return 4 * self.rows * self.width + 8 * self.rows
+
+    @property
+    def bytes_moved(self) -> int:
+        """The floor: each row's window read once (mean length), its k indices written, its lengths read."""
+        return int(4 * self.rows * (self.lo + self.hi) / 2) + 4 * self.rows * self.k + 8 * self.rows
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.dtype_name}"
+
+
+def row_lengths(case: TopKCase, gen: torch.Generator, device: str) -> torch.Tensor:
+    """int32 [rows]: the case's lengths (rising, or uniform in [lo, hi])."""
+    if case.ramp:
+        return torch.linspace(case.lo, case.hi, case.rows, device=device).round().to(torch.int32)
+    return torch.randint(case.lo, case.hi + 1, (case.rows,), generator=gen, device=device, dtype=torch.int32)
+
+
+def scores(case: TopKCase, lengths: torch.Tensor, gen: torch.Generator, device: str, tail: float) -> torch.Tensor:
+    """N(0, 1) scores with `tail` (vLLM's benchmarks: -inf for decode, NaN for persistent) past each length."""
+    logits = torch.randn(case.rows, case.width, generator=gen, device=device)
+    past = torch.arange(case.width, device=device)[None, :] >= lengths.to(torch.int64)[:, None]
+    return logits.masked_fill_(past, tail)
+
+
+def windows(op: str, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) int64 [rows] of each row's window, as each op clamps it."""
+    logits = args[0]
+    width = logits.shape[1]
+    if op == "top_k_per_row_prefill":
+        start = args[1].to(torch.int64).clamp(0, width)
+        return start, torch.maximum(args[2].to(torch.int64), start).clamp(max=width) - start
+    if op == "top_k_per_row_decode":
+        length = decode_ends(args[2], args[1], args[4]).clamp(0, width)
+    else:
+        length = args[1].reshape(-1).to(torch.int64).clamp(0, max_length(args[5], width))
+    return torch.zeros_like(length), length
+
+
+def valid_rows(op: str, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """bool [rows]: the row is a valid top-k of its window (in-window distinct indices then -1, values equal to
+    torch.topk's as order keys: -0 == +0, NaN above +inf)."""
+    logits = args[0]
+    start, length = windows(op, args)
+    rows, k = out.shape
+    out = out.to(torch.int64)
+    slot = torch.arange(k, device=out.device)[None, :]
+    taken = torch.minimum(length, torch.full_like(length, k))[:, None]
+    valid = slot < taken
+    shaped = torch.where(valid, (out >= 0) & (out < length[:, None]), out == -1).all(dim=1)
+    picked = torch.where(valid, out, torch.full_like(out, 2**40)).sort(dim=1).values
+    distinct = ~(valid[:, 1:] & (picked[:, 1:] == picked[:, :-1])).any(dim=1)
+    columns = (torch.where(valid, out, torch.zeros_like(out)).clamp(0, logits.shape[1] - 1) + start[:, None]).clamp(
+        max=logits.shape[1] - 1)
+    got = torch.where(valid, float_keys(logits.gather(1, columns)), torch.full_like(out, -1))
+    cols = torch.arange(logits.shape[1], device=out.device)[None, :]
+    inside = (cols >= start[:, None]) & (cols < (start + length)[:, None])
+    best = torch.where(inside, logits, torch.full_like(logits, float("-inf"))).topk(min(k, logits.shape[1])).values
+    want = torch.where(slot[:, :best.shape[1]] < taken, float_keys(best), torch.full_like(out[:, :best.shape[1]], -1))
+    if want.shape[1] < k:
+        want = torch.cat([want, want.new_full((rows, k - want.shape[1]), -1)], dim=1)
+    same = (got.sort(dim=1, descending=True).values == want.sort(dim=1, descending=True).values).all(dim=1)
+    return shaped & distinct & same
+
+
+def agree(op: str) -> Callable:
+    """The suites' `agree`: both outputs valid top-k rows (then equal up to order and ties); worst = bad rows."""
+    def check(case, args, outputs, expected, loose=False) -> tuple[bool, float]:
+        bad = (~valid_rows(op, args, outputs[0]) | ~valid_rows(op, args, expected[0])).sum()
+        return int(bad) == 0, float(bad)
+    return check
+
+
+def masked_topk_into(op: str) -> Callable:
+    """The torch baseline: torch.topk of each row with -inf outside its window, relative indices, -1 past L."""
+    def reference_into(*args) -> None:
+        logits = args[0]
+        out = args[{"persistent_topk": 2}.get(op, 3)]
+        start, length = windows(op, args)
+        cols = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        inside = (cols >= start[:, None]) & (cols < (start + length)[:, None])
+        k = out.shape[1]
+        picked = torch.where(inside, logits, float("-inf")).topk(k, dim=1).indices
+        slot = torch.arange(k, device=logits.device)[None, :]
+        out.copy_(torch.where(slot < length[:, None], picked - start[:, None], -1))
+    return reference_into
+
+
+def eager_calls_for(op, make_inputs, case, vllm_call=None) -> dict:
+    """{name: (fn, args)} on a small case: our eager call, the dispatcher's, vLLM's."""
+    args = make_inputs(case, 0)
+    calls = {"cupy_ops": (op.public, args), "cupy_ops_dispatcher": (op.overload, args)}
+    if vllm_call is not None:
+        calls["vllm"] = (vllm_call, args)
+    return calls
+
+
+def compile_probe(module: str, op: str) -> str:
+    """Child code: first and second call ms of the suite's small case in a fresh process."""
+    return f"""
+import json, time, torch
+from cupy_ops._bench.{module} import SMALL_CASE, make_inputs
+args = make_inputs(SMALL_CASE, 0)
+import cupy_ops
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+cupy_ops.{op}(*args)
+torch.cuda.synchronize()
+t1 = time.perf_counter()
+cupy_ops.{op}(*args)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({{"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}}))
+"""
+
+
+# ---- top_k_per_row_prefill -------------------------------------------------------------------------------------
+
+
+def cases(quick: bool = False) -> list[TopKCase]:
+    """Causal prefill: row r's window is [0, L_r) with L rising over the rows (vLLM's indexer layout)."""
+    main = [TopKCase(4096, 8192, 2048, 2048, 8192, ramp=True, vllm_us=89.6),
+            TopKCase(8192, 32768, 2048, 4, 32768, ramp=True, vllm_us=462.1)]
+    if quick:
+        return main
+    return main + [TopKCase(2048, 16384, 512, 1024, 16384, ramp=True), TopKCase(64, 65536, 2048, 2049, 65536,
+                                                                                ramp=True)]
+
+
+def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
+    """(logits [rows, width], rowStarts = 0, rowEnds = lengths, indices, rows, stride0, stride1, k); scores past
+    each window are -inf (clean_logits=False callers leave garbage there: it is never read)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lengths = row_lengths(case, gen, device)
+    logits = scores(case, lengths, gen, device, float("-inf"))
+    starts = torch.zeros(case.rows, dtype=torch.int32, device=device)
+    indices = torch.full((case.rows, case.k), -7, dtype=torch.int32, device=device)
+    return (logits, starts, lengths, indices, case.rows, logits.stride(0), logits.stride(1), case.k)
+
+
+def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
+    found: dict[str, Callable] = {"cupy_ops": cupy_ops.top_k_per_row_prefill}
+    if vllm_ops is not None:
+        found["vllm"] = vllm_ops.top_k_per_row_prefill
+    return found
+
+
+SMALL_CASE = TopKCase(64, 8192, 2048, 1024, 8192, ramp=True)
+
+SUITE = OpSuite(
+    op="top_k_per_row_prefill", cases=cases, make_inputs=make_inputs, providers=providers,
+    reference_into=masked_topk_into("top_k_per_row_prefill"), outputs=lambda args: (args[3],),
+    gold=lambda args: PREFILL.reference(*args), output_dtypes=lambda case: (torch.int32,),
+    eager_calls=lambda vllm_ops: eager_calls_for(PREFILL, make_inputs, SMALL_CASE,
+                                                 vllm_ops.top_k_per_row_prefill if vllm_ops else None),
+    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
+    compile_probe=compile_probe("top_k_per_row_prefill", "top_k_per_row_prefill"),
+    small_case="64 rows x 8192, k 2048, lengths 1024..8192", agree=agree("top_k_per_row_prefill"),
+)
