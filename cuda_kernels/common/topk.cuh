@@ -10,12 +10,12 @@
 //
 // Algorithm: one read of global memory, everything else in shared memory.
 // 1. The row is cut into CLUSTER contiguous chunks, one per CTA of a thread-block cluster (sm_90; CLUSTER = 1
-//    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots and appends the elements
-//    whose key is >= min_key to a shared buffer, in index order (block scan), keeping a histogram of their top 8
-//    key bits.
-// 2. When a group would overflow the buffer (cap entries), the CTA keeps only the top k of its buffer (the select
-//    and emission below, on this CTA alone) and sets min_key above the k-th key: a later element of the chunk
-//    has a higher index, so one not above that key loses to the k kept ones. Long rows need no second pass.
+//    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots (cp.async into a ring,
+//    groups ahead) and appends their keys to a shared buffer in index order (16-byte stores by slot position
+//    while nothing is filtered, then a block scan), keeping a histogram of the top 11 key bits.
+// 2. When the buffer (cap entries) is full, the CTA keeps only the top k of its buffer (the select and emission
+//    below, on this CTA alone) and from then on appends only keys above the k-th kept one: a later element of the
+//    chunk has a higher index, so one not above that key loses to the k kept ones. Long rows need no second pass.
 // 3. Select: 4 rounds of 8-bit radix over the buffers (in a cluster, histograms summed through distributed
 //    shared memory, one cluster barrier per round) give `pivot`, the k-th largest key, and `rem`, the number of
 //    pivot-equal entries to take.
@@ -339,18 +339,16 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
                            4 * s - a, lo, hi, key + 4 * u) << (4 * u);
       }
     }
-    const int end_slot = min(s_hi, first_slot + 2 * THREADS);
-    if (min_key == 0 && 4 * (end_slot - s_lo) > cap) {
-      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
-    }
     if (min_key == 0) {
       // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
       // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)
-      // = 0x007fffff): they are never selected while the row has more than k real elements.
+      // = 0x007fffff): they are never selected while the row has more than k real elements. The slots that do
+      // not fit (from fit_end on) wait for the first shrink, so its pivot comes from a full buffer.
+      const int end_slot = min(s_hi, first_slot + 2 * THREADS), fit_end = s_lo + cap / 4;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
-        if (s < s_hi) {
+        if (s < s_hi && s < fit_end) {
           const int p = 4 * (s - s_lo), i0 = 4 * s - a;
           uint32_t* q = key + 4 * u;
           const uint32_t v = valid >> (4 * u);
@@ -359,10 +357,15 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
           *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
 #pragma unroll
           for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[(v >> e & 1u ? q[e] : 0u) >> 21], 1u);
+          valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below
         }
       }
-      n = 4 * (end_slot - s_lo);
-      continue;
+      if (end_slot <= fit_end) {
+        n = 4 * (end_slot - s_lo);
+        continue;
+      }
+      n = cap;  // = 4 * (fit_end - s_lo): cap is a multiple of 4
+      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
     }
     // Filtering: the passing elements of the group go after the buffer's n entries, in index order.
     uint32_t pass, before, total;
