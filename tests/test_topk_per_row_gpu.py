@@ -152,6 +152,16 @@ def test_cuda_graph_replay_with_changed_windows():
         assert_reference(DECODE, decode, what=f"decode replay {seed}")
 
 
+def test_empty_shapes():
+    """No columns (every row empty: all -1) and no rows (nothing launched)."""
+    logits = torch.randn(3, 0, device="cuda")
+    _run(PREFILL, prefill_args(logits, [0, 0, 1], [5, 0, 2], 4, poison=None), "prefill, no columns")
+    _run(DECODE, decode_args(logits, 1, [5, 0, 2], 4, poison=None), "decode, no columns")
+    args = decode_args(torch.randn(0, 10, device="cuda"), 1, [], 4, poison=None)
+    DECODE.public(*args)
+    assert args[3].shape == (0, 4)
+
+
 def test_same_bits_every_call():
     args = decode_args(_scores("ties", 4, 50000, 13), 1, [50000, 40000, 30000, 20000], 2048)
     DECODE.public(*args)

@@ -116,6 +116,13 @@ def test_cuda_graph_replays_with_new_lengths():
         assert_reference(PERSISTENT, args, what=f"replay {replay} lengths {lengths}")
 
 
+def test_empty_shapes():
+    _run(persistent_args(torch.randn(3, 0, device="cuda"), [5, 0, -1], 16, poison=None), "no columns")
+    args = persistent_args(torch.randn(0, 100, device="cuda"), [], 16, poison=None)
+    PERSISTENT.public(*args)
+    assert args[2].shape == (0, 16)
+
+
 def test_workspace_is_never_touched():
     """vLLM's 1 MiB workspace passes through unread and unwritten (the schema's `Tensor workspace`)."""
     args = persistent_args(_scores("randn", 4, 163840, 9), [163840] * 4, 2048)
