@@ -10,7 +10,7 @@ with numRows elements, else seqLens.flat[r // next_n] - next_n + r % next_n + 1 
 Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), and beyond it:
 - deterministic: values are ranked by an order-preserving key in which -0 == +0 and every NaN ranks above +inf
   (torch.topk's order), ties at the topK-th value go to the lowest column, and the output lists the chosen columns in
-  ascending order: the same bits on every run and GPU, equal to `top_k_per_row_ref` (vLLM's order and tie choice
+  ascending order: the same bits on every run and GPU, equal to the `*_ref` references (vLLM's order and tie choice
   vary from call to call; its radix path can emit garbage indices when -inf must fill the last slots);
 - windows are clamped to the row: start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W) (prefill), end =
   clamp(end_r, 0, W) (decode), so rowEnd < rowStart or seq_len < next_n give empty rows (all -1) and nothing is read
@@ -18,8 +18,10 @@ Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), 
 - any topK in 1..4096, any rowStart alignment, any stride1 (16-byte loads where the row is contiguous);
 - numRows, stride0 and stride1 are checked against logits (numRows == logits.size(0) == indices.size(0); the
   strides equal logits' where that dimension has more than one element), and indices may have any row stride.
-The GPU algorithm (common/topk.cuh) reads every score once; rows of up to 16 x (what one CTA holds) go to a
-thread-block cluster on sm_90. persistent_topk shares it: `plan_rows`, `select_rows_ref` and `float_keys` are here.
+The GPU algorithm (common/topk.cuh) reads every score once, at any length: a CTA buffers keys in shared memory and,
+when the buffer is full, keeps its own top k and filters the rest of the row above it. On sm_90, when few rows
+leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through distributed
+shared memory. persistent_topk shares the device code, `plan_rows`, `select_rows_ref` and `float_keys`.
 """
 
 from __future__ import annotations
