@@ -325,7 +325,7 @@ PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512
 
 
 @pytest.mark.parametrize("threads, cluster, shrink", PERSISTENT_GEOMETRIES, ids=_ids(PERSISTENT_GEOMETRIES))
-@pytest.mark.parametrize("kind", ["lowbits", "neginf"])
+@pytest.mark.parametrize("kind", ["randn", "lowbits", "neginf"])
 def test_persistent_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
     """An odd row pitch (each row misaligned differently), lengths -1 / k / W + 17 / k + 1; low-bits ties and
     -inf filling the last slots."""

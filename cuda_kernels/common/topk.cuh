@@ -50,7 +50,7 @@ struct alignas(16) Shared {
   uint32_t total[256];    // a round's histogram summed over the cluster
   uint32_t scan[2][32];   // block scan: warp totals, double-buffered by call
   uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
-  uint32_t found[2];      // select: the round's digit and the pivot-rank left inside it
+  uint32_t found[3];      // select: the round's digit, the rank left inside its bin, the bin's count
   int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
 };
 
@@ -88,7 +88,7 @@ __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t v, uint32_t& to
 // ---- select ----
 
 // Warp 0: the bin B of counts[256] holding the rem-th largest entry, i.e. above(B) < rem <= above(B) + counts[B]
-// with above(B) = the entries of bins > B; found = (B, rem - above(B)). Needs sum(counts) >= rem >= 1.
+// with above(B) = the entries of bins > B; found = (B, rem - above(B), counts[B]). Needs sum(counts) >= rem >= 1.
 __device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, uint32_t* found) {
   const int lane = threadIdx.x & 31;
   const uint4 lo = reinterpret_cast<const uint4*>(counts)[2 * lane];
@@ -109,19 +109,24 @@ __device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, u
     if (above < rem && rem <= above + c[j]) {
       found[0] = 8 * lane + j;
       found[1] = rem - above;
+      found[2] = c[j];
     }
     above += c[j];
   }
 }
 
-// The k-th largest of the n keys (over the whole cluster when `cluster`): its key `pivot`, and `rem` >= 1, how
-// many entries equal to it belong to the top k. sh.fine must hold the histogram of key >> 21 of these keys. Every
-// thread of the block (and of the cluster when `cluster`) calls it.
+// The top k of the n keys (over the whole cluster when `cluster`), as (pivot, mask, rem): the entries whose
+// key & mask is above pivot, and the first rem >= 1 (by index) of those whose key & mask equals it. Radix rounds
+// stop as soon as the bin of the k-th largest is taken whole (then rem is its count): for N(0, 1) scores the 24-bit
+// bin usually holds the k-th largest alone, which saves the last round. Otherwise mask is ~0 and pivot is the k-th
+// largest key. sh.fine must hold the histogram of key >> 21 of these keys. Every thread of the block (and of the
+// cluster when `cluster`) calls it.
 template <int THREADS, int CLUSTER>
 __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
-                             uint32_t& rem) {
+                             uint32_t& mask, uint32_t& rem) {
   static_assert(THREADS >= 512, "threads 256..511 clear the next histogram while warp 0 searches");
-  uint32_t prefix = 0, mask = 0;
+  uint32_t prefix = 0;
+  mask = 0;
   rem = k;
 #pragma unroll 1
   for (int round = 0; round < 4; ++round) {
@@ -163,6 +168,7 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
     prefix |= sh.found[0] << shift;
     mask |= 0xffu << shift;
     rem = sh.found[1];
+    if (rem == sh.found[2]) break;  // every entry of the bin is in: the lower bits cannot matter (uniform)
   }
   pivot = prefix;
 }
@@ -176,16 +182,16 @@ __device__ __forceinline__ void thread_run(int n, int threads, int& begin, int& 
   end = min(n, begin + length);
 }
 
-// Entries above / equal to the pivot before this thread's run (packed: above | equal << 16, as is `total`, the
-// block's counts); n < 65536.
+// Entries above / equal to the pivot (key & mask against pivot) before this thread's run (packed: above |
+// equal << 16, as is `total`, the block's counts); n < 65536.
 template <int THREADS>
-__device__ __forceinline__ uint32_t count_split(const uint32_t* keys, int n, uint32_t pivot, uint32_t& total,
-                                                Shared& sh, uint32_t& parity) {
+__device__ __forceinline__ uint32_t count_split(const uint32_t* keys, int n, uint32_t pivot, uint32_t mask,
+                                                uint32_t& total, Shared& sh, uint32_t& parity) {
   int begin, end;
   thread_run(n, THREADS, begin, end);
   uint32_t above = 0, equal = 0;
   for (int i = begin; i < end; ++i) {
-    const uint32_t key = keys[i];
+    const uint32_t key = keys[i] & mask;
     above += key > pivot;
     equal += key == pivot;
   }
@@ -195,13 +201,13 @@ __device__ __forceinline__ uint32_t count_split(const uint32_t* keys, int n, uin
 // sink(slot, i) for every selected entry i: above the pivot, or equal to it and among the first `take` equal
 // ones; slots count from `first` in index order. `before` is count_split's result for this thread.
 template <int THREADS, typename Sink>
-__device__ __forceinline__ void write_selected(const uint32_t* keys, int n, uint32_t pivot, uint32_t before,
-                                               int first, int take, Sink sink) {
+__device__ __forceinline__ void write_selected(const uint32_t* keys, int n, uint32_t pivot, uint32_t mask,
+                                               uint32_t before, int first, int take, Sink sink) {
   int begin, end;
   thread_run(n, THREADS, begin, end);
   int above = before & 0xffffu, equal = before >> 16;
   for (int i = begin; i < end; ++i) {
-    const uint32_t key = keys[i];
+    const uint32_t key = keys[i] & mask;
     if (key > pivot) {
       sink(first + above + min(equal, take), i);
       ++above;
@@ -218,10 +224,10 @@ template <int THREADS, int CLUSTER>
 __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* stage_keys, int* stage_idx,
                            Shared& sh, uint32_t& parity, uint32_t& min_key) {
   __syncthreads();  // the last group's entries are in the buffer
-  uint32_t pivot, rem, total;
-  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, pivot, rem);
-  const uint32_t before = count_split<THREADS>(keys, n, pivot, total, sh, parity);
-  write_selected<THREADS>(keys, n, pivot, before, 0, static_cast<int>(rem), [&](int slot, int i) {
+  uint32_t pivot, mask, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, pivot, mask, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
+  write_selected<THREADS>(keys, n, pivot, mask, before, 0, static_cast<int>(rem), [&](int slot, int i) {
     stage_keys[slot] = keys[i];
     stage_idx[slot] = idx[i];
   });
@@ -235,7 +241,9 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
   }
   __syncthreads();
   n = k;
-  min_key = pivot + 1;  // pivot <= kNanKey: no overflow; and min_key > 0 from now on
+  // Every kept key is >= pivot, so a later key <= pivot loses to all k of them. (pivot <= kNanKey: no overflow; and
+  // min_key > 0 from now on.)
+  min_key = pivot + 1;
 }
 
 // ---- loading ----
@@ -394,9 +402,9 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   }
   __syncthreads();
 
-  uint32_t pivot, rem, total;
-  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, rem);
-  const uint32_t before = count_split<THREADS>(keys, n, pivot, total, sh, parity);
+  uint32_t pivot, mask, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
   int first = 0, take = static_cast<int>(rem);
   if constexpr (CLUSTER > 1) {
     // Output slots and pivot-equal ranks continue from the lower-ranked CTAs, whose chunks come first.
@@ -425,7 +433,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     first = sh.emit[0];
     take = sh.emit[1];
   }
-  write_selected<THREADS>(keys, n, pivot, before, first, take, [&](int slot, int i) { out[slot] = idx[i]; });
+  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) { out[slot] = idx[i]; });
   if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
 }
 
