@@ -72,18 +72,22 @@ def chunk_bound(width: int, cluster: int) -> int:
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
                 per_sm: int) -> RowPlan | None:
-    """One CTA's shared memory, or None when k leaves no room. The copy ring keeps stages - 1 groups in flight
-    (3 stages for 1024 threads, 2 for 512), fewer when the chunk has fewer groups or the buffer needs the room. The
-    buffer holds the whole chunk when that fits the budget of `per_sm_target` CTAs per SM (then no shrink ever
-    happens), else it streams with max(k + 8 * threads, what the budget leaves) entries and a k-entry stage."""
+    """One CTA's shared memory, or None when k leaves no room. The buffer holds the whole chunk when that fits the
+    budget of `per_sm_target` CTAs per SM (no shrink ever happens: preferred, with fewer copy stages if need be),
+    else it streams with max(k + 8 * threads, what the budget leaves) entries and a k-entry stage. The copy ring
+    keeps stages - 1 groups in flight: 3 stages for 1024 threads, 2 for 512, fewer when the chunk has fewer groups
+    or the buffer needs the room."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
     budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
-    for stages in range(min(groups, 3 if threads == 1024 else 2), 0, -1):
+    most = min(groups, 3 if threads == 1024 else 2)
+    for stages in range(most, 0, -1):  # the whole chunk, with as many stages as fit
         ring = 32 * threads * stages
         if ring + 8 * chunk <= budget:
             return RowPlan(threads, cluster, stages, chunk, 0, ring + 8 * chunk)
+    for stages in range(most, 0, -1):  # streaming
+        ring = 32 * threads * stages
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         if ring + 8 * (cap + k) <= limit:
             return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
