@@ -52,6 +52,10 @@ class FakeDriver:
         self.attributes.append((function.value, attribute, value))
         return 0
 
+    def cuFuncGetAttribute(self, out, attribute, function):  # noqa: N802 - static shared memory: 8 KiB
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_int))[0] = 8192 if attribute == 1 else 0
+        return 0
+
     def cuGetErrorName(self, status, out):  # noqa: N802 - unknown here: the launcher then says "CUresult <n>"
         return 1
 
@@ -109,14 +113,17 @@ def test_non_portable_cluster_size_is_allowed_on_the_function(driver):
     assert (FUNCTION, 14, 1) in driver.attributes  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
-def test_dynamic_shared_memory_above_48_kib_is_opted_in_once(driver):
+def test_dynamic_shared_memory_is_opted_in_once_per_size(driver):
+    """Any dynamic shared memory is opted in (the default limit is 48 KiB minus the kernel's static shared memory,
+    8 KiB here: 44 KiB of dynamic memory would fail without it), once per larger size."""
     driver.local.context = 0xC0
     kernel = Kernel("k.cu", "k")
-    for nbytes in (48 * 1024, 100 * 1024, 100 * 1024, 64 * 1024):
+    for nbytes in (0, 44 * 1024, 100 * 1024, 100 * 1024, 64 * 1024):
         launcher.Launcher(kernel, 0, LaunchConfig((1, 1, 1), (32, 1, 1), nbytes))
-    assert driver.attributes == [(FUNCTION, 8, 100 * 1024)]  # MAX_DYNAMIC_SHARED_SIZE_BYTES
-    with pytest.raises(ValueError, match="asks for 233472 bytes of shared memory; this GPU allows 232448"):
-        launcher.Launcher(kernel, 0, LaunchConfig((1, 1, 1), (32, 1, 1), 228 * 1024))
+    assert driver.attributes == [(FUNCTION, 8, 44 * 1024), (FUNCTION, 8, 100 * 1024)]  # MAX_DYNAMIC_SHARED_SIZE
+    with pytest.raises(ValueError, match="asks for 225280 bytes of dynamic shared memory besides 8192 static; this "
+                                         "GPU allows 232448 in all"):
+        launcher.Launcher(kernel, 0, LaunchConfig((1, 1, 1), (32, 1, 1), 220 * 1024))
 
 
 def test_first_launch_of_a_thread_without_a_context_makes_one_current(driver):

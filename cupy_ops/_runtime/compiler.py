@@ -283,10 +283,10 @@ def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool,
 
 
 def compile_source(source: str, arch: int, root: Path | None = None, name: str = "check.cu") -> str:
-    """Compile a source text to PTX for `arch` with the kernels' options and include paths (no cache, no GPU);
-    return NVRTC's log, or raise CompileError with it. Tests use it for compile-time checks (static_assert)."""
+    """Compile a source text for `arch` with the kernels' options and include paths (no cache, no GPU); return
+    NVRTC's log, or raise CompileError with it. Tests use it for compile-time checks (static_assert)."""
     nvrtc = _nvrtc()
-    options = [*BASE_OPTIONS, f"-arch=compute_{arch}", *([f"-I{root}"] if root is not None else []),
+    options = [*BASE_OPTIONS, f"-arch=sm_{arch}", *([f"-I{root}"] if root is not None else []),
                f"-I{kernel_dir()}", f"-I{cuda_include_dir()}"]
     prog = nvrtc.createProgram(source, name, [], [])
     try:

@@ -26,8 +26,6 @@ __all__ = ["DriverError", "Kernel", "LaunchConfig", "Launcher", "device_arch", "
            "fast_divmod", "memset_async", "occupancy", "max_active_clusters"]
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
-# Dynamic shared memory a kernel may use without opting in through its function attribute.
-DEFAULT_DYNAMIC_SMEM = 48 * 1024
 
 # cuDeviceGetAttribute ids (cuda.h, CUdevice_attribute)
 _DEVICE_ATTRIBUTES = {
@@ -41,6 +39,7 @@ _DEVICE_ATTRIBUTES = {
     "l2_cache_size": 38,
     "cluster_launch": 120,
 }
+_FUNCTION_ATTRIBUTES = {"max_threads_per_block": 0, "static_shared_bytes": 1, "local_bytes": 3, "registers": 4}
 _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
 _LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
@@ -164,15 +163,27 @@ class Kernel:
                 function = self._functions[device] = _load_function(device, compiled.image, compiled.lowered_name)
         return function
 
+    def attribute(self, device: int, name: str) -> int:
+        """One of `_FUNCTION_ATTRIBUTES` of this kernel on `device`: "registers" (per thread),
+        "static_shared_bytes", "local_bytes" (spills and stack), "max_threads_per_block"."""
+        value = ctypes.c_int()
+        with _ContextPushed(device):
+            _check_cu(_libcuda().cuFuncGetAttribute(ctypes.byref(value), _FUNCTION_ATTRIBUTES[name],
+                                                    ctypes.c_void_p(self.function(device))),
+                      f"cuFuncGetAttribute({name})")
+        return value.value
+
     def allow_dynamic_smem(self, device: int, nbytes: int) -> None:
-        """Opt the kernel in to `nbytes` of dynamic shared memory (above 48 KiB the driver requires it); once per
-        device and size."""
-        if nbytes <= max(DEFAULT_DYNAMIC_SMEM, self._dynamic_smem.get(device, 0)):
+        """Opt the kernel in to `nbytes` of dynamic shared memory, once per device and size. Without it the driver
+        allows 48 KiB minus the kernel's static shared memory, and refuses a launch that asks for more
+        (CUDA_ERROR_INVALID_VALUE)."""
+        if nbytes <= self._dynamic_smem.get(device, 0):
             return
         limit = device_attribute(device, "max_shared_memory_per_block_optin")
-        if nbytes > limit:
-            raise ValueError(f"cupy_ops: {self.name_expression} asks for {nbytes} bytes of shared memory; "
-                             f"this GPU allows {limit}")
+        static = self.attribute(device, "static_shared_bytes")
+        if nbytes + static > limit:
+            raise ValueError(f"cupy_ops: {self.name_expression} asks for {nbytes} bytes of dynamic shared memory "
+                             f"besides {static} static; this GPU allows {limit} in all")
         with _ContextPushed(device):
             _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(self.function(device)),
                                                     _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),

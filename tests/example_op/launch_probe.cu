@@ -25,13 +25,16 @@ __device__ __forceinline__ unsigned int cluster_special(bool size) {
 // every block waits until all blocks have arrived (they must all be resident at once) or times out.
 __global__ void probe_kernel(const ProbeParams p) {
   extern __shared__ unsigned int shared[];
+  __shared__ unsigned int fixed[2048];  // 8 KiB of static shared memory: the dynamic limit is 40 KiB without opt-in
   const unsigned int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   const unsigned int thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   const unsigned int threads = blockDim.x * blockDim.y * blockDim.z;
   unsigned int ok = 1;
   for (long long i = thread; i < p.shared_words; i += threads) shared[i] = block ^ static_cast<unsigned int>(i);
+  for (unsigned int i = thread; i < 2048; i += threads) fixed[i] = ~block ^ i;
   __syncthreads();
   for (long long i = thread; i < p.shared_words; i += threads) ok &= shared[i] == (block ^ static_cast<unsigned int>(i));
+  for (unsigned int i = thread; i < 2048; i += threads) ok &= fixed[i] == (~block ^ i);
   if (p.spin_cycles > 0 && thread == 0) {
     const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
     atomicAdd(p.counter, 1u);
