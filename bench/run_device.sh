@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What a GPU machine runs for the results files, in stages that each fit one 10-minute device call:
-#   tests:     every test (GPU and CPU; vLLM cross-checks with the anchor), compute-sanitizer memcheck over the
-#              GPU tests, racecheck over the ops' GPU tests, the self-check;
-#   bench:     the roofline bench of every op against vLLM's anchor kernels, then the pytest-benchmark suite.
-# Logs and JSON go to $OUT (default bench/results/latest); device_checks.json sums the tests stage up.
-# Usage (repository root, the vLLM anchor copied to .anchors/), with the sha of the commit that was sent (a copied
-# tree's .git may be missing or stale, so resolve it before sending):
+#   tests:  the tests (GPU and CPU; vLLM cross-checks with the anchor), compute-sanitizer memcheck and racecheck
+#           over the GPU tests, the self-check; device_checks.json sums them up;
+#   bench:  the roofline bench of every op against vLLM's anchor kernels (one process per op, merged into
+#           bench.json), then the pytest-benchmark suite's eager host costs.
+# Logs and JSON go to $OUT (default bench/results/latest). Usage (repository root, the vLLM anchor copied to
+# .anchors/), with the sha of the commit that was sent (a copied tree's .git may be stale):
 #   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all]
-# Optional: TESTS="<pytest selection>" narrows the test stage, SANITIZE="<pytest -k expression>" the
-# sanitizer runs (default: all GPU tests but the few that allocate > 4 GB), BENCH_OPS="--op X --op Y".
+# Narrowing for a short device call: TESTS (pytest paths), K (pytest -k expression for the tests),
+# SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS), BENCH_ARGS (extra
+# `python -m cupy_ops bench` options, e.g. "--reps 30 --torch-eager --no-compile-timing"), OP_TIMEOUT (s per op).
 set -uo pipefail
 STAGE="${1:-all}"
 OUT="${OUT:-bench/results/latest}"
@@ -17,27 +18,28 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CUPY_OPS_CACHE_DIR="${CUPY_OPS_CACHE_DIR:-$(mktemp -d)}"
 export CUPY_OPS_VLLM_ANCHOR="${CUPY_OPS_VLLM_ANCHOR:-.anchors/vllm-0.33.0-C_stable_libtorch-sm90.so.xz}"
 TESTS="${TESTS:-tests}"
-SANITIZE="${SANITIZE:-not past_2_pow_31}"
+K="${K:-not past_2_pow_31}"
+SANITIZERS="${SANITIZERS-memcheck racecheck}"
+# Per-test time limit where pytest-timeout is installed (the GPU image has it): a hang fails one test, not the run.
+TIMEOUT=(); python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(-p timeout --timeout=180)
 status=0
 
 if [[ "$STAGE" == tests || "$STAGE" == all ]]; then
     { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; python3 -m cupy_ops info; } \
         > "$OUT/gpu.txt" 2>&1
-    python3 -m cupy_ops warmup > /dev/null 2>&1  # compile once, outside the sanitizers' time
 
-    echo "== tests (GPU and CPU)"
-    python3 -m pytest $TESTS -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
-    tail -n 5 "$OUT/tests.log"
+    echo "== tests"
+    python3 -m pytest $TESTS -k "$K" -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT[@]}" > "$OUT/tests.log" 2>&1 \
+        || status=1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 30
 
-    echo "== compute-sanitizer memcheck and racecheck over the GPU tests"
     : > "$OUT/sanitizer.log"
-    for tool in memcheck racecheck; do
-        selection=$TESTS; [[ $tool == racecheck ]] && selection="${RACECHECK_TESTS:-$TESTS}"
-        echo "== $tool" >> "$OUT/sanitizer.log"
-        compute-sanitizer --tool $tool --error-exitcode 99 --target-processes all \
-            python3 -m pytest $selection -m gpu -q -p no:cacheprovider -x -k "$SANITIZE" \
+    for tool in $SANITIZERS; do
+        echo "== compute-sanitizer $tool over the GPU tests" | tee -a "$OUT/sanitizer.log"
+        compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+            python3 -m pytest ${SANITIZE_TESTS:-$TESTS} -m gpu -k "$K" -q -p no:cacheprovider "${TIMEOUT[@]}" \
             >> "$OUT/sanitizer.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 2
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -n 1
     done
 
     echo "== self-check"
@@ -50,23 +52,37 @@ out = os.environ["OUT"]
 def lines(name):
     with open(os.path.join(out, name)) as f:
         return f.read().strip().splitlines()
-summary = lambda text: [l for l in text if re.search(r"(passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY)", l)]
+summary = lambda text: [l for l in text if re.search(r"(^FAILED|^ERROR|passed|failed|ERROR SUMMARY|RACECHECK SUMMARY)", l)]
 json.dump({"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
            "cupy": cupy.__version__, "git_sha": os.environ.get("CUPY_OPS_GIT_SHA"), "info": lines("gpu.txt"),
-           "pytest_tests": summary(lines("tests.log"))[-3:], "compute_sanitizer": summary(lines("sanitizer.log")),
+           "pytest": summary(lines("tests.log")), "compute_sanitizer": summary(lines("sanitizer.log")),
            "self_check": lines("check.log")[-1:]}, open(os.path.join(out, "device_checks.json"), "w"), indent=1)
 PY
 fi
 
 if [[ "$STAGE" == bench || "$STAGE" == all ]]; then
-    echo "== roofline"
-    python3 -m cupy_ops bench --vllm "$CUPY_OPS_VLLM_ANCHOR" --json "$OUT/bench.json" ${BENCH_OPS:-} \
-        > "$OUT/bench.log" 2>&1 || status=1
-    tail -n 40 "$OUT/bench.log"
+    echo "== roofline, one process per op"
+    parts="$(mktemp -d)"
+    : > "$OUT/bench.log"
+    for op in $(python3 -c "from cupy_ops import _bench; print(' '.join(_bench.SUITES))"); do
+        timeout "${OP_TIMEOUT:-600}" python3 -m cupy_ops bench --op "$op" --vllm "$CUPY_OPS_VLLM_ANCHOR" \
+            --json "$parts/$op.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
+    done
+    PARTS="$parts" OUT="$OUT" python3 - <<'PY'
+import glob, json, os
+parts = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(os.environ["PARTS"], "*.json")))]
+merged = {"meta": parts[0]["meta"] if parts else None, "results": [], "eager_host_us": {}, "compile_ms": {}}
+for part in parts:
+    merged["results"] += part["results"]
+    merged["eager_host_us"].update(part["eager_host_us"])
+    merged["compile_ms"].update(part["compile_ms"])
+json.dump(merged, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent=1)
+PY
+    grep -vE "^\[|^NVIDIA H200: copy" "$OUT/bench.log" | grep -E "^(op |[a-z_]+ )" | grep -v "^op " | cut -c1-160
 
-    echo "== pytest-benchmark suite"
-    python3 -m pytest bench -q -p no:cacheprovider --benchmark-enable --benchmark-json "$OUT/pytest_benchmark.json" \
-        > "$OUT/pytest_benchmark.log" 2>&1 || status=1
-    tail -n 3 "$OUT/pytest_benchmark.log"
+    echo "== pytest-benchmark: eager host cost"
+    python3 -m pytest bench -k eager -q -p no:cacheprovider --benchmark-enable \
+        --benchmark-json "$OUT/pytest_benchmark.json" > "$OUT/pytest_benchmark.log" 2>&1 || status=1
+    tail -n 2 "$OUT/pytest_benchmark.log"
 fi
 exit $status

@@ -67,6 +67,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="3 cases, fewer repetitions, no 1 GiB copy")
     parser.add_argument("--no-compile-timing", action="store_true",
                         help="skip the cold/warm first-call timing in fresh subprocesses")
+    parser.add_argument("--reps", type=int, default=None, help="graph replays timed per case (default 100; 20 quick)")
+    parser.add_argument("--torch-eager", action="store_true",
+                        help="time the torch baseline eagerly instead of under torch.compile (saves a compile a case)")
 
 
 def _eager_host_costs(suite: OpSuite, vllm_ops, into: dict, label: str, rounds: int) -> None:
@@ -101,7 +104,7 @@ def run(args) -> int:
         _log(f"vLLM anchor not loaded, benchmarking without it: {vllm_error}")
     if vllm_ops is None:
         wanted.discard("vllm")
-    reps = 20 if quick else 100
+    reps = args.reps or (20 if quick else 100)
 
     copy = measure_copy_bandwidth(256 << 20 if quick else 1 << 30, reps=10 if quick else 20)
     meta = run_meta(copy)
@@ -123,8 +126,9 @@ def run(args) -> int:
         _eager_host_costs(suite, vllm_ops, eager[op], "", rounds=rounds)
         for i, case in enumerate(cases, 1):
             _log(f"[{op} {i}/{len(cases)}] {case.name} {case.dtype_name}")
-            rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log)
-        if "torch" in wanted:
+            rows += bench_case(op, suite, case, vllm_ops, wanted, l2_bytes, reps, _log,
+                               compile_baseline=not args.torch_eager)
+        if "torch" in wanted and not args.torch_eager:
             _eager_host_costs(suite, vllm_ops, eager[op], " (after torch.compile)", rounds=rounds)
         if not args.no_compile_timing:
             compile_ms[op] = compile_times(suite)

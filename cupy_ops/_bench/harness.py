@@ -122,7 +122,7 @@ def run_meta(copy: dict) -> dict:
 # ---- timing ----------------------------------------------------------------------------------------------
 
 
-def calls_per_graph(sets: int, bytes_moved: int, *, target_us: float = 200.0, min_calls: int = 32,
+def calls_per_graph(sets: int, bytes_moved: int, *, target_us: float = 200.0, min_calls: int = 4,
                     max_calls: int = 512) -> int:
     """Calls in one graph: a multiple of `sets`, at least `min_calls`, and enough that a replay lasts about
     `target_us` (guessed as 2 µs + bytes at 2.5 TB/s), so its launch (a few µs) is a small part of it."""
@@ -307,14 +307,16 @@ def _agreement(suite: OpSuite, case, args: tuple, got: tuple, want: tuple, *,
 
 
 def bench_case(op: str, suite: OpSuite, case, vllm_ops, wanted: set[str], l2_bytes: int, reps: int,
-               log: Callable[[str], None]) -> list[dict]:
+               log: Callable[[str], None], compile_baseline: bool = True) -> list[dict]:
     """Rows (one per provider) for one case: correctness against vLLM and float64, then graph timing."""
     sets = make_input_sets(suite.make_inputs, case, l2_bytes)
     providers = {k: v for k, v in suite.providers(case, vllm_ops).items() if k in wanted}
     compile_error = None
-    if "torch" in wanted:
+    if "torch" in wanted and compile_baseline:
         label, fn, compile_error = compile_torch_baseline(suite.reference_into, sets[0])
         providers[label] = fn
+    elif "torch" in wanted:
+        providers["torch-eager"] = suite.reference_into
     if compile_error:
         log(f"  torch.compile failed, timing the eager reference: {compile_error}")
     calls = calls_per_graph(len(sets), case.bytes_moved)
@@ -366,7 +368,7 @@ def add_ratios(rows: list[dict], copy_GBps: float) -> None:
             continue
         row["pct_copy_bw"] = 100.0 * row["GBps"] / copy_GBps
         times = by_case[row["op"], row["case"]]
-        torch_us = times.get("torch", times.get("torch-eager"))
+        torch_us = times.get("torch", times.get("torch-eager"))  # the compiled reference, else the eager one
         row["ratio_vs_vllm"] = times["vllm"] / row["us_median"] if "vllm" in times else None
         row["ratio_vs_torch"] = torch_us / row["us_median"] if torch_us else None
 
