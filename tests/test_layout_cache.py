@@ -170,21 +170,20 @@ def test_a_repeated_layout_is_decided_by_its_guard_alone(monkeypatch, with_outpu
 
 
 @pytest.mark.parametrize("unlike", UNLIKE_THE_RECENT)
-def test_a_call_unlike_the_recent_layout_takes_its_own(unlike):
-    """Poisoned outputs and the float64 reference around each call; the layout count shows which path ran."""
+def test_a_call_unlike_the_recent_layout_takes_its_own(monkeypatch, unlike):
+    """A call unlike the recent layout is validated on its own (the layout count shows it); then calls alternating
+    the two layouts run the two most recent layouts' straight-line calls, with no dict lookup (CPU calls run the
+    reference, never cached). Poisoned outputs and the float64 reference around each call."""
     make_unlike, layouts_after = UNLIKE_THE_RECENT[unlike]
+    layouts = _CountingDict()
+    monkeypatch.setattr(OP, "_layouts", layouts)
     run_and_check(_bfloat16_case(1))
-    run_and_check(_bfloat16_case(2))
-    recent = OP._recent
-    assert recent is not None
-    run_and_check(make_unlike(3))
-    assert len(OP._layouts) == layouts_after  # validated on its own, not launched as the recent layout
-    run_and_check(_bfloat16_case(4))  # from the dict: the recent layout again
-    assert OP._recent is recent
-    run_and_check(make_unlike(5))  # from the dict (CPU: validated again): the recent layout now
-    run_and_check(make_unlike(6))
-    assert (OP._recent is recent) == (unlike == "cpu")
-    run_and_check(_bfloat16_case(7))
+    run_and_check(make_unlike(2))
+    assert len(OP._layouts) == layouts_after
+    lookups = layouts.lookups
+    for seed in range(3, 9):
+        run_and_check(_bfloat16_case(seed) if seed % 2 else make_unlike(seed))
+    assert layouts.lookups == lookups or unlike == "cpu"
 
 
 def test_one_tensor_given_twice_keeps_a_guard(monkeypatch):

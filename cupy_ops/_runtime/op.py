@@ -158,7 +158,10 @@ class Op:
         self._aligned_pointers = _picker(self._aligned)
         self._layouts: dict[tuple, _Layout] = {}
         self._recent: _Layout | None = None
+        # The recent layout's call and the one before it: calls that alternate two layouts (prefill and decode
+        # steps, say) take straight-line code too.
         self._recent_call: Callable[..., bool] = _no_recent_call
+        self._previous_call: Callable[..., bool] = _no_recent_call
         if self.qualified_name in registry:
             raise ValueError(f"{self.qualified_name} is defined twice")
         self.overload = self._register()
@@ -195,7 +198,7 @@ class Op:
                 return overload(*args, **kwargs)
             if kwargs or len(args) != nargs:
                 args = op.bind(args, kwargs)
-            if not op._recent_call(*args):
+            if not op._recent_call(*args) and not op._previous_call(*args):
                 op._run(args, True)
 
         public.__name__ = public.__qualname__ = self.name
@@ -236,7 +239,7 @@ class Op:
     def forget_layouts(self) -> None:
         """Drop every cached layout (tests start from a cold cache with it)."""
         self._layouts.clear()
-        self._recent, self._recent_call = None, _no_recent_call
+        self._recent, self._recent_call, self._previous_call = None, _no_recent_call, _no_recent_call
 
     def _make_recent(self, layout: _Layout, tensors: list) -> None:
         if layout.match is None:
@@ -245,6 +248,8 @@ class Op:
             given = [t for t, g in zip(tensors, layout.given) if g]  # recent_call checks which are given itself
             layout.recent_call = fastpath.recent_call(self, layout, _metadata_matcher(given), _current_device,
                                                       _current_raw_stream)
+        if layout.recent_call is not self._recent_call:
+            self._previous_call = self._recent_call
         self._recent, self._recent_call = layout, layout.recent_call
 
     def _launch(self, layout: _Layout, pointers: list, stream: int | None = None, cupy: bool = False) -> None:
@@ -380,7 +385,7 @@ class _DispatchedKernel:
     def __call__(self, *args, **kwargs) -> None:
         if kwargs or len(args) != self.nargs:
             args = self.op.bind(args, kwargs)
-        if not self.op._recent_call(*args):
+        if not self.op._recent_call(*args) and not self.op._previous_call(*args):
             self.op._run(args, False)
 
 
