@@ -10,7 +10,8 @@ from cupy_ops._runtime import compiler
 from cupy_ops.ops import ops
 
 # Every kernel of every op, once (ops may share kernels).
-INSTANTIATIONS = list({(k.source, k.name_expression): (op.name, k) for op in ops().values() for k in op.kernels}.values())
+INSTANTIATIONS = list({(k.source, k.name_expression): (op.name, k)
+                       for op in ops().values() for k in op.kernels}.values())
 ARCHS = [80, 90]  # A100 and H100/H200: the oldest and the newest arch the project targets
 
 

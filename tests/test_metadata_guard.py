@@ -86,12 +86,14 @@ def test_matcher_handles_one_object_given_twice():
     other_mask = torch.ones(3, 7, dtype=torch.bool)
     assert check(torch.zeros(3, 7), other_mask, other_mask)
     assert not check(torch.zeros(3, 7), other_mask, torch.ones(3, 7, dtype=torch.bool))  # two objects now
-    assert not check(torch.zeros(3, 7), torch.ones(3, 8, dtype=torch.bool)[:, :7], torch.ones(3, 8, dtype=torch.bool)[:, :7])
+    strided = torch.ones(3, 8, dtype=torch.bool)[:, :7]
+    assert not check(torch.zeros(3, 7), strided, strided.clone())
     wide = torch.ones(3, 9, dtype=torch.bool)
     assert not check(torch.zeros(3, 7), wide, wide)  # same object twice, other shape
 
 
 def test_matcher_of_distinct_objects_refuses_one_object_twice():
-    check = _metadata_matcher([torch.zeros(3, 7), torch.zeros(3, 7, dtype=torch.bool), torch.zeros(3, 7, dtype=torch.bool)])
+    masks = [torch.zeros(3, 7, dtype=torch.bool) for _ in range(2)]
+    check = _metadata_matcher([torch.zeros(3, 7), *masks])
     mask = torch.ones(3, 7, dtype=torch.bool)
     assert not check(torch.zeros(3, 7), mask, mask)

@@ -67,7 +67,8 @@ _INT32_MAX = (1 << 31) - 1
 KERNELS = {
     **{("chunk", dtype, pass1): Kernel(SOURCE, f"cupy_ops::selective_scan_chunk_kernel<{name}, {str(pass1).lower()}>")
        for dtype, name in DTYPES.items() for pass1 in (False, True)},
-    **{("short", dtype): Kernel(SOURCE, f"cupy_ops::selective_scan_short_kernel<{name}>") for dtype, name in DTYPES.items()},
+    **{("short", dtype): Kernel(SOURCE, f"cupy_ops::selective_scan_short_kernel<{name}>")
+       for dtype, name in DTYPES.items()},
     "carry": Kernel(SOURCE, "cupy_ops::selective_scan_carry_kernel"),
 }
 
@@ -248,7 +249,8 @@ def examples(device: str) -> list[tuple[str, tuple]]:
     from .selective_scan_ref import random_call  # the tests' generator, small shapes
 
     return [
-        ("batched bf16 b2 d40 n16 L300, z D bias softplus", random_call(device, torch.bfloat16, b=2, d=40, n=16, L=300)),
+        ("batched bf16 b2 d40 n16 L300, z D bias softplus",
+         random_call(device, torch.bfloat16, b=2, d=40, n=16, L=300)),
         ("batched fp32 b5 d24 n8 L3 (decode)", random_call(device, torch.float32, b=5, d=24, n=8, L=3)),
         ("varlen fp16 lengths 1 70 0 200, null slot", random_call(device, torch.float16, d=24, n=16,
                                                                   lengths=[1, 70, 0, 200], pad=1)),

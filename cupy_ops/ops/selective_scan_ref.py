@@ -206,7 +206,8 @@ def random_call(device, dtype=torch.bfloat16, *, b=None, d=16, n=8, L=None, leng
     bc_shape = (g, n, tokens) if varlen else (b, g, n, L)
     u = randn(*tok_shape)
     # dt must stay positive without softplus (exp(dt A) > 1 would blow the scan up): delta in [0, 0.5) then
-    delta = randn(*tok_shape, scale=0.5) if softplus else (torch.rand(*tok_shape, generator=gen) / 2).to(dtype).to(device)
+    delta = (randn(*tok_shape, scale=0.5) if softplus else
+             (torch.rand(*tok_shape, generator=gen) / 2).to(dtype).to(device))
     A = -torch.exp(torch.randn(d, n, generator=gen) / 2).to(device) * a_scale
     Bm, Cm = randn(*bc_shape), randn(*bc_shape)
     Dv = randn(d, dt=torch.float32) if D else None
