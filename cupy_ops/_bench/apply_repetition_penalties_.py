@@ -14,7 +14,7 @@ import torch
 import cupy_ops
 from cupy_ops.ops.apply_repetition_penalties_ import OP
 
-from .harness import OpSuite
+from .harness import OpSuite, first_call_probe
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _SECTOR = 32  # bytes: the unit DRAM and L2 move, so a logit sector with one penalised token moves whole
@@ -121,21 +121,9 @@ def penalty_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
 
 
 # Child process: first call (compile or disk-cache load, module load, first launch) of one instantiation.
-_COMPILE_PROBE = """
-import json, time, torch
-from cupy_ops._bench.apply_repetition_penalties_ import SMALL_CASE, make_penalty_inputs
-args = make_penalty_inputs(SMALL_CASE)
-import cupy_ops
-torch.cuda.synchronize()
-t0 = time.perf_counter()
-cupy_ops.apply_repetition_penalties_(*args)
-torch.cuda.synchronize()
-t1 = time.perf_counter()
-cupy_ops.apply_repetition_penalties_(*args)
-torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}))
-"""
+_COMPILE_PROBE = first_call_probe("apply_repetition_penalties_",
+                                  "from cupy_ops._bench.apply_repetition_penalties_ import SMALL_CASE, "
+                                  "make_penalty_inputs\nargs = make_penalty_inputs(SMALL_CASE)")
 
 
 SUITE = OpSuite(

@@ -380,6 +380,25 @@ def _child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def first_call_probe(op: str, make_args: str) -> str:
+    """Child code (`OpSuite.compile_probe`) printing the ms of the first and the second call of
+    `cupy_ops.<op>(*args)` in a fresh process; `make_args` is the code that sets `args`."""
+    return f"""
+import json, time, torch
+{make_args}
+import cupy_ops
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+cupy_ops.{op}(*args)
+torch.cuda.synchronize()
+t1 = time.perf_counter()
+cupy_ops.{op}(*args)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({{"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}}))
+"""
+
+
 def compile_times(suite: OpSuite) -> dict:
     """First-call ms in a fresh process with an empty CUPY_OPS_CACHE_DIR (cold: NVRTC compile), then in
     another fresh process with the same folder (warm disk cache); the child measures itself."""

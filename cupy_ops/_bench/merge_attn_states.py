@@ -12,7 +12,7 @@ import torch
 import cupy_ops
 from cupy_ops.ops.merge_attn_states import OP
 
-from .harness import OpSuite, poison
+from .harness import OpSuite, first_call_probe, poison
 
 # ---- merge_attn_states -----------------------------------------------------------------------------------
 
@@ -149,21 +149,9 @@ def merge_eager_calls(vllm_ops=None) -> dict[str, tuple[Callable, tuple]]:
 
 
 # Child process: first call (compile or disk-cache load, module load, first launch) of one instantiation.
-_MERGE_COMPILE_PROBE = """
-import json, time, torch
-from cupy_ops._bench.merge_attn_states import MergeCase, make_merge_inputs
-args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))
-import cupy_ops
-torch.cuda.synchronize()
-t0 = time.perf_counter()
-cupy_ops.merge_attn_states(*args)
-torch.cuda.synchronize()
-t1 = time.perf_counter()
-cupy_ops.merge_attn_states(*args)
-torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}))
-"""
+_MERGE_COMPILE_PROBE = first_call_probe(
+    "merge_attn_states", "from cupy_ops._bench.merge_attn_states import MergeCase, make_merge_inputs\n"
+                         "args = make_merge_inputs(MergeCase(1, 32, 128, torch.bfloat16))")
 
 
 SUITE = OpSuite(

@@ -20,7 +20,7 @@ import cupy_ops
 from cupy_ops.ops.selective_scan_fwd import OP
 from cupy_ops.ops.selective_scan_ref import random_call
 
-from .harness import OpSuite
+from .harness import OpSuite, first_call_probe
 
 H200_COPY_GBPS, H200_MUFU_PER_S = 4250.0, 132 * 16 * 1.98e9
 MUFU_PER_TOKEN_CHANNEL = 4  # softplus exp + log, silu exp + reciprocal
@@ -163,21 +163,9 @@ def eager_calls(vllm_ops=None) -> dict:
     return calls
 
 
-_COMPILE_PROBE = """
-import json, time, torch
-from cupy_ops.ops.selective_scan_ref import random_call
-args = random_call("cuda", torch.bfloat16, b=4, d=256, n=16, L=300, seed=0)
-import cupy_ops
-torch.cuda.synchronize()
-t0 = time.perf_counter()
-cupy_ops.selective_scan_fwd(*args)
-torch.cuda.synchronize()
-t1 = time.perf_counter()
-cupy_ops.selective_scan_fwd(*args)
-torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}))
-"""
+_COMPILE_PROBE = first_call_probe(
+    "selective_scan_fwd", "from cupy_ops.ops.selective_scan_ref import random_call\n"
+                          "args = random_call('cuda', torch.bfloat16, b=4, d=256, n=16, L=300, seed=0)")
 
 
 SUITE = OpSuite(

@@ -17,7 +17,7 @@ import cupy_ops
 from cupy_ops.ops.persistent_topk import max_length
 from cupy_ops.ops.top_k_per_row import PREFILL, decode_ends, float_keys
 
-from .harness import OpSuite
+from .harness import OpSuite, first_call_probe
 
 VLLM_WORKSPACE_BYTES = 1 << 20  # RADIX_TOPK_WORKSPACE_SIZE: what vLLM's callers pass to its persistent_topk
 
@@ -150,21 +150,8 @@ def eager_calls_for(op, make_inputs, case, vllm_call=None) -> dict:
 
 def compile_probe(module: str, op: str) -> str:
     """Child code: first and second call ms of the suite's small case in a fresh process."""
-    return f"""
-import json, time, torch
-from cupy_ops._bench.{module} import SMALL_CASE, make_inputs
-args = make_inputs(SMALL_CASE, 0)
-import cupy_ops
-torch.cuda.synchronize()
-t0 = time.perf_counter()
-cupy_ops.{op}(*args)
-torch.cuda.synchronize()
-t1 = time.perf_counter()
-cupy_ops.{op}(*args)
-torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({{"first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}}))
-"""
+    return first_call_probe(op, f"from cupy_ops._bench.{module} import SMALL_CASE, make_inputs\n"
+                                "args = make_inputs(SMALL_CASE, 0)")
 
 
 # ---- top_k_per_row_prefill -------------------------------------------------------------------------------------
