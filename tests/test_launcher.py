@@ -31,6 +31,7 @@ class FakeDriver:
     def __init__(self):
         self.local = threading.local()
         self.launches, self.set_current, self.attributes, self.memsets = [], [], [], []
+        self.refused = 0  # launches refused for want of a current context (compute-sanitizer counts each one)
         self.fail_with = None
 
     def cuCtxGetCurrent(self, out):  # noqa: N802 - the driver's names
@@ -67,6 +68,7 @@ class FakeDriver:
         if self.fail_with is not None:
             return self.fail_with
         if getattr(self.local, "context", None) is None:
+            self.refused += 1
             return INVALID_CONTEXT
         time.sleep(0)  # let other threads run here, as the real call releases the GIL in the driver
         params = ctypes.string_at(kernel_params[0], PARAMS.size)
@@ -127,8 +129,10 @@ def test_dynamic_shared_memory_is_opted_in_once_per_size(driver):
 
 
 def test_first_launch_of_a_thread_without_a_context_makes_one_current(driver):
+    """Before its first launch, not after a refused one: compute-sanitizer reports every refused call."""
     _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
     assert driver.set_current == [(threading.get_ident(), 0xC0)] and len(driver.launches) == 1
+    assert driver.refused == 0
     _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
     assert len(driver.set_current) == 1 and len(driver.launches) == 2
 
@@ -167,3 +171,11 @@ def test_memset_is_ordered_on_the_stream(driver):
     launcher.memset_async(0x1000, 0, 3088 * 4, 0x5EA, 0)
     launcher.memset_async(0x2000, 7, 0, 0x5EA, 0)  # nothing to set: no call
     assert driver.memsets == [(0x1000, 0, 3088 * 4, 0x5EA)]
+
+
+def test_a_context_released_later_is_made_current_again(driver):
+    launcher_ = launcher.Launcher(Kernel("k.cu", "k"), 0, LaunchConfig((1, 1, 1), (32, 1, 1)))
+    launcher_.launch(0x5EA, PARAMS.pack_into, (1, 2))
+    driver.local.context = None  # other code popped this thread's context
+    launcher_.launch(0x5EA, PARAMS.pack_into, (3, 4))
+    assert driver.refused == 1 and len(driver.launches) == 2

@@ -264,13 +264,14 @@ class Launcher:
         try:  # `_config`, inlined: each Python call level costs ~0.2 us on the GPU machines' VMs
             config = self._local.config
             _pack_stream(config, _STREAM_OFFSET, stream)
-        except AttributeError:
+        except AttributeError:  # this thread's first launch of this kernel and config
+            _make_context_current(self.device)  # a thread that never touched CUDA has none: no failed launch
             config = self._config(stream)
         code = _cu_launch_kernel_ex(config, self.function, buffers.argv, None)
         if code:
             if code != _CUDA_ERROR_INVALID_CONTEXT:
                 raise DriverError(code, f"kernel launch ({self.config})")
-            _make_context_current(self.device)  # a thread that never touched CUDA has no current context
+            _make_context_current(self.device)  # other code released this thread's context since
             _check_cu(_cu_launch_kernel_ex(self._config(stream), self.function, buffers.argv, None),
                       f"kernel launch ({self.config})")
 
