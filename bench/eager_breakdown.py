@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import random
-import statistics
 import sys
-import time
 
 import torch
 
@@ -74,33 +71,13 @@ def _pieces(vllm_ops) -> dict:
     return pieces
 
 
-def measure(pieces: dict, calls: int = 2000, rounds: int = 15) -> dict:
-    for fn, a in pieces.values():
-        for _ in range(500):
-            fn(*a)
-    torch.cuda.synchronize()
-    samples = {name: [] for name in pieces}
-    order = list(pieces)
-    for _ in range(rounds):
-        random.shuffle(order)
-        for name in order:
-            fn, a = pieces[name]
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn(*a)
-            samples[name].append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
-    return {name: {"us_median": statistics.median(s), "us_min": min(s)} for name, s in samples.items()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vllm")
     parser.add_argument("--json")
     args = parser.parse_args()
     vllm_ops = harness.try_load_vllm(args.vllm)[0] if args.vllm else None
-    result = measure(_pieces(vllm_ops))
+    result = harness.eager_host_us(_pieces(vllm_ops), calls_per_round=2000, rounds=15)
     for name, r in result.items():
         print(f"{name:<40} {r['us_median']:7.2f} µs (min {r['us_min']:.2f})")
     if args.json:

@@ -19,6 +19,7 @@ from .harness import OpSuite
 from .top_k_per_row_prefill import (
     VLLM_WORKSPACE_BYTES,
     TopKCase,
+    decode_case,
     agree,
     compile_probe,
     eager_calls_for,
@@ -28,16 +29,15 @@ from .top_k_per_row_prefill import (
 )
 
 
-def _case(rows, width, k, vllm_us=None):
-    return TopKCase(rows, width, k, int(0.8 * width), width, vllm_us=vllm_us)
-
-
 def cases(quick: bool = False) -> list[TopKCase]:
-    main = [_case(1, 163840, 2048, 22.5), _case(4, 163840, 2048, 21.7), _case(4, 65536, 1024, 21.6),
-            _case(32, 163840, 2048, 51.6), _case(128, 131072, 2048, 30.6), _case(256, 32768, 512, 23.2)]
+    # (rows, width, k, vLLM's H200 µs) of the targets, then shapes around them
+    main = [decode_case(*shape) for shape in ((1, 163840, 2048, 22.5), (4, 163840, 2048, 21.7), (4, 65536, 1024, 21.6),
+                                              (32, 163840, 2048, 51.6), (128, 131072, 2048, 30.6),
+                                              (256, 32768, 512, 23.2))]
     if quick:
         return main[1:2] + main[4:]
-    return main + [_case(8, 4096, 2048), _case(64, 20000, 512), _case(1024, 8192, 2048), _case(8, 262144, 2048)]
+    return main + [decode_case(*shape) for shape in ((8, 4096, 2048), (64, 20000, 512), (1024, 8192, 2048),
+                                                     (8, 262144, 2048))]
 
 
 def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
@@ -66,7 +66,7 @@ def _vllm_call(vllm_ops) -> Callable:
     return call
 
 
-SMALL_CASE = _case(4, 8192, 2048)
+SMALL_CASE = decode_case(4, 8192, 2048)
 
 SUITE = OpSuite(
     op="persistent_topk", cases=cases, make_inputs=make_inputs, providers=providers,

@@ -18,6 +18,7 @@ from cupy_ops.ops.top_k_per_row import DECODE
 from .harness import OpSuite
 from .top_k_per_row_prefill import (
     TopKCase,
+    decode_case,
     agree,
     compile_probe,
     eager_calls_for,
@@ -27,16 +28,14 @@ from .top_k_per_row_prefill import (
 )
 
 
-def _case(rows, width, k, vllm_us=None):
-    return TopKCase(rows, width, k, int(0.8 * width), width, vllm_us=vllm_us)
-
-
 def cases(quick: bool = False) -> list[TopKCase]:
-    main = [_case(4, 163840, 2048, 71.4), _case(128, 131072, 2048, 90.8), _case(1, 8192, 2048, 7.4),
-            _case(64, 65536, 512, 34.6)]
+    # (rows, width, k, vLLM's H200 µs) of the targets, then shapes around them
+    main = [decode_case(*shape) for shape in ((4, 163840, 2048, 71.4), (128, 131072, 2048, 90.8), (1, 8192, 2048, 7.4),
+                                              (64, 65536, 512, 34.6))]
     if quick:
         return main[:3]
-    return main + [_case(1, 163840, 2048), _case(32, 163840, 2048), _case(16, 32768, 1024), _case(256, 16384, 2048)]
+    return main + [decode_case(*shape) for shape in ((1, 163840, 2048), (32, 163840, 2048), (16, 32768, 1024),
+                                                     (256, 16384, 2048))]
 
 
 def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
@@ -55,7 +54,7 @@ def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
     return found
 
 
-SMALL_CASE = _case(4, 8192, 2048)
+SMALL_CASE = decode_case(4, 8192, 2048)
 
 SUITE = OpSuite(
     op="top_k_per_row_decode", cases=cases, make_inputs=make_inputs, providers=providers,

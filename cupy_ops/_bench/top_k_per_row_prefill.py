@@ -62,6 +62,11 @@ class TopKCase:
         return f"{self.name}-{self.dtype_name}"
 
 
+def decode_case(rows: int, width: int, k: int, vllm_us: float | None = None) -> TopKCase:
+    """A decode batch as vLLM benchmarks it: row lengths uniform in 80-100% of the width."""
+    return TopKCase(rows, width, k, int(0.8 * width), width, vllm_us=vllm_us)
+
+
 def row_lengths(case: TopKCase, gen: torch.Generator, device: str) -> torch.Tensor:
     """int32 [rows]: the case's lengths (rising, or uniform in [lo, hi])."""
     if case.ramp:
