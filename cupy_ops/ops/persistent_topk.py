@@ -26,7 +26,7 @@ import torch
 
 from .._runtime import Call, Kernel, Launch, Op, TensorArg
 from .._runtime import params as P
-from .top_k_per_row import INSTANTIATIONS, MAX_K, MAX_WIDTH, check_lengths, plan_rows, select_rows_ref
+from .top_k_per_row import INSTANTIATIONS, check_k_and_width, check_lengths, plan_rows, select_rows_ref
 
 KERNELS = {(t, c): Kernel("persistent_topk.cu", f"cupy_ops::persistent_topk_kernel<{t}, {c}>")
            for t, c in INSTANTIATIONS}
@@ -55,12 +55,7 @@ def max_length(max_seq_len: int, width: int) -> int:
 
 def check(c: Call) -> None:
     rows, width = c.dims["rows"], c.dims["width"]
-    if not 1 <= c.k <= MAX_K:
-        c.reject("k", f"= {c.k} must be in [1, {MAX_K}]")
-    if c.dims["k"] != c.k:
-        c.reject("output", f"has {c.dims['k']} columns; expected k = {c.k}")
-    if width > MAX_WIDTH:
-        c.reject("logits", f"has {width} columns; at most {MAX_WIDTH} are supported (int32 indices)")
+    check_k_and_width(c, "k", "output", width)
     if c.lengths.numel != rows:
         c.reject("lengths", f"has {c.lengths.numel} elements; expected one per row ({rows})")
     check_lengths(c, "lengths", rows, dims=(1, 2))

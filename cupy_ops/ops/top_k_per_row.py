@@ -205,12 +205,18 @@ def _check_common(c: Call) -> None:
         given, actual = getattr(c, name), c.logits.strides[axis]
         if c.logits.shape[axis] > 1 and given != actual:
             c.reject(name, f"= {given} must equal logits.stride({axis}) = {actual}")
-    if not 1 <= c.topK <= MAX_K:
-        c.reject("topK", f"= {c.topK} must be in [1, {MAX_K}]")
-    if c.dims["k"] != c.topK:
-        c.reject("indices", f"has {c.dims['k']} columns; expected topK = {c.topK}")
-    if cols > MAX_WIDTH:
-        c.reject("logits", f"has {cols} columns; at most {MAX_WIDTH} are supported (int32 indices)")
+    check_k_and_width(c, "topK", "indices", cols)
+
+
+def check_k_and_width(c: Call, k_name: str, out_name: str, width: int) -> None:
+    """k (argument `k_name`) in [1, MAX_K] and the output's column count; rows of at most MAX_WIDTH scores."""
+    k = getattr(c, k_name)
+    if not 1 <= k <= MAX_K:
+        c.reject(k_name, f"= {k} must be in [1, {MAX_K}]")
+    if c.dims["k"] != k:
+        c.reject(out_name, f"has {c.dims['k']} columns; expected {k_name} = {k}")
+    if width > MAX_WIDTH:
+        c.reject("logits", f"has {width} columns; at most {MAX_WIDTH} are supported (int32 indices)")
 
 
 def check_lengths(c: Call, name: str, count: int, dims: tuple = (1,)) -> None:
