@@ -13,7 +13,8 @@
 // l + 64, ..., so each logit load or store of the warp touches consecutive addresses (128 bytes of fp32 when
 // every mask is set, only the set sectors otherwise). Warps stride over the chunks of all rows, and a warp's
 // next chunk's masks are loaded before this chunk's logits, so mask loads stay in flight during the logit
-// round trip.
+// round trip. SPECULATE (small calls, where latency and not bytes sets the time): a lane also loads all of its
+// chunk's logits together with the masks, so one memory round trip precedes the stores instead of two.
 #include "common/dtypes.cuh"
 #include "common/fast_divmod.cuh"
 #include "common/vec.cuh"
@@ -105,7 +106,7 @@ __device__ __forceinline__ T penalize(T value, float penalty) {
 
 // UNIT_STRIDE: the logits' last stride is 1, so a lane's W logits are one pointer plus constant offsets
 // (a run-time stride costs W 64-bit addresses: 86 registers at W = 16 instead of 48-55).
-template <typename T, int W, bool UNIT_STRIDE>
+template <typename T, int W, bool UNIT_STRIDE, bool SPECULATE>
 __global__ void __launch_bounds__(kRepetitionPenaltyThreads)
 repetition_penalties_kernel(const RepetitionPenaltiesParams p) {
   using bits_t = typename raw_bits<W>::type;
@@ -120,6 +121,16 @@ repetition_penalties_kernel(const RepetitionPenaltiesParams p) {
   bits_t next = load_lane_masks<W>(p, chunk_start<W>(p, chunk), lane);
   for (; chunk < p.num_chunks; chunk += step) {
     const ChunkStart at = chunk_start<W>(p, chunk);
+    T* logits = static_cast<T*>(p.logits) + at.row * p.logits_stride[0];
+    logits += (at.first_token + lane) * column_stride;  // this lane's token 0 (only set tokens are touched)
+    T x[W];
+    if constexpr (SPECULATE) {  // issued before the masks are waited for (the store to shared memory below)
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int64_t t = at.first_token + lane + 32 * j;
+        if (t >= 0 && t < p.vocab) x[j] = logits[32 * j * column_stride];
+      }
+    }
     *reinterpret_cast<bits_t*>(mine + lane * W) = next;
     if (chunk + step < p.num_chunks) next = load_lane_masks<W>(p, chunk_start<W>(p, chunk + step), lane);
     __syncwarp();
@@ -129,13 +140,12 @@ repetition_penalties_kernel(const RepetitionPenaltiesParams p) {
     __syncwarp();  // every lane has read the slice before the next chunk overwrites it
     if (set == 0) continue;  // 1% density per mask: 72% of lanes have none of their 16 tokens set
     const float penalty = load_penalty<T>(p, at.row);  // in flight with the logit loads below
-    T* logits = static_cast<T*>(p.logits) + at.row * p.logits_stride[0];
-    logits += (at.first_token + lane) * column_stride;  // this lane's token 0 (only set tokens are touched)
     // All loads first, then all stores: up to W logit loads of this lane in flight at once.
-    T x[W];
+    if constexpr (!SPECULATE) {
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      if (set >> j & 1u) x[j] = logits[32 * j * column_stride];
+      for (int j = 0; j < W; ++j) {
+        if (set >> j & 1u) x[j] = logits[32 * j * column_stride];
+      }
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {

@@ -5,8 +5,8 @@
 //   y = sum_k C[k,t] h_k + D u;   y -> delta,  y * silu(z) -> z,  h -> ssm_states.
 //
 // Chunk kernel (any length, batched or varlen): a block is 16 channels x one chunk of tokens; a warp is 4
-// channels x 8 lanes, and each lane owns I consecutive tokens (32 bytes of input: I = 16 for 16-bit inputs, 8
-// for fp32) of a window of W = 8 I tokens. For each state k a lane folds its tokens' (decay, value) pairs into
+// channels x 8 lanes, and each lane owns I consecutive tokens (ITEM_BYTES = 32 bytes of input: I = 16 for 16-bit
+// inputs, 8 for fp32) of a window of W = 8 I tokens. For each state k a lane folds its tokens' (decay, value) pairs into
 // one pair (sweep 1), the channel's 8 lanes scan those pairs with 3 shuffles, and sweep 2 turns the lane's
 // starting state into h and y at each token. One exp per (token, channel, state), no block-wide barrier.
 // The state entering a window (the carry) is kept in shared memory per channel and state.
@@ -95,7 +95,6 @@ constexpr int kNone = -1;                       // table slot: no state (zeros /
 constexpr int kSnap = -2;                       // table slot: the initial state pass 1 copied to scratch
 constexpr unsigned char kValid = 1, kReset = 2, kStore = 4;
 
-template <typename T> struct items_of { static constexpr int value = 32 / sizeof(T); };
 
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(expf(x)) : x; }
 
@@ -273,17 +272,15 @@ __device__ __forceinline__ void scan_pairs(float& a, float& b, int gl) {
 
 // One window of one lane: tokens t0 .. t0 + I - 1 of channel c. PASS1: fold into the carry only (no y).
 // FAST: every item valid, no events. Otherwise `valid`, `reset`, `store` masks and the warp's event table.
-template <typename T, bool FAST, bool PASS1>
+template <typename T, int I, bool FAST, bool PASS1>
 __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_t c, int64_t chunk, int gl,
                                             const T* Brow, const T* Crow, float* carry_in, float* carry_out,
-                                            const float (&dt)[items_of<T>::value],
-                                            const float (&dtu)[items_of<T>::value],
-                                            float (&y)[items_of<T>::value], float sum_dt, uint32_t valid,
+                                            const float (&dt)[I], const float (&dtu)[I], float (&y)[I],
+                                            float sum_dt, uint32_t valid,
                                             uint32_t reset, uint32_t store, const volatile int* h0_slot,
                                             const volatile int* st_slot, bool vector, bool ch_ok) {
   // h0_slot / st_slot: the lane's entries of the warp's event table (shared memory). Volatile: read at each
   // event, never hoisted out of the state loop (16 slots and their addresses would each take registers).
-  constexpr int I = items_of<T>::value;
   const int64_t n = p.dstate;
   const float* Arow = p.A + c * p.A_stride[0];
   Raw<T, I> Bn;
@@ -363,9 +360,11 @@ __device__ __forceinline__ float load_inputs(const SelectiveScanParams& p, const
 
 // grid (chunks, ceil(d / 16)), 128 threads. Dynamic shared memory: carry [2][16][n] floats, then per warp an
 // event table of W tokens: initial-state slot, store slot (ints) and flags (bytes).
-template <typename T, bool PASS1>
-__global__ void __launch_bounds__(kThreads, 2) selective_scan_chunk_kernel(const SelectiveScanParams p) {
-  constexpr int I = items_of<T>::value;
+// MIN_BLOCKS: blocks per SM that the register budget must allow (2: up to 255 registers). ITEM_BYTES: input
+// bytes per lane and window (32 or 16), I = ITEM_BYTES / sizeof(T) tokens.
+template <typename T, bool PASS1, int MIN_BLOCKS, int ITEM_BYTES>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_kernel(const SelectiveScanParams p) {
+  constexpr int I = ITEM_BYTES / int(sizeof(T));
   constexpr int W = I * kLanes;
   constexpr uint32_t kAll = (1u << I) - 1;
   extern __shared__ float smem[];
@@ -424,10 +423,10 @@ __global__ void __launch_bounds__(kThreads, 2) selective_scan_chunk_kernel(const
       const float part = load_inputs<T, I>(p, drow + t0, urow + t0, bias, Dc, vector, valid, dt, dtu, y);
       sum_dt += part;
       if (w >= seg && w + W <= hi)
-        scan_window<T, true, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+        scan_window<T, I, true, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
                                    y, part, kAll, 0, 0, h0_tab, st_tab, vector, ch_ok);
       else
-        scan_window<T, false, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+        scan_window<T, I, false, true>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
                                     y, part, valid, 0, 0, h0_tab, st_tab, vector, ch_ok);
       __syncwarp();
     }
@@ -496,10 +495,10 @@ __global__ void __launch_bounds__(kThreads, 2) selective_scan_chunk_kernel(const
       if (zrow != nullptr && valid != 0)  // needed after the states: start the fetch now
         asm volatile("prefetch.L1 [%0];" ::"l"(zrow + t0));
       if (fast)
-        scan_window<T, true, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+        scan_window<T, I, true, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
                                     y, sum_dt, kAll, 0, 0, h0_tab, st_tab, vector, ch_ok);
       else
-        scan_window<T, false, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
+        scan_window<T, I, false, false>(p, c, chunk, gl, Brow + t0, Crow + t0, carry[buf], carry[buf ^ 1], dt, dtu,
                                      y, sum_dt, valid, reset, store, h0_tab + gl * I,
                                      st_tab + gl * I, vector, ch_ok);
       buf ^= 1;

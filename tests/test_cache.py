@@ -227,3 +227,12 @@ def test_cache_folder_below_a_file_still_compiles(tmp_path, monkeypatch, fresh_c
     monkeypatch.setenv("CUPY_OPS_CACHE_DIR", str(blocker / "cache"))
     _compiles_without_disk(blocker / "cache", nvrtc_calls)
     assert blocker.is_file() and blocker.read_text() == ""
+
+
+def test_extra_options_from_the_environment_are_compiled_with_and_keyed(fresh_cache, nvrtc_calls, monkeypatch):
+    """CUPY_OPS_NVRTC_OPTIONS reaches NVRTC (-lineinfo adds a line table to the cubin) and makes another entry."""
+    plain = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    monkeypatch.setenv("CUPY_OPS_NVRTC_OPTIONS", "-lineinfo")
+    with_lines = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert with_lines.key != plain.key and nvrtc_calls == [NAME, NAME]
+    assert b".nv_debug_line_sass" in with_lines.image and b".nv_debug_line_sass" not in plain.image

@@ -24,12 +24,23 @@ from helpers import (
 
 import cupy_ops
 from cupy_ops._runtime import Call, TensorInfo
+from cupy_ops.ops import apply_repetition_penalties_ as module
 from cupy_ops.ops.apply_repetition_penalties_ import OP, mask_vector_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (num_seqs, vocab): one token; odd vocabs whose rows start at every offset mod 16; one multiple of 16;
 # Qwen's 151936 (297 warp chunks of 512 tokens per row).
 SHAPES = [(1, 1), (3, 17), (5, 1019), (13, 256), (4, 4099), (2, 151936)]
+
+
+@pytest.fixture(params=["masked-reads", "speculative-reads"])
+def logit_reads(request, monkeypatch):
+    """Both kernels on the value tests: logits read only where a mask is set (large calls), or all of them with
+    the masks (SPECULATE, calls of at most SPECULATE_MAX_BYTES); the CPU path ignores it."""
+    monkeypatch.setattr(module, "SPECULATE_MAX_BYTES", 0 if request.param == "masked-reads" else 1 << 62)
+    OP.forget_layouts()
+    yield request.param
+    OP.forget_layouts()
 
 
 def _masks(rows: int, vocab: int, density: float, device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +84,7 @@ def _call_and_check(args: tuple, what: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64_reference(device, dtype, shape):
+def test_matches_float64_reference(device, dtype, shape, logit_reads):
     check_call(OP, _args(device, dtype, *shape, seed=shape[1]))
 
 
@@ -81,7 +92,7 @@ def test_matches_float64_reference(device, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("penalty_dtype", ["logits", "float32"])
 @pytest.mark.parametrize("density", [0.01, 0.5, 1.0])
-def test_bit_exact_against_float32_reference(device, dtype, penalty_dtype, density):
+def test_bit_exact_against_float32_reference(device, dtype, penalty_dtype, density, logit_reads):
     """The spec's test: x > 0 ? x / p : x * p in float32, rounded once; vLLM's 1% and dense masks."""
     pd = torch.float32 if penalty_dtype == "float32" else dtype
     _call_and_check(_args(device, dtype, 37, 1019, density=density, penalty_dtype=pd, seed=7), "logits")
@@ -90,7 +101,7 @@ def test_bit_exact_against_float32_reference(device, dtype, penalty_dtype, densi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("penalty_dtype", ["logits", "float32"])
-def test_special_values(device, dtype, penalty_dtype):
+def test_special_values(device, dtype, penalty_dtype, logit_reads):
     """+-0, +-inf, NaN, subnormals, the largest finite value and 1 in every row; penalties below and above 1,
     exactly 1, tiny (x / p overflows) and huge (x * p overflows; x / p underflows); every token of the row set
     in the prompt mask only, the output mask only, both or neither (4 columns per value)."""
@@ -143,7 +154,7 @@ def _sliced_mask(mask: torch.Tensor, start: int, pad: int) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
 @pytest.mark.parametrize("vocab", [1019, 4096])
-def test_mask_layouts(device, layout, vocab):
+def test_mask_layouts(device, layout, vocab, logit_reads):
     p_start, o_start, p_pad, o_pad = MASK_LAYOUTS[layout]
     logits, prompt, output, penalties = _args(device, torch.float32, 7, vocab, density=0.2, seed=vocab)
     args = (logits, _sliced_mask(prompt, p_start, p_pad), _sliced_mask(output, o_start, o_pad), penalties)
@@ -169,7 +180,7 @@ LOGITS_LAYOUTS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LOGITS_LAYOUTS)
-def test_strided_logits_and_penalties(device, dtype, layout):
+def test_strided_logits_and_penalties(device, dtype, layout, logit_reads):
     """Only the view's elements change: every other element of the buffer keeps its bits."""
     rows, vocab = 6, 1019
     source, prompt, output, penalties = _args(device, dtype, rows, vocab, density=0.3, seed=11)
@@ -324,7 +335,7 @@ def test_matches_vllm(vllm_ops, dtype, shape, same_mask):
 @gpu
 @requires_cuda
 @pytest.mark.parametrize("layout", ["contiguous", "start-1-apart"])
-def test_warps_take_several_chunks(layout):
+def test_warps_take_several_chunks(layout, logit_reads):
     """More chunks than resident warps (H200: 132 SMs x at most 64 warps), so warps stride over chunks and
     prefetch the next one: 8192 chunks of 512 tokens at W = 16, 32768 of 32 tokens at W = 1."""
     rows, vocab = (32, 131072) if layout == "contiguous" else (32, 32768)

@@ -49,12 +49,15 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
     assert row.cluster == 1 or arch >= 90
     assert 1 <= row.stages <= 3 and row.cap % 4 == 0
-    assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage) == config.shared_bytes
-    assert row.shared_bytes + T.STATIC_SMEM <= optin
-    if row.stage == 0:  # the whole chunk is buffered: no shrink can happen
+    assert row.shared_bytes + T.STATIC_SMEM <= optin and row.shared_bytes == config.shared_bytes
+    assert row.cap <= T.MAX_CAP  # counts packed in 16 bits
+    assert 32 * row.threads * row.stages >= 4 * k  # the ring stages the output
+    if row.stage == 0:  # the whole chunk is buffered, keys only: no shrink can happen
         assert row.cap >= T.chunk_bound(width, row.cluster)
+        assert row.shared_bytes == 32 * row.threads * row.stages + 4 * row.cap
     else:  # after a shrink to k entries, one group of 8 x threads elements fits
         assert row.stage == k and row.cap >= k + 8 * row.threads
+        assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
     if rows * row.cluster > sms:  # many CTAs: 512 threads, two per SM where 228 KB per SM allow it (not k = 4096)
         assert row.threads == 512
         assert 2 * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096

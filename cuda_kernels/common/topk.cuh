@@ -20,7 +20,11 @@
 //    shared memory, one cluster barrier per round) give `pivot`, the k-th largest key, and `rem`, the number of
 //    pivot-equal entries to take.
 // 4. Emit: every entry above pivot and the first rem pivot-equal ones (the cluster's prefix of per-CTA counts
-//    orders them across CTAs) is written at its rank in index order.
+//    orders them across CTAs) goes to its rank in index order: staged in shared memory, then copied out with
+//    coalesced stores (a thread's contiguous run of entries would otherwise store one 4-byte word per lane and
+//    L2 transaction: 2048 of them per row).
+// While a CTA's whole chunk fits its buffer (stage = 0: no shrink can happen) an entry's column is implicit, its
+// buffer position plus the chunk's first column, so the buffer holds keys only (4 bytes per element, not 8).
 #pragma once
 #include "async_copy.cuh"
 #include "cluster.cuh"
@@ -276,10 +280,11 @@ __device__ __forceinline__ uint32_t slot_keys(const float* base, int64_t stride,
 
 // ---- one row ----
 
-// Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], idx[cap], then
-// the staging keys[stage] and idx[stage] (stage = k when a chunk can exceed cap, else 0). The host guarantees:
-// cap >= k + 8 * THREADS when stage > 0 (a group fits after a shrink), cap >= every chunk when stage == 0,
-// 1 <= stages <= 3, and len <= 2^31 - 8.
+// Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], then, when a
+// chunk can exceed cap (stage = k), idx[cap] and the staging keys[stage] and idx[stage]; when stage == 0 columns
+// are implicit (nothing after keys). The host guarantees: cap >= k + 8 * THREADS when stage > 0 (a group fits
+// after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3, and
+// len <= 2^31 - 8. The ring (>= 16 KB) also stages the output (<= k <= 4096 entries).
 template <int THREADS, int CLUSTER>
 __device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
                          int stages) {
@@ -362,7 +367,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
           const uint32_t v = valid >> (4 * u);
           *reinterpret_cast<uint4*>(keys + p) = make_uint4(v & 1u ? q[0] : 0u, v & 2u ? q[1] : 0u,
                                                            v & 4u ? q[2] : 0u, v & 8u ? q[3] : 0u);
-          *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
+          if (stage > 0) *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
 #pragma unroll
           for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[(v >> e & 1u ? q[e] : 0u) >> 21], 1u);
           valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below
@@ -433,7 +438,15 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     first = sh.emit[0];
     take = sh.emit[1];
   }
-  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) { out[slot] = idx[i]; });
+  // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
+  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
+  int* staged = reinterpret_cast<int*>(ring);
+  const int column0 = 4 * s_lo - a;  // the column of buffer entry 0 while columns are implicit
+  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
+    staged[slot - first] = stage > 0 ? idx[i] : column0 + i;
+  });
+  __syncthreads();
+  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
   if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
 }
 

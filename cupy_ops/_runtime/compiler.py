@@ -361,8 +361,10 @@ def compile_kernel(filename: str, name_expression: str, arch: int, *, native: bo
     and disk caches.
 
     Thread-safe: concurrent first calls for one key compile once per process; processes racing on the disk
-    cache each write a complete file and the last rename wins.
+    cache each write a complete file and the last rename wins. `CUPY_OPS_NVRTC_OPTIONS` (whitespace-separated)
+    adds options to every kernel, e.g. "-lineinfo" for a profiler's source view; they are part of the key.
     """
+    options = (*options, *os.environ.get("CUPY_OPS_NVRTC_OPTIONS", "").split())
     key = _cache_key(filename, name_expression, arch, native, options, root)
     hit = _memory.get(key)
     if hit is not None:

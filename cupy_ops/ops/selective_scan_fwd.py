@@ -54,8 +54,10 @@ DTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv
 F32, I32 = (torch.float32,), (torch.int32,)
 MAX_DSTATE = 256
 SOURCE = "selective_scan.cu"
-# Chunk kernel: 4 warps x 4 channels, each channel 8 lanes x 32 bytes of tokens (kLanes, kChannels in the .cu).
+# Chunk kernel: 4 warps x 4 channels, each channel 8 lanes x ITEM_BYTES of tokens (kLanes, kChannels in the .cu),
+# registers for MIN_BLOCKS blocks per SM (2: 210 registers at 32 bytes, no spills).
 THREADS, CHANNELS_PER_BLOCK, LANES = 128, 16, 8
+MIN_BLOCKS, ITEM_BYTES = 2, 32
 # Short kernel: batched plain calls of L <= 8 tokens (decode): 16 lanes per channel own the states.
 SHORT_MAX_LEN, SHORT_CHANNELS_PER_BLOCK = 8, 8
 # Cut long sequences into chunks scanned in parallel when fewer than this many warps per SM would have work: each
@@ -64,9 +66,16 @@ SHORT_MAX_LEN, SHORT_CHANNELS_PER_BLOCK = 8, 8
 MIN_WARPS_PER_SM = 6
 _INT32_MAX = (1 << 31) - 1
 
+
+def chunk_kernels(min_blocks: int, item_bytes: int) -> dict:
+    """("chunk", dtype, pass1) -> the chunk kernel's instantiation."""
+    return {("chunk", dtype, pass1): Kernel(SOURCE, f"cupy_ops::selective_scan_chunk_kernel<{name}, "
+                                                    f"{str(pass1).lower()}, {min_blocks}, {item_bytes}>")
+            for dtype, name in DTYPES.items() for pass1 in (False, True)}
+
+
 KERNELS = {
-    **{("chunk", dtype, pass1): Kernel(SOURCE, f"cupy_ops::selective_scan_chunk_kernel<{name}, {str(pass1).lower()}>")
-       for dtype, name in DTYPES.items() for pass1 in (False, True)},
+    **chunk_kernels(MIN_BLOCKS, ITEM_BYTES),
     **{("short", dtype): Kernel(SOURCE, f"cupy_ops::selective_scan_short_kernel<{name}>")
        for dtype, name in DTYPES.items()},
     "carry": Kernel(SOURCE, "cupy_ops::selective_scan_carry_kernel"),
@@ -221,7 +230,7 @@ def plan(c: Call) -> list:
         blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
         return [NO_SCRATCH, Launch(KERNELS["short", dtype], LaunchConfig((blocks, 1, 1), (THREADS, 1, 1)), PARAMS,
                                    values)]
-    window = LANES * (32 // c.u.itemsize)
+    window = LANES * (ITEM_BYTES // c.u.itemsize)
     rows = 1 if varlen else b
     channel_blocks = -(-d // CHANNELS_PER_BLOCK)
     warps = rows * channel_blocks * (THREADS // 32)

@@ -40,6 +40,13 @@ MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs le
 INSTANTIATIONS = ((512, 1), (1024, 1), (1024, 2), (1024, 4), (1024, 8), (1024, 16))
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
+MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
+# (threads, CTAs per SM) tried in order, keyed by (the grid exceeds the SMs, streaming): a whole chunk in any of
+# them before streaming. Many rows: 512-thread CTAs (40 registers), three per SM where a whole chunk fits in a
+# third of the SM's shared memory (rows up to ~8K), else two; streaming with two. Few rows: one 1024-thread CTA
+# per SM (512 when k leaves no room for 1024 threads' group).
+CTA_SHAPES = {(True, False): ((512, 3), (512, 2)), (True, True): ((512, 2),),
+              (False, False): ((1024, 1), (512, 1)), (False, True): ((1024, 1), (512, 1))}
 STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11552 bytes)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
@@ -52,8 +59,9 @@ _F32, _I32 = (torch.float32,), (torch.int32,)
 
 class RowPlan(NamedTuple):
     """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a copy ring of `stages` groups (32 bytes
-    per thread each), a buffer of `cap` entries and a staging area of `stage` entries (k when a chunk can exceed
-    cap, else 0), 8 bytes per entry: `shared_bytes` of dynamic shared memory in all."""
+    per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
+    else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
+    memory in all."""
 
     threads: int
     cluster: int
@@ -71,24 +79,25 @@ def chunk_bound(width: int, cluster: int) -> int:
 
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
-                per_sm: int) -> RowPlan | None:
-    """One CTA's shared memory, or None when k leaves no room. The buffer holds the whole chunk when that fits the
-    budget of `per_sm_target` CTAs per SM (no shrink ever happens: preferred, with fewer copy stages if need be),
-    else it streams with max(k + 8 * threads, what the budget leaves) entries and a k-entry stage. The copy ring
-    keeps stages - 1 groups in flight: 3 stages for 1024 threads, 2 for 512, fewer when the chunk has fewer groups
-    or the buffer needs the room."""
+                per_sm: int, streaming: bool) -> RowPlan | None:
+    """One CTA's shared memory, or None when it does not fit. Not `streaming`: the buffer holds the whole chunk
+    within the budget of `per_sm_target` CTAs per SM (no shrink ever happens), with fewer copy stages if need be.
+    `streaming`: max(k + 8 * threads, what the budget leaves) entries and a k-entry stage (None when k leaves no
+    room). The copy ring keeps stages - 1 groups in flight: 3 stages for 1024 threads, 2 for 512, fewer when the
+    chunk has fewer groups or the buffer needs the room. The kernel packs buffer counts in 16 bits: cap <= MAX_CAP."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
     budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
     most = min(groups, 3 if threads == 1024 else 2)
-    for stages in range(most, 0, -1):  # the whole chunk, with as many stages as fit
+    for stages in range(most, 0, -1):
         ring = 32 * threads * stages
-        if ring + 8 * chunk <= budget:
-            return RowPlan(threads, cluster, stages, chunk, 0, ring + 8 * chunk)
-    for stages in range(most, 0, -1):  # streaming
+        if not streaming and chunk <= MAX_CAP and ring + 4 * chunk <= budget:  # keys only
+            return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
+    for stages in range(most if streaming else 0, 0, -1):
         ring = 32 * threads * stages
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
+        cap = min(cap, MAX_CAP)
         if ring + 8 * (cap + k) <= limit:
             return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
     return None
@@ -98,8 +107,7 @@ def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tupl
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits the SMs and each CTA keeps >= 2 x MIN_CHUNK elements; a cluster shape the GPU cannot
-    hold is halved. Grids that fit the GPU once use 1024-thread CTAs (one per SM; 512 when k leaves no room for
-    1024 threads' group); larger ones 512-thread CTAs, two per SM where shared memory allows (64 registers)."""
+    hold is halved. CTA_SHAPES lists the CTA sizes and occupancies tried."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
@@ -109,9 +117,8 @@ def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tupl
             cluster *= 2
     while True:
         many = rows * cluster > sms
-        candidates = [(512, 2), (512, 1)] if many else [(1024, 1), (512, 1)]
-        row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm) for t, n in candidates)),
-                   None)
+        row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm, streaming)
+                                 for streaming in (False, True) for t, n in CTA_SHAPES[many, streaming])), None)
         if row is None:
             raise ValueError(f"k = {k} needs more shared memory per block than the {optin} bytes this GPU allows")
         if (row.threads, cluster) not in kernels:  # 512-thread CTAs are instantiated without clusters

@@ -1,0 +1,111 @@
+"""Time one op's benchmark cases under variants of its plan's module constants, or run them once for a profiler.
+
+    python bench/tune.py --op top_k_per_row_prefill \
+        --variant base \
+        --variant "min-chunk-2k: cupy_ops.ops.top_k_per_row.MIN_CHUNK=2048" \
+        [--case 4096x] [--reps 30] [--json FILE]
+    ncu --profile-from-start off ... python bench/tune.py --op persistent_topk --case 128x --profile
+
+A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's names); its constants are set, every op's
+cached layouts are forgotten (plans read the constants), the cases are timed like `python -m cupy_ops bench`
+times them (CUDA-graph replays, outputs checked against the float64 reference), and the constants are restored.
+`--profile` runs each selected case once, warm, between cudaProfilerStart and cudaProfilerStop. A developer's tool
+for choosing constants on a GPU: the results files come from `python -m cupy_ops bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import NamedTuple
+
+import torch
+
+from cupy_ops import _bench
+from cupy_ops._bench import harness
+from cupy_ops.ops import ops
+
+
+class Variant(NamedTuple):
+    label: str
+    changes: dict[tuple[str, str], object]  # (module, name) -> value
+
+
+def parse_variant(text: str) -> Variant:
+    label, _, body = text.partition(":")
+    changes = {}
+    for item in filter(None, (part.strip() for part in body.split(";"))):
+        target, _, expression = item.partition("=")
+        module, _, name = target.strip().rpartition(".")
+        # evaluated in the module's namespace, so a value can build on its names (KERNELS, Kernel, ...)
+        namespace = dict(vars(importlib.import_module(module)))
+        changes[module, name] = eval(expression, namespace)  # noqa: S307 - a developer's own command line
+    return Variant(label.strip(), changes)
+
+
+def apply(variant: Variant) -> dict:
+    """Set the variant's constants; return the old values."""
+    old = {}
+    for (module, name), value in variant.changes.items():
+        target = importlib.import_module(module)
+        old[module, name] = getattr(target, name)
+        setattr(target, name, value)
+    for op in ops().values():
+        op.forget_layouts()
+    return old
+
+
+def restore(old: dict) -> None:
+    for (module, name), value in old.items():
+        setattr(importlib.import_module(module), name, value)
+    for op in ops().values():
+        op.forget_layouts()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", required=True, choices=sorted(_bench.SUITES))
+    parser.add_argument("--case", action="append", help="substring of the case names to run (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], help="label: module.NAME=value; ...")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--profile", action="store_true", help="one warm call per case inside profiler start/stop")
+    parser.add_argument("--json", help="write the rows (variant, case, µs) to this file")
+    args = parser.parse_args(argv)
+    suite = _bench.SUITES[args.op]
+    cases = [c for c in suite.cases(False) if not args.case or any(s in f"{c.name} {c.dtype_name}" for s in args.case)]
+    variants = [parse_variant(v) for v in args.variant] or [Variant("base", {})]
+    rows = []
+    for variant in variants:
+        old = apply(variant)
+        try:
+            for case in cases:
+                if args.profile:
+                    inputs = suite.make_inputs(case, 0)
+                    call = suite.providers(case, None)["cupy_ops"]
+                    call(*inputs)
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.start()
+                    call(*inputs)
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.stop()
+                    continue
+                (row,) = harness.bench_case(args.op, suite, case, None, {"cupy_ops"}, harness.l2_cache_bytes(),
+                                            args.reps, lambda m: print(m, file=sys.stderr))
+                row["variant"] = variant.label
+                rows.append(row)
+                us = row.get("us_median")
+                print(f"{variant.label:24} {row['case']:40} "
+                      f"{'error: ' + row['error'] if us is None else f'{us:9.1f} us'}"
+                      f"{'' if row.get('matches_ref', True) else '  MISMATCH'}", flush=True)
+        finally:
+            restore(old)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if any("error" in r or r.get("matches_ref") is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
