@@ -25,6 +25,7 @@ import torch
 
 from cupy_ops import _bench
 from cupy_ops._bench import harness
+from cupy_ops._runtime import Kernel
 from cupy_ops.ops import ops
 
 
@@ -52,14 +53,22 @@ def apply(variant: Variant) -> dict:
         target = importlib.import_module(module)
         old[module, name] = getattr(target, name)
         setattr(target, name, value)
+    # Kernels a variant brings (a new instantiation) are listed by every op for the run: plans may launch them.
+    added = tuple(v for value in variant.changes.values() for v in (value.values() if isinstance(value, dict)
+                                                                   else [value]) if isinstance(v, Kernel))
     for op in ops().values():
         op.forget_layouts()
+        old[op] = op.kernels
+        op.kernels = tuple(dict.fromkeys(op.kernels + added))
     return old
 
 
 def restore(old: dict) -> None:
-    for (module, name), value in old.items():
-        setattr(importlib.import_module(module), name, value)
+    for target, value in old.items():
+        if isinstance(target, tuple):
+            setattr(importlib.import_module(target[0]), target[1], value)
+        else:
+            target.kernels = value
     for op in ops().values():
         op.forget_layouts()
 

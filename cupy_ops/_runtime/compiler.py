@@ -264,7 +264,8 @@ def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool,
         f"-I{kernel_dir()}",
         f"-I{cuda_include_dir()}",
     )
-    prog = nvrtc.createProgram(source, filename, [], [])
+    # The program is named by its file's path: a profiler's source view finds it from a -lineinfo build.
+    prog = nvrtc.createProgram(source, str(Path(root or kernel_dir()) / filename), [], [])
     try:
         nvrtc.addNameExpression(prog, name_expression)
         try:
