@@ -308,7 +308,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   // Slot s holds elements 4s - a .. 4s - a + 3, where a (the row start's offset in 16-byte units) aligns every
   // whole slot; CTA `rank` streams slots [s_lo, s_hi), i.e. elements [lo, hi), in groups of 2 x THREADS slots:
   // thread t takes slots t and THREADS + t of a group. Group j's whole slots are copied to ring stage j % stages
-  // `stages - 1` groups ahead; each thread reads back only its own copies.
+  // (`read_stage`, `write_stage`) `stages - 1` groups ahead; each thread reads back only its own copies.
   const bool contiguous = stride == 1;
   const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
   const int slots = (len + a + 3) >> 2;
@@ -317,16 +317,21 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
   const int groups = (s_hi - s_lo + 2 * THREADS - 1) / (2 * THREADS);
   const int ahead = min(stages - 1, groups);  // batches in flight beyond the one being read
-  auto whole = [&](int s) { return s < s_hi && contiguous && 4 * s - a >= lo && 4 * s - a + 4 <= hi; };
-  auto copy_group = [&](int j) {
+  // Whole slots: [w_lo, w_hi) (only the first and the last slot can be cut by the row's ends). Ring stages are
+  // counted with wrap-around, not j % stages (an integer division per use, ~20 instructions).
+  const int w_lo = s_lo + (4 * s_lo - a < lo), w_hi = s_hi - (4 * s_hi - a > hi);
+  auto whole = [&](int s) { return contiguous && s >= w_lo && s < w_hi; };
+  auto next_stage = [&](int st) { return st + 1 == stages ? 0 : st + 1; };
+  auto copy_group = [&](int j, int st) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int s = s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x);
-      if (whole(s)) async_copy16(&ring[((j % stages) * 2 + u) * THREADS + threadIdx.x], base + (4 * s - a));
+      if (whole(s)) async_copy16(&ring[(st * 2 + u) * THREADS + threadIdx.x], base + (4 * s - a));
     }
     async_commit();
   };
-  for (int j = 0; j < ahead; ++j) copy_group(j);
+  for (int j = 0; j < ahead; ++j) copy_group(j, j);  // ahead < stages
+  int read_stage = 0, write_stage = ahead;  // group j is read from, and written to, stage j % stages
 
   for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
   __syncthreads();
@@ -335,7 +340,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
 #pragma unroll 1
   for (int j = 0; j < groups; ++j) {
     if (j + ahead < groups) {
-      copy_group(j + ahead);
+      copy_group(j + ahead, write_stage);
+      write_stage = next_stage(write_stage);
     } else {
       async_commit();  // empty: the count of batches after group j stays `ahead`
     }
@@ -348,10 +354,11 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
       const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
       key[4 * u] = key[4 * u + 1] = key[4 * u + 2] = key[4 * u + 3] = 0u;
       if (s < s_hi) {
-        valid |= slot_keys(base, stride, whole(s), &ring[((j % stages) * 2 + u) * THREADS + threadIdx.x],
+        valid |= slot_keys(base, stride, whole(s), &ring[(read_stage * 2 + u) * THREADS + threadIdx.x],
                            4 * s - a, lo, hi, key + 4 * u) << (4 * u);
       }
     }
+    read_stage = next_stage(read_stage);
     if (min_key == 0) {
       // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
       // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)

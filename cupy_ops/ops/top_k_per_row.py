@@ -35,17 +35,17 @@ from .._runtime import params as P
 
 MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
 MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs len + 6 < 2^31
-# (threads, cluster) instantiations: 512-thread CTAs (40 registers on sm_90: 3 per SM) for many rows, 1024-thread
-# CTAs (~57 registers: 1 per SM) for few rows and for clusters, which exist for few, long rows.
+# (threads, cluster) instantiations: 512-thread CTAs (64 registers on sm_90: 2 per SM) for many rows, 1024-thread
+# CTAs (63-64 registers: 1 per SM) for few rows and for clusters, which exist for few, long rows.
 INSTANTIATIONS = ((512, 1), (1024, 1), (1024, 2), (1024, 4), (1024, 8), (1024, 16))
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # (threads, CTAs per SM) tried in order, keyed by (the grid exceeds the SMs, streaming): a whole chunk in any of
-# them before streaming. Many rows: 512-thread CTAs (40 registers), three per SM where a whole chunk fits in a
-# third of the SM's shared memory (rows up to ~8K), else two; streaming with two. Few rows: one 1024-thread CTA
-# per SM (512 when k leaves no room for 1024 threads' group).
-CTA_SHAPES = {(True, False): ((512, 3), (512, 2)), (True, True): ((512, 2),),
+# them before streaming. Many rows: 512-thread CTAs, two per SM (64 registers; a budget of three per SM took
+# 4% longer on the 4096-row prefill: fewer copy stages, no third CTA). Few rows: one 1024-thread CTA per SM (512
+# when k leaves no room for 1024 threads' group).
+CTA_SHAPES = {(True, False): ((512, 2),), (True, True): ((512, 2),),
               (False, False): ((1024, 1), (512, 1)), (False, True): ((1024, 1), (512, 1))}
 STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11552 bytes)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
