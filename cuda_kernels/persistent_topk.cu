@@ -19,7 +19,7 @@ struct PersistentTopKParams {
 };
 
 template <int THREADS, int CLUSTER>
-__global__ void __launch_bounds__(THREADS, 1024 / THREADS) persistent_topk_kernel(const PersistentTopKParams p) {
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
   const int64_t len = min(max(static_cast<int64_t>(p.lengths[row]), int64_t{0}), p.max_len);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, static_cast<int>(len),

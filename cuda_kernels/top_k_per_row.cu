@@ -26,7 +26,7 @@ struct TopKPerRowParams {
 // Prefill: [clamp(start, 0, W), clamp(end, start, W)). Decode: [0, clamp(end, 0, W)) with end = seq_lens[row] when
 // per_row, else seq_lens[row / next_n] - next_n + row % next_n + 1 (query row % next_n of its sequence).
 template <int THREADS, int CLUSTER>
-__global__ void __launch_bounds__(THREADS, 1024 / THREADS) top_k_per_row_kernel(const TopKPerRowParams p) {
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
   int64_t start = 0, end;
   if (p.decode) {

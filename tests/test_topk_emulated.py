@@ -8,7 +8,7 @@ its wait (copies land at the wait, the slot holds garbage before), 16-byte align
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
-topk_row are rewritten to per-block storage. Instantiations: (512|1024 threads) x (1|2|4 CTAs per cluster)."""
+topk_row are rewritten to per-block storage. Instantiations: (256|512|1024 threads) x (1|2|4 CTAs per cluster)."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ inline void async_wait(int pending) {
 }  // namespace cupy_ops
 """
 
-INSTANTIATIONS = ((512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
+INSTANTIATIONS = ((256, 1), (256, 2), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
 DRIVER = r"""
 #include "emu_cuda.h"
 #include "top_k_per_row.cu"
@@ -294,7 +294,7 @@ def _ids(geometries):
     return [f"{t}x{c}{'-shrink' if s else ''}" for t, c, s in geometries]
 
 
-PREFILL_GEOMETRIES = [(512, 1, False), (512, 1, True), (512, 2, True), (1024, 2, False)]
+PREFILL_GEOMETRIES = [(256, 1, False), (256, 1, True), (512, 1, True), (512, 2, True), (1024, 2, False)]
 
 
 @pytest.mark.parametrize("threads, cluster, shrink", PREFILL_GEOMETRIES, ids=_ids(PREFILL_GEOMETRIES))
@@ -309,7 +309,7 @@ def test_prefill_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
     assert_reference(PREFILL, args, what=f"prefill {kind} {threads}x{cluster}")
 
 
-DECODE_GEOMETRIES = [(512, 1, True), (512, 4, False)]
+DECODE_GEOMETRIES = [(512, 1, True), (512, 4, False), (256, 2, False)]
 
 
 @pytest.mark.parametrize("threads, cluster, shrink", DECODE_GEOMETRIES, ids=_ids(DECODE_GEOMETRIES))
@@ -322,7 +322,7 @@ def test_decode_strided_rows(emulator, monkeypatch, threads, cluster, shrink):
     assert_reference(DECODE, args, what=f"decode {threads}x{cluster}")
 
 
-PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False)]
+PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False), (256, 2, True)]
 
 
 @pytest.mark.parametrize("threads, cluster, shrink", PERSISTENT_GEOMETRIES, ids=_ids(PERSISTENT_GEOMETRIES))

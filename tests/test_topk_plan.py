@@ -36,6 +36,7 @@ def fake_gpu(monkeypatch):
 # (rows, width, k): the issues' benchmark shapes and a few edges (one row, tiny rows, k = 4096)
 SHAPES = [(1, 8192, 2048), (4, 163840, 2048), (128, 131072, 2048), (64, 65536, 512), (1, 163840, 2048),
           (32, 163840, 2048), (4, 65536, 1024), (256, 32768, 512), (4096, 8192, 2048), (8192, 32768, 2048),
+          (2048, 16384, 512), (1024, 8192, 2048), (64, 20000, 512),
           (1, 1, 1), (3, 100, 4096), (2, 300000, 4096), (1000, 20000, 1), (7, 0, 16)]
 
 
@@ -58,9 +59,13 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     else:  # after a shrink to k entries, one group of 8 x threads elements fits
         assert row.stage == k and row.cap >= k + 8 * row.threads
         assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
-    if rows * row.cluster > sms:  # many CTAs: 512 threads, two per SM where 228 KB per SM allow it (not k = 4096)
-        assert row.threads == 512
-        assert 2 * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
+    chunk = T.chunk_bound(width, row.cluster)
+    if chunk <= T.SMALL_CHUNK and rows * row.cluster <= sms:  # few rows, small chunks: 256 threads, tens of
+        assert row.threads == 256                                # elements each
+    if rows * row.cluster > sms:  # many CTAs: at least two per SM where 228 KB per SM allow it (not k = 4096)
+        assert row.threads in (256, 512)
+        resident = 3 if row.threads == 256 else 2  # 256-thread CTAs are planned at four or three per SM
+        assert resident * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
 
 
 def test_cluster_sizes_on_h200(fake_gpu):
@@ -69,6 +74,19 @@ def test_cluster_sizes_on_h200(fake_gpu):
     assert cluster[1, 163840, 2048] == cluster[4, 163840, 2048] == cluster[4, 65536, 1024] == 16
     assert cluster[32, 163840, 2048] == 4 and cluster[64, 65536, 512] == 2 and cluster[1, 8192, 2048] == 2
     assert cluster[128, 131072, 2048] == 1 and cluster[4096, 8192, 2048] == 1 and cluster[256, 32768, 512] == 1
+
+
+def test_cta_sizes_on_h200(fake_gpu):
+    """Small chunks (prefill rows, cluster shares) take 256-thread CTAs, four per SM when many; long streamed rows
+    512 (many) or 1024 (few)."""
+    fake_gpu("H200")
+    threads = {shape: T.plan_rows(T.KERNELS, 0, *shape)[2].threads for shape in SHAPES}
+    assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 163840, 2048] == 256
+    assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 256
+    assert threads[8192, 32768, 2048] == threads[256, 32768, 512] == threads[2048, 16384, 512] == 512
+    assert threads[128, 131072, 2048] == threads[32, 163840, 2048] == 1024
+    per_sm = 233472 // (T.plan_rows(T.KERNELS, 0, 4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
+    assert per_sm >= 4
 
 
 def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):

@@ -33,6 +33,11 @@
 namespace cupy_ops {
 namespace topk {
 
+// CTAs per SM the register budget must allow: 64 registers a thread (a 256-thread CTA in a cluster, one per SM,
+// may take 128: at 64 it spilled 4-8 bytes).
+template <int THREADS, int CLUSTER>
+constexpr int min_blocks() { return THREADS == 256 && CLUSTER > 1 ? 2 : 1024 / THREADS; }
+
 // float_key(NaN): one above key(+inf) = 0xff800000, so NaN ranks above +inf and every NaN ties with every other.
 constexpr uint32_t kNanKey = 0xff800001u;
 constexpr uint32_t kFullMask = 0xffffffffu;
@@ -128,7 +133,7 @@ __device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, u
 template <int THREADS, int CLUSTER>
 __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
                              uint32_t& mask, uint32_t& rem) {
-  static_assert(THREADS >= 512, "threads 256..511 clear the next histogram while warp 0 searches");
+  static_assert(THREADS >= 256, "round 0 folds the fine histogram with 256 threads");
   uint32_t prefix = 0;
   mask = 0;
   rem = k;
@@ -163,10 +168,10 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
     __syncthreads();
     if (threadIdx.x < 32) {
       find_bin(counts, rem, sh.found);
-    } else if (threadIdx.x >= 256 && threadIdx.x < 512) {
-      // The next round's buffer. In a cluster, other CTAs read it last in the previous round, before arriving at
-      // this round's barrier, which this CTA has passed.
-      sh.hist[(round + 1) & 1][threadIdx.x - 256] = 0u;
+    } else {
+      // Warps 1.. clear the next round's buffer. In a cluster, other CTAs read it last in the previous round,
+      // before arriving at this round's barrier, which this CTA has passed.
+      for (int i = threadIdx.x - 32; i < 256; i += THREADS - 32) sh.hist[(round + 1) & 1][i] = 0u;
     }
     __syncthreads();
     prefix |= sh.found[0] << shift;

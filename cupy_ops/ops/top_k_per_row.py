@@ -35,18 +35,32 @@ from .._runtime import params as P
 
 MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
 MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs len + 6 < 2^31
-# (threads, cluster) instantiations: 512-thread CTAs (64 registers on sm_90: 2 per SM) for many rows, 1024-thread
-# CTAs (63-64 registers: 1 per SM) for few rows and for clusters, which exist for few, long rows.
-INSTANTIATIONS = ((512, 1), (1024, 1), (1024, 2), (1024, 4), (1024, 8), (1024, 16))
+# (threads, cluster) instantiations, 64 registers each on sm_90: 256-thread CTAs (4 per SM) for chunks of up to
+# SMALL_CHUNK elements, alone or in clusters; 512-thread CTAs (2 per SM) for many longer rows; 1024-thread CTAs
+# (1 per SM) for few long rows, alone or in clusters.
+INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
+# A CTA's per-row cost is ~1000 instructions a thread whatever its chunk (radix rounds, barriers, emission), so
+# a thread should have tens of elements: chunks up to this take 256 threads (the 4096-row prefill at 1024 threads
+# per CTA spent ~100 of its ~145 instructions per element on that fixed part, measured with ncu).
+SMALL_CHUNK = 16384
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
-# (threads, CTAs per SM) tried in order, keyed by (the grid exceeds the SMs, streaming): a whole chunk in any of
-# them before streaming. Many rows: 512-thread CTAs, two per SM (64 registers; a budget of three per SM took
-# 4% longer on the 4096-row prefill: fewer copy stages, no third CTA). Few rows: one 1024-thread CTA per SM (512
-# when k leaves no room for 1024 threads' group).
-CTA_SHAPES = {(True, False): ((512, 2),), (True, True): ((512, 2),),
-              (False, False): ((1024, 1), (512, 1)), (False, True): ((1024, 1), (512, 1))}
+
+class CtaShapes(NamedTuple):
+    """(threads, CTAs per SM) tried in order: a whole chunk in any of `whole` before streaming in `streaming`."""
+
+    whole: tuple
+    streaming: tuple
+
+
+# Keyed by (the grid exceeds the SMs, the chunk is at most SMALL_CHUNK). Many rows: 256-thread CTAs, four or three
+# per SM, where the whole chunk fits their share of shared memory, else two 512-thread CTAs per SM. Few rows: one
+# CTA per SM, of 256 threads for small chunks, else 1024 (512 when k leaves no room for 1024 threads' group).
+CTA_SHAPES = {(True, True): CtaShapes(((256, 4), (256, 3), (512, 2)), ((512, 2),)),
+              (True, False): CtaShapes(((512, 2),), ((512, 2),)),
+              (False, True): CtaShapes(((256, 1),), ((1024, 1), (512, 1))),
+              (False, False): CtaShapes(((1024, 1), (512, 1)), ((1024, 1), (512, 1)))}
 STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11552 bytes)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
@@ -84,18 +98,21 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
     within the budget of `per_sm_target` CTAs per SM (no shrink ever happens), with fewer copy stages if need be.
     `streaming`: max(k + 8 * threads, what the budget leaves) entries and a k-entry stage (None when k leaves no
     room). The copy ring keeps stages - 1 groups in flight: 3 stages for 1024 threads, 2 for 512, fewer when the
-    chunk has fewer groups or the buffer needs the room. The kernel packs buffer counts in 16 bits: cap <= MAX_CAP."""
+    chunk has fewer groups or the buffer needs the room, more when the output (4 k bytes, staged in the ring)
+    needs them. The kernel packs buffer counts in 16 bits: cap <= MAX_CAP."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
     budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
-    most = min(groups, 3 if threads == 1024 else 2)
+    most = max(min(groups, 3 if threads == 1024 else 2), -(-4 * k // (32 * threads)))
     for stages in range(most, 0, -1):
         ring = 32 * threads * stages
-        if not streaming and chunk <= MAX_CAP and ring + 4 * chunk <= budget:  # keys only
+        if not streaming and chunk <= MAX_CAP and ring >= 4 * k and ring + 4 * chunk <= budget:  # keys only
             return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
     for stages in range(most if streaming else 0, 0, -1):
         ring = 32 * threads * stages
+        if ring < 4 * k:  # the ring stages the k outputs
+            continue
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         cap = min(cap, MAX_CAP)
         if ring + 8 * (cap + k) <= limit:
@@ -116,9 +133,10 @@ def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tupl
         while cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK:
             cluster *= 2
     while True:
-        many = rows * cluster > sms
+        shapes = CTA_SHAPES[rows * cluster > sms, chunk_bound(width, cluster) <= SMALL_CHUNK]
         row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm, streaming)
-                                 for streaming in (False, True) for t, n in CTA_SHAPES[many, streaming])), None)
+                                 for streaming, candidates in ((False, shapes.whole), (True, shapes.streaming))
+                                 for t, n in candidates)), None)
         if row is None:
             raise ValueError(f"k = {k} needs more shared memory per block than the {optin} bytes this GPU allows")
         if (row.threads, cluster) not in kernels:  # 512-thread CTAs are instantiated without clusters
