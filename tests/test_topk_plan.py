@@ -60,8 +60,8 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         assert row.stage == k and row.cap >= k + 8 * row.threads
         assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
     chunk = T.chunk_bound(width, row.cluster)
-    if chunk <= T.SMALL_CHUNK and rows * row.cluster <= sms:  # few rows, small chunks: 256 threads, tens of
-        assert row.threads == 256                                # elements each
+    if chunk <= T.SMALL_CLUSTER_CHUNK and row.cluster >= 4:  # rows cut in small shares: 256 threads
+        assert row.threads == 256
     if rows * row.cluster > sms:  # many CTAs: at least two per SM where 228 KB per SM allow it (not k = 4096)
         assert row.threads in (256, 512)
         resident = 3 if row.threads == 256 else 2  # 256-thread CTAs are planned at four or three per SM
@@ -77,14 +77,14 @@ def test_cluster_sizes_on_h200(fake_gpu):
 
 
 def test_cta_sizes_on_h200(fake_gpu):
-    """Small chunks (prefill rows, cluster shares) take 256-thread CTAs, four per SM when many; long streamed rows
-    512 (many) or 1024 (few)."""
+    """Many short rows and rows cut in small cluster shares take 256-thread CTAs (four per SM when many); long
+    streamed rows 512 (many) or 1024 (few), and so do few rows in large shares (latency-bound)."""
     fake_gpu("H200")
     threads = {shape: T.plan_rows(T.KERNELS, 0, *shape)[2].threads for shape in SHAPES}
-    assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 163840, 2048] == 256
-    assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 256
+    assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 65536, 1024] == 256
     assert threads[8192, 32768, 2048] == threads[256, 32768, 512] == threads[2048, 16384, 512] == 512
-    assert threads[128, 131072, 2048] == threads[32, 163840, 2048] == 1024
+    assert threads[128, 131072, 2048] == threads[32, 163840, 2048] == threads[4, 163840, 2048] == 1024
+    assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 1024
     per_sm = 233472 // (T.plan_rows(T.KERNELS, 0, 4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
     assert per_sm >= 4
 

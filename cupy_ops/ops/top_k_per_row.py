@@ -40,9 +40,13 @@ MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs le
 # (1 per SM) for few long rows, alone or in clusters.
 INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
 # A CTA's per-row cost is ~1000 instructions a thread whatever its chunk (radix rounds, barriers, emission), so
-# a thread should have tens of elements: chunks up to this take 256 threads (the 4096-row prefill at 1024 threads
-# per CTA spent ~100 of its ~145 instructions per element on that fixed part, measured with ncu).
-SMALL_CHUNK = 16384
+# a thread should have tens of elements: many rows with chunks up to SMALL_CHUNK take 256 threads (the 4096-row
+# prefill at 512 threads per CTA spent ~100 of its ~145 instructions per element on that fixed part, measured
+# with ncu; 256 threads: 128 -> 104 us). Few rows are latency-bound and need the loads in flight of 1024 threads,
+# except rows cut in 4+ CTAs of at most SMALL_CLUSTER_CHUNK (H200, 256 vs 1024 threads: 16 x 32768 11.8 vs 19.8
+# us, 4 x 65536 12.0 vs 12.5; but 4 x 163840 at 10240 a CTA 17.5 vs 15.4, 64 x 20000 in pairs 15.7 vs 13.0,
+# 8 x 4096 alone 7.4 vs 6.6).
+SMALL_CHUNK, SMALL_CLUSTER_CHUNK = 16384, 8192
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
@@ -54,9 +58,10 @@ class CtaShapes(NamedTuple):
     streaming: tuple
 
 
-# Keyed by (the grid exceeds the SMs, the chunk is at most SMALL_CHUNK). Many rows: 256-thread CTAs, four or three
-# per SM, where the whole chunk fits their share of shared memory, else two 512-thread CTAs per SM. Few rows: one
-# CTA per SM, of 256 threads for small chunks, else 1024 (512 when k leaves no room for 1024 threads' group).
+# Keyed by (the grid exceeds the SMs, the chunk is small: see SMALL_CHUNK). Many rows: 256-thread CTAs, four or
+# three per SM, where the whole chunk fits their share of shared memory, else two 512-thread CTAs per SM. Few
+# rows: one CTA per SM, of 256 threads for small chunks, else 1024 (512 when k leaves no room for 1024 threads'
+# group).
 CTA_SHAPES = {(True, True): CtaShapes(((256, 4), (256, 3), (512, 2)), ((512, 2),)),
               (True, False): CtaShapes(((512, 2),), ((512, 2),)),
               (False, True): CtaShapes(((256, 1),), ((1024, 1), (512, 1))),
@@ -133,7 +138,9 @@ def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tupl
         while cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK:
             cluster *= 2
     while True:
-        shapes = CTA_SHAPES[rows * cluster > sms, chunk_bound(width, cluster) <= SMALL_CHUNK]
+        many, chunk = rows * cluster > sms, chunk_bound(width, cluster)
+        small = chunk <= SMALL_CHUNK if many else (cluster >= 4 and chunk <= SMALL_CLUSTER_CHUNK)
+        shapes = CTA_SHAPES[many, small]
         row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm, streaming)
                                  for streaming, candidates in ((False, shapes.whole), (True, shapes.streaming))
                                  for t, n in candidates)), None)
