@@ -209,7 +209,7 @@ def test_plan_paths(kw, kernels, chunks, monkeypatch):
             continue
         expr = step.kernel.name_expression
         names.append("short" if "short" in expr else "carry" if "carry" in expr else
-                     "pass1" if "true>" in expr else "chunk")
+                     "pass1" if ", true," in expr else "chunk")
     assert names == kernels
     scan = [s for s in steps if isinstance(s, Launch) and "chunk_kernel" in s.kernel.name_expression]
     if chunks is not None:
