@@ -131,7 +131,7 @@ def torch_scan_into(u, delta, A, B, C, D, z, delta_bias, softplus, qsl, ci, his,
     if varlen:
         starts, ends = qsl[:-1].long(), qsl[1:].long() - 1
         dBu[0, :, :, starts] += dA[0, :, :, starts] * h0.permute(1, 2, 0)
-        dA[0, :, :, starts] = 0
+        dA[0, :, :, starts] = dA.new_zeros(())  # a device scalar: a Python 0 is copied from the host (no graphs)
     else:
         dBu[..., 0] += dA[..., 0] * h0
         dA[..., 0] = 0

@@ -120,7 +120,7 @@ def merge_attn_states_ref(output, output_lse, prefix_output, prefix_lse, suffix_
     p = n if prefill_tokens_with_context is None else prefill_tokens_with_context
     po, so = prefix_output.to(compute_dtype), suffix_output.to(compute_dtype)
     raw_suffix_lse = suffix_lse.to(compute_dtype)
-    neg_inf = torch.tensor(float("-inf"), dtype=compute_dtype, device=po.device)
+    neg_inf = torch.full((), float("-inf"), dtype=compute_dtype, device=po.device)  # no host copy: graph-safe
     pl = torch.where(prefix_lse.isinf(), neg_inf, prefix_lse.to(compute_dtype))
     sl = torch.where(suffix_lse.isinf(), neg_inf, raw_suffix_lse)
     m = torch.maximum(pl, sl)
