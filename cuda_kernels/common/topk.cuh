@@ -166,12 +166,17 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
       counts = sh.total;
     }
     __syncthreads();
+    // Meanwhile other warps clear the next round's buffer. In a cluster, other CTAs read it last in the previous
+    // round, before arriving at this round's barrier, which this CTA has passed. (No loop: with one, CUDA 12.9's
+    // ptxas spilled 12-20 bytes at 64 registers.)
     if (threadIdx.x < 32) {
       find_bin(counts, rem, sh.found);
-    } else {
-      // Warps 1.. clear the next round's buffer. In a cluster, other CTAs read it last in the previous round,
-      // before arriving at this round's barrier, which this CTA has passed.
-      for (int i = threadIdx.x - 32; i < 256; i += THREADS - 32) sh.hist[(round + 1) & 1][i] = 0u;
+    } else if constexpr (THREADS >= 512) {
+      if (threadIdx.x >= 256 && threadIdx.x < 512) sh.hist[(round + 1) & 1][threadIdx.x - 256] = 0u;
+    } else {  // warps 1.. of 256-511 threads: one entry each, the first 256 - (THREADS - 32) of them a second
+      const int i = static_cast<int>(threadIdx.x) - 32;
+      sh.hist[(round + 1) & 1][i] = 0u;
+      if (i < 256 - (THREADS - 32)) sh.hist[(round + 1) & 1][THREADS - 32 + i] = 0u;
     }
     __syncthreads();
     prefix |= sh.found[0] << shift;
