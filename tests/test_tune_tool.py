@@ -1,0 +1,49 @@
+"""bench/tune.py's variants on the CPU: a variant sets module constants (evaluated in the module's namespace), the
+ops forget their layouts and list the kernels a variant brings, and everything is restored afterwards."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cupy_ops.ops import ops
+from cupy_ops.ops import selective_scan_fwd as S
+from cupy_ops.ops import top_k_per_row as T
+
+
+@pytest.fixture(scope="module")
+def tune():
+    path = Path(__file__).resolve().parents[1] / "bench" / "tune.py"
+    spec = importlib.util.spec_from_file_location("tune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_variant_sets_constants_and_restores_them(tune):
+    variant = tune.parse_variant("small: cupy_ops.ops.top_k_per_row.SMALL_CHUNK=SMALL_CHUNK // 2; "
+                                 "cupy_ops.ops.top_k_per_row.MIN_CHUNK=1024")
+    assert variant.label == "small"
+    before = (T.SMALL_CHUNK, T.MIN_CHUNK)
+    old = tune.apply(variant)
+    assert (T.SMALL_CHUNK, T.MIN_CHUNK) == (before[0] // 2, 1024)
+    tune.restore(old)
+    assert (T.SMALL_CHUNK, T.MIN_CHUNK) == before
+
+
+def test_a_variant_s_new_kernels_are_listed_by_the_ops_while_it_runs(tune):
+    variant = tune.parse_variant("b3: cupy_ops.ops.selective_scan_fwd.KERNELS={**KERNELS, **chunk_kernels(3, 32)}")
+    op = ops()["selective_scan_fwd"]
+    listed = op.kernels
+    old = tune.apply(variant)
+    added = set(S.KERNELS.values()) - set(listed)
+    assert added and all(", 3, 32>" in k.name_expression for k in added)
+    assert added <= set(op.kernels)
+    tune.restore(old)
+    assert op.kernels == listed and ", 2, 32>" in S.KERNELS["chunk", next(iter(S.DTYPES)), False].name_expression
+
+
+def test_base_changes_nothing(tune):
+    assert tune.parse_variant("base").changes == {}
