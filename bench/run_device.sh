@@ -7,9 +7,11 @@
 # Logs and JSON go to $OUT (default bench/results/latest). Usage (repository root, the vLLM anchor copied to
 # .anchors/), with the sha of the commit that was sent (a copied tree's .git may be stale):
 #   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all]
-# Narrowing for a short device call: TESTS (pytest paths), K (pytest -k expression for the tests),
-# SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS), BENCH_ARGS (extra
-# `python -m cupy_ops bench` options, e.g. "--reps 30 --torch-eager --no-compile-timing"), OP_TIMEOUT (s per op).
+# Narrowing for a short device call: TESTS (pytest arguments, e.g. "tests -m gpu"), K (pytest -k expression for
+# the tests), SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS) and
+# SANITIZE_K (default K) for a sample, TEST_LIMIT and SANITIZER_LIMIT (seconds per pytest run; a run cut there
+# still reports what it passed), BENCH_ARGS (extra `python -m cupy_ops bench` options, e.g. "--reps 30
+# --torch-eager --no-compile-timing"), OP_TIMEOUT (s per op).
 set -uo pipefail
 STAGE="${1:-all}"
 OUT="${OUT:-bench/results/latest}"
@@ -29,24 +31,24 @@ if [[ "$STAGE" == tests || "$STAGE" == all ]]; then
         > "$OUT/gpu.txt" 2>&1
 
     echo "== tests"
-    python3 -m pytest $TESTS -k "$K" -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT[@]}" > "$OUT/tests.log" 2>&1 \
-        || status=1
+    timeout "${TEST_LIMIT:-0}" python3 -m pytest $TESTS -k "$K" -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT[@]}" \
+        > "$OUT/tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 30
 
     : > "$OUT/sanitizer.log"
     for tool in $SANITIZERS; do
         echo "== compute-sanitizer $tool over the GPU tests" | tee -a "$OUT/sanitizer.log"
-        compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-            python3 -m pytest ${SANITIZE_TESTS:-$TESTS} -m gpu -k "$K" -q -p no:cacheprovider "${TIMEOUT[@]}" \
-            >> "$OUT/sanitizer.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -n 1
+        timeout "${SANITIZER_LIMIT:-0}" compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+            python3 -m pytest ${SANITIZE_TESTS:-$TESTS} -m gpu -k "${SANITIZE_K:-$K}" -q -p no:cacheprovider \
+            "${TIMEOUT[@]}" >> "$OUT/sanitizer.log" 2>&1 || status=1
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 1
     done
 
     echo "== self-check"
     python3 -m cupy_ops check > "$OUT/check.log" 2>&1 || status=1
     tail -n 1 "$OUT/check.log"
 
-    OUT="$OUT" python3 - <<'PY'
+    OUT="$OUT" TESTS="$TESTS" K="$K" SANITIZE_TESTS="${SANITIZE_TESTS:-}" SANITIZE_K="${SANITIZE_K:-}" python3 - <<'PY'
 import json, os, re, torch, cupy
 out = os.environ["OUT"]
 def lines(name):
@@ -56,6 +58,8 @@ summary = lambda text: [l for l in text if re.search(r"(^FAILED|^ERROR|passed|fa
 json.dump({"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
            "cupy": cupy.__version__, "git_sha": os.environ.get("CUPY_OPS_GIT_SHA"), "info": lines("gpu.txt"),
            "pytest": summary(lines("tests.log")), "compute_sanitizer": summary(lines("sanitizer.log")),
+           "compute_sanitizer_selection": {"tests": os.environ.get("SANITIZE_TESTS") or os.environ.get("TESTS"),
+                                           "k": os.environ.get("SANITIZE_K") or os.environ.get("K")},
            "self_check": lines("check.log")[-1:]}, open(os.path.join(out, "device_checks.json"), "w"), indent=1)
 PY
 fi

@@ -199,6 +199,15 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
     return result
 
 
+def eager_calls_for(op, args: tuple, vllm_call: Callable | None = None) -> dict[str, tuple[Callable, tuple]]:
+    """{name: (fn, args)} for `OpSuite.eager_calls`: our eager call (`op.public`), the dispatcher's (`op.overload`)
+    and, given, vLLM's."""
+    calls = {"cupy_ops": (op.public, args), "cupy_ops_dispatcher": (op.overload, args)}
+    if vllm_call is not None:
+        calls["vllm"] = (vllm_call, args)
+    return calls
+
+
 def eager_host_us(calls: dict[str, tuple[Callable, tuple]], *, calls_per_round: int = 500,
                   rounds: int = 15) -> dict[str, dict]:
     """Host µs per eager call of each {name: (fn, args)}: perf_counter around `calls_per_round` calls with no

@@ -12,21 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-import cupy_ops
 from cupy_ops.ops.persistent_topk import OP, persistent_topk_workspace
 
-from .harness import OpSuite
-from .top_k_per_row_prefill import (
-    VLLM_WORKSPACE_BYTES,
-    TopKCase,
-    decode_case,
-    agree,
-    compile_probe,
-    eager_calls_for,
-    masked_topk_into,
-    row_lengths,
-    scores,
-)
+from .top_k_per_row_prefill import VLLM_WORKSPACE_BYTES, TopKCase, decode_case, row_lengths, scores, topk_suite
 
 
 def cases(quick: bool = False) -> list[TopKCase]:
@@ -50,13 +38,6 @@ def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
     return (logits, lengths, output, workspace, case.k, case.width)
 
 
-def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
-    found: dict[str, Callable] = {"cupy_ops": cupy_ops.persistent_topk}
-    if vllm_ops is not None:
-        found["vllm"] = _vllm_call(vllm_ops)
-    return found
-
-
 def _vllm_call(vllm_ops) -> Callable:
     """vLLM's op with the 1 MiB workspace its callers reserve (ours needs none)."""
     workspace = torch.empty(VLLM_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
@@ -68,13 +49,5 @@ def _vllm_call(vllm_ops) -> Callable:
 
 SMALL_CASE = decode_case(4, 8192, 2048)
 
-SUITE = OpSuite(
-    op="persistent_topk", cases=cases, make_inputs=make_inputs, providers=providers,
-    reference_into=masked_topk_into("persistent_topk"), outputs=lambda args: (args[2],),
-    gold=lambda args: OP.reference(*args), output_dtypes=lambda case: (torch.int32,),
-    eager_calls=lambda vllm_ops: eager_calls_for(OP, make_inputs, SMALL_CASE,
-                                                 _vllm_call(vllm_ops) if vllm_ops else None),
-    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
-    compile_probe=compile_probe("persistent_topk", "persistent_topk"),
-    small_case="4 rows x 8192, k 2048", agree=agree("persistent_topk"),
-)
+SUITE = topk_suite(OP, cases, make_inputs, SMALL_CASE, "4 rows x 8192, k 2048", output_index=2,
+                   vllm_call=_vllm_call)

@@ -20,7 +20,7 @@ import cupy_ops
 from cupy_ops.ops.selective_scan_fwd import OP
 from cupy_ops.ops.selective_scan_ref import random_call
 
-from .harness import OpSuite, first_call_probe
+from .harness import OpSuite, eager_calls_for, first_call_probe
 
 H200_COPY_GBPS, H200_MUFU_PER_S = 4250.0, 132 * 16 * 1.98e9
 MUFU_PER_TOKEN_CHANNEL = 4  # softplus exp + log, silu exp + reciprocal
@@ -156,11 +156,8 @@ def providers(case: ScanCase, vllm_ops=None) -> dict:
 def eager_calls(vllm_ops=None) -> dict:
     """Host cost per eager call on the small decode-like case (b4 d256 n16 L1, the short kernel)."""
     args = random_call("cuda", torch.bfloat16, b=4, d=256, n=16, L=1, seed=0)
-    calls = {"cupy_ops": (cupy_ops.selective_scan_fwd, args),
-             "cupy_ops_dispatcher": (torch.ops.cupy_ops.selective_scan_fwd.default, args)}
-    if vllm_ops is not None and hasattr(vllm_ops, "selective_scan_fwd"):
-        calls["vllm"] = (vllm_ops.selective_scan_fwd, args)
-    return calls
+    has_vllm = vllm_ops is not None and hasattr(vllm_ops, "selective_scan_fwd")
+    return eager_calls_for(OP, args, vllm_ops.selective_scan_fwd if has_vllm else None)
 
 
 _COMPILE_PROBE = first_call_probe(

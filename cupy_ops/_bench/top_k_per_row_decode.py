@@ -8,24 +8,11 @@ bench_top_k_per_row.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-import cupy_ops
 from cupy_ops.ops.top_k_per_row import DECODE
 
-from .harness import OpSuite
-from .top_k_per_row_prefill import (
-    TopKCase,
-    decode_case,
-    agree,
-    compile_probe,
-    eager_calls_for,
-    masked_topk_into,
-    row_lengths,
-    scores,
-)
+from .top_k_per_row_prefill import TopKCase, decode_case, row_lengths, scores, topk_suite
 
 
 def cases(quick: bool = False) -> list[TopKCase]:
@@ -47,22 +34,6 @@ def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
     return (logits, 1, lengths, indices, case.rows, logits.stride(0), logits.stride(1), case.k)
 
 
-def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
-    found: dict[str, Callable] = {"cupy_ops": cupy_ops.top_k_per_row_decode}
-    if vllm_ops is not None:
-        found["vllm"] = vllm_ops.top_k_per_row_decode
-    return found
-
-
 SMALL_CASE = decode_case(4, 8192, 2048)
 
-SUITE = OpSuite(
-    op="top_k_per_row_decode", cases=cases, make_inputs=make_inputs, providers=providers,
-    reference_into=masked_topk_into("top_k_per_row_decode"), outputs=lambda args: (args[3],),
-    gold=lambda args: DECODE.reference(*args), output_dtypes=lambda case: (torch.int32,),
-    eager_calls=lambda vllm_ops: eager_calls_for(DECODE, make_inputs, SMALL_CASE,
-                                                 vllm_ops.top_k_per_row_decode if vllm_ops else None),
-    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
-    compile_probe=compile_probe("top_k_per_row_decode", "top_k_per_row_decode"),
-    small_case="4 rows x 8192, k 2048", agree=agree("top_k_per_row_decode"),
-)
+SUITE = topk_suite(DECODE, cases, make_inputs, SMALL_CASE, "4 rows x 8192, k 2048", output_index=3)

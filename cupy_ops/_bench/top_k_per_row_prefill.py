@@ -13,11 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-import cupy_ops
 from cupy_ops.ops.persistent_topk import max_length
 from cupy_ops.ops.top_k_per_row import PREFILL, decode_ends, float_keys
 
-from .harness import OpSuite, first_call_probe
+from .harness import OpSuite, eager_calls_for, first_call_probe
 
 VLLM_WORKSPACE_BYTES = 1 << 20  # RADIX_TOPK_WORKSPACE_SIZE: what vLLM's callers pass to its persistent_topk
 
@@ -144,19 +143,34 @@ def masked_topk_into(op: str) -> Callable:
     return reference_into
 
 
-def eager_calls_for(op, make_inputs, case, vllm_call=None) -> dict:
-    """{name: (fn, args)} on a small case: our eager call, the dispatcher's, vLLM's."""
-    args = make_inputs(case, 0)
-    calls = {"cupy_ops": (op.public, args), "cupy_ops_dispatcher": (op.overload, args)}
-    if vllm_call is not None:
-        calls["vllm"] = (vllm_call, args)
-    return calls
-
-
 def compile_probe(module: str, op: str) -> str:
     """Child code: first and second call ms of the suite's small case in a fresh process."""
     return first_call_probe(op, f"from cupy_ops._bench.{module} import SMALL_CASE, make_inputs\n"
                                 "args = make_inputs(SMALL_CASE, 0)")
+
+
+def topk_suite(op, cases: Callable, make_inputs: Callable, small_case: TopKCase, small_label: str,
+               output_index: int, vllm_call: Callable | None = None) -> OpSuite:
+    """The OpSuite of one of the three top-k ops (`op`: its Op; its suite module is named after it): ours and
+    vLLM's op (`vllm_call(vllm_ops)`, default `vllm_ops.<op>`), torch.topk as the baseline, the output contract as
+    agreement; `output_index`: the argument the op writes."""
+    name = op.name
+    vllm_call = vllm_call or (lambda vllm_ops: getattr(vllm_ops, name))
+
+    def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
+        found: dict[str, Callable] = {"cupy_ops": op.public}
+        if vllm_ops is not None:
+            found["vllm"] = vllm_call(vllm_ops)
+        return found
+
+    return OpSuite(
+        op=name, cases=cases, make_inputs=make_inputs, providers=providers,
+        reference_into=masked_topk_into(name), outputs=lambda args: (args[output_index],),
+        gold=lambda args: op.reference(*args), output_dtypes=lambda case: (torch.int32,),
+        eager_calls=lambda vllm_ops: eager_calls_for(op, make_inputs(small_case, 0),
+                                                     vllm_call(vllm_ops) if vllm_ops else None),
+        eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"), compile_probe=compile_probe(name, name),
+        small_case=small_label, agree=agree(name))
 
 
 # ---- top_k_per_row_prefill -------------------------------------------------------------------------------------
@@ -183,22 +197,7 @@ def make_inputs(case: TopKCase, seed: int = 0, device: str = "cuda") -> tuple:
     return (logits, starts, lengths, indices, case.rows, logits.stride(0), logits.stride(1), case.k)
 
 
-def providers(case: TopKCase, vllm_ops=None) -> dict[str, Callable]:
-    found: dict[str, Callable] = {"cupy_ops": cupy_ops.top_k_per_row_prefill}
-    if vllm_ops is not None:
-        found["vllm"] = vllm_ops.top_k_per_row_prefill
-    return found
-
-
 SMALL_CASE = TopKCase(64, 8192, 2048, 1024, 8192, ramp=True)
 
-SUITE = OpSuite(
-    op="top_k_per_row_prefill", cases=cases, make_inputs=make_inputs, providers=providers,
-    reference_into=masked_topk_into("top_k_per_row_prefill"), outputs=lambda args: (args[3],),
-    gold=lambda args: PREFILL.reference(*args), output_dtypes=lambda case: (torch.int32,),
-    eager_calls=lambda vllm_ops: eager_calls_for(PREFILL, make_inputs, SMALL_CASE,
-                                                 vllm_ops.top_k_per_row_prefill if vllm_ops else None),
-    eager_providers=("cupy_ops", "cupy_ops_dispatcher", "vllm"),
-    compile_probe=compile_probe("top_k_per_row_prefill", "top_k_per_row_prefill"),
-    small_case="64 rows x 8192, k 2048, lengths 1024..8192", agree=agree("top_k_per_row_prefill"),
-)
+SUITE = topk_suite(PREFILL, cases, make_inputs, SMALL_CASE, "64 rows x 8192, k 2048, lengths 1024..8192",
+                   output_index=3)
