@@ -4,8 +4,8 @@
 //
 // Memory-bound and sparse: at 1% mask density the masks (2 bytes per token) are ~2/3 of the traffic and only
 // ~15% of the 32-byte logit sectors hold a penalised token. So the masks move in W-byte vector loads (W = 16
-// when both masks' rows start at the same address mod 16; the host picks the widest W that holds) and a logit
-// is read and written only where a mask is set.
+// when both masks' rows start at the same address mod 16; the host picks the widest W that holds, at most 4 for
+// small SPECULATE calls) and a logit is read and written only where a mask is set.
 //
 // Work unit: a chunk of 32 * W consecutive tokens of one row, taken by one warp. Lane l loads the chunk's mask
 // bytes [l * W, l * W + W) of both masks (one aligned vector each; byte loads only in the vectors cut by the

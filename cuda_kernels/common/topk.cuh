@@ -16,9 +16,10 @@
 // 2. When the buffer (cap entries) is full, the CTA keeps only the top k of its buffer (the select and emission
 //    below, on this CTA alone) and from then on appends only keys above the k-th kept one: a later element of the
 //    chunk has a higher index, so one not above that key loses to the k kept ones. Long rows need no second pass.
-// 3. Select: 4 rounds of 8-bit radix over the buffers (in a cluster, histograms summed through distributed
-//    shared memory, one cluster barrier per round) give `pivot`, the k-th largest key, and `rem`, the number of
-//    pivot-equal entries to take.
+// 3. Select: radix rounds of 11, 8, 8 and 8 bits (the last overlapping 3 bits already fixed) give `pivot`, the k-th
+//    largest key, and `rem`, the number of pivot-equal entries to take. Round 0 needs no pass over the buffer (it
+//    reads the 11-bit histogram kept while streaming); the others histogram the entries still tied; in a cluster,
+//    histograms are summed through distributed shared memory, one cluster barrier per round.
 // 4. Emit: every entry above pivot and the first rem pivot-equal ones (the cluster's prefix of per-CTA counts
 //    orders them across CTAs) goes to its rank in index order: staged in shared memory, then copied out with
 //    coalesced stores (a thread's contiguous run of entries would otherwise store one 4-byte word per lane and
@@ -51,15 +52,17 @@ __device__ __forceinline__ uint32_t float_key(float x) {
 
 // Shared state besides the dynamic buffers (about 11.5 KB).
 struct alignas(16) Shared {
-  // Histogram of key >> 21 of the buffer, kept while streaming. Round 0 of the select folds it to 256 bins; 2048
-  // bins spread the atomics: typical scores share 2-3 values of the top 8 key bits (sign and 7 exponent bits),
-  // so 8-bit bins would serialize ~10 lanes of a warp on one address.
+  // Histogram of key >> 21 of the buffer, kept while streaming: round 0 of the select finds the k-th largest's
+  // 11-bit bin in it without a pass over the buffer. 2048 bins also spread the atomics: typical scores share 2-3
+  // values of the top 8 key bits (sign and 7 exponent bits), so 8-bit bins would serialize ~10 lanes of a warp on
+  // one address. In a cluster the other CTAs read it in round 0 of the final select, after which nothing writes
+  // it (keep_top_k does so only before; topk_row ends with a cluster barrier).
   uint32_t fine[2048];
   uint32_t hist[2][256];  // radix histograms, double-buffered by round: other CTAs of the cluster read them
   uint32_t total[256];    // a round's histogram summed over the cluster
   uint32_t scan[2][32];   // block scan: warp totals, double-buffered by call
   uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
-  uint32_t found[3];      // select: the round's digit, the rank left inside its bin, the bin's count
+  uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
 };
 
@@ -96,9 +99,28 @@ __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t v, uint32_t& to
 
 // ---- select ----
 
+// Of the 8 bins counted in c (bins first + 7 .. first, highest first, `above` entries in bins above them): the one
+// holding the rem-th largest entry, if any, as found = (bin, rem - the entries above it, its count).
+__device__ __forceinline__ bool find_in_8(const uint32_t (&c)[8], uint32_t above, uint32_t rem, uint32_t first,
+                                          uint32_t* found) {
+  bool hit = false;
+#pragma unroll
+  for (int j = 7; j >= 0; --j) {
+    if (above < rem && rem <= above + c[j]) {
+      hit = true;
+      found[0] = first + j;
+      found[1] = rem - above;
+      found[2] = c[j];
+    }
+    above += c[j];
+  }
+  return hit;
+}
+
 // Warp 0: the bin B of counts[256] holding the rem-th largest entry, i.e. above(B) < rem <= above(B) + counts[B]
-// with above(B) = the entries of bins > B; found = (B, rem - above(B), counts[B]). Needs sum(counts) >= rem >= 1.
-__device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, uint32_t* found) {
+// with above(B) = the entries of bins > B; found = (B, rem - above(B), counts[B]), written by the one lane that
+// returns true (lane B / 8). Needs sum(counts) >= rem >= 1.
+__device__ __forceinline__ bool find_bin(const uint32_t* counts, uint32_t rem, uint32_t* found) {
   const int lane = threadIdx.x & 31;
   const uint4 lo = reinterpret_cast<const uint4*>(counts)[2 * lane];
   const uint4 hi = reinterpret_cast<const uint4*>(counts)[2 * lane + 1];
@@ -112,77 +134,131 @@ __device__ __forceinline__ void find_bin(const uint32_t* counts, uint32_t rem, u
     const uint32_t y = __shfl_down_sync(kFullMask, suffix, d);
     if (lane + d < 32) suffix += y;
   }
-  uint32_t above = suffix - sum;
-#pragma unroll
-  for (int j = 7; j >= 0; --j) {
-    if (above < rem && rem <= above + c[j]) {
-      found[0] = 8 * lane + j;
-      found[1] = rem - above;
-      found[2] = c[j];
-    }
-    above += c[j];
-  }
+  return find_in_8(c, suffix - sum, rem, 8 * lane, found);
 }
 
 // The top k of the n keys (over the whole cluster when `cluster`), as (pivot, mask, rem): the entries whose
-// key & mask is above pivot, and the first rem >= 1 (by index) of those whose key & mask equals it. Radix rounds
-// stop as soon as the bin of the k-th largest is taken whole (then rem is its count): for N(0, 1) scores the 24-bit
-// bin usually holds the k-th largest alone, which saves the last round. Otherwise mask is ~0 and pivot is the k-th
-// largest key. sh.fine must hold the histogram of key >> 21 of these keys. Every thread of the block (and of the
-// cluster when `cluster`) calls it.
+// key & mask is above pivot, and the first rem >= 1 (by index) of those whose key & mask equals it. Rounds fix key
+// bits 31-21, 20-13, 12-5 and 7-0 (the last one's 256 bins: only the 32 of the fixed bits 7-5 can count). Round 0
+// reads sh.fine, which must hold the histogram of key >> 21 of these keys; each later round costs a pass over the
+// n keys, a find_bin and 2 barriers (and a cluster barrier in a cluster). Rounds stop as soon as the bin of the
+// k-th largest is taken whole (then rem is its count): for N(0, 1) scores, 8192 a row and k = 2048, the k-th
+// largest's 11-bit bin holds ~320 entries and its 19-bit one ~2.3, taken whole in 55% of rows: 1.45 passes a
+// select on average (simulated, 2000 rows), against 1.92 with 8-bit rounds 0 and 1 (~2300 and ~11 entries).
+// Otherwise mask is ~0 and pivot is the k-th largest key. Every thread of the block (and of the cluster when
+// `cluster`) calls it.
 template <int THREADS, int CLUSTER>
 __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
                              uint32_t& mask, uint32_t& rem) {
   static_assert(THREADS >= 256, "round 0 folds the fine histogram with 256 threads");
-  uint32_t prefix = 0;
-  mask = 0;
-  rem = k;
-#pragma unroll 1
-  for (int round = 0; round < 4; ++round) {
-    const int shift = 24 - 8 * round;
-    uint32_t* hist = sh.hist[round & 1];
-    if (round == 0) {
-      if (threadIdx.x < 256) {
-        const uint4 lo = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x];
-        const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x + 1];
-        hist[threadIdx.x] = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+  const bool in_cluster = CLUSTER > 1 && cluster;
+  // A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs.
+  auto counts_of = [&](const uint32_t* hist) -> const uint32_t* {
+    if (!in_cluster) return hist;
+    cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
+    if (threadIdx.x < 256) {
+      const uint32_t address = shared_address(&hist[threadIdx.x]);
+      uint32_t sum = 0;
+#pragma unroll
+      for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
+      sh.total[threadIdx.x] = sum;
+    }
+    return sh.total;
+  };
+  // Warps 1.. clear the next round's buffer while warp 0 finds the bin. In a cluster, other CTAs read it last in
+  // the previous round, before arriving at this round's cluster barrier, which this CTA has passed (round 1's
+  // buffer: in no round yet; a CTA selects on the cluster once). (No loop: with one, CUDA 12.9's ptxas spilled
+  // 12-20 bytes at 64 registers.)
+  auto clear = [&](uint32_t* next) {
+    if constexpr (THREADS >= 512) {
+      if (threadIdx.x >= 256 && threadIdx.x < 512) next[threadIdx.x - 256] = 0u;
+    } else {  // warps 1.. of 256-511 threads: one entry each, the first 256 - (THREADS - 32) of them a second
+      const int i = static_cast<int>(threadIdx.x) - 32;
+      next[i] = 0u;
+      if (i < 256 - (THREADS - 32)) next[THREADS - 32 + i] = 0u;
+    }
+  };
+
+  // Round 0, 11 bits, no pass over the buffer: find_bin on sh.fine folded to 256 bins gives B = key >> 24, then
+  // B's 8 bins of sh.fine give key >> 21. (A find over the 2048 bins would take a block scan and, in a cluster,
+  // 2048 remote loads per CTA, not 256 + 8.) Other CTAs read this CTA's sh.fine here: see Shared::fine.
+  if (threadIdx.x < 256) {
+    const uint4 lo = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x];
+    const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x + 1];
+    sh.hist[0][threadIdx.x] = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+  }
+  const uint32_t* counts = counts_of(sh.hist[0]);
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    uint32_t coarse[3];  // (B, rank left, count) in registers: one lane writes sh.found, once (no warp barrier)
+    const bool hit = find_bin(counts, k, coarse);
+    if (!in_cluster) {
+      if (hit) {
+        const uint4 lo = reinterpret_cast<const uint4*>(sh.fine)[2 * coarse[0]];
+        const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * coarse[0] + 1];
+        const uint32_t f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        find_in_8(f, 0u, coarse[1], 8 * coarse[0], sh.found);  // a hit: the 8 bins sum to B's count
       }
     } else {
+      // The whole warp (one lane loading the 8 x CLUSTER words spilled 8-16 bytes at 64 registers with 8 and 16
+      // CTAs, NVRTC 13.5): B and the rank left go to every lane; lane l sums fine bin 8B + l % 8 of CTAs l / 8,
+      // l / 8 + 4, ..., then with the other 3 lanes of that bin; lanes 0..7 find the bin as find_bin does.
+      const int lane = threadIdx.x;
+      uint32_t packed = hit ? coarse[1] << 8 | coarse[0] : 0u;  // rank left <= k < 2^24
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) packed |= __shfl_sync(kFullMask, packed, lane ^ d);
+      const uint32_t bin = 8 * (packed & 255u) + (lane & 7), left = packed >> 8;
+      const uint32_t address = shared_address(&sh.fine[bin]);
+      uint32_t count = 0;
+#pragma unroll
+      for (int i = 0; i < (CLUSTER + 3) / 4; ++i) {
+        const int c = 4 * i + (lane >> 3);
+        if (c < CLUSTER) count += cluster_load(address, c);
+      }
+      count += __shfl_sync(kFullMask, count, lane ^ 8);
+      count += __shfl_sync(kFullMask, count, lane ^ 16);
+      uint32_t suffix = count;  // entries in bins >= this lane's, within B
+#pragma unroll
+      for (int d = 1; d < 8; d <<= 1) {
+        const uint32_t y = __shfl_down_sync(kFullMask, suffix, d);
+        if ((lane & 7) + d < 8) suffix += y;
+      }
+      if (lane < 8 && suffix - count < left && left <= suffix) {
+        sh.found[0] = bin;
+        sh.found[1] = left - (suffix - count);
+        sh.found[2] = count;
+      }
+    }
+  } else {
+    clear(sh.hist[1]);
+  }
+  __syncthreads();
+  uint32_t prefix = sh.found[0] << 21;
+  mask = 0xffe00000u;
+  rem = sh.found[1];
+  if (rem != sh.found[2]) {  // else every entry of the bin is in: the lower bits cannot matter (uniform)
+    // Rounds 1-3: 8 bits each, shifts 13, 5 and 0, over the entries that match the bits fixed so far.
+#pragma unroll 1
+    for (int round = 1; round < 4; ++round) {
+      const int shift = max(0, 21 - 8 * round);
+      uint32_t* hist = sh.hist[round & 1];
       for (int i = threadIdx.x; i < n; i += THREADS) {
         const uint32_t key = keys[i];
         if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
       }
-    }
-    const uint32_t* counts = hist;
-    if (CLUSTER > 1 && cluster) {
-      cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
-      if (threadIdx.x < 256) {
-        const uint32_t address = shared_address(&hist[threadIdx.x]);
-        uint32_t sum = 0;
-#pragma unroll
-        for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
-        sh.total[threadIdx.x] = sum;
+      counts = counts_of(hist);
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        find_bin(counts, rem, sh.found);
+      } else {
+        clear(sh.hist[(round + 1) & 1]);
       }
-      counts = sh.total;
+      __syncthreads();
+      prefix |= sh.found[0] << shift;
+      mask |= 0xffu << shift;
+      rem = sh.found[1];
+      if (rem == sh.found[2]) break;  // the bin taken whole, as above
     }
-    __syncthreads();
-    // Meanwhile other warps clear the next round's buffer. In a cluster, other CTAs read it last in the previous
-    // round, before arriving at this round's barrier, which this CTA has passed. (No loop: with one, CUDA 12.9's
-    // ptxas spilled 12-20 bytes at 64 registers.)
-    if (threadIdx.x < 32) {
-      find_bin(counts, rem, sh.found);
-    } else if constexpr (THREADS >= 512) {
-      if (threadIdx.x >= 256 && threadIdx.x < 512) sh.hist[(round + 1) & 1][threadIdx.x - 256] = 0u;
-    } else {  // warps 1.. of 256-511 threads: one entry each, the first 256 - (THREADS - 32) of them a second
-      const int i = static_cast<int>(threadIdx.x) - 32;
-      sh.hist[(round + 1) & 1][i] = 0u;
-      if (i < 256 - (THREADS - 32)) sh.hist[(round + 1) & 1][THREADS - 32 + i] = 0u;
-    }
-    __syncthreads();
-    prefix |= sh.found[0] << shift;
-    mask |= 0xffu << shift;
-    rem = sh.found[1];
-    if (rem == sh.found[2]) break;  // every entry of the bin is in: the lower bits cannot matter (uniform)
   }
   pivot = prefix;
 }

@@ -49,6 +49,9 @@ INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16
 SMALL_CHUNK, SMALL_CLUSTER_CHUNK = 16384, 8192
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
+# Rows narrower than this stay whole in one CTA: the cluster barriers of a split cost more than the halved chunk
+# saves (H200, 1 x 8192 decode: one 1024-thread CTA 7.9 us, a pair of 4096-element CTAs 9.2 us).
+MIN_SPLIT_WIDTH = 16384
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 
 class CtaShapes(NamedTuple):
@@ -128,14 +131,15 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
 def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
-    2 x rows x cluster fits the SMs and each CTA keeps >= 2 x MIN_CHUNK elements; a cluster shape the GPU cannot
-    hold is halved. CTA_SHAPES lists the CTA sizes and occupancies tried."""
+    2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at least MIN_SPLIT_WIDTH
+    wide; a cluster shape the GPU cannot hold is halved. CTA_SHAPES lists the CTA sizes and occupancies tried."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
     cluster = 1
     if launcher.device_arch(device) >= 90:
-        while cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK:
+        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK
+               and width >= MIN_SPLIT_WIDTH):
             cluster *= 2
     while True:
         many, chunk = rows * cluster > sms, chunk_bound(width, cluster)
