@@ -212,7 +212,7 @@ inline void async_wait(int pending) {
 }  // namespace cupy_ops
 """
 
-INSTANTIATIONS = ((256, 1), (256, 2), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
+INSTANTIATIONS = ((256, 1), (256, 2), (256, 8), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
 DRIVER = r"""
 #include "emu_cuda.h"
 #include "top_k_per_row.cu"
@@ -289,7 +289,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False):
 
 # (threads, cluster, shrink). A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to
 # a dozen (ascending scores shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and
-# full chunks. (The emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
+# full chunks, and one of 8 the radix round that sums a bin over more than 4 CTAs. (The emulation runs ~1-3 s per
+# case on two cores: the matrix is kept small.)
 def _ids(geometries):
     return [f"{t}x{c}{'-shrink' if s else ''}" for t, c, s in geometries]
 
@@ -322,7 +323,8 @@ def test_decode_strided_rows(emulator, monkeypatch, threads, cluster, shrink):
     assert_reference(DECODE, args, what=f"decode {threads}x{cluster}")
 
 
-PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False), (256, 2, True)]
+PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False), (256, 2, True),
+                         (256, 8, False)]
 
 
 @pytest.mark.parametrize("threads, cluster, shrink", PERSISTENT_GEOMETRIES, ids=_ids(PERSISTENT_GEOMETRIES))
