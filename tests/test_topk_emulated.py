@@ -8,7 +8,7 @@ its wait (copies land at the wait, the slot holds garbage before), 16-byte align
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
-topk_row are rewritten to per-block storage. Instantiations: (256|512|1024 threads) x (1|2|4 CTAs per cluster)."""
+topk_row are rewritten to per-block storage. Instantiations: (256|512|1024 threads) x (1|2|4 CTAs per cluster), and 256 x 8."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ _INT32_LIMIT = 1 << 31  # chunks are split into (row, chunk of the row) with 32-
 SPECULATE_MAX_BYTES = 2 << 20
 # Such calls also take narrower chunks (32 x 4 tokens a warp): 4x the warps, each with a quarter of the serial
 # division work (H200, 1 x 151936 dense fp32 / bf16: 3.2 / 3.3 us at 4 bytes, 3.5 / 3.4 at 8, 4.0 / 4.1 at 16;
-# vLLM's kernel 3.5 / 3.7). Large calls keep 16: at 4 bytes, 256 x 151936 at 1% took 79 us instead of 55.
+# vLLM's kernel 3.5-3.6 / 3.7-3.8; other small shapes not measured). Large calls keep 16: at 4 bytes, 256 x 151936
+# at 1% took 79 us instead of 55.
 SPECULATE_MAX_VECTOR = 4
 # (logits dtype, mask vector bytes, logits' last stride is 1, speculate) -> Kernel. Logits with another last stride
 # are uncoalesced anyway: they get one kernel per dtype, with 1-byte mask loads and no speculation. Speculating

@@ -49,8 +49,9 @@ INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16
 SMALL_CHUNK, SMALL_CLUSTER_CHUNK = 16384, 8192
 MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-portable attribute (the launcher sets it)
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
-# Rows narrower than this stay whole in one CTA: the cluster barriers of a split cost more than the halved chunk
-# saves (H200, 1 x 8192 decode: one 1024-thread CTA 7.9 us, a pair of 4096-element CTAs 9.2 us).
+# Rows narrower than this stay whole in one CTA (H200, with the 8-bit select: 1 x 8192 decode in one 1024-thread CTA
+# 7.9 us, in a pair 9.2, in four 7.7, but the four-way rule, MIN_CHUNK 2048, also split 8 x 4096: 8.1 against 6.3;
+# widths between 8192 and 16384 not measured).
 MIN_SPLIT_WIDTH = 16384
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 
