@@ -49,14 +49,6 @@ PREFILL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("label, position, value, error, message", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
-def test_prefill_rejects(label, position, value, error, message):
-    args = _prefill()
-    bad = _replace(args, position, value(args))
-    with pytest.raises(error, match=r"top_k_per_row_prefill: " + message):
-        PREFILL.public(*bad)
-
-
 DECODE_CASES = [
     ("next_n 0", 1, lambda a: 0, ValueError, r"next_n = 0 must be >= 1"),
     ("short seq_lens", 2, lambda a: a[2][:1], ValueError, r"seqLens has 1 elements; expected at least 2"),
@@ -64,14 +56,6 @@ DECODE_CASES = [
     ("float seq_lens", 2, lambda a: a[2].float(), TypeError, r"seqLens must be int32"),
     ("numRows", 4, lambda a: 5, ValueError, r"numRows = 5 must equal logits.size\(0\) = 4"),
 ]
-
-
-@pytest.mark.parametrize("label, position, value, error, message", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
-def test_decode_rejects(label, position, value, error, message):
-    args = _decode()
-    bad = _replace(args, position, value(args))
-    with pytest.raises(error, match=r"top_k_per_row_decode: " + message):
-        DECODE.public(*bad)
 
 
 PERSISTENT_CASES = [
@@ -89,13 +73,20 @@ PERSISTENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("label, position, value, error, message", PERSISTENT_CASES,
-                         ids=[c[0] for c in PERSISTENT_CASES])
-def test_persistent_rejects(label, position, value, error, message):
-    args = _persistent()
-    bad = _replace(args, position, value(args))
-    with pytest.raises(error, match=r"persistent_topk: " + message):
-        PERSISTENT.public(*bad)
+# (op, args maker, case): every op's cases against a valid call of that op.
+REJECT_CASES = [(op, make, case) for op, make, cases in ((PREFILL, _prefill, PREFILL_CASES),
+                                                          (DECODE, _decode, DECODE_CASES),
+                                                          (PERSISTENT, _persistent, PERSISTENT_CASES))
+                for case in cases]
+
+
+@pytest.mark.parametrize("op, make_args, case", REJECT_CASES, ids=[f"{op.name}-{c[0]}" for op, _, c in REJECT_CASES])
+def test_rejects(op, make_args, case):
+    """A clear error that names the op and the argument."""
+    _label, position, value, error, message = case
+    args = make_args()
+    with pytest.raises(error, match=f"{op.name}: " + message):
+        op.public(*_replace(args, position, value(args)))
 
 
 def test_persistent_accepts_vllm_workspace_and_2d_lengths():

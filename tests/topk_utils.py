@@ -16,8 +16,9 @@ from cupy_ops.ops.persistent_topk import OP as PERSISTENT
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace
 from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends, float_keys
 
-__all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "assert_reference", "decode_args",
-           "make_scores", "persistent_args", "prefill_args", "vllm_agrees", "windows_of"]
+__all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "assert_reference",
+           "assert_vllm_agrees", "decode_args", "make_scores", "persistent_args", "prefill_args", "vllm_agrees",
+           "windows_of"]
 
 # Score patterns: each stresses another part of the select (spec test plans).
 DATA_KINDS = ("randn", "lowbits", "equal", "ties", "special", "neginf", "ascending", "descending")
@@ -61,6 +62,14 @@ def _poison_outside(logits: torch.Tensor, starts: torch.Tensor, lengths: torch.T
     logits.masked_fill_(outside, poison)
 
 
+def _poisoned(op, args: tuple, poison) -> tuple:
+    """`args`, after setting the scores outside each row's (clamped) window to `poison` (None: left alone)."""
+    if poison is not None:
+        start, length = windows_of(op, args)
+        _poison_outside(args[0], start, length, poison)
+    return args
+
+
 def prefill_args(logits, starts, ends, k, *, poison=float("nan")) -> tuple:
     """Positional args of top_k_per_row_prefill for `logits` [rows, W] (any view) and int lists/tensors starts/ends;
     scores outside each (clamped) window are set to `poison` first (None: left alone)."""
@@ -68,11 +77,8 @@ def prefill_args(logits, starts, ends, k, *, poison=float("nan")) -> tuple:
     starts = torch.as_tensor(starts, dtype=torch.int32, device=device)
     ends = torch.as_tensor(ends, dtype=torch.int32, device=device)
     rows = logits.shape[0]
-    if poison is not None:
-        s, length = windows_of(PREFILL, (logits, starts, ends, None, rows, 0, 0, k))
-        _poison_outside(logits, s, length, poison)
     indices = torch.empty(rows, k, dtype=torch.int32, device=device)
-    return (logits, starts, ends, indices, rows, logits.stride(0), logits.stride(1), k)
+    return _poisoned(PREFILL, (logits, starts, ends, indices, rows, logits.stride(0), logits.stride(1), k), poison)
 
 
 def decode_args(logits, next_n, seq_lens, k, *, poison=float("nan")) -> tuple:
@@ -80,11 +86,8 @@ def decode_args(logits, next_n, seq_lens, k, *, poison=float("nan")) -> tuple:
     device = logits.device
     seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
     rows = logits.shape[0]
-    if poison is not None:
-        s, length = windows_of(DECODE, (logits, next_n, seq_lens, None, rows, 0, 0, k))
-        _poison_outside(logits, s, length, poison)
     indices = torch.empty(rows, k, dtype=torch.int32, device=device)
-    return (logits, next_n, seq_lens, indices, rows, logits.stride(0), logits.stride(1), k)
+    return _poisoned(DECODE, (logits, next_n, seq_lens, indices, rows, logits.stride(0), logits.stride(1), k), poison)
 
 
 def persistent_args(logits, lengths, k, max_seq_len=None, *, poison=float("nan")) -> tuple:
@@ -93,11 +96,9 @@ def persistent_args(logits, lengths, k, max_seq_len=None, *, poison=float("nan")
     rows, width = logits.shape
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     max_seq_len = width if max_seq_len is None else max_seq_len
-    if poison is not None:
-        s, length = windows_of(PERSISTENT, (logits, lengths, None, None, k, max_seq_len))
-        _poison_outside(logits, s, length, poison)
     output = torch.empty(rows, k, dtype=torch.int32, device=device)
-    return (logits, lengths, output, persistent_topk_workspace(rows, width, k, device), k, max_seq_len)
+    workspace = persistent_topk_workspace(rows, width, k, device)
+    return _poisoned(PERSISTENT, (logits, lengths, output, workspace, k, max_seq_len), poison)
 
 
 def windows_of(op, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,3 +200,13 @@ def vllm_agrees(op, args, vllm_out: torch.Tensor) -> torch.Tensor:
     got = torch.where(valid, float_keys(logits.gather(1, columns)), torch.full_like(out, -1))
     same = (got.sort(dim=1, descending=True).values == _topk_key_multiset(logits, start, length, k)).all(dim=1)
     return in_range & distinct & same
+
+
+def assert_vllm_agrees(op, args, vllm_out: torch.Tensor, *, exact: bool) -> None:
+    """`exact` (data without ties): every row of vLLM's output on `args` is a valid top-k (vllm_agrees) with the
+    index set of ours (already written into `args`). With ties, vLLM's rows may differ by its tie choice."""
+    valid = vllm_agrees(op, args, vllm_out)
+    if exact:
+        ours = args[op.arguments.index(op.written[0])]
+        assert bool(valid.all()), f"vLLM rows {(~valid).nonzero().flatten().tolist()} are not a valid top-k"
+        assert torch.equal(vllm_out.sort(dim=1).values, ours.sort(dim=1).values)

@@ -52,8 +52,7 @@ class _LaunchStep:
     def __init__(self, step: Launch, device: int, pointer_index: Callable[[str], int]):
         self.launcher = launcher.Launcher(step.kernel, device, step.config)
         self.indices = [pointer_index(f.source) for f in step.params.pointers]  # None: a null pointer
-        self.pointers = (_picker(self.indices) if None not in self.indices else
-                         lambda pointers, idx=tuple(self.indices): tuple(0 if i is None else pointers[i] for i in idx))
+        self.pointers = _picker(self.indices)
         self.tail = step.params.pack(step.values)
         self.pack_into = step.params.pack_into
 
@@ -435,8 +434,11 @@ def _metadata_matcher(tensors: list) -> Callable[..., bool] | None:
     return check
 
 
-def _picker(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
-    """f(seq) -> tuple(seq[i] for i in indices), in C (operator.itemgetter) where it can."""
+def _picker(indices: Sequence[int | None]) -> Callable[[Sequence], tuple]:
+    """f(seq) -> tuple(seq[i] for i in indices), 0 for an index None (a null pointer), in C (operator.itemgetter)
+    where it can."""
+    if None in indices:
+        return lambda seq, idx=tuple(indices): tuple(0 if i is None else seq[i] for i in idx)
     if len(indices) > 1:
         return operator.itemgetter(*indices)
     if indices:
