@@ -321,21 +321,21 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
   const int64_t n = p.dstate;
   const float* Arow = p.A + c * p.A_stride[0];
   const uint32_t valid = MODE == kFast ? (1u << I) - 1 : ev.valid;
-  Raw<T, I> Bn;
+  Raw<T, I> Bn, Cn;
   float An = 0.f;
   if (n > 0) {
     Bn.load(Brow, vector, valid);
+    if constexpr (!PASS1) Cn.load(Crow, vector, valid);
     An = __ldg(Arow);
   }
   for (int64_t k = 0; k < n; ++k) {
-    const Raw<T, I> Bk = Bn;
+    const Raw<T, I> Bk = Bn, Ck = Cn;
     const float A2 = An * kLog2e;
-    if (k + 1 < n) {  // the next state's B and A are in flight during this one
+    if (k + 1 < n) {  // the next state's A, B and C are in flight during this one (C loaded here stalled 4%)
       Bn.load(Brow + (k + 1) * p.B_stride[2], vector, valid);
+      if constexpr (!PASS1) Cn.load(Crow + (k + 1) * p.C_stride[2], vector, valid);
       An = __ldg(Arow + (k + 1) * p.A_stride[1]);
     }
-    Raw<T, I> Ck;
-    if constexpr (!PASS1) Ck.load(Crow + k * p.C_stride[2], vector, valid);
     float h0 = 0.f;  // kLight: the initial state of the sequence starting in this lane's items
     if constexpr (MODE == kLight) {
       if (ev.h0_slot != kNone) h0 = load_state<T>(p, ev.h0_slot, c, k, chunk);
@@ -557,8 +557,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
       const uint32_t valid = ev.valid;
       const bool vector = p.vec_ok && valid == kAll;
       const float sum_dt = load_inputs<T, I>(p, drow + t0, urow + t0, bias, Dc, vector, valid, dt, dtu, y);
-      if (zrow != nullptr && valid != 0)  // needed after the states: start the fetch now
-        prefetch_l1(zrow + t0);
+      Raw<T, I> rz;  // needed after the states: loaded now (an L1 prefetch still left its wait at 5% of the time)
+      if (zrow != nullptr) rz.load(zrow + t0, vector, valid);
       if (t0 + W < hi) {  // the next window's inputs: their DRAM latency stalled every window (ncu: 4% of time)
         prefetch_l1(drow + t0 + W);
         prefetch_l1(urow + t0 + W);
@@ -577,8 +577,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
       if (!ch_ok || valid == 0) continue;
       store_items<T, I>(yrow + t0, y, vector, valid);
       if (zrow != nullptr) {
-        Raw<T, I> rz;
-        rz.load(zrow + t0, vector, valid);
 #pragma unroll
         for (int i = 0; i < I; ++i) {
           const float zv = rz.get(i);
