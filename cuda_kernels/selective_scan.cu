@@ -108,9 +108,10 @@ __device__ __forceinline__ float lg2(float x) {
 }
 
 // log(1 + e^x) (x itself past 20, as vLLM) in ~15 instructions; log1pf(expf(x)) took ~35 a token, a third of
-// the kernel's time at n = 16 (ncu). e = 2^(x log2 e) (relative error ~1e-6 for |x| <= 20). For e < 1/16 a
-// 6-term series of log1p (relative error < e^6 / 7 < 1e-8); above, ln 2 * log2(1 + e), whose absolute error
-// (~2e-7) is < 3e-6 of the result (>= log 1.0625).
+// the kernel's time at n = 16 (ncu). e = 2^(x log2 e): rounding x log2 e costs up to ~1e-6 relative for |x| <= 20
+// (~4e-6 near x = -85). For e < 1/16 a 6-term series of log1p (relative error < e^6 / 7 < 1e-8); above,
+// ln 2 * log2(1 + e), whose absolute error (~2e-7) is < 4e-6 of the result (>= log 1.0625). Below x = -87.3 it
+// gives 0 where log1pf(expf(x)) is subnormal.
 __device__ __forceinline__ float softplus(float x) {
   const float e = ex2(x * kLog2e);
   const float series =
@@ -119,8 +120,8 @@ __device__ __forceinline__ float softplus(float x) {
   return x <= 20.f ? r : x;
 }
 
-// x sigmoid(x) with one exp2 and one fast reciprocal (relative error ~1e-6); x < -88 gives -0 (1 + e^-x
-// overflows to inf), where the exact value is below 1e-36.
+// x sigmoid(x) with one exp2 and one fast reciprocal (relative error <= 4e-6, emulated). Below x = -87.3 it gives
+// -0 (1 + e^-x passes 2^126, where __fdividef returns 0); the exact value there is below 1e-36.
 __device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.f + ex2(-x * kLog2e)); }
 
 __device__ __forceinline__ int64_t ld(const int* p, int64_t i, int64_t stride) { return __ldg(p + i * stride); }
@@ -585,10 +586,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
         store_items<T, I>(zrow + t0, y, vector, valid);
       }
     }
-    if (tail && row.fin != kNone && ch_ok) {
-      __syncwarp();
+    // The carry was last written before the loop's final __syncwarp, which every lane passed. (No sync under
+    // ch_ok: lanes past d stay in the warp and would never reach it.)
+    if (tail && row.fin != kNone && ch_ok)
       for (int64_t k = gl; k < n; k += kLanes) store_state<T>(p, row.fin, c, k, carry[buf][k]);
-    }
   }
 }
 
