@@ -298,7 +298,7 @@ __device__ __forceinline__ void scan_pairs(float& a, float& b, int gl) {
 
 // How a window is scanned. kFast: every item valid, no events. kLight: any valid mask, and each lane has at most
 // one sequence start and one state to store among its items (the start's initial state is loaded once a state,
-// and the stored h is picked by selects: ~1.3x a fast window). kGeneral: any events (sequences shorter than a
+// and the stored h is picked by selects: ~1.7x a fast window, ncu). kGeneral: any events (sequences shorter than a
 // lane's items), each read and written at its item (~7x a fast window at n = 16, ncu).
 enum WindowMode { kFast, kLight, kGeneral };
 

@@ -55,6 +55,7 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 MIN_SPLIT_WIDTH = 16384
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 
+
 class CtaShapes(NamedTuple):
     """(threads, CTAs per SM) tried in order: a whole chunk in any of `whole` before streaming in `streaming`."""
 
@@ -116,11 +117,11 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
     most = max(min(groups, 3 if threads == 1024 else 2), -(-4 * k // (32 * threads)))
     for stages in range(most, 0, -1):
         ring = 32 * threads * stages
-        if not streaming and chunk <= MAX_CAP and ring >= 4 * k and ring + 4 * chunk <= budget:  # keys only
-            return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
-    for stages in range(most if streaming else 0, 0, -1):
-        ring = 32 * threads * stages
         if ring < 4 * k:  # the ring stages the k outputs
+            continue
+        if not streaming:  # keys only
+            if chunk <= MAX_CAP and ring + 4 * chunk <= budget:
+                return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
             continue
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         cap = min(cap, MAX_CAP)
