@@ -283,13 +283,16 @@ __device__ __forceinline__ uint32_t range_mask(int64_t t0, int64_t lo, int64_t h
 }
 
 // Inclusive scan of (decay, value) pairs over the kLanes lanes of a channel: (a, b) follows (pa, pb) as
-// h -> a (pa h + pb) + b.
-__device__ __forceinline__ void scan_pairs(float& a, float& b, int gl) {
+// h -> a (pa h + pb) + b. At the step of offset `off` a lane's pair covers lanes gl - off + 1 .. gl; it takes in
+// the pair `off` lanes left only while reach >= off. reach = gl, or (windows with sequence starts) the distance to
+// the lane's latest start lane: a pair holding a start is h -> b, so it must not read pb (0 * NaN = NaN), and its
+// a is never read again (the sweep and the carry select b alone past a start).
+__device__ __forceinline__ void scan_pairs(float& a, float& b, int reach) {
 #pragma unroll
   for (int off = 1; off < kLanes; off <<= 1) {
     const float pa = __shfl_up_sync(0xffffffffu, a, off, kLanes);
     const float pb = __shfl_up_sync(0xffffffffu, b, off, kLanes);
-    if (gl >= off) {
+    if (reach >= off) {
       b = fmaf(a, pb, b);
       a *= pa;
     }
@@ -329,6 +332,21 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
     if constexpr (!PASS1) Cn.load(Crow, vector, valid);
     An = __ldg(Arow);
   }
+  // Sequence starts drop the carried state by selects, never by a zero decay: 0 * NaN and 0 * inf are NaN, so a
+  // product would leak a non-finite state of one sequence into the next. Starts are flags (ev.reset and the
+  // channel's start lanes), not a == 0: a decay that underflows to 0 inside a sequence must still pass its NaN on.
+  // kFast windows have no starts and none of this code.
+  int reach = gl;              // scan_pairs: gl, or the distance to this lane's latest start lane
+  bool start_before = false;   // a sequence starts in a lane left of this one: its first state ignores the carry
+  bool window_starts = false;  // a sequence starts in the window: the carry out ignores the carry in
+  if constexpr (MODE != kFast) {
+    // The warp's 4 channels share the window's events: this channel's 8 lanes are its byte of the ballot.
+    const uint32_t lanes = __ballot_sync(0xffffffffu, ev.reset != 0) >> (threadIdx.x & 24) & 0xffu;
+    const uint32_t upto = lanes & ((2u << gl) - 1);
+    reach = upto != 0 ? gl - (31 - __clz(upto)) : gl;
+    start_before = (lanes & ((1u << gl) - 1)) != 0;
+    window_starts = lanes != 0;
+  }
   for (int64_t k = 0; k < n; ++k) {
     const Raw<T, I> Bk = Bn, Ck = Cn;
     const float A2 = An * kLog2e;
@@ -347,34 +365,37 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
     for (int i = 0; i < I; ++i) {
       a[i] = ex2(dt[i] * A2);
       b[i] = dtu[i] * Bk.get(i);
-      if constexpr (MODE == kLight) {  // a sequence starts: drop the carry, start from its initial state
-        const bool starts = ev.reset >> i & 1;
-        b[i] = starts ? fmaf(a[i], h0, b[i]) : b[i];
-        a[i] = starts ? 0.f : a[i];
-      } else if constexpr (MODE == kGeneral) {
-        if (!(valid >> i & 1)) a[i] = 1.f;
-        if (ev.reset >> i & 1) {
-          b[i] = fmaf(a[i], load_state<T>(p, ev.h0_tab[i], c, k, chunk), b[i]);
-          a[i] = 0.f;
+      if constexpr (MODE == kLight) {  // a sequence starts: its initial state takes the place of the fold so far
+        fb = fmaf(a[i], ev.reset >> i & 1 ? h0 : fb, b[i]);
+      } else {
+        if constexpr (MODE == kGeneral) {
+          if (!(valid >> i & 1)) a[i] = 1.f;
+          if (ev.reset >> i & 1) {  // the item becomes h -> b[i] (decay 0), and the fold so far is dropped
+            b[i] = fmaf(a[i], load_state<T>(p, ev.h0_tab[i], c, k, chunk), b[i]);
+            a[i] = 0.f;
+            fb = 0.f;
+          }
+          fa *= a[i];
         }
-        fa *= a[i];
+        fb = fmaf(a[i], fb, b[i]);
       }
-      fb = fmaf(a[i], fb, b[i]);
     }
-    // The lane's decay: exp(A sum dt) (invalid items add 0), or 0 past a sequence start.
-    if constexpr (MODE != kGeneral) fa = MODE == kLight && ev.reset != 0 ? 0.f : ex2(A2 * sum_dt);
-    scan_pairs(fa, fb, gl);
+    // The lane's decay: exp(A sum dt) (invalid items add 0). Past a sequence start it is never read (scan_pairs).
+    if constexpr (MODE != kGeneral) fa = ex2(A2 * sum_dt);
+    scan_pairs(fa, fb, reach);
     if constexpr (PASS1) {
-      if (gl == kLanes - 1) carry_out[k] = fmaf(fa, carry_in[k], fb);
+      if (gl == kLanes - 1) carry_out[k] = window_starts ? fb : fmaf(fa, carry_in[k], fb);
       continue;
     }
     // sweep 2: the state entering the lane's first token, then h and y token by token
     float ea = __shfl_up_sync(0xffffffffu, fa, 1, kLanes), eb = __shfl_up_sync(0xffffffffu, fb, 1, kLanes);
     if (gl == 0) ea = 1.f, eb = 0.f;
-    float h = fmaf(ea, carry_in[k], eb), h_store = 0.f;
+    float h = start_before ? eb : fmaf(ea, carry_in[k], eb), h_store = 0.f;
 #pragma unroll
     for (int i = 0; i < I; ++i) {
-      h = fmaf(a[i], h, b[i]);
+      if constexpr (MODE == kFast) h = fmaf(a[i], h, b[i]);
+      else if constexpr (MODE == kLight) h = fmaf(a[i], ev.reset >> i & 1 ? h0 : h, b[i]);
+      else h = ev.reset >> i & 1 ? b[i] : fmaf(a[i], h, b[i]);
       y[i] = fmaf(Ck.get(i), h, y[i]);
       if constexpr (MODE == kLight) {
         if (ev.store >> i & 1) h_store = h;

@@ -64,19 +64,18 @@ def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return view, buffer
 
 
-# Known to fail (found in review at d8d5a0f, not fixed yet): a sequence start multiplies the carried state by a zero
-# decay, and 0 * NaN is NaN, in the lane's fold, the 8-lane scan and the sweep, so a NaN in one varlen sequence
-# reaches the next one in the same window; the reference scans each sequence alone. Strict: a fix fails this test
-# until the mark is removed.
+# Guards the sequence starts: a NaN or inf state of one varlen sequence must not reach the next (0 * NaN = NaN).
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.xfail(strict=True, reason="a NaN state crosses a varlen sequence start (0 * NaN); not fixed yet")
-@pytest.mark.parametrize("lengths", [[5, 150], [16, 150]], ids=["general-window", "light-window"])
-def test_nan_stays_in_its_sequence(lengths):
+@pytest.mark.parametrize("lengths, value", [([5, 150], "nan"), ([16, 150], "nan"), ([16, 150], "inf"),
+                                            ([100, 150], "nan")],
+                         ids=["general-window", "light-window", "light-window-inf", "chunk-carry"])
+def test_nan_stays_in_its_sequence(lengths, value):
     """fp32 lanes hold 8 tokens: the second sequence starts in lane 0 beside the first (two starts: kGeneral), or
-    at lane 2's first token (kLight). u is NaN at token 3 of the first sequence."""
+    at lane 2's first token (kLight), or (64-token chunks) at lane 4 of chunk 1, whose carried-in state is already
+    NaN. u is `value` at token 3 of the first sequence."""
     args = random_call("cuda", torch.float32, d=8, n=4, lengths=lengths, seed=11)
-    args[ARG["u"]][:, 3] = float("nan")
+    args[ARG["u"]][:, 3] = float(value)
     run_and_check(args)
 
 
