@@ -1,7 +1,7 @@
 // persistent_topk: for each row, the indices of the k largest of its first L = clamp(length, 0, max_len) scores
 // (common/topk.cuh has the contract and the algorithm). The grid depends only on host scalars (rows, width, k,
 // max_seq_len); a row's length is read here, so a CUDA graph replays correctly with new lengths.
-#include "common/topk.cuh"
+#include "common/topk_two_pass.cuh"
 
 namespace cupy_ops {
 
@@ -13,17 +13,28 @@ struct PersistentTopKParams {
   int64_t out_stride;
   int64_t max_len;       // min(max_seq_len, W), at least 0
   int k;                 // 1..4096
-  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row)
+  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
 };
 
+__device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
+  return static_cast<int>(min(max(static_cast<int64_t>(p.lengths[row]), int64_t{0}), p.max_len));
+}
+
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
-  const int64_t len = min(max(static_cast<int64_t>(p.lengths[row]), int64_t{0}), p.max_len);
-  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, static_cast<int>(len),
-                                   p.output + row * p.out_stride, p.k, p.cap, p.stage, p.stages);
+  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, row_length(p, row), p.output + row * p.out_stride,
+                                   p.k, p.cap, p.stage, p.stages);
+}
+
+// One CTA a row, two reads of it (common/topk_two_pass.cuh); cap is the list's entries.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
+  const int row = static_cast<int>(blockIdx.x);
+  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row), p.output + row * p.out_stride,
+                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32));
 }
 
 }  // namespace cupy_ops

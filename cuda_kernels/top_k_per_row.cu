@@ -1,7 +1,7 @@
 // top_k_per_row_prefill and top_k_per_row_decode: for each row, the indices of the k largest scores of its window,
 // relative to the window start (common/topk.cuh has the contract and the algorithm). One kernel for both ops: they
 // differ only in how a row's window is found.
-#include "common/topk.cuh"
+#include "common/topk_two_pass.cuh"
 
 namespace cupy_ops {
 
@@ -15,7 +15,7 @@ struct TopKPerRowParams {
   int64_t stride1;
   int64_t out_stride;
   int k;                 // 1..4096
-  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row)
+  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
@@ -25,9 +25,11 @@ struct TopKPerRowParams {
 
 // Prefill: [clamp(start, 0, W), clamp(end, start, W)). Decode: [0, clamp(end, 0, W)) with end = seq_lens[row] when
 // per_row, else seq_lens[row / next_n] - next_n + row % next_n + 1 (query row % next_n of its sequence).
-template <int THREADS, int CLUSTER>
-__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
-  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+struct RowWindow {
+  int64_t start, length;
+};
+
+__device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int row) {
   int64_t start = 0, end;
   if (p.decode) {
     end = p.per_row ? static_cast<int64_t>(p.ends[row])
@@ -37,9 +39,27 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
     end = p.ends[row];
   }
   end = min(max(end, start), p.num_cols);
-  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + start * p.stride1, p.stride1,
-                                   static_cast<int>(end - start), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
+  return {start, end - start};
+}
+
+template <int THREADS, int CLUSTER>
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
+  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  const RowWindow w = row_window(p, row);
+  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
+                                   static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
                                    p.stages);
+}
+
+// One CTA a row, two reads of it (common/topk_two_pass.cuh); cap is the list's entries. Plans launch it only for
+// unit column strides.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
+  const int row = static_cast<int>(blockIdx.x);
+  const RowWindow w = row_window(p, row);
+  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
+                                   p.indices + row * p.out_stride, p.k, p.cap,
+                                   static_cast<int>((p.num_cols + 31) / 32));
 }
 
 }  // namespace cupy_ops

@@ -16,6 +16,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -108,7 +109,13 @@ inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); r
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __ldg(const float* p) { return *p; }
+inline float4 __ldg(const float4* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 15) { std::fprintf(stderr, "misaligned float4 load\n"); std::abort(); }
+  return *p;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
@@ -136,6 +143,9 @@ template <typename T> inline T __shfl_down_sync(unsigned, T v, int d) {
   return emu::shuffle(v, lane + d, lane + d > 31);
 }
 template <typename T> inline T __shfl_sync(unsigned, T v, int src) { return emu::shuffle(v, src & 31, false); }
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int m) {
+  return emu::shuffle(v, (static_cast<int>(emu::tidx.x & 31) ^ m) & 31, false);
+}
 namespace emu {
 // kernel() on grid_x blocks of `threads`, `cluster` blocks at a time; 0, or 1 after a deadlock.
 template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic) {
@@ -231,6 +241,14 @@ extern "C" int run_top_k_per_row(int threads, int cluster, int grid, long long d
 extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long dynamic, const PersistentTopKParams* p) {
   DISPATCH(persistent_topk_kernel)
 }
+#define DISPATCH_TWO_PASS(KERNEL) \
+""" + "".join(f"  if (threads == {t}) return go<{t}, 1>(KERNEL<{t}>, p, grid, dynamic); \\\n" for t in T.TWO_PASS_THREADS) + r"""  return 2;
+extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynamic, const TopKPerRowParams* p) {
+  DISPATCH_TWO_PASS(top_k_per_row_two_pass_kernel)
+}
+extern "C" int run_persistent_topk_two_pass(int threads, int grid, long long dynamic, const PersistentTopKParams* p) {
+  DISPATCH_TWO_PASS(persistent_topk_two_pass_kernel)
+}
 """
 
 
@@ -243,13 +261,15 @@ def emulator(tmp_path_factory):
     (out / "common" / "types.cuh").write_text((source / "common" / "types.cuh").read_text())
     (out / "common" / "cluster.cuh").write_text(CLUSTER_CUH)
     (out / "common" / "async_copy.cuh").write_text(ASYNC_COPY_CUH)
-    core = (source / "common" / "topk.cuh").read_text()
-    core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);", core)
-    core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
-                            "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
-                            "emu::cur->static_bytes);", core)
-    assert shared == dynamic == 1, "topk_row's shared declarations changed: update the emulation"
-    (out / "common" / "topk.cuh").write_text(core)
+    for header in ("topk.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
+        core = (source / "common" / header).read_text()
+        core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
+                               core)
+        core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
+                                "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
+                                "emu::cur->static_bytes);", core)
+        assert shared == dynamic == 1, f"{header}'s shared declarations changed: update the emulation"
+        (out / "common" / header).write_text(core)
     for name in ("top_k_per_row.cu", "persistent_topk.cu"):
         (out / name).write_text((source / name).read_text())
     (out / "emu_cuda.h").write_text(EMU_CUDA)
@@ -262,13 +282,19 @@ def emulator(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False):
+def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
-    entries), so rows of a few thousand elements shrink many times."""
+    entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
+    a list of that many entries (a small one overflows, so the select reads the row again)."""
     module = T if op is not PERSISTENT else PT
 
-    def plan_rows(kernels, device, rows, width, k):
+    def plan_rows(kernels, two_pass_kernels, device, rows, width, k, contiguous=True):
+        if list_cap is not None:
+            assert contiguous, "the two-pass kernel reads contiguous rows only"
+            words, staged = -(-width // 32), 4 * k
+            row = T.RowPlan(threads, 1, 0, list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True)
+            return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
         if shrink:
             cap = -(-(k + 8 * threads) // 4) * 4
@@ -281,60 +307,84 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False):
     pointers = [args[op.arguments.index(f.source)].data_ptr() for f in launch.params.pointers]
     params = ctypes.create_string_buffer(launch.params.size)
     launch.params.pack_into(params, 0, *pointers, launch.params.pack(launch.values))
-    run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
-    status = run(threads, cluster, launch.config.grid[0], ctypes.c_longlong(launch.config.shared_bytes), params)
+    grid, dynamic = launch.config.grid[0], ctypes.c_longlong(launch.config.shared_bytes)
+    if list_cap is not None:
+        run = library.run_persistent_topk_two_pass if op is PERSISTENT else library.run_top_k_per_row_two_pass
+        status = run(threads, grid, dynamic, params)
+    else:
+        run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
+        status = run(threads, cluster, grid, dynamic, params)
     assert status != 2, f"({threads}, {cluster}) is not emulated"
     assert status == 0, "a barrier was not reached by every thread (emulated deadlock)"
 
 
-# (threads, cluster, shrink). A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to
-# a dozen (ascending scores shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and
-# full chunks, and one of 8 the radix round that sums a bin over more than 4 CTAs. (The emulation runs ~1-3 s per
-# case on two cores: the matrix is kept small.)
-def _ids(geometries):
-    return [f"{t}x{c}{'-shrink' if s else ''}" for t, c, s in geometries]
+class Geometry(NamedTuple):
+    """One emulated launch shape: `cluster` CTAs of `threads` per row (topk_row), its smallest streaming buffer when
+    `shrink`; or with list_cap the two-pass kernel (one CTA a row) with a list of that many entries."""
+
+    threads: int
+    cluster: int = 1
+    shrink: bool = False
+    list_cap: int | None = None
+
+    def __str__(self):
+        if self.list_cap is not None:
+            return f"two-pass-{self.threads}-list{self.list_cap}"
+        return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}"
+
+    def run(self, library, monkeypatch, op, args):
+        emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
+                list_cap=self.list_cap)
 
 
-PREFILL_GEOMETRIES = [(256, 1, False), (256, 1, True), (512, 1, True), (512, 2, True), (1024, 2, False)]
+# A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
+# shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
+# the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs with a list that holds the k-th
+# largest's bin and with one that cannot (1 or 8 entries: the select and the marking read the row again). (The
+# emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
+PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
+                      Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
+                      Geometry(256, list_cap=8)]
 
 
-@pytest.mark.parametrize("threads, cluster, shrink", PREFILL_GEOMETRIES, ids=_ids(PREFILL_GEOMETRIES))
+@pytest.mark.parametrize("geometry", PREFILL_GEOMETRIES, ids=str)
 @pytest.mark.parametrize("kind", ["special", "ascending"])
-def test_prefill_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
+def test_prefill_rows(emulator, monkeypatch, kind, geometry):
     """Unaligned starts, lengths k - 1 / k / k + 1, an inverted window, long rows; NaN past every window."""
-    gen = torch.Generator().manual_seed(len(kind) + threads + cluster)
+    gen = torch.Generator().manual_seed(len(kind) + geometry.threads + geometry.cluster)
     width, k = 9001, 61
     logits = make_scores(kind, 5, width, gen)
     args = prefill_args(logits, [1, 0, 3, 10, 5], [width, k - 1, 3 + k, 10 + k + 1, 4], k)
-    emulate(emulator, monkeypatch, PREFILL, args, threads, cluster, shrink=shrink)
-    assert_reference(PREFILL, args, what=f"prefill {kind} {threads}x{cluster}")
+    geometry.run(emulator, monkeypatch, PREFILL, args)
+    assert_reference(PREFILL, args, what=f"prefill {kind} {geometry}")
 
 
-DECODE_GEOMETRIES = [(512, 1, True), (512, 4, False), (256, 2, False)]
+DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256, 2)]  # (strided: no two-pass)
 
 
-@pytest.mark.parametrize("threads, cluster, shrink", DECODE_GEOMETRIES, ids=_ids(DECODE_GEOMETRIES))
-def test_decode_strided_rows(emulator, monkeypatch, threads, cluster, shrink):
+@pytest.mark.parametrize("geometry", DECODE_GEOMETRIES, ids=str)
+def test_decode_strided_rows(emulator, monkeypatch, geometry):
     """Columns with stride 2 (element loads), next_n 2 with a sequence shorter than next_n, tied values."""
-    gen = torch.Generator().manual_seed(threads + cluster)
+    gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster)
     buffer = make_scores("ties", 4, 2 * 5001, gen)
     args = decode_args(buffer[:, ::2], 2, [5001, 1], 300)
-    emulate(emulator, monkeypatch, DECODE, args, threads, cluster, shrink=shrink)
-    assert_reference(DECODE, args, what=f"decode {threads}x{cluster}")
+    geometry.run(emulator, monkeypatch, DECODE, args)
+    assert_reference(DECODE, args, what=f"decode {geometry}")
 
 
-PERSISTENT_GEOMETRIES = [(512, 1, False), (1024, 1, True), (512, 2, False), (512, 4, False), (256, 2, True),
-                         (256, 8, False)]
+PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
+                         Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
+                         Geometry(256, list_cap=8)]
 
 
-@pytest.mark.parametrize("threads, cluster, shrink", PERSISTENT_GEOMETRIES, ids=_ids(PERSISTENT_GEOMETRIES))
+@pytest.mark.parametrize("geometry", PERSISTENT_GEOMETRIES, ids=str)
 @pytest.mark.parametrize("kind", ["randn", "lowbits", "neginf"])
-def test_persistent_rows(emulator, monkeypatch, kind, threads, cluster, shrink):
+def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     """An odd row pitch (each row misaligned differently), lengths -1 / k / W + 17 / k + 1; low-bits ties and
     -inf filling the last slots."""
-    gen = torch.Generator().manual_seed(threads * cluster)
+    gen = torch.Generator().manual_seed(geometry.threads * geometry.cluster)
     width, k = 9001, 64
     logits = make_scores(kind, 4, width + 2, gen)[:, :width]
     args = persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
-    emulate(emulator, monkeypatch, PERSISTENT, args, threads, cluster, shrink=shrink)
-    assert_reference(PERSISTENT, args, what=f"persistent {kind} {threads}x{cluster}")
+    geometry.run(emulator, monkeypatch, PERSISTENT, args)
+    assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")

@@ -18,13 +18,14 @@ from topk_utils import (
     assert_reference,
     assert_vllm_agrees,
     decode_args,
+    each_row_kernel,  # noqa: F401 - the fixture every test here uses
     make_scores,
     prefill_args,
 )
 
 import cupy_ops
 
-pytestmark = [gpu, requires_cuda]
+pytestmark = [gpu, requires_cuda, pytest.mark.usefixtures("each_row_kernel")]
 
 
 def _scores(kind, rows, width, seed, device="cuda"):

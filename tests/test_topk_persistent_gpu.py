@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import gpu, requires_cuda, requires_two_gpus
-from topk_utils import (PERSISTENT, assert_contract, assert_reference, assert_vllm_agrees, make_scores,
-                        persistent_args)
+from topk_utils import (
+    PERSISTENT,
+    assert_contract,
+    assert_reference,
+    assert_vllm_agrees,
+    each_row_kernel,  # noqa: F401 - the fixture every test here uses
+    make_scores,
+    persistent_args,
+)
 
-pytestmark = [gpu, requires_cuda]
+pytestmark = [gpu, requires_cuda, pytest.mark.usefixtures("each_row_kernel")]
 
 
 def _scores(kind, rows, width, seed, device="cuda", pitch=None):

@@ -40,11 +40,23 @@ SHAPES = [(1, 8192, 2048), (4, 163840, 2048), (128, 131072, 2048), (64, 65536, 5
           (1, 1, 1), (3, 100, 4096), (2, 300000, 4096), (1000, 20000, 1), (7, 0, 16)]
 
 
+def _plan_rows(rows, width, k):
+    return T.plan_rows(T.KERNELS, T.TWO_PASS_KERNELS, 0, rows, width, k)
+
+
 @pytest.mark.parametrize("gpu", list(GPUS))
 @pytest.mark.parametrize("rows, width, k", SHAPES, ids=[f"{r}x{w}-k{k}" for r, w, k in SHAPES])
 def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width, k):
     sms, optin, per_sm, arch = fake_gpu(gpu)
-    kernel, config, row = T.plan_rows(T.KERNELS, 0, rows, width, k)
+    kernel, config, row = _plan_rows(rows, width, k)
+    if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
+        assert rows > sms and width >= 16 * k and kernel is T.TWO_PASS_KERNELS[row.threads]
+        assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
+        assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
+        assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
+        assert row.shared_bytes + T.STATIC_SMEM <= optin
+        assert 1024 // row.threads * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm
+        return
     assert kernel is T.KERNELS[row.threads, row.cluster]
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
@@ -70,39 +82,52 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
 
 def test_cluster_sizes_on_h200(fake_gpu):
     fake_gpu("H200")
-    cluster = {shape: T.plan_rows(T.KERNELS, 0, *shape)[2].cluster for shape in SHAPES}
+    cluster = {shape: _plan_rows(*shape)[2].cluster for shape in SHAPES}
     assert cluster[1, 163840, 2048] == cluster[4, 163840, 2048] == cluster[4, 65536, 1024] == 16
     assert cluster[32, 163840, 2048] == 4 and cluster[64, 65536, 512] == 2 and cluster[1, 8192, 2048] == 1
     assert cluster[128, 131072, 2048] == 1 and cluster[4096, 8192, 2048] == 1 and cluster[256, 32768, 512] == 1
 
 
-def test_cta_sizes_on_h200(fake_gpu):
-    """Many short rows and rows cut in small cluster shares take 256-thread CTAs (four per SM when many); long
-    streamed rows 512 (many) or 1024 (few), and so do few rows in large shares (latency-bound)."""
+def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
+    """More rows than SMs, each at least 16 k wide (and contiguous): one CTA a row, 256 threads for rows up to
+    SMALL_CHUNK, 512 up to 65536; everything else stays on topk_row."""
     fake_gpu("H200")
-    threads = {shape: T.plan_rows(T.KERNELS, 0, *shape)[2].threads for shape in SHAPES}
+    rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
+    two_pass = {shape for shape, row in rows.items() if row.two_pass}
+    assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
+    assert rows[2048, 16384, 512].threads == 256 and rows[8192, 32768, 2048].threads == 512
+    assert not T.plan_rows(T.KERNELS, T.TWO_PASS_KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
+
+
+def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
+    """Without the two-pass kernel: many short rows and rows cut in small cluster shares take 256-thread CTAs
+    (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows in large shares
+    (latency-bound)."""
+    fake_gpu("H200")
+    monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM", 2**31)
+    threads = {shape: _plan_rows(*shape)[2].threads for shape in SHAPES}
     assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 65536, 1024] == 256
     assert threads[8192, 32768, 2048] == threads[256, 32768, 512] == threads[2048, 16384, 512] == 512
     assert threads[128, 131072, 2048] == threads[32, 163840, 2048] == threads[4, 163840, 2048] == 1024
     assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 1024
-    per_sm = 233472 // (T.plan_rows(T.KERNELS, 0, 4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
+    per_sm = 233472 // (_plan_rows(4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
     assert per_sm >= 4
 
 
 def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):
     fake_gpu("H200", max_cluster=8)
-    assert T.plan_rows(T.KERNELS, 0, 4, 163840, 2048)[2].cluster == 8
+    assert _plan_rows(4, 163840, 2048)[2].cluster == 8
 
 
 def test_sm80_never_uses_clusters(fake_gpu):
     fake_gpu("A100")
-    assert {T.plan_rows(T.KERNELS, 0, *shape)[2].cluster for shape in SHAPES} == {1}
+    assert {_plan_rows(*shape)[2].cluster for shape in SHAPES} == {1}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_static_shared_memory_bound(arch):
     """STATIC_SMEM (budgeted by the plans) covers ptxas' static shared memory of every instantiation."""
-    for kernel in (*T.KERNELS.values(), *PERSISTENT.kernels):
+    for kernel in (*PREFILL.kernels, *PERSISTENT.kernels):
         report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
         assert 0 < report.shared_memory <= T.STATIC_SMEM, kernel
 

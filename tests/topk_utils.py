@@ -12,13 +12,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cupy_ops.ops import top_k_per_row
 from cupy_ops.ops.persistent_topk import OP as PERSISTENT
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace
 from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends, float_keys
 
 __all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "assert_reference",
-           "assert_vllm_agrees", "decode_args", "make_scores", "persistent_args", "prefill_args", "vllm_agrees",
-           "windows_of"]
+           "assert_vllm_agrees", "decode_args", "each_row_kernel", "make_scores", "persistent_args", "prefill_args",
+           "vllm_agrees", "windows_of"]
+
+
+@pytest.fixture(params=["one-pass", "two-pass"])
+def each_row_kernel(request, monkeypatch):
+    """Runs a test once with each row kernel the plans choose from: topk_row (clusters, streaming, shrinks) for every
+    call, then the two-pass kernel for every call of contiguous rows. Plans are cached per layout: forgotten on both
+    sides."""
+    two_pass = request.param == "two-pass"
+    monkeypatch.setattr(top_k_per_row, "TWO_PASS_ROWS_PER_SM", 0 if two_pass else 2**31)
+    monkeypatch.setattr(top_k_per_row, "TWO_PASS_WIDTH_PER_K", 0)
+    for op in (PREFILL, DECODE, PERSISTENT):
+        op.forget_layouts()
+    yield request.param
+    for op in (PREFILL, DECODE, PERSISTENT):
+        op.forget_layouts()
 
 # Score patterns: each stresses another part of the select (spec test plans).
 DATA_KINDS = ("randn", "lowbits", "equal", "ties", "special", "neginf", "ascending", "descending")

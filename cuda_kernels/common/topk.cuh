@@ -64,6 +64,7 @@ struct alignas(16) Shared {
   uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
+  uint32_t appended;      // topk_row_two_pass: entries of the k-th largest's bin met in the second read
 };
 
 // ---- warp and block scans (shuffles; no CUB) ----
@@ -137,48 +138,52 @@ __device__ __forceinline__ bool find_bin(const uint32_t* counts, uint32_t rem, u
   return find_in_8(c, suffix - sum, rem, 8 * lane, found);
 }
 
-// The top k of the n keys (over the whole cluster when `cluster`), as (pivot, mask, rem): the entries whose
-// key & mask is above pivot, and the first rem >= 1 (by index) of those whose key & mask equals it. Rounds fix key
-// bits 31-21, 20-13, 12-5 and 7-0 (the last one's 256 bins: only the 32 of the fixed bits 7-5 can count). Round 0
-// reads sh.fine, which must hold the histogram of key >> 21 of these keys; each later round costs a pass over the
-// n keys, a find_bin and 2 barriers (and a cluster barrier in a cluster). Rounds stop as soon as the bin of the
-// k-th largest is taken whole (then rem is its count): for N(0, 1) scores, 8192 a row and k = 2048, the k-th
-// largest's 11-bit bin holds ~320 entries and its 19-bit one ~2.3, taken whole in 55% of rows: 1.45 passes a
-// select on average (simulated, 2000 rows), against 1.92 with 8-bit rounds 0 and 1 (~2300 and ~11 entries).
-// Otherwise mask is ~0 and pivot is the k-th largest key. Every thread of the block (and of the cluster when
-// `cluster`) calls it.
+// A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs.
+template <int CLUSTER>
+__device__ __forceinline__ const uint32_t* round_counts(const uint32_t* hist, bool in_cluster, Shared& sh) {
+  if (CLUSTER == 1 || !in_cluster) return hist;
+  cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
+  if (threadIdx.x < 256) {
+    const uint32_t address = shared_address(&hist[threadIdx.x]);
+    uint32_t sum = 0;
+#pragma unroll
+    for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
+    sh.total[threadIdx.x] = sum;
+  }
+  return sh.total;
+}
+
+// Warps 1.. clear the next round's buffer while warp 0 finds the bin. In a cluster, other CTAs read it last in
+// the previous round, before arriving at this round's cluster barrier, which this CTA has passed (round 1's
+// buffer: in no round yet; a CTA selects on the cluster once). (No loop: with one, CUDA 12.9's ptxas spilled
+// 12-20 bytes at 64 registers.)
+template <int THREADS>
+__device__ __forceinline__ void clear_next(uint32_t* next) {
+  if constexpr (THREADS >= 512) {
+    if (threadIdx.x >= 256 && threadIdx.x < 512) next[threadIdx.x - 256] = 0u;
+  } else {  // warps 1.. of 256-511 threads: one entry each, the first 256 - (THREADS - 32) of them a second
+    const int i = static_cast<int>(threadIdx.x) - 32;
+    next[i] = 0u;
+    if (i < 256 - (THREADS - 32)) next[THREADS - 32 + i] = 0u;
+  }
+}
+
+// The select finds the top k of a set of keys (over the whole cluster when `cluster`) as (pivot, mask, rem): the
+// entries whose key & mask is above pivot, and the first rem >= 1 (by index) of those whose key & mask equals it.
+// Rounds fix key bits 31-21, 20-13, 12-5 and 7-0 (the last one's 256 bins: only the 32 of the fixed bits 7-5 can
+// count). Round 0 (select_round0) reads sh.fine, which must hold the histogram of key >> 21 of the set; each later
+// round (select_refine) costs a pass over the keys, a find_bin and 2 barriers (and a cluster barrier in a cluster).
+// Rounds stop as soon as the bin of the k-th largest is taken whole (then rem is its count): for N(0, 1) scores,
+// 8192 a row and k = 2048, the k-th largest's 11-bit bin holds ~320 entries and its 19-bit one ~2.3, taken whole in
+// 55% of rows: 1.45 passes a select on average (simulated, 2000 rows), against 1.92 with 8-bit rounds 0 and 1
+// (~2300 and ~11 entries). Otherwise mask is ~0 and pivot is the k-th largest key. Every thread of the block (and
+// of the cluster when `cluster`) calls them.
+
+// Round 0: sh.found = (the 11-bit bin B of the k-th largest key, the rank left inside B, B's count).
 template <int THREADS, int CLUSTER>
-__device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh, uint32_t& pivot,
-                             uint32_t& mask, uint32_t& rem) {
+__device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
   static_assert(THREADS >= 256, "round 0 folds the fine histogram with 256 threads");
   const bool in_cluster = CLUSTER > 1 && cluster;
-  // A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs.
-  auto counts_of = [&](const uint32_t* hist) -> const uint32_t* {
-    if (!in_cluster) return hist;
-    cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
-    if (threadIdx.x < 256) {
-      const uint32_t address = shared_address(&hist[threadIdx.x]);
-      uint32_t sum = 0;
-#pragma unroll
-      for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
-      sh.total[threadIdx.x] = sum;
-    }
-    return sh.total;
-  };
-  // Warps 1.. clear the next round's buffer while warp 0 finds the bin. In a cluster, other CTAs read it last in
-  // the previous round, before arriving at this round's cluster barrier, which this CTA has passed (round 1's
-  // buffer: in no round yet; a CTA selects on the cluster once). (No loop: with one, CUDA 12.9's ptxas spilled
-  // 12-20 bytes at 64 registers.)
-  auto clear = [&](uint32_t* next) {
-    if constexpr (THREADS >= 512) {
-      if (threadIdx.x >= 256 && threadIdx.x < 512) next[threadIdx.x - 256] = 0u;
-    } else {  // warps 1.. of 256-511 threads: one entry each, the first 256 - (THREADS - 32) of them a second
-      const int i = static_cast<int>(threadIdx.x) - 32;
-      next[i] = 0u;
-      if (i < 256 - (THREADS - 32)) next[THREADS - 32 + i] = 0u;
-    }
-  };
-
   // Round 0, 11 bits, no pass over the buffer: find_bin on sh.fine folded to 256 bins gives B = key >> 24, then
   // B's 8 bins of sh.fine give key >> 21. (A find over the 2048 bins would take a block scan and, in a cluster,
   // 2048 remote loads per CTA, not 256 + 8.) Other CTAs read this CTA's sh.fine here: see Shared::fine.
@@ -187,7 +192,7 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
     const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x + 1];
     sh.hist[0][threadIdx.x] = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
   }
-  const uint32_t* counts = counts_of(sh.hist[0]);
+  const uint32_t* counts = round_counts<CLUSTER>(sh.hist[0], in_cluster, sh);
   __syncthreads();
   if (threadIdx.x < 32) {
     uint32_t coarse[3];  // (B, rank left, count) in registers: one lane writes sh.found, once (no warp barrier)
@@ -230,9 +235,17 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
       }
     }
   } else {
-    clear(sh.hist[1]);
+    clear_next<THREADS>(sh.hist[1]);
   }
   __syncthreads();
+}
+
+// Rounds 1-3 after select_round0, over the keys each_key(f) passes to f(key) (each thread its share; keys outside
+// B may be passed too: they match no round's prefix).
+template <int THREADS, int CLUSTER, typename EachKey>
+__device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32_t& pivot, uint32_t& mask,
+                              uint32_t& rem) {
+  const bool in_cluster = CLUSTER > 1 && cluster;
   uint32_t prefix = sh.found[0] << 21;
   mask = 0xffe00000u;
   rem = sh.found[1];
@@ -242,16 +255,15 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
     for (int round = 1; round < 4; ++round) {
       const int shift = max(0, 21 - 8 * round);
       uint32_t* hist = sh.hist[round & 1];
-      for (int i = threadIdx.x; i < n; i += THREADS) {
-        const uint32_t key = keys[i];
+      each_key([&](uint32_t key) {
         if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-      }
-      counts = counts_of(hist);
+      });
+      const uint32_t* counts = round_counts<CLUSTER>(hist, in_cluster, sh);
       __syncthreads();
       if (threadIdx.x < 32) {
         find_bin(counts, rem, sh.found);
       } else {
-        clear(sh.hist[(round + 1) & 1]);
+        clear_next<THREADS>(sh.hist[(round + 1) & 1]);
       }
       __syncthreads();
       prefix |= sh.found[0] << shift;
@@ -261,6 +273,16 @@ __device__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool clust
     }
   }
   pivot = prefix;
+}
+
+// The top k of the n keys in shared memory (sh.fine: their histogram).
+template <int THREADS, int CLUSTER>
+__device__ __forceinline__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh,
+                                             uint32_t& pivot, uint32_t& mask, uint32_t& rem) {
+  select_round0<THREADS, CLUSTER>(k, cluster, sh);
+  select_refine<THREADS, CLUSTER>([&](auto f) {
+    for (int i = threadIdx.x; i < n; i += THREADS) f(keys[i]);
+  }, cluster, sh, pivot, mask, rem);
 }
 
 // ---- emission: a stable compaction of the selected entries, in index order ----

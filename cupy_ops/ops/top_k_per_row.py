@@ -39,6 +39,7 @@ MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs le
 # SMALL_CHUNK elements, alone or in clusters; 512-thread CTAs (2 per SM) for many longer rows; 1024-thread CTAs
 # (1 per SM) for few long rows, alone or in clusters.
 INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
+TWO_PASS_THREADS = (256, 512, 1024)  # the two-pass kernel's instantiations (one CTA a row)
 # A CTA's per-row cost is ~1000 instructions a thread whatever its chunk (radix rounds, barriers, emission), so
 # a thread should have tens of elements: many rows with chunks up to SMALL_CHUNK take 256 threads (the 4096-row
 # prefill at 512 threads per CTA spent ~100 of its ~145 instructions per element on that fixed part, measured
@@ -54,6 +55,16 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 # widths between 8192 and 16384 not measured).
 MIN_SPLIT_WIDTH = 16384
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
+# The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
+# rows are at least TWO_PASS_WIDTH_PER_K x k wide, so a row selects at most ~1/16 of itself. H200, against topk_row
+# (bench/tune.py, one run): 8192 x 32768 prefill k 2048 547 vs 616 us, 2048 x 16384 prefill k 512 76.1 vs 82.0,
+# 256 x 32768 persistent k 512 27.6 vs 28.6; slower with more selected or fewer rows: 4096 x 8192 prefill k 2048
+# 113 vs 94, 256 x 16384 decode k 2048 26.4 vs 19.2, 64 x 65536 k 512 25.9 vs 21.1; even at 128 x 131072 (49.6).
+# Its list must hold at least MIN_LIST entries (the k-th largest's 11-bit bin: ~1300 entries for 131072 N(0, 1)
+# scores, 12.5% of a row of uniform ones; more than the list reads the row 2-4 more times).
+TWO_PASS_ROWS_PER_SM = 1
+TWO_PASS_WIDTH_PER_K = 16
+MIN_LIST = 512
 
 
 class CtaShapes(NamedTuple):
@@ -85,7 +96,8 @@ class RowPlan(NamedTuple):
     """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a copy ring of `stages` groups (32 bytes
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
-    memory in all."""
+    memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
+    (stages = stage = 0)."""
 
     threads: int
     cluster: int
@@ -93,6 +105,7 @@ class RowPlan(NamedTuple):
     cap: int
     stage: int
     shared_bytes: int
+    two_pass: bool = False
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -130,14 +143,35 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
     return None
 
 
-def plan_rows(kernels: dict, device: int, rows: int, width: int, k: int) -> tuple[Kernel, LaunchConfig, RowPlan]:
+def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
+    """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 1024
+    threads while the rows fit the SMs once (latency-bound), else 256 for chunks up to SMALL_CHUNK, 512 up to 65536,
+    1024 beyond; bitmaps of ceil(width / 32) words (`sel`, `eq`), k staged outputs and the rest of the CTA's share of
+    the SM's shared memory for the list (8 bytes an entry)."""
+    threads = 1024 if rows <= sms or width > 65536 else 512 if width > SMALL_CHUNK else 256
+    budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
+    fixed = 8 * -(-width // 32) + 4 * k
+    cap = (budget - fixed) // 8
+    if cap < MIN_LIST:
+        return None
+    return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True)
+
+
+def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, width: int, k: int,
+              contiguous: bool = True) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at least MIN_SPLIT_WIDTH
-    wide; a cluster shape the GPU cannot hold is halved. CTA_SHAPES lists the CTA sizes and occupancies tried."""
+    wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and occupancies tried. But
+    calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel
+    (`two_pass_kernels`, by threads) where its plan fits and the rows are `contiguous` (unit column stride)."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
+    two_pass = contiguous and rows > TWO_PASS_ROWS_PER_SM * sms and width >= TWO_PASS_WIDTH_PER_K * k
+    row = two_pass_plan(rows, width, k, sms, optin, per_sm) if two_pass else None
+    if row is not None:
+        return two_pass_kernels[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
         while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK
@@ -225,6 +259,8 @@ def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0,
 # ---- the ops --------------------------------------------------------------------------------------------------------
 
 KERNELS = {(t, c): Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_kernel<{t}, {c}>") for t, c in INSTANTIATIONS}
+TWO_PASS_KERNELS = {t: Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>")
+                    for t in TWO_PASS_THREADS}
 PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
@@ -290,7 +326,8 @@ def _plan(c: Call, decode: bool) -> list:
     rows, cols = c.dims["rows"], c.dims["cols"]
     if rows == 0:
         return []
-    kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK)
+    contiguous = c.logits.strides[1] == 1 or cols <= 1
+    kernel, config, row = plan_rows(KERNELS, TWO_PASS_KERNELS, c.device, rows, cols, c.topK, contiguous)
     per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
@@ -345,13 +382,13 @@ PREFILL = Op(
     "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, int numRows, "
     "int stride0, int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("rowStarts", "in", None, _I32), TensorArg("rowEnds", "in", None, _I32), _INDICES],
-    kernels=KERNELS.values(), params=PARAMS, check=check_prefill, plan=plan_prefill,
+    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=PARAMS, check=check_prefill, plan=plan_prefill,
     reference=top_k_per_row_prefill_ref, examples=examples_prefill, doc=__doc__)
 DECODE = Op(
     "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, int numRows, int stride0, "
     "int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("seqLens", "in", None, _I32), _INDICES],
-    kernels=KERNELS.values(), params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
+    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
     reference=top_k_per_row_decode_ref, examples=examples_decode, doc=__doc__)
 top_k_per_row_prefill = PREFILL.public
 top_k_per_row_decode = DECODE.public

@@ -1,0 +1,156 @@
+// Top-k of one row in two reads of global memory and bitmaps in shared memory: one CTA a row, for calls of many
+// wide rows that each select a small fraction (the contract is topk_row's, common/topk.cuh). topk_row keeps a buffer
+// of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink; here a row
+// costs two reads (the second mostly from L2) and no buffer:
+// 1. First read: the 11-bit histogram of every key (sh.fine). Round 0 of the select gives B, the bin of the k-th
+//    largest key, the rank left inside it and its count.
+// 2. Second read: an element of a bin above B sets its bit in the `sel` bitmap; an element of B is appended, (key,
+//    column), to a list (or sets its bit too when B is taken whole).
+// 3. Rounds 1-3 of the select over the list give the pivot; list entries above it set their `sel` bit, those equal
+//    to it their `eq` bit. When B holds more entries than the list (tie-heavy or low-entropy rows), the rounds and
+//    this marking read the row again instead: exact, slower.
+// 4. Emission: the first rem `eq` bits in column order join `sel` (a block scan of popcounts), then a second scan
+//    gives each thread's first output slot; the k columns are staged in shared memory and stored coalesced.
+// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where a row selects <= 1/16 of
+// itself and the rows outnumber the SMs; elsewhere the per-selected-element atomics and ~10 barriers a row cost more
+// than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of ~5000: 69.9M warp instructions against 63.7M). Packing
+// the sel bits of 8 lanes into words with shuffles instead of atomics was slower on every shape (56 vs 50 us at
+// 128 x 131072).
+#pragma once
+#include "topk.cuh"
+
+namespace cupy_ops {
+namespace topk {
+
+constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using any: 64 KB in flight per 1024 threads
+
+// f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
+// (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
+// loaded before any is used; the cut first and last slots element by element.
+template <int THREADS, typename F>
+__device__ __forceinline__ void for_each_element(const float* base, int len, F f) {
+  const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
+  const int slots = (len + a + 3) >> 2;
+#pragma unroll 1
+  for (int s0 = threadIdx.x; s0 < slots; s0 += kTwoPassUnroll * THREADS) {
+    float4 v[kTwoPassUnroll];
+#pragma unroll
+    for (int u = 0; u < kTwoPassUnroll; ++u) {
+      const int i0 = 4 * (s0 + u * THREADS) - a;
+      if (i0 >= 0 && i0 + 4 <= len) v[u] = __ldg(reinterpret_cast<const float4*>(base + i0));
+    }
+#pragma unroll
+    for (int u = 0; u < kTwoPassUnroll; ++u) {
+      const int i0 = 4 * (s0 + u * THREADS) - a;
+      if (i0 >= 0 && i0 + 4 <= len) {
+        f(float_key(v[u].x), i0);
+        f(float_key(v[u].y), i0 + 1);
+        f(float_key(v[u].z), i0 + 2);
+        f(float_key(v[u].w), i0 + 3);
+      } else {
+        for (int i = max(i0, 0); i < min(i0 + 4, len); ++i) f(float_key(__ldg(base + i)), i);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void set_bit(uint32_t* bits, int i) { atomicOr(&bits[i >> 5], 1u << (i & 31)); }
+
+// The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
+// eq[words], list keys[cap], list columns[cap], staged[k]. The host guarantees words >= ceil(len / 32), 1 <= cap,
+// k <= 4096 and len <= 2^31 - 8.
+template <int THREADS>
+__device__ void topk_row_two_pass(const float* base, int len, int* out, int k, int cap, int words) {
+  __shared__ Shared sh;
+  extern __shared__ uint4 topk_dynamic_smem[];
+  if (len <= k) {  // every index, then -1
+    for (int j = threadIdx.x; j < k; j += THREADS) out[j] = j < len ? j : -1;
+    return;
+  }
+  uint32_t* sel = reinterpret_cast<uint32_t*>(topk_dynamic_smem);
+  uint32_t* eq = sel + words;
+  uint32_t* list_keys = eq + words;
+  int* list_columns = reinterpret_cast<int*>(list_keys + cap);
+  int* staged = list_columns + cap;
+  const int used = (len + 31) >> 5;  // bitmap words of this row
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  for (int w = threadIdx.x; w < used; w += THREADS) sel[w] = eq[w] = 0u;
+  if (threadIdx.x == 0) sh.appended = 0u;
+  __syncthreads();
+
+  for_each_element<THREADS>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
+  __syncthreads();
+  select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
+  const uint32_t bin = sh.found[0];
+  const bool whole = sh.found[1] == sh.found[2];  // every entry of B is in: no list, no eq bits
+  for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+    const uint32_t b = key >> 21;
+    if (b > bin || (whole && b == bin)) {
+      set_bit(sel, i);
+    } else if (b == bin) {
+      const uint32_t p = atomicAdd(&sh.appended, 1u);
+      if (p < static_cast<uint32_t>(cap)) {
+        list_keys[p] = key;
+        list_columns[p] = i;
+      }
+    }
+  });
+  __syncthreads();
+
+  uint32_t take = 0;  // pivot-equal entries to take, the first ones in column order (eq bits)
+  if (!whole) {
+    uint32_t pivot, mask, rem;
+    auto mark = [&](uint32_t key, int i) {
+      const uint32_t m = key & mask;
+      if (m > pivot) set_bit(sel, i);
+      else if (m == pivot) set_bit(eq, i);
+    };
+    const uint32_t n = sh.appended;
+    if (n <= static_cast<uint32_t>(cap)) {
+      select_refine<THREADS, 1>([&](auto f) {
+        for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) f(list_keys[j]);
+      }, false, sh, pivot, mask, rem);
+      for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) mark(list_keys[j], list_columns[j]);
+    } else {  // the list overflowed: each round and the marking read the row again
+      select_refine<THREADS, 1>([&](auto f) {
+        for_each_element<THREADS>(base, len, [&](uint32_t key, int) { f(key); });
+      }, false, sh, pivot, mask, rem);
+      for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+        if ((key >> 21) == bin) mark(key, i);
+      });
+    }
+    take = rem;
+    __syncthreads();
+  }
+
+  // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order.
+  const int per = (used + THREADS - 1) / THREADS;
+  const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
+  uint32_t parity = 0, total;
+  if (take != 0) {  // uniform
+    uint32_t equal = 0;
+    for (int w = w0; w < w1; ++w) equal += __popc(eq[w]);
+    uint32_t before = block_exclusive_sum<THREADS>(equal, total, sh, parity);
+    for (int w = w0; w < w1 && before < take; ++w) {
+      uint32_t e = eq[w], m = sel[w];
+      for (; e != 0 && before < take; ++before) {
+        m |= e & (0u - e);  // the lowest remaining eq bit
+        e &= e - 1u;
+      }
+      sel[w] = m;
+    }
+  }
+  uint32_t count = 0;
+  for (int w = w0; w < w1; ++w) count += __popc(sel[w]);
+  int slot = static_cast<int>(block_exclusive_sum<THREADS>(count, total, sh, parity));
+  for (int w = w0; w < w1; ++w) {
+    for (uint32_t m = sel[w]; m != 0; m &= m - 1u, ++slot) {
+      if (slot < k) staged[slot] = 32 * w + __ffs(m) - 1;  // (exactly k bits are set: the guard is for safety)
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < k; j += THREADS) out[j] = staged[j];
+}
+
+}  // namespace topk
+}  // namespace cupy_ops
