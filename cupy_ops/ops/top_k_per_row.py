@@ -21,7 +21,9 @@ Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), 
 The GPU algorithm (common/topk.cuh) reads every score once, at any length: a CTA buffers keys in shared memory and,
 when the buffer is full, keeps its own top k and filters the rest of the row above it. On sm_90, when few rows
 leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through distributed
-shared memory. persistent_topk shares the device code, `plan_rows`, `select_rows_ref` and `float_keys`.
+shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh: a histogram
+read, then a read that marks bitmaps). persistent_topk shares the device code, `plan_rows`, `select_rows_ref` and
+`float_keys`.
 """
 
 from __future__ import annotations
