@@ -336,16 +336,16 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
   // product would leak a non-finite state of one sequence into the next. Starts are flags (ev.reset and the
   // channel's start lanes), not a == 0: a decay that underflows to 0 inside a sequence must still pass its NaN on.
   // kFast windows have no starts and none of this code.
-  int reach = gl;              // scan_pairs: gl, or the distance to this lane's latest start lane
-  bool start_before = false;   // a sequence starts in a lane left of this one: its first state ignores the carry
-  bool window_starts = false;  // a sequence starts in the window: the carry out ignores the carry in
-  if constexpr (MODE != kFast) {
+  // kFast windows, and pass 1's (it folds a chunk's tail from the sequence's start), have no starts.
+  int reach = gl;             // scan_pairs: gl, or the distance to this lane's latest start lane
+  bool start_before = false;  // a sequence starts in a lane left of this one: its first state ignores the carry
+  if constexpr (MODE != kFast && !PASS1) {
     // The warp's 4 channels share the window's events: this channel's 8 lanes are its byte of the ballot.
+    static_assert(kLanes == 8, "a channel's lanes are one byte of the warp's ballot");
     const uint32_t lanes = __ballot_sync(0xffffffffu, ev.reset != 0) >> (threadIdx.x & 24) & 0xffu;
     const uint32_t upto = lanes & ((2u << gl) - 1);
     reach = upto != 0 ? gl - (31 - __clz(upto)) : gl;
     start_before = (lanes & ((1u << gl) - 1)) != 0;
-    window_starts = lanes != 0;
   }
   for (int64_t k = 0; k < n; ++k) {
     const Raw<T, I> Bk = Bn, Ck = Cn;
@@ -384,7 +384,7 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
     if constexpr (MODE != kGeneral) fa = ex2(A2 * sum_dt);
     scan_pairs(fa, fb, reach);
     if constexpr (PASS1) {
-      if (gl == kLanes - 1) carry_out[k] = window_starts ? fb : fmaf(fa, carry_in[k], fb);
+      if (gl == kLanes - 1) carry_out[k] = fmaf(fa, carry_in[k], fb);
       continue;
     }
     // sweep 2: the state entering the lane's first token, then h and y token by token

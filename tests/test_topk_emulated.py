@@ -64,6 +64,7 @@ inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 namespace emu {
 struct Deadlock {};
 inline std::atomic<bool> aborted{false};
+inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
 // A barrier whose waiters give up (and make every other waiter give up) after 120 s: a thread that skips a
 // barrier the others reach fails the case instead of hanging the test run. (2048 OS threads on two busy cores
 // once took over 30 s to meet: slow, not stuck.)
@@ -143,13 +144,11 @@ template <typename T> inline T __shfl_down_sync(unsigned, T v, int d) {
   return emu::shuffle(v, lane + d, lane + d > 31);
 }
 template <typename T> inline T __shfl_sync(unsigned, T v, int src) { return emu::shuffle(v, src & 31, false); }
-template <typename T> inline T __shfl_xor_sync(unsigned, T v, int m) {
-  return emu::shuffle(v, (static_cast<int>(emu::tidx.x & 31) ^ m) & 31, false);
-}
 namespace emu {
-// kernel() on grid_x blocks of `threads`, `cluster` blocks at a time; 0, or 1 after a deadlock.
+// kernel() on grid_x blocks of `threads`, `cluster` blocks at a time; 0, 1 after a deadlock, 3 after an overrun.
 template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic) {
   aborted = false;
+  overrun = false;
   for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
     Barrier cluster_bar(threads * cluster);
     Cluster cl{&cluster_bar, {}};
@@ -180,7 +179,7 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
       std::free(b.smem);
     }
   }
-  return aborted ? 1 : 0;
+  return aborted ? 1 : overrun ? 3 : 0;
 }
 }  // namespace emu
 """
@@ -263,6 +262,8 @@ def emulator(tmp_path_factory):
     (out / "common" / "async_copy.cuh").write_text(ASYNC_COPY_CUH)
     for header in ("topk.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
         core = (source / "common" / header).read_text()
+        # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
+        core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -315,6 +316,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
         status = run(threads, cluster, grid, dynamic, params)
     assert status != 2, f"({threads}, {cluster}) is not emulated"
+    assert status != 3, "the two-pass emission counted more than k selected entries"
     assert status == 0, "a barrier was not reached by every thread (emulated deadlock)"
 
 
@@ -340,8 +342,9 @@ class Geometry(NamedTuple):
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
 # shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
 # the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs with a list that holds the k-th
-# largest's bin and with one that cannot (1 or 8 entries: the select and the marking read the row again). (The
-# emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
+# largest's bin of randn / special / ascending rows (2048-4096 entries; low-bits rows overflow it) and with one of 8
+# entries that none can fit (the select and the marking read the row again). (The emulation runs ~1-3 s per case on
+# two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
                       Geometry(256, list_cap=8)]

@@ -11,8 +11,8 @@
 //    this marking read the row again instead: exact, slower.
 // 4. Emission: the first rem `eq` bits in column order join `sel` (a block scan of popcounts), then a second scan
 //    gives each thread's first output slot; the k columns are staged in shared memory and stored coalesced.
-// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where a row selects <= 1/16 of
-// itself and the rows outnumber the SMs; elsewhere the per-selected-element atomics and ~10 barriers a row cost more
+// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where the rows outnumber the SMs
+// and a row selects 1/32 of itself or less (it loses at 1/8; 1/16 is the plans' line); elsewhere the per-selected-element atomics and ~10 barriers a row cost more
 // than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of ~5000: 69.9M warp instructions against 63.7M). Packing
 // the sel bits of 8 lanes into words with shuffles instead of atomics was slower on every shape (56 vs 50 us at
 // 128 x 131072).
@@ -58,7 +58,8 @@ __device__ __forceinline__ void set_bit(uint32_t* bits, int i) { atomicOr(&bits[
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap], staged[k]. The host guarantees words >= ceil(len / 32), 1 <= cap,
-// k <= 4096 and len <= 2^31 - 8.
+// k <= 4096 and len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
+// planned widths under ~800K).
 template <int THREADS>
 __device__ void topk_row_two_pass(const float* base, int len, int* out, int k, int cap, int words) {
   __shared__ Shared sh;

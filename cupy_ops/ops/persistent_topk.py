@@ -115,6 +115,6 @@ OP = Op(
              TensorArg("lengths", "in", None, (torch.int32,)),
              TensorArg("output", "out", ("rows", "k"), (torch.int32,), unit_last_stride=True),
              TensorArg("workspace", "in", None, (torch.uint8,))],
-    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=PARAMS, check=check, plan=plan, reference=persistent_topk_ref,
-    examples=examples, doc=__doc__)
+    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=PARAMS, check=check, plan=plan,
+    reference=persistent_topk_ref, examples=examples, doc=__doc__)
 persistent_topk = OP.public

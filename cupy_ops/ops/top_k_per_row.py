@@ -58,12 +58,14 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 MIN_SPLIT_WIDTH = 16384
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
-# rows are at least TWO_PASS_WIDTH_PER_K x k wide, so a row selects at most ~1/16 of itself. H200, against topk_row
-# (bench/tune.py, one run): 8192 x 32768 prefill k 2048 547 vs 616 us, 2048 x 16384 prefill k 512 76.1 vs 82.0,
-# 256 x 32768 persistent k 512 27.6 vs 28.6; slower with more selected or fewer rows: 4096 x 8192 prefill k 2048
-# 113 vs 94, 256 x 16384 decode k 2048 26.4 vs 19.2, 64 x 65536 k 512 25.9 vs 21.1; even at 128 x 131072 (49.6).
-# Its list must hold at least MIN_LIST entries (the k-th largest's 11-bit bin: ~1300 entries for 131072 N(0, 1)
-# scores, 12.5% of a row of uniform ones; more than the list reads the row 2-4 more times).
+# rows are at least TWO_PASS_WIDTH_PER_K x k wide. H200, against topk_row (bench/tune.py, one run): 8192 x 32768
+# prefill k 2048 547 vs 616 us, 2048 x 16384 prefill k 512 76.1 vs 82.0, 256 x 32768 persistent k 512 27.6 vs 28.6
+# (widths 16-64 k); slower with more selected or fewer rows: 256 x 16384 decode k 2048 (8 k) 26.4 vs 19.2, 4096 x
+# 8192 prefill k 2048 113 vs 94, 64 x 65536 k 512 25.9 vs 21.1; even at 128 x 131072 (49.6 vs 49.8). 16 k is the
+# line between 8 k (loses) and 16-32 k (wins), not measured on its own.
+# Its list holds the k-th largest's 11-bit bin, MIN_LIST entries or more: for N(0, 1) scores that bin holds ~300-900
+# entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
+# A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
 TWO_PASS_ROWS_PER_SM = 1
 TWO_PASS_WIDTH_PER_K = 16
 MIN_LIST = 512
@@ -146,10 +148,11 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
 
 
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
-    """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 1024
-    threads while the rows fit the SMs once (latency-bound), else 256 for chunks up to SMALL_CHUNK, 512 up to 65536,
-    1024 beyond; bitmaps of ceil(width / 32) words (`sel`, `eq`), k staged outputs and the rest of the CTA's share of
-    the SM's shared memory for the list (8 bytes an entry)."""
+    """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
+    threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (only
+    tests plan such calls: TWO_PASS_ROWS_PER_SM keeps them on topk_row); bitmaps of ceil(width / 32) words (`sel`,
+    `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8 bytes an
+    entry)."""
     threads = 1024 if rows <= sms or width > 65536 else 512 if width > SMALL_CHUNK else 256
     budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
     fixed = 8 * -(-width // 32) + 4 * k
