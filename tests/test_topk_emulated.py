@@ -343,8 +343,8 @@ class Geometry(NamedTuple):
 # shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
 # the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs at the plans' 256 and 512 threads
 # with a list that holds the k-th largest's bin of randn / special / ascending rows (2048-4096 entries; low-bits rows
-# overflow it) and with one of 8 entries that none can fit (the select and the marking read the row again). (The emulation runs ~1-3 s per case on
-# two cores: the matrix is kept small.)
+# overflow it) and with one of 8 entries that none can fit (the select and the marking read the row again). (The
+# emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
                       Geometry(512, list_cap=4096), Geometry(256, list_cap=8)]

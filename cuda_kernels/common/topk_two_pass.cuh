@@ -12,10 +12,10 @@
 // 4. Emission: the first rem `eq` bits in column order join `sel` (a block scan of popcounts), then a second scan
 //    gives each thread's first output slot; the k columns are staged in shared memory and stored coalesced.
 // Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where the rows outnumber the SMs
-// and a row selects 1/32 of itself or less (it loses at 1/8; 1/16 is the plans' line); elsewhere the per-selected-element atomics and ~10 barriers a row cost more
-// than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of ~5000: 69.9M warp instructions against 63.7M). Packing
-// the sel bits of 8 lanes into words with shuffles instead of atomics was slower on every shape (56 vs 50 us at
-// 128 x 131072).
+// and a row selects 1/32 of itself or less (it loses at 1/8; 1/16 is the plans' line); elsewhere the atomic per
+// selected element and ~10 barriers a row cost more than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of
+// ~5000: 69.9M warp instructions against 63.7M). Packing the sel bits of 8 lanes into words with shuffles instead of
+// atomics was slower on every shape (56 vs 50 us at 128 x 131072).
 #pragma once
 #include "topk.cuh"
 

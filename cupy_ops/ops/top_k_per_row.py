@@ -266,6 +266,7 @@ def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0,
 KERNELS = {(t, c): Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_kernel<{t}, {c}>") for t, c in INSTANTIATIONS}
 TWO_PASS_KERNELS = {t: Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>")
                     for t in TWO_PASS_THREADS}
+ALL_KERNELS = [*KERNELS.values(), *TWO_PASS_KERNELS.values()]  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
@@ -387,13 +388,13 @@ PREFILL = Op(
     "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, int numRows, "
     "int stride0, int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("rowStarts", "in", None, _I32), TensorArg("rowEnds", "in", None, _I32), _INDICES],
-    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=PARAMS, check=check_prefill, plan=plan_prefill,
+    kernels=ALL_KERNELS, params=PARAMS, check=check_prefill, plan=plan_prefill,
     reference=top_k_per_row_prefill_ref, examples=examples_prefill, doc=__doc__)
 DECODE = Op(
     "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, int numRows, int stride0, "
     "int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("seqLens", "in", None, _I32), _INDICES],
-    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
+    kernels=ALL_KERNELS, params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
     reference=top_k_per_row_decode_ref, examples=examples_decode, doc=__doc__)
 top_k_per_row_prefill = PREFILL.public
 top_k_per_row_decode = DECODE.public
