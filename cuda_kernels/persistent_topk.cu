@@ -16,6 +16,7 @@ struct PersistentTopKParams {
   int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
+  int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
@@ -26,7 +27,7 @@ template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, row_length(p, row), p.output + row * p.out_stride,
-                                   p.k, p.cap, p.stage, p.stages);
+                                   p.k, p.cap, p.stage, p.stages, p.sample);
 }
 
 // One CTA a row, two reads of it (common/topk_two_pass.cuh); cap is the list's entries.

@@ -18,6 +18,7 @@ struct TopKPerRowParams {
   int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
+  int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
   const RowWindow w = row_window(p, row);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
                                    static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
-                                   p.stages);
+                                   p.stages, p.sample);
 }
 
 // One CTA a row, two reads of it (common/topk_two_pass.cuh); cap is the list's entries. Plans launch it only for

@@ -283,11 +283,13 @@ def emulator(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None):
+def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
-    a list of that many entries (a small one overflows, so the select reads the row again)."""
+    a list of that many entries (a small one overflows, so the select reads the row again). sample: the streaming
+    buffer's sampled-cutoff target instead of the plan's (1: a cutoff at the largest sample, which lets fewer than k
+    through, so the chunk is read again)."""
     module = T if op is not PERSISTENT else PT
 
     def plan_rows(kernels, two_pass_kernels, device, rows, width, k, contiguous=True):
@@ -299,7 +301,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
         if shrink:
             cap = -(-(k + 8 * threads) // 4) * 4
-            row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k))
+            row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k),
+                               sample=T.sample_target(T.chunk_bound(width, cluster), k) if sample is None else sample)
         return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
 
     monkeypatch.setattr(module, "plan_rows", plan_rows)
@@ -328,22 +331,26 @@ class Geometry(NamedTuple):
     cluster: int = 1
     shrink: bool = False
     list_cap: int | None = None
+    sample: int | None = None
 
     def __str__(self):
         if self.list_cap is not None:
             return f"two-pass-{self.threads}-list{self.list_cap}"
-        return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}"
+        sample = "" if self.sample is None else f"-sample{self.sample}"
+        return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
-                list_cap=self.list_cap)
+                list_cap=self.list_cap, sample=self.sample)
 
 
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
 # shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
 # the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs at the plans' 256 and 512 threads
 # with a list that holds the k-th largest's bin of randn / special / ascending rows (2048-4096 entries; low-bits rows
-# overflow it) and with one of 8 entries that none can fit (the select and the marking read the row again). (The
+# overflow it) and with one of 8 entries that none can fit (the select and the marking read the row again). Streaming
+# buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
+# sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
@@ -369,15 +376,15 @@ DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256,
 def test_decode_strided_rows(emulator, monkeypatch, geometry):
     """Columns with stride 2 (element loads), next_n 2 with a sequence shorter than next_n, tied values."""
     gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster)
-    buffer = make_scores("ties", 4, 2 * 5001, gen)
-    args = decode_args(buffer[:, ::2], 2, [5001, 1], 300)
+    buffer = make_scores("ties", 4, 2 * 9001, gen)
+    args = decode_args(buffer[:, ::2], 2, [9001, 1], 300)
     geometry.run(emulator, monkeypatch, DECODE, args)
     assert_reference(DECODE, args, what=f"decode {geometry}")
 
 
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
-                         Geometry(256, list_cap=8)]
+                         Geometry(256, list_cap=8), Geometry(512, shrink=True, sample=1)]
 
 
 @pytest.mark.parametrize("geometry", PERSISTENT_GEOMETRIES, ids=str)

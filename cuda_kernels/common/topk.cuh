@@ -358,6 +358,41 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
   min_key = pivot + 1;
 }
 
+// ---- a sampled cutoff ----
+
+constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
+
+// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of kSample keys sampled at even steps,
+// R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. The stream then appends only
+// keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of its early
+// groups (128 x 131072, k 2048: ~2 shrinks a row). The cutoff may let fewer than k through (an unlucky sample or a
+// row whose sampled positions are special): topk_row then reads the chunk again with none. Needs hi - lo >= 2 x
+// kSample (a step of at least 2) and sh.fine zero; leaves sh.fine zero.
+template <int THREADS>
+__device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int hi, int target, Shared& sh) {
+  constexpr int kPer = kSample / THREADS;
+  const int len = hi - lo, step = len / kSample;
+  uint32_t key[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = lo + (u * THREADS + static_cast<int>(threadIdx.x)) * step + step / 2;
+    key[u] = float_key(__ldg(base + i * stride));
+    atomicAdd(&sh.fine[key[u] >> 21], 1u);
+  }
+  __syncthreads();
+  const int64_t wanted = (static_cast<int64_t>(target) * kSample + len - 1) / len;
+  const uint32_t rank = static_cast<uint32_t>(min(max(wanted, int64_t{1}), int64_t{kSample}));
+  uint32_t pivot, mask, rem;
+  select_round0<THREADS, 1>(rank, false, sh);
+  select_refine<THREADS, 1>([&](auto f) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) f(key[u]);
+  }, false, sh, pivot, mask, rem);
+  // select_round0 read sh.fine before its last barrier, select_refine does not read it
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  return pivot;  // the lowest key of the rank-R key's bin: keys >= it include the bin (the rank-R key too)
+}
+
 // ---- loading ----
 
 // Keys of the 4 elements of slot s (elements i0 = 4s - a .. i0 + 3) that lie in [lo, hi): from the ring when the
@@ -395,7 +430,7 @@ __device__ __forceinline__ uint32_t slot_keys(const float* base, int64_t stride,
 // len <= 2^31 - 8. The ring (>= 16 KB) also stages the output (<= k <= 4096 entries).
 template <int THREADS, int CLUSTER>
 __device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
-                         int stages) {
+                         int stages, int sample) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
   const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
@@ -443,7 +478,15 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
 
   for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
   __syncthreads();
-  uint32_t parity = 0, min_key = 0;
+  // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
+  // sampled cutoff (the ring's first copies are in flight meanwhile). Only with idx (stage > 0): filtered entries
+  // need their columns.
+  uint32_t cutoff = 0;
+  if (sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample)) {
+    cutoff = sample_cutoff<THREADS>(base, stride, lo, hi, sample, sh);
+    __syncthreads();
+  }
+  uint32_t parity = 0, min_key = cutoff;
   int n = 0;
 #pragma unroll 1
   for (int j = 0; j < groups; ++j) {
@@ -519,6 +562,19 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
       }
     }
     n += static_cast<int>((total & 0xffffu) + (total >> 16));
+    if (j + 1 == groups && cutoff != 0 && n < k) {
+      // The sampled cutoff let fewer than k through (no shrink happened: n < k < cap): read the chunk again
+      // without it. Uniform over the CTA (n, cutoff are); each thread rewrites only its own ring entries.
+      cutoff = min_key = 0u;
+      n = 0;
+      j = -1;
+      __syncthreads();  // the buffer's entries and sh.fine are rewritten from scratch
+      for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+      for (int g = 0; g < ahead; ++g) copy_group(g, g);
+      read_stage = 0;
+      write_stage = ahead;
+      __syncthreads();
+    }
   }
   __syncthreads();
 

@@ -67,6 +67,12 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
 # A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
 TWO_PASS_ROWS_PER_SM = 1
+# Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk.cuh: sample_cutoff),
+# aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
+# sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
+SAMPLE_PER_K = 3
+SAMPLE_MIN_RANK = 64
+SAMPLES = 2048  # common/topk.cuh: kSample
 TWO_PASS_WIDTH_PER_K = 16
 MIN_LIST = 512
 
@@ -101,7 +107,7 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0)."""
+    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none)."""
 
     threads: int
     cluster: int
@@ -110,6 +116,7 @@ class RowPlan(NamedTuple):
     stage: int
     shared_bytes: int
     two_pass: bool = False
+    sample: int = 0
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -117,6 +124,12 @@ def chunk_bound(width: int, cluster: int) -> int:
     4-element aligned slots (up to 3 elements of misalignment) evenly over the cluster."""
     slots = (width + 3 + 3) // 4
     return 4 * -(-slots // cluster)
+
+
+def sample_target(chunk: int, k: int) -> int:
+    """Survivors a streaming CTA's sampled cutoff aims at for chunks of up to `chunk` elements, 0 for none."""
+    target = max(SAMPLE_PER_K * k, -(-SAMPLE_MIN_RANK * chunk // SAMPLES))
+    return target if SAMPLE_PER_K > 0 and chunk >= max(4 * target, 4 * SAMPLES) else 0
 
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
@@ -143,7 +156,7 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         cap = min(cap, MAX_CAP)
         if ring + 8 * (cap + k) <= limit:
-            return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k))
+            return RowPlan(threads, cluster, stages, cap, k, ring + 8 * (cap + k), sample=sample_target(chunk, k))
     return None
 
 
@@ -270,7 +283,8 @@ ALL_KERNELS = [*KERNELS.values(), *TWO_PASS_KERNELS.values()]  # what prefill an
 PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
-    P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("decode"), P.i32("next_n"), P.i32("per_row"),
+    P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.i32("decode"), P.i32("next_n"),
+    P.i32("per_row"),
 ])
 # decode has no rowStarts/rowEnds: both pointers take seqLens (the kernel reads `ends` only).
 DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
@@ -337,7 +351,7 @@ def _plan(c: Call, decode: bool) -> list:
     per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
-              "stages": row.stages, "decode": int(decode), "next_n": c.next_n if decode else 1,
+              "stages": row.stages, "sample": row.sample, "decode": int(decode), "next_n": c.next_n if decode else 1,
               "per_row": int(per_row)}
     return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
 
