@@ -70,7 +70,7 @@ TWO_PASS_ROWS_PER_SM = 1
 # Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk.cuh: sample_cutoff),
 # aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
 # sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
-SAMPLE_PER_K = 3
+SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
 SAMPLES = 2048  # common/topk.cuh: kSample
 TWO_PASS_WIDTH_PER_K = 16
