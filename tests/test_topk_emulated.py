@@ -108,6 +108,7 @@ inline void __syncthreads() { emu::cur->bar->wait(); }
 inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
 inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
@@ -248,6 +249,8 @@ extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynam
 extern "C" int run_persistent_topk_two_pass(int threads, int grid, long long dynamic, const PersistentTopKParams* p) {
   DISPATCH_TWO_PASS(persistent_topk_two_pass_kernel)
 }
+extern "C" unsigned float_key(float x) { return topk::float_key(x); }
+extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
 """
 
 
@@ -398,3 +401,21 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     args = persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
     geometry.run(emulator, monkeypatch, PERSISTENT, args)
     assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")
+
+
+def test_the_filter_compare_equals_the_key_compare(emulator):
+    """topk_row's filter tests key(x) >= min_key as !(x < key_floor(min_key)) for 0 < min_key <= key(+inf): equal for
+    every value class (+-0, denormals, +-inf, NaN of either sign) against min_keys at, next to and between their
+    keys, and at the ends of the range."""
+    emulator.float_key.restype, emulator.float_key.argtypes = ctypes.c_uint32, [ctypes.c_float]
+    emulator.key_floor.restype, emulator.key_floor.argtypes = ctypes.c_float, [ctypes.c_uint32]
+    bits = [0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x3F800000,
+            0xBF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001]
+    bits += torch.randint(0, 2**32, (48,), generator=torch.Generator().manual_seed(5), dtype=torch.int64).tolist()
+    values = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).tolist()
+    keys = [emulator.float_key(x) for x in values]
+    min_keys = {1, 0x007FFFFF, 0x00800000, 0x7FFFFFFF, 0x80000000, 0x80000001, T.NAN_KEY - 1}
+    min_keys |= {m for key in keys for m in (key - 1, key, key + 1) if 0 < m <= T.NAN_KEY - 1}
+    wrong = [(hex(m), x) for m in sorted(min_keys) for x, key in zip(values, keys)
+             if (not x < emulator.key_floor(m)) != (key >= m)]
+    assert not wrong, f"{len(wrong)} (min_key, value) pairs differ, e.g. {wrong[:4]}"
