@@ -65,6 +65,7 @@ namespace emu {
 struct Deadlock {};
 inline std::atomic<bool> aborted{false};
 inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
+inline std::atomic<long> rereads{0};      // threads that restarted their chunk (topk_row's sampled cutoff)
 // A barrier whose waiters give up (and make every other waiter give up) after 120 s: a thread that skips a
 // barrier the others reach fails the case instead of hanging the test run. (2048 OS threads on two busy cores
 // once took over 30 s to meet: slow, not stuck.)
@@ -249,6 +250,7 @@ extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynam
 extern "C" int run_persistent_topk_two_pass(int threads, int grid, long long dynamic, const PersistentTopKParams* p) {
   DISPATCH_TWO_PASS(persistent_topk_two_pass_kernel)
 }
+extern "C" long take_rereads() { return emu::rereads.exchange(0); }
 extern "C" unsigned float_key(float x) { return topk::float_key(x); }
 extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
 """
@@ -267,6 +269,9 @@ def emulator(tmp_path_factory):
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
         core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
+        # topk_row's re-read after a sampled cutoff that let fewer than k through: counted (a thread each)
+        core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
+        assert rereads == (header == "topk.cuh"), f"{header}: the re-read changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -401,6 +406,40 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     args = persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
     geometry.run(emulator, monkeypatch, PERSISTENT, args)
     assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")
+
+
+# The sampled cutoff (common/topk.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
+# through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 put the
+# rank-R sample at index 4R - 2, so a target of 64 survivors (R 15) lets 59 < k = 64 through and one of 66 (R 16)
+# exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare; rows of
+# 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again).
+SAMPLED_CASES = {
+    "descending-sample1-reread": ("descending", Geometry(512, shrink=True, sample=1), True),
+    "descending-59-pass-reread": ("descending", Geometry(512, shrink=True, sample=64), True),
+    "descending-k-pass": ("descending", Geometry(512, shrink=True, sample=66), False),
+    "late-nan-inf-1024": ("late-nan-inf", Geometry(1024, shrink=True), False),
+    "late-nan-inf-512": ("late-nan-inf", Geometry(512, shrink=True), False),
+    "pair-sample1-reread": ("randn-16500", Geometry(256, 2, shrink=True, sample=1), True),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLED_CASES)
+def test_sampled_cutoff(emulator, monkeypatch, case):
+    """Results equal the reference whether or not the sampled cutoff let k through; the chunk is read again
+    exactly when it did not (the plan's own target never re-reads randn rows)."""
+    kind, geometry, reread = SAMPLED_CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    width, k = (16500 if kind == "randn-16500" else 9001), 64
+    logits = make_scores(kind.split("-")[0] if kind != "late-nan-inf" else "randn", 4, width + 2, gen)
+    if kind == "late-nan-inf":
+        logits[:, [5001, 7003, 8501]] = float("nan")
+        logits[:, [6001, 8003]] = float("inf")
+    args = persistent_args(logits[:, :width], [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
+    emulator.take_rereads()
+    geometry.run(emulator, monkeypatch, PERSISTENT, args)
+    rereads = emulator.take_rereads()
+    assert_reference(PERSISTENT, args, what=f"sampled cutoff {case}")
+    assert (rereads > 0) == reread, f"{case}: {rereads} thread re-reads; expected {'some' if reread else 'none'}"
 
 
 def test_the_filter_compare_equals_the_key_compare(emulator):

@@ -72,6 +72,13 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         assert row.stage == k and row.cap >= k + 8 * row.threads
         assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
     chunk = T.chunk_bound(width, row.cluster)
+    # a sampled cutoff only for streaming buffers of chunks >= 4 x its target and 8192, at least 2 k survivors and
+    # 64 samples aimed at (the kernel's own bound: sample <= 2^26)
+    if row.sample:
+        assert row.stage > 0 and chunk >= max(4 * row.sample, 4 * T.SAMPLES)
+        assert row.sample >= 2 * k and row.sample * T.SAMPLES >= 64 * chunk and row.sample <= 2**26
+    else:
+        assert row.stage == 0 or chunk < max(4 * 2 * k, 4 * T.SAMPLES, 4 * -(-64 * chunk // T.SAMPLES))
     if chunk <= T.SMALL_CLUSTER_CHUNK and row.cluster >= 4:  # rows cut in small shares: 256 threads
         assert row.threads == 256
     if rows * row.cluster > sms:  # many CTAs: at least two per SM where 228 KB per SM allow it (not k = 4096)
@@ -122,6 +129,11 @@ def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):
 def test_sm80_never_uses_clusters(fake_gpu):
     fake_gpu("A100")
     assert {_plan_rows(*shape)[2].cluster for shape in SHAPES} == {1}
+
+
+def test_sample_count_matches_the_kernel():
+    """The plan's SAMPLES is common/topk.cuh's kSample (the sampled rank assumes it)."""
+    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk.cuh").read_text()
 
 
 @pytest.mark.parametrize("arch", [80, 90])

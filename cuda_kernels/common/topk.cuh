@@ -8,16 +8,18 @@
 //   order-preserving uint32 key (float_key) in which -0 == +0 and every NaN is one value above +inf (torch.topk's
 //   order); among values equal to the k-th largest, the lowest indices win. The result depends on the data only.
 //
-// Algorithm: one read of global memory, everything else in shared memory.
+// Algorithm: one read of global memory (plus a 2048-score sample of a long chunk, and a second read only when
+// that sample misleads), everything else in shared memory.
 // 1. The row is cut into CLUSTER contiguous chunks, one per CTA of a thread-block cluster (sm_90; CLUSTER = 1
 //    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots (cp.async into a ring,
 //    groups ahead) and appends their keys to a shared buffer in index order (16-byte stores by slot position
 //    while nothing is filtered, then a block scan), keeping a histogram of the top 11 key bits.
 // 2. When the buffer (cap entries) is full, the CTA keeps only the top k of its buffer (the select and emission
 //    below, on this CTA alone) and from then on appends only keys above the k-th kept one: a later element of the
-//    chunk has a higher index, so one not above that key loses to the k kept ones. Long rows need no second pass.
-//    A long chunk of a streaming CTA starts filtered instead, at a cutoff sampled from it (sample_cutoff), and is
-//    read a second time only when that cutoff let fewer than k through.
+//    chunk has a higher index, so one not above that key loses to the k kept ones. A long chunk of a streaming CTA
+//    starts filtered instead, at a cutoff sampled from it (sample_cutoff). Any cutoff is exact as long as k entries
+//    reach it (each element it rejects then has k of its chunk above it); when fewer do, the CTA reads its chunk a
+//    second time without one.
 // 3. Select: radix rounds of 11, 8, 8 and 8 bits (the last overlapping 3 bits already fixed) give `pivot`, the k-th
 //    largest key, and `rem`, the number of pivot-equal entries to take. Round 0 needs no pass over the buffer (it
 //    reads the 11-bit histogram kept while streaming); the others histogram the entries still tied; in a cluster,
@@ -58,7 +60,7 @@ struct alignas(16) Shared {
   // 11-bit bin in it without a pass over the buffer. 2048 bins also spread the atomics: typical scores share 2-3
   // values of the top 8 key bits (sign and 7 exponent bits), so 8-bit bins would serialize ~10 lanes of a warp on
   // one address. In a cluster the other CTAs read it in round 0 of the final select, after which nothing writes
-  // it (keep_top_k does so only before; topk_row ends with a cluster barrier).
+  // it (keep_top_k, sample_cutoff and topk_row's re-read do so only before; topk_row ends with a cluster barrier).
   uint32_t fine[2048];
   uint32_t hist[2][256];  // radix histograms, double-buffered by round: other CTAs of the cluster read them
   uint32_t total[256];    // a round's histogram summed over the cluster
@@ -367,9 +369,9 @@ constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a threa
 // A key that about `target` of the chunk [lo, hi) reach: the rank-R key of kSample keys sampled at even steps,
 // R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. The stream then appends only
 // keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of its early
-// groups (128 x 131072, k 2048: ~2 shrinks a row). The cutoff may let fewer than k through (an unlucky sample or a
-// row whose sampled positions are special): topk_row then reads the chunk again with none. Needs hi - lo >= 2 x
-// kSample (a step of at least 2) and sh.fine zero; leaves sh.fine zero.
+// groups (128 x 131072, k 2048: ~2 shrinks a row without it). The cutoff may let fewer than k through (an unlucky
+// sample, or data periodic in the fixed sampling step): topk_row then reads the chunk again with none. Needs
+// hi - lo >= kSample (a step of at least 1: every position in [lo, hi)) and sh.fine zero; leaves sh.fine zero.
 template <int THREADS>
 __device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int hi, int target, Shared& sh) {
   constexpr int kPer = kSample / THREADS;
@@ -392,7 +394,7 @@ __device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int
   }, false, sh, pivot, mask, rem);
   // select_round0 read sh.fine before its last barrier, select_refine does not read it
   for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
-  return pivot;  // the lowest key of the rank-R key's bin: keys >= it include the bin (the rank-R key too)
+  return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
 }
 
 // ---- loading ----
@@ -444,8 +446,9 @@ __device__ __forceinline__ float pick8(const float (&v)[8], int e) {
 // Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], then, when a
 // chunk can exceed cap (stage = k), idx[cap] and the staging keys[stage] and idx[stage]; when stage == 0 columns
 // are implicit (nothing after keys). The host guarantees: cap >= k + 8 * THREADS when stage > 0 (a group fits
-// after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3, and
-// len <= 2^31 - 8. The ring (>= 16 KB) also stages the output (<= k <= 4096 entries).
+// after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3,
+// len <= 2^31 - 8, and 0 <= sample <= 2^26 (so 4 * sample fits; any value is exact, it only tunes). The ring
+// (>= 16 KB) also stages the output (<= k <= 4096 entries).
 template <int THREADS, int CLUSTER>
 __device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
                          int stages, int sample) {
@@ -498,7 +501,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   __syncthreads();
   // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
   // sampled cutoff (the ring's first copies are in flight meanwhile). Only with idx (stage > 0): filtered entries
-  // need their columns.
+  // need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000 (key(-inf)'s bin).
   uint32_t cutoff = 0;
   if (sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample)) {
     cutoff = sample_cutoff<THREADS>(base, stride, lo, hi, sample, sh);
@@ -560,7 +563,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     // Filtering: the passing elements of the group go after the buffer's n entries, in index order. The test is
     // one float compare, keys are made for appended elements only, and the append loops over the passing bits:
     // with a key per element and an append unrolled over all 8 (entered by 65% of warps at ~3% passing), ncu counted
-    // ~370 warp instructions a group at 128 x 131072, ~100 of them for those two; 48.7 -> 42.2 us (H200).
+    // ~370 warp instructions a group at 128 x 131072, ~100 of them for those two; 47.5 -> 42.2 us (H200, both with
+    // the 2 k sampled cutoff).
     uint32_t pass, before, total;
 #pragma unroll 1
     for (;;) {

@@ -19,7 +19,8 @@ Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), 
 - numRows, stride0 and stride1 are checked against logits (numRows == logits.size(0) == indices.size(0); the
   strides equal logits' where that dimension has more than one element), and indices may have any row stride.
 The GPU algorithm (common/topk.cuh) reads every score once, at any length: a CTA buffers keys in shared memory and,
-when the buffer is full, keeps its own top k and filters the rest of the row above it. On sm_90, when few rows
+when the buffer is full, keeps its own top k and filters the rest of the row above it (a long chunk is filtered from
+its start by a cutoff sampled from it, and read again only if that cutoff let fewer than k through). On sm_90, when few rows
 leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through distributed
 shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh: a histogram
 read, then a read that marks bitmaps). persistent_topk shares the device code, `plan_rows`, `select_rows_ref` and
@@ -70,8 +71,9 @@ TWO_PASS_ROWS_PER_SM = 1
 # Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk.cuh: sample_cutoff),
 # aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
 # sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
-# H200, persistent 128 x 131072 k 2048: 48.2 us without, 42.2 with (2 k; 3 k: ~1 us slower). Whole chunks keep their
-# keys-only buffer: a sampled streaming one instead was slower (64 x 20000 15.0 vs 12.4 us, 32 x 163840 47.5 vs 42.2).
+# H200, persistent 128 x 131072 k 2048: 48.2 us without, 42.2 with (the float-compare filter; with the earlier
+# key-per-element filter 50.3 without, 47.5 at 2 k, 48.7 at 3 k). Whole chunks keep their keys-only buffer: a sampled
+# streaming one instead was slower (64 x 20000 15.0 vs 12.4 us, 32 x 163840 47.5 vs 42.2). SAMPLE_PER_K = 0: none.
 SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
 SAMPLES = 2048  # common/topk.cuh: kSample
