@@ -1,6 +1,7 @@
 // persistent_topk: for each row, the indices of the k largest of its first L = clamp(length, 0, max_len) scores
-// (common/topk.cuh has the contract and the algorithm). The grid depends only on host scalars (rows, width, k,
-// max_seq_len); a row's length is read here, so a CUDA graph replays correctly with new lengths.
+// (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). The grid depends only on host scalars
+// (rows, width, k, max_seq_len); a row's length is read here, so a CUDA graph replays correctly with new lengths.
+#include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
 
 namespace cupy_ops {
@@ -13,10 +14,10 @@ struct PersistentTopKParams {
   int64_t out_stride;
   int64_t max_len;       // min(max_seq_len, W), at least 0
   int k;                 // 1..4096
-  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
+  int cap;               // buffer entries per CTA (common/topk_row.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
-  int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
+  int sample;            // survivors a sampled cutoff aims at (common/topk_row.cuh: sample_cutoff), 0: no sampling
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {

@@ -1,6 +1,7 @@
 // top_k_per_row_prefill and top_k_per_row_decode: for each row, the indices of the k largest scores of its window,
-// relative to the window start (common/topk.cuh has the contract and the algorithm). One kernel for both ops: they
-// differ only in how a row's window is found.
+// relative to the window start (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). One kernel
+// for both ops: they differ only in how a row's window is found.
+#include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
 
 namespace cupy_ops {
@@ -15,10 +16,10 @@ struct TopKPerRowParams {
   int64_t stride1;
   int64_t out_stride;
   int k;                 // 1..4096
-  int cap;               // buffer entries per CTA (common/topk.cuh: topk_row), or the two-pass kernel's list
+  int cap;               // buffer entries per CTA (common/topk_row.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
-  int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
+  int sample;            // survivors a sampled cutoff aims at (common/topk_row.cuh: sample_cutoff), 0: no sampling
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)

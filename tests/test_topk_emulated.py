@@ -1,4 +1,4 @@
-"""The top-k device code (common/topk.cuh, top_k_per_row.cu, persistent_topk.cu) run on the CPU: g++ compiles the
+"""The top-k device code (common/topk*.cuh, top_k_per_row.cu, persistent_topk.cu) run on the CPU: g++ compiles the
 real sources against a small emulation of the CUDA features they use, one OS thread per CUDA thread. So CI, which
 has no GPU, executes the streaming, shrink, radix select, cluster exchange and emission logic and compares every
 slot with the reference. What it does not model: timing, warp-level hardware behaviour beyond shuffles (a warp is
@@ -265,13 +265,14 @@ def emulator(tmp_path_factory):
     (out / "common" / "types.cuh").write_text((source / "common" / "types.cuh").read_text())
     (out / "common" / "cluster.cuh").write_text(CLUSTER_CUH)
     (out / "common" / "async_copy.cuh").write_text(ASYNC_COPY_CUH)
-    for header in ("topk.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
+    (out / "common" / "topk.cuh").write_text((source / "common" / "topk.cuh").read_text())
+    for header in ("topk_row.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
         core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
         # topk_row's re-read after a sampled cutoff that let fewer than k through: counted (a thread each)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
-        assert rereads == (header == "topk.cuh"), f"{header}: the re-read changed: update the emulation"
+        assert rereads == (header == "topk_row.cuh"), f"{header}: the re-read changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -408,7 +409,7 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")
 
 
-# The sampled cutoff (common/topk.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
+# The sampled cutoff (common/topk_row.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
 # through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 put the
 # rank-R sample at index 4R - 2, so a target of 64 survivors (R 15) lets 59 < k = 64 through and one of 66 (R 16)
 # exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare; rows of

@@ -1,5 +1,5 @@
 """The top-k plans on the CPU, with the driver's answers faked for an H200, an H100 and an A100: cluster sizes,
-block sizes, shared-memory budgets and the buffer invariants the kernel relies on (common/topk.cuh: cap >= a chunk
+block sizes, shared-memory budgets and the buffer invariants the kernel relies on (common/topk_row.cuh: cap >= a chunk
 when nothing can be shrunk, cap >= k + 8 x threads with a k-entry stage otherwise, 16-byte aligned arrays); the
 static shared memory bound against ptxas; params packing. No GPU needed."""
 
@@ -132,8 +132,8 @@ def test_sm80_never_uses_clusters(fake_gpu):
 
 
 def test_sample_count_matches_the_kernel():
-    """The plan's SAMPLES is common/topk.cuh's kSample (the sampled rank assumes it)."""
-    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk.cuh").read_text()
+    """The plan's SAMPLES is common/topk_row.cuh's kSample (the sampled rank assumes it)."""
+    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk_row.cuh").read_text()
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -1,6 +1,6 @@
 // Top-k of one row in two reads of global memory and bitmaps in shared memory: one CTA a row, for calls of many
-// wide rows that each select a small fraction (the contract is topk_row's, common/topk.cuh). topk_row keeps a buffer
-// of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink; here a row
+// wide rows that each select a small fraction (the contract is common/topk.cuh's). topk_row (topk_row.cuh) keeps a
+// buffer of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink; here a row
 // costs two reads (the second mostly from L2) and no buffer:
 // 1. First read: the 11-bit histogram of every key (sh.fine). Round 0 of the select gives B, the bin of the k-th
 //    largest key, the rank left inside it and its count.

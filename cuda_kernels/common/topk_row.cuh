@@ -1,0 +1,354 @@
+// topk_row: the top k of one row (common/topk.cuh has the contract) in one read of it, for
+// top_k_per_row_prefill, top_k_per_row_decode (top_k_per_row.cu) and persistent_topk (persistent_topk.cu).
+//
+// Algorithm: one read of global memory (plus a 2048-score sample of a long chunk, and a second read only when
+// that sample misleads), everything else in shared memory.
+// 1. The row is cut into CLUSTER contiguous chunks, one per CTA of a thread-block cluster (sm_90; CLUSTER = 1
+//    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots (cp.async into a ring,
+//    groups ahead) and appends their keys to a shared buffer in index order (16-byte stores by slot position
+//    while nothing is filtered, then a block scan), keeping a histogram of the top 11 key bits.
+// 2. When the buffer (cap entries) is full, the CTA keeps only the top k of its buffer (the select and emission
+//    below, on this CTA alone) and from then on appends only keys above the k-th kept one: a later element of the
+//    chunk has a higher index, so one not above that key loses to the k kept ones. A long chunk of a streaming CTA
+//    starts filtered instead, at a cutoff sampled from it (sample_cutoff). Any cutoff is exact as long as k entries
+//    reach it (each element it rejects then has k of its chunk above it); when fewer do, the CTA reads its chunk a
+//    second time without one.
+// 3. Select: radix rounds of 11, 8, 8 and 8 bits (the last overlapping 3 bits already fixed) give `pivot`, the k-th
+//    largest key, and `rem`, the number of pivot-equal entries to take. Round 0 needs no pass over the buffer (it
+//    reads the 11-bit histogram kept while streaming); the others histogram the entries still tied; in a cluster,
+//    histograms are summed through distributed shared memory, one cluster barrier per round.
+// 4. Emit: every entry above pivot and the first rem pivot-equal ones (the cluster's prefix of per-CTA counts
+//    orders them across CTAs) goes to its rank in index order: staged in shared memory, then copied out with
+//    coalesced stores (a thread's contiguous run of entries would otherwise store one 4-byte word per lane and
+//    L2 transaction: 2048 of them per row).
+// While a CTA's whole chunk fits its buffer (stage = 0: no shrink can happen) an entry's column is implicit, its
+// buffer position plus the chunk's first column, so the buffer holds keys only (4 bytes per element, not 8).
+#pragma once
+#include "async_copy.cuh"
+#include "cluster.cuh"
+#include "topk.cuh"
+
+namespace cupy_ops {
+namespace topk {
+
+// Shrink this CTA's buffer to its own top k (exactly k entries, index order kept) through the staging buffer;
+// later elements must then be above the returned min_key. Only __syncthreads: the cluster is not involved.
+template <int THREADS, int CLUSTER>
+__device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* stage_keys, int* stage_idx,
+                           Shared& sh, uint32_t& parity, uint32_t& min_key) {
+  __syncthreads();  // the last group's entries are in the buffer
+  uint32_t pivot, mask, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, pivot, mask, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
+  write_selected<THREADS>(keys, n, pivot, mask, before, 0, static_cast<int>(rem), [&](int slot, int i) {
+    stage_keys[slot] = keys[i];
+    stage_idx[slot] = idx[i];
+  });
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;  // select_pivot read it before a barrier
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += THREADS) {
+    const uint32_t key = stage_keys[i];
+    keys[i] = key;
+    idx[i] = stage_idx[i];
+    atomicAdd(&sh.fine[key >> 21], 1u);
+  }
+  __syncthreads();
+  n = k;
+  // Every kept key is >= pivot, so a later key <= pivot loses to all k of them. (pivot <= kNanKey: no overflow; and
+  // min_key > 0 from now on.)
+  min_key = pivot + 1;
+}
+
+// ---- a sampled cutoff ----
+
+constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
+
+// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of kSample keys sampled at even steps,
+// R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. The stream then appends only
+// keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of its early
+// groups (128 x 131072, k 2048: ~2 shrinks a row without it). The cutoff may let fewer than k through (an unlucky
+// sample, or data periodic in the fixed sampling step): topk_row then reads the chunk again with none. Needs
+// hi - lo >= kSample (a step of at least 1: every position in [lo, hi)) and sh.fine zero; leaves sh.fine zero.
+template <int THREADS>
+__device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int hi, int target, Shared& sh) {
+  constexpr int kPer = kSample / THREADS;
+  const int len = hi - lo, step = len / kSample;
+  uint32_t key[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = lo + (u * THREADS + static_cast<int>(threadIdx.x)) * step + step / 2;
+    key[u] = float_key(__ldg(base + i * stride));
+    atomicAdd(&sh.fine[key[u] >> 21], 1u);
+  }
+  __syncthreads();
+  const int64_t wanted = (static_cast<int64_t>(target) * kSample + len - 1) / len;
+  const uint32_t rank = static_cast<uint32_t>(min(max(wanted, int64_t{1}), int64_t{kSample}));
+  uint32_t pivot, mask, rem;
+  select_round0<THREADS, 1>(rank, false, sh);
+  select_refine<THREADS, 1>([&](auto f) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) f(key[u]);
+  }, false, sh, pivot, mask, rem);
+  // select_round0 read sh.fine before its last barrier, select_refine does not read it
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
+}
+
+// ---- loading ----
+
+// The 4 elements of slot s (elements i0 = 4s - a .. i0 + 3) that lie in [lo, hi), as values: from the ring when the
+// slot is whole and the row contiguous (it was copied there, 16-byte aligned), else element by element from global
+// memory (0 outside). Returns the valid-lane bits.
+__device__ __forceinline__ uint32_t slot_values(const float* base, int64_t stride, bool whole, const float4* copied,
+                                                int i0, int lo, int hi, float* x) {
+  if (whole) {
+    const float4 v = *copied;
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+    return 0xfu;
+  }
+  uint32_t valid = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int i = i0 + e;
+    x[e] = 0.0f;
+    if (i >= lo && i < hi) {
+      x[e] = __ldg(base + i * stride);
+      valid |= 1u << e;
+    }
+  }
+  return valid;
+}
+
+constexpr uint32_t kInfKey = 0xff800000u;  // float_key(+inf)
+
+// The smallest value whose key is >= min_key, for 0 < min_key <= kInfKey: then key(x) >= min_key <=> !(x < it)
+// (one compare, not a key: NaN passes, as its key is above min_key; -0 >= +0 as their keys are equal).
+__device__ __forceinline__ float key_floor(uint32_t min_key) {
+  if (min_key <= 0x007fffffu) return -__int_as_float(0x7f800000);  // at most key(-inf): every value
+  return __uint_as_float((min_key & 0x80000000u) ? (min_key & 0x7fffffffu) : ~min_key);
+}
+
+// v[e] for a run-time e without local memory (a dynamic index into a register array spills it).
+__device__ __forceinline__ float pick8(const float (&v)[8], int e) {
+  const float a = e & 1 ? v[1] : v[0], b = e & 1 ? v[3] : v[2], c = e & 1 ? v[5] : v[4], d = e & 1 ? v[7] : v[6];
+  const float ab = e & 2 ? b : a, cd = e & 2 ? d : c;
+  return e & 4 ? cd : ab;
+}
+
+// ---- one row ----
+
+// Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], then, when a
+// chunk can exceed cap (stage = k), idx[cap] and the staging keys[stage] and idx[stage]; when stage == 0 columns
+// are implicit (nothing after keys). The host guarantees: cap >= k + 8 * THREADS when stage > 0 (a group fits
+// after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3,
+// len <= 2^31 - 8, and 0 <= sample <= 2^26 (so 4 * sample fits; any value is exact, it only tunes). The ring
+// (>= 16 KB) also stages the output (<= k <= 4096 entries).
+template <int THREADS, int CLUSTER>
+__device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
+                         int stages, int sample) {
+  __shared__ Shared sh;
+  extern __shared__ uint4 topk_dynamic_smem[];
+  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+
+  if (len <= k) {  // every index, then -1; each CTA of the cluster writes its share of the k slots
+    const int per_cta = (k + CLUSTER - 1) / CLUSTER;
+    const int end = min(k, (rank + 1) * per_cta);
+    for (int j = rank * per_cta + threadIdx.x; j < end; j += THREADS) out[j] = j < len ? j : -1;
+    return;
+  }
+
+  float4* ring = reinterpret_cast<float4*>(topk_dynamic_smem);
+  uint32_t* keys = reinterpret_cast<uint32_t*>(ring + stages * 2 * THREADS);
+  int* idx = reinterpret_cast<int*>(keys + cap);
+  uint32_t* stage_keys = reinterpret_cast<uint32_t*>(idx + cap);
+  int* stage_idx = reinterpret_cast<int*>(stage_keys + stage);
+
+  // Slot s holds elements 4s - a .. 4s - a + 3, where a (the row start's offset in 16-byte units) aligns every
+  // whole slot; CTA `rank` streams slots [s_lo, s_hi), i.e. elements [lo, hi), in groups of 2 x THREADS slots:
+  // thread t takes slots t and THREADS + t of a group. Group j's whole slots are copied to ring stage j % stages
+  // (`read_stage`, `write_stage`) `stages - 1` groups ahead; each thread reads back only its own copies.
+  const bool contiguous = stride == 1;
+  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
+  const int slots = (len + a + 3) >> 2;
+  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
+  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
+  const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
+  const int groups = (s_hi - s_lo + 2 * THREADS - 1) / (2 * THREADS);
+  const int ahead = min(stages - 1, groups);  // batches in flight beyond the one being read
+  // Whole slots: [w_lo, w_hi) (only the first and the last slot can be cut by the row's ends). Ring stages are
+  // counted with wrap-around, not j % stages (an integer division per use, ~20 instructions).
+  const int w_lo = s_lo + (4 * s_lo - a < lo), w_hi = s_hi - (4 * s_hi - a > hi);
+  auto whole = [&](int s) { return contiguous && s >= w_lo && s < w_hi; };
+  auto next_stage = [&](int st) { return st + 1 == stages ? 0 : st + 1; };
+  auto copy_group = [&](int j, int st) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int s = s_lo + (2 * j + u) * THREADS + static_cast<int>(threadIdx.x);
+      if (whole(s)) async_copy16(&ring[(st * 2 + u) * THREADS + threadIdx.x], base + (4 * s - a));
+    }
+    async_commit();
+  };
+  for (int j = 0; j < ahead; ++j) copy_group(j, j);  // ahead < stages
+  int read_stage = 0, write_stage = ahead;  // group j is read from, and written to, stage j % stages
+
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  __syncthreads();
+  // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
+  // sampled cutoff (the ring's first copies are in flight meanwhile). Only with idx (stage > 0): filtered entries
+  // need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000 (key(-inf)'s bin).
+  uint32_t cutoff = 0;
+  if (sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample)) {
+    cutoff = sample_cutoff<THREADS>(base, stride, lo, hi, sample, sh);
+    __syncthreads();
+  }
+  uint32_t parity = 0, min_key = cutoff;
+  int n = 0;
+#pragma unroll 1
+  for (int j = 0; j < groups; ++j) {
+    if (j + ahead < groups) {
+      copy_group(j + ahead, write_stage);
+      write_stage = next_stage(write_stage);
+    } else {
+      async_commit();  // empty: the count of batches after group j stays `ahead`
+    }
+    async_wait(ahead);
+    const int first_slot = s_lo + 2 * j * THREADS;
+    float x[8];
+    uint32_t valid = 0;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
+      x[4 * u] = x[4 * u + 1] = x[4 * u + 2] = x[4 * u + 3] = 0.0f;
+      if (s < s_hi) {
+        valid |= slot_values(base, stride, whole(s), &ring[(read_stage * 2 + u) * THREADS + threadIdx.x],
+                             4 * s - a, lo, hi, x + 4 * u) << (4 * u);
+      }
+    }
+    read_stage = next_stage(read_stage);
+    if (min_key == 0) {
+      // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
+      // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)
+      // = 0x007fffff): they are never selected while the row has more than k real elements. The slots that do
+      // not fit (from fit_end on) wait for the first shrink, so its pivot comes from a full buffer.
+      const int end_slot = min(s_hi, first_slot + 2 * THREADS), fit_end = s_lo + cap / 4;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
+        if (s < s_hi && s < fit_end) {
+          const int p = 4 * (s - s_lo), i0 = 4 * s - a;
+          const uint32_t v = valid >> (4 * u);
+          uint32_t q[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) q[e] = v >> e & 1u ? float_key(x[4 * u + e]) : 0u;
+          *reinterpret_cast<uint4*>(keys + p) = make_uint4(q[0], q[1], q[2], q[3]);
+          if (stage > 0) *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[q[e] >> 21], 1u);
+          valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below
+        }
+      }
+      if (end_slot <= fit_end) {
+        n = 4 * (end_slot - s_lo);
+        continue;
+      }
+      n = cap;  // = 4 * (fit_end - s_lo): cap is a multiple of 4
+      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
+    }
+    // Filtering: the passing elements of the group go after the buffer's n entries, in index order. The test is
+    // one float compare, keys are made for appended elements only, and the append loops over the passing bits:
+    // with a key per element and an append unrolled over all 8 (entered by 65% of warps at ~3% passing), ncu counted
+    // ~370 warp instructions a group at 128 x 131072, ~100 of them for those two; 47.5 -> 42.2 us (H200, both with
+    // the 2 k sampled cutoff).
+    uint32_t pass, before, total;
+#pragma unroll 1
+    for (;;) {
+      pass = 0;
+      if (min_key <= kInfKey) {  // uniform
+        const float floor_value = key_floor(min_key);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(!(x[e] < floor_value)) << e;
+      } else {  // the k-th kept key is +inf or NaN: only NaN, or nothing, may pass
+#pragma unroll
+        for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(float_key(x[e]) >= min_key) << e;
+      }
+      pass &= valid;
+      before = block_exclusive_sum<THREADS>(__popc(pass & 0xfu) | __popc(pass >> 4) << 16, total, sh, parity);
+      if (n + static_cast<int>((total & 0xffffu) + (total >> 16)) <= cap) break;
+      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
+    }
+    int slot_lo = n + static_cast<int>(before & 0xffffu);
+    int slot_hi = n + static_cast<int>((total & 0xffffu) + (before >> 16));
+#pragma unroll 1
+    for (uint32_t left = pass; left != 0u; left &= left - 1u) {  // a thread passes ~0.2 of its 8 at 3%
+      const int e = __ffs(left) - 1;
+      const uint32_t key = float_key(pick8(x, e));
+      const int p = e < 4 ? slot_lo++ : slot_hi++;
+      keys[p] = key;
+      idx[p] = 4 * (first_slot + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+      atomicAdd(&sh.fine[key >> 21], 1u);
+    }
+    n += static_cast<int>((total & 0xffffu) + (total >> 16));
+    if (j + 1 == groups && cutoff != 0 && n < k) {
+      // The sampled cutoff let fewer than k through (no shrink happened: n < k < cap): read the chunk again
+      // without it. Uniform over the CTA (n, cutoff are); each thread rewrites only its own ring entries.
+      cutoff = min_key = 0u;
+      n = 0;
+      j = -1;
+      __syncthreads();  // the buffer's entries and sh.fine are rewritten from scratch
+      for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+      for (int g = 0; g < ahead; ++g) copy_group(g, g);
+      read_stage = 0;
+      write_stage = ahead;
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+
+  uint32_t pivot, mask, rem, total;
+  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
+  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
+  int first = 0, take = static_cast<int>(rem);
+  if constexpr (CLUSTER > 1) {
+    // Output slots and pivot-equal ranks continue from the lower-ranked CTAs, whose chunks come first.
+    if (threadIdx.x == 0) {
+      sh.counts[0] = total & 0xffffu;
+      sh.counts[1] = total >> 16;
+    }
+    cluster_sync();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      uint32_t above = 0, equal = 0;
+      if (lane < CLUSTER) {
+        above = cluster_load(shared_address(&sh.counts[0]), lane);
+        equal = cluster_load(shared_address(&sh.counts[1]), lane);
+      }
+      const uint32_t equal_before = warp_inclusive_sum(equal) - equal;
+      const int may_take = max(0, static_cast<int>(rem) - static_cast<int>(equal_before));
+      const uint32_t taken = above + min(static_cast<uint32_t>(may_take), equal);
+      const uint32_t taken_before = warp_inclusive_sum(taken) - taken;
+      if (lane == rank) {
+        sh.emit[0] = static_cast<int>(taken_before);
+        sh.emit[1] = may_take;
+      }
+    }
+    __syncthreads();
+    first = sh.emit[0];
+    take = sh.emit[1];
+  }
+  // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
+  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
+  int* staged = reinterpret_cast<int*>(ring);
+  const int column0 = 4 * s_lo - a;  // the column of buffer entry 0 while columns are implicit
+  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
+    staged[slot - first] = stage > 0 ? idx[i] : column0 + i;
+  });
+  __syncthreads();
+  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
+}
+
+}  // namespace topk
+}  // namespace cupy_ops
