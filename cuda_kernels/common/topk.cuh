@@ -51,6 +51,12 @@ struct alignas(16) Shared {
   uint32_t appended;      // topk_row_two_pass: entries of the k-th largest's bin met in the second read
 };
 
+// Zeroes sh.fine, each thread its share (the caller places the barriers).
+template <int THREADS>
+__device__ __forceinline__ void clear_fine(Shared& sh) {
+  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+}
+
 // ---- warp and block scans (shuffles; no CUB) ----
 
 __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v) {

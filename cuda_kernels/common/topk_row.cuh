@@ -44,7 +44,7 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
     stage_keys[slot] = keys[i];
     stage_idx[slot] = idx[i];
   });
-  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;  // select_pivot read it before a barrier
+  clear_fine<THREADS>(sh);  // select_pivot read it before a barrier
   __syncthreads();
   for (int i = threadIdx.x; i < k; i += THREADS) {
     const uint32_t key = stage_keys[i];
@@ -90,7 +90,7 @@ __device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int
     for (int u = 0; u < kPer; ++u) f(key[u]);
   }, false, sh, pivot, mask, rem);
   // select_round0 read sh.fine before its last barrier, select_refine does not read it
-  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  clear_fine<THREADS>(sh);
   return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
 }
 
@@ -191,10 +191,15 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     }
     async_commit();
   };
-  for (int j = 0; j < ahead; ++j) copy_group(j, j);  // ahead < stages
-  int read_stage = 0, write_stage = ahead;  // group j is read from, and written to, stage j % stages
+  int read_stage, write_stage;  // group j is read from, and written to, stage j % stages
+  auto start_copies = [&] {  // groups 0 .. ahead - 1 in flight (ahead < stages)
+    for (int j = 0; j < ahead; ++j) copy_group(j, j);
+    read_stage = 0;
+    write_stage = ahead;
+  };
+  start_copies();
 
-  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  clear_fine<THREADS>(sh);
   __syncthreads();
   // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
   // sampled cutoff (the ring's first copies are in flight meanwhile). Only with idx (stage > 0): filtered entries
@@ -298,10 +303,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
       n = 0;
       j = -1;
       __syncthreads();  // the buffer's entries and sh.fine are rewritten from scratch
-      for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
-      for (int g = 0; g < ahead; ++g) copy_group(g, g);
-      read_stage = 0;
-      write_stage = ahead;
+      clear_fine<THREADS>(sh);
+      start_copies();
       __syncthreads();
     }
   }

@@ -74,7 +74,7 @@ __device__ void topk_row_two_pass(const float* base, int len, int* out, int k, i
   int* list_columns = reinterpret_cast<int*>(list_keys + cap);
   int* staged = list_columns + cap;
   const int used = (len + 31) >> 5;  // bitmap words of this row
-  for (int i = threadIdx.x; i < 2048; i += THREADS) sh.fine[i] = 0u;
+  clear_fine<THREADS>(sh);
   for (int w = threadIdx.x; w < used; w += THREADS) sel[w] = eq[w] = 0u;
   if (threadIdx.x == 0) sh.appended = 0u;
   __syncthreads();

@@ -22,9 +22,9 @@ The GPU algorithm (common/topk_row.cuh) reads every score once, at any length: a
 and, when the buffer is full, keeps its own top k and filters the rest of the row above it (a long chunk is filtered
 from its start by a cutoff sampled from it, and read again only if that cutoff let fewer than k through). On sm_90,
 when few rows leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through
-distributed shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh: a histogram
-read, then a read that marks bitmaps). persistent_topk shares the device code, `plan_rows`, `select_rows_ref` and
-`float_keys`.
+distributed shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh:
+a histogram read, then a read that marks bitmaps). persistent_topk shares the device code, `plan_rows`,
+`select_rows_ref` and `float_keys`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
 # A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
 TWO_PASS_ROWS_PER_SM = 1
+TWO_PASS_WIDTH_PER_K = 16
+MIN_LIST = 512
 # Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk_row.cuh: sample_cutoff),
 # aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
 # sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
@@ -77,8 +79,6 @@ TWO_PASS_ROWS_PER_SM = 1
 SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
 SAMPLES = 2048  # common/topk_row.cuh: kSample
-TWO_PASS_WIDTH_PER_K = 16
-MIN_LIST = 512
 
 
 class CtaShapes(NamedTuple):
