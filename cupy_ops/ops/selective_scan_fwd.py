@@ -55,7 +55,7 @@ F32, I32 = (torch.float32,), (torch.int32,)
 MAX_DSTATE = 256
 SOURCE = "selective_scan.cu"
 # Chunk kernel: 4 warps x 4 channels, each channel 8 lanes x ITEM_BYTES of tokens (kLanes, kChannels in the .cu),
-# registers for MIN_BLOCKS blocks per SM (2: 252 registers for 16-bit inputs at 32 bytes, no spills). 16 bytes with 4
+# registers for MIN_BLOCKS blocks per SM (2: up to 255 registers for 16-bit inputs at 32 bytes, no spills). 16 bytes with 4
 # blocks per SM (and more chunking) was 1.4x slower at b1 L2048-8192 and n128, faster only at b8 (H200, before d8d5a0f).
 THREADS, CHANNELS_PER_BLOCK, LANES = 128, 16, 8
 MIN_BLOCKS, ITEM_BYTES = 2, 32
@@ -242,7 +242,7 @@ def plan(c: Call) -> list:
     chunks = rows * per_row
     values.update(chunk_tokens=chunk_tokens, chunks_per_row=per_row, num_chunks=chunks, chunked=per_row > 1)
     table_bytes = (THREADS // 32) * (2 * window * 4 + window)
-    smem = 2 * CHANNELS_PER_BLOCK * n * 4 + table_bytes
+    smem = 3 * CHANNELS_PER_BLOCK * n * 4 + table_bytes  # carry in and out, A log2 e, event tables
     scan = LaunchConfig((chunks, channel_blocks, 1), (THREADS, 1, 1), smem)
     if per_row == 1:
         return [NO_SCRATCH, Launch(KERNELS["chunk", dtype, False], scan, PARAMS, values)]
