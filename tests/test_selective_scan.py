@@ -41,9 +41,10 @@ def test_batched_lengths(device, dtype, L):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L", [77, 256])  # 256: whole windows, so the final state is stored from the last carry
 @pytest.mark.parametrize("b, d, n, g", [(1, 1, 1, 1), (8, 16, 16, 2), (3, 256, 64, 256), (2, 16, 256, 16),
-                                        (1, 40, 1, 4), (2, 6, 8, 2)])
+                                        (1, 40, 1, 4), (2, 6, 8, 2), (2, 24, 5, 3)])
 def test_batched_shapes(device, b, d, n, g, L):
-    """d = 1 and 6 leave lanes of a warp without a channel (they must not store, nor stall the others)."""
+    """d = 1 and 6 leave lanes of a warp without a channel (they must not store, nor stall the others); odd n
+    leaves fast windows a last state alone after their pairs (n = 1: only that one)."""
     run_and_check(call(device, torch.bfloat16, b=b, d=d, n=n, g=g, L=L, seed=d + n + L))
 
 
