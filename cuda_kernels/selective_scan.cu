@@ -209,25 +209,26 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
 #pragma unroll
       for (int s = 0; s < S; ++s) carry_out[k + s] = fmaf(fa[s], hin[s], fb[s]);
     }
-    return;
-  }
-  float h[S];
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    const float ea = __shfl_up_sync(0xffffffffu, fa[s], 1, kLanes), eb = __shfl_up_sync(0xffffffffu, fb[s], 1, kLanes);
-    h[s] = gl == 0 ? hin[s] : fmaf(ea, hin[s], eb);
-  }
-#pragma unroll
-  for (int i = 0; i < I; ++i) {
+  } else {
+    float h[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      h[s] = fmaf(a[s][i], h[s], b[s][i]);
-      y[i] = fmaf(Cs[s].get(i), h[s], y[i]);
+      const float ea = __shfl_up_sync(0xffffffffu, fa[s], 1, kLanes);
+      const float eb = __shfl_up_sync(0xffffffffu, fb[s], 1, kLanes);
+      h[s] = gl == 0 ? hin[s] : fmaf(ea, hin[s], eb);
     }
-  }
-  if (gl == kLanes - 1) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) carry_out[k + s] = h[s];
+    for (int i = 0; i < I; ++i) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        h[s] = fmaf(a[s][i], h[s], b[s][i]);
+        y[i] = fmaf(Cs[s].get(i), h[s], y[i]);
+      }
+    }
+    if (gl == kLanes - 1) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) carry_out[k + s] = h[s];
+    }
   }
 }
 
@@ -266,8 +267,13 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
   } else {
     const uint32_t valid = ev.valid;
     // kLight: the next state's B and C are in flight during this one (C loaded in its state stalled 4%). kGeneral
-    // (windows of several sequence starts a lane: rare) loads them in their state, for registers (sm_80 spilled).
+    // (windows of several sequence starts a lane: rare) loads them in their state, for registers (sm_80 spilled);
+    // so does kLight under CUDA 12, whose register allocator spilled 28 bytes on sm_80 with it (CUDA 13: none).
+#if __CUDACC_VER_MAJOR__ >= 13
     constexpr bool kAhead = MODE == kLight;
+#else
+    constexpr bool kAhead = false;
+#endif
     Raw<T, I> Bn, Cn;
     if (kAhead && n > 0) {
       Bn.load(Brow, vector, valid);

@@ -55,8 +55,9 @@ F32, I32 = (torch.float32,), (torch.int32,)
 MAX_DSTATE = 256
 SOURCE = "selective_scan.cu"
 # Chunk kernel: 4 warps x 4 channels, each channel 8 lanes x ITEM_BYTES of tokens (kLanes, kChannels in the .cu),
-# registers for MIN_BLOCKS blocks per SM (2: up to 255 registers for 16-bit inputs at 32 bytes, no spills). 16 bytes with 4
-# blocks per SM (and more chunking) was 1.4x slower at b1 L2048-8192 and n128, faster only at b8 (H200, before d8d5a0f).
+# registers for MIN_BLOCKS blocks per SM (2: up to 255 registers for 16-bit inputs at 32 bytes, no spills). 16 bytes
+# with 4 blocks per SM (and more chunking) was 1.4x slower at b1 L2048-8192 and n128, faster only at b8 (H200, before
+# d8d5a0f).
 THREADS, CHANNELS_PER_BLOCK, LANES = 128, 16, 8
 MIN_BLOCKS, ITEM_BYTES = 2, 32
 # Short kernel: batched plain calls of L <= 8 tokens (decode): 16 lanes per channel own the states.
