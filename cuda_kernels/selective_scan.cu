@@ -294,14 +294,17 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
       start_before = (lanes & ((1u << gl) - 1)) != 0;
     }
     for (int64_t k = 0; k < n; ++k) {
-      Raw<T, I> Bk = Bn, Ck = Cn;
+      Raw<T, I> Bk, Ck;
       const float A2 = A2row[k];
-      if (!kAhead) {
+      if constexpr (kAhead) {
+        Bk = Bn, Ck = Cn;
+        if (k + 1 < n) {
+          Bn.load(Brow + (k + 1) * p.B_stride[2], vector, valid);
+          if constexpr (!PASS1) Cn.load(Crow + (k + 1) * p.C_stride[2], vector, valid);
+        }
+      } else {
         Bk.load(Brow + k * p.B_stride[2], vector, valid);
         if constexpr (!PASS1) Ck.load(Crow + k * p.C_stride[2], vector, valid);
-      } else if (k + 1 < n) {
-        Bn.load(Brow + (k + 1) * p.B_stride[2], vector, valid);
-        if constexpr (!PASS1) Cn.load(Crow + (k + 1) * p.C_stride[2], vector, valid);
       }
       float h0 = 0.f;  // kLight: the initial state of the sequence starting in this lane's items
       if constexpr (MODE == kLight) {
