@@ -1,10 +1,11 @@
 """The top-k device code (common/topk*.cuh, top_k_per_row.cu, persistent_topk.cu) run on the CPU: g++ compiles the
-real sources against a small emulation of the CUDA features they use, one OS thread per CUDA thread. So CI, which
-has no GPU, executes the streaming, shrink, radix select, cluster exchange and emission logic and compares every
-slot with the reference. What it does not model: timing, warp-level hardware behaviour beyond shuffles (a warp is
-32 threads meeting at a barrier for each shuffle), memory-model subtleties. What it checks besides results: every
-barrier is reached by every thread (a deadlock fails the case after a timeout), cp.async data is read only after
-its wait (copies land at the wait, the slot holds garbage before), 16-byte alignment of vector copies.
+real sources against an emulation of the CUDA features they use (cuda_emulation.py), one OS thread per CUDA
+thread. So CI, which has no GPU, executes the streaming, shrink, radix select, cluster exchange and emission
+logic and compares every slot with the reference. What it does not model: timing, warp-level hardware behaviour
+beyond shuffles (a warp is 32 threads meeting at a barrier for each shuffle), memory-model subtleties. What it
+checks besides results: every barrier is reached by every thread (a deadlock fails the case after a timeout),
+cp.async data is read only after its wait (copies land at the wait, the slot holds garbage before), 16-byte
+alignment of vector copies.
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
@@ -15,11 +16,11 @@ from __future__ import annotations
 import ctypes
 import re
 import shutil
-import subprocess
 from typing import NamedTuple
 
 import pytest
 import torch
+from cuda_emulation import build
 from topk_utils import (
     DECODE,
     PERSISTENT,
@@ -36,155 +37,6 @@ from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
-
-EMU_CUDA = r"""
-#pragma once
-#include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <mutex>
-#include <thread>
-#include <vector>
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-struct dim3e { unsigned x, y, z; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-namespace emu {
-struct Deadlock {};
-inline std::atomic<bool> aborted{false};
-inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
-inline std::atomic<long> rereads{0};      // threads that restarted their chunk (topk_row's sampled cutoff)
-// A barrier whose waiters give up (and make every other waiter give up) after 120 s: a thread that skips a
-// barrier the others reach fails the case instead of hanging the test run. (2048 OS threads on two busy cores
-// once took over 30 s to meet: slow, not stuck.)
-struct Barrier {
-  std::mutex m;
-  std::condition_variable cv;
-  int count, waiting = 0;
-  long phase = 0;
-  explicit Barrier(int n) : count(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(m);
-    const long mine = phase;
-    if (++waiting == count) { waiting = 0; ++phase; cv.notify_all(); return; }
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-    while (phase == mine) {
-      if (aborted) throw Deadlock{};
-      if (cv.wait_until(lock, std::min(give_up, std::chrono::steady_clock::now() + std::chrono::milliseconds(50)))
-          == std::cv_status::timeout && std::chrono::steady_clock::now() >= give_up) {
-        aborted = true;
-        throw Deadlock{};
-      }
-    }
-  }
-};
-struct Cluster;
-struct Block {
-  Barrier* bar;
-  std::vector<Barrier*> warps;
-  std::vector<uint64_t> shfl;
-  unsigned char* smem;  // [static | dynamic]
-  size_t static_bytes;
-  Cluster* cluster;
-};
-struct Cluster { Barrier* bar; std::vector<Block*> blocks; };
-inline thread_local Block* cur = nullptr;
-inline thread_local dim3e tidx, bidx;
-}  // namespace emu
-#define threadIdx (emu::tidx)
-#define blockIdx (emu::bidx)
-inline void __syncthreads() { emu::cur->bar->wait(); }
-inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
-inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
-inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
-inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
-inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
-inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
-inline float __ldg(const float* p) { return *p; }
-inline float4 __ldg(const float4* p) {
-  if (reinterpret_cast<uintptr_t>(p) & 15) { std::fprintf(stderr, "misaligned float4 load\n"); std::abort(); }
-  return *p;
-}
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-namespace emu {
-template <typename T> inline T shuffle(T v, int src, bool own) {
-  const int t = tidx.x, warp = t >> 5;
-  uint64_t raw = 0;
-  std::memcpy(&raw, &v, sizeof(T));
-  cur->shfl[t] = raw;
-  cur->warps[warp]->wait();
-  T out = v;
-  if (!own) std::memcpy(&out, &cur->shfl[warp * 32 + src], sizeof(T));
-  cur->warps[warp]->wait();
-  return out;
-}
-}  // namespace emu
-template <typename T> inline T __shfl_up_sync(unsigned, T v, int d) {
-  const int lane = emu::tidx.x & 31;
-  return emu::shuffle(v, lane - d, lane - d < 0);
-}
-template <typename T> inline T __shfl_down_sync(unsigned, T v, int d) {
-  const int lane = emu::tidx.x & 31;
-  return emu::shuffle(v, lane + d, lane + d > 31);
-}
-template <typename T> inline T __shfl_sync(unsigned, T v, int src) { return emu::shuffle(v, src & 31, false); }
-namespace emu {
-// kernel() on grid_x blocks of `threads`, `cluster` blocks at a time; 0, 1 after a deadlock, 3 after an overrun.
-template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic) {
-  aborted = false;
-  overrun = false;
-  for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
-    Barrier cluster_bar(threads * cluster);
-    Cluster cl{&cluster_bar, {}};
-    std::vector<Block> blocks(cluster);
-    for (auto& b : blocks) {
-      b.bar = new Barrier(threads);
-      for (int w = 0; w < threads / 32; ++w) b.warps.push_back(new Barrier(32));
-      b.shfl.assign(threads, 0);
-      b.static_bytes = (static_bytes + 15) & ~size_t(15);
-      b.smem = static_cast<unsigned char*>(std::aligned_alloc(16, b.static_bytes + dynamic + 16));
-      std::memset(b.smem, 0xA5, b.static_bytes + dynamic + 16);  // garbage, as real shared memory
-      b.cluster = &cl;
-      cl.blocks.push_back(&b);
-    }
-    std::vector<std::thread> pool;
-    for (int r = 0; r < cluster; ++r)
-      for (int t = 0; t < threads; ++t)
-        pool.emplace_back([&, r, t] {
-          cur = &blocks[r];
-          tidx = {unsigned(t), 0, 0};
-          bidx = {unsigned(c0 + r), 0, 0};
-          try { kernel(); } catch (Deadlock&) { aborted = true; }
-        });
-    for (auto& th : pool) th.join();
-    for (auto& b : blocks) {
-      delete b.bar;
-      for (auto* w : b.warps) delete w;
-      std::free(b.smem);
-    }
-  }
-  return aborted ? 1 : overrun ? 3 : 0;
-}
-}  // namespace emu
-"""
 
 CLUSTER_CUH = r"""
 #pragma once
@@ -259,13 +111,9 @@ extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """The emulation library, built from the current sources (about 3 s)."""
-    out = tmp_path_factory.mktemp("topk_emulator")
     source = compiler.kernel_dir()
-    (out / "common").mkdir()
-    (out / "common" / "types.cuh").write_text((source / "common" / "types.cuh").read_text())
-    (out / "common" / "cluster.cuh").write_text(CLUSTER_CUH)
-    (out / "common" / "async_copy.cuh").write_text(ASYNC_COPY_CUH)
-    (out / "common" / "topk.cuh").write_text((source / "common" / "topk.cuh").read_text())
+    files = {"common/types.cuh": None, "common/cluster.cuh": CLUSTER_CUH, "common/async_copy.cuh": ASYNC_COPY_CUH,
+             "common/topk.cuh": None, "top_k_per_row.cu": None, "persistent_topk.cu": None}
     for header in ("topk_row.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
@@ -279,17 +127,8 @@ def emulator(tmp_path_factory):
                                 "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
                                 "emu::cur->static_bytes);", core)
         assert shared == dynamic == 1, f"{header}'s shared declarations changed: update the emulation"
-        (out / "common" / header).write_text(core)
-    for name in ("top_k_per_row.cu", "persistent_topk.cu"):
-        (out / name).write_text((source / name).read_text())
-    (out / "emu_cuda.h").write_text(EMU_CUDA)
-    (out / "driver.cpp").write_text(DRIVER)
-    library = out / "libtopk_emulated.so"
-    built = subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
-                            f"-I{out}", str(out / "driver.cpp"), "-o", str(library)], capture_output=True, text=True, check=False)
-    if built.returncode:
-        pytest.fail(f"g++ failed on the emulation:\n{built.stderr[-3000:]}", pytrace=False)
-    return ctypes.CDLL(str(library))
+        files[f"common/{header}"] = core
+    return build(tmp_path_factory.mktemp("topk_emulator"), files, DRIVER)
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None):

@@ -1,0 +1,167 @@
+"""selective_scan.cu run on the CPU: g++ compiles the real kernel source (float and bf16 instantiations of the chunk,
+carry and short kernels) against tests/cuda_emulation.py, one OS thread per CUDA thread, and the op's own plan and
+params drive it. So CI, which has no GPU, executes the windows (fast two states at a time, light, general), the
+8-lane scans, the chunked passes and the state cache, and compares every output with the float64 reference.
+
+Swapped for the emulation: the MUFU instructions (ex2/lg2.approx.ftz: exp2f/log2f with subnormals flushed), the L1
+prefetch (nothing), the dynamic shared memory declaration, and dtypes.cuh (float and bf16 only: bf16 is float's
+top 16 bits, rounded to nearest even). Timing and the hardware's approximation errors are not modelled."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+
+import pytest
+import torch
+from cuda_emulation import build
+from selective_scan_utils import run_and_check
+
+from cupy_ops._runtime import Launch, Scratch, compiler
+from cupy_ops.ops import selective_scan_fwd as S
+from cupy_ops.ops.selective_scan_ref import random_call
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+
+EMULATED = (torch.float32, torch.bfloat16)
+
+DTYPES_CUH = r"""
+#pragma once
+#include <cstring>
+struct __half { unsigned short x; };  // declared for packed.cuh's overloads; no fp16 kernel is emulated
+struct __nv_bfloat16 { unsigned short x; };
+inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
+inline float __half2float(__half) { std::abort(); }
+namespace cupy_ops {
+inline float to_float(float x) { return x; }
+inline float to_float(__nv_bfloat16 x) { return __uint_as_float(unsigned(x.x) << 16); }
+template <typename T> T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {  // __float2bfloat16_rn
+  const unsigned u = __float_as_uint(x);
+  if (std::isnan(x)) return __nv_bfloat16{0x7fff};
+  return __nv_bfloat16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+}  // namespace cupy_ops
+"""
+
+# The hardware's approximate exp2 and log2 with subnormals flushed to zero (inputs and results), as .ftz does.
+MUFU = r"""
+inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x; }
+inline float emu_ex2(float x) { return emu_ftz(std::exp2(emu_ftz(x))); }
+inline float emu_lg2(float x) { return std::log2(emu_ftz(x)); }
+"""
+
+
+def _driver(kernels) -> str:
+    cases = "".join(f'  if (!std::strcmp(name, "{k.name_expression}")) return go({k.name_expression}, p, gx, gy, '
+                    f"threads, dynamic);\n" for k in kernels)
+    return (r"""
+#include "emu_cuda.h"
+#include "selective_scan.cu"
+using namespace cupy_ops;
+template <typename K>
+static int go(K kernel, const SelectiveScanParams* p, int gx, int gy, int threads, long long dynamic) {
+  const SelectiveScanParams copy = *p;
+  return emu::launch([&] { kernel(copy); }, gx, threads, 1, 0, dynamic, gy);
+}
+extern "C" int run_scan(const char* name, int gx, int gy, int threads, long long dynamic,
+                        const SelectiveScanParams* p) {
+""" + cases + "  return 2;\n}\n")
+
+
+def _emulated_kernels() -> list:
+    return [k for key, k in S.KERNELS.items() if key == "carry" or key[1] in EMULATED]
+
+
+def _swap(text: str, pattern: str, replacement: str, what: str) -> str:
+    text, count = re.subn(pattern, replacement, text)
+    assert count == 1, f"{what} changed: update the emulation"
+    return text
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulation library, built from the current sources (about 10 s)."""
+    source = compiler.kernel_dir()
+    packed = _swap((source / "common" / "packed.cuh").read_text(),
+                   r'asm\("ex2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_ex2(x);",
+                   "packed.cuh's ex2")
+    scan = (source / "selective_scan.cu").read_text()
+    scan = _swap(scan, r'asm\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_lg2(x);",
+                 "lg2")
+    scan = _swap(scan, r'asm volatile\("prefetch\.L1 \[%0\];" ::"l"\(p\)\);', "(void)p;", "prefetch_l1")
+    scan = _swap(scan, r"extern __shared__ float smem\[\];",
+                 "float* smem = reinterpret_cast<float*>(emu::cur->smem);", "the shared memory declaration")
+    files = {"common/types.cuh": None, "common/dtypes.cuh": DTYPES_CUH, "common/packed.cuh": MUFU + packed,
+             "selective_scan.cu": scan, "selective_scan_seq.cuh": None}
+    return build(tmp_path_factory.mktemp("scan_emulator"), files, _driver(_emulated_kernels()), optimize="-O1")
+
+
+@pytest.fixture
+def on_the_h200(monkeypatch):
+    """Plans as for the H200 (132 SMs) on this CPU-only machine."""
+    monkeypatch.setattr(S.launcher, "device_attribute", lambda device, name: {"sm_count": 132}[name])
+
+
+def emulate(library, *args) -> None:
+    """selective_scan_fwd on CPU tensors `args`, in place, through the emulated kernels of its own plan."""
+    call, _ = S.OP.validate(args)
+    buffers = {}
+    for step in S.OP.plan(call):
+        if isinstance(step, Scratch):
+            buffers[step.name] = torch.zeros(max(step.nbytes, 1), dtype=torch.uint8) if step.nbytes else None
+            continue
+        assert isinstance(step, Launch), f"unexpected step {step}"
+
+        def pointer(name):
+            t = buffers[name] if name in buffers else args[S.OP.arguments.index(name)]
+            return 0 if t is None else t.data_ptr()
+
+        params = ctypes.create_string_buffer(step.params.size)
+        step.params.pack_into(params, 0, *[pointer(f.source) for f in step.params.pointers],
+                              step.params.pack(step.values))
+        grid, block = step.config.grid, step.config.block
+        status = library.run_scan(step.kernel.name_expression.encode(), grid[0], grid[1], block[0],
+                                  ctypes.c_longlong(step.config.shared_bytes), params)
+        assert status != 2, f"{step.kernel.name_expression} is not emulated"
+        assert status == 0, f"{step.kernel.name_expression}: a barrier was not reached by every thread"
+
+
+def check(library, args, what):
+    run_and_check(args, entry=lambda *a: emulate(library, *a), what=what)
+
+
+# Odd n leaves fast windows a state alone after their pairs (n = 1: only that one); L = 300 leaves a partial last
+# window (light); chunked: pass 1, the carry kernel and pass 2 (the plan chunks small calls: few warps). Small A
+# (a_scale) keeps states alive over hundreds of tokens, so what crosses a window or chunk shows in the outputs.
+@pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
+def test_batched(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
+    if not chunked:
+        monkeypatch.setattr(S, "MIN_WARPS_PER_SM", 0)
+    args = random_call("cpu", dtype, b=2, d=20, n=n, g=2, L=300, a_scale=0.02, seed=40 + n)
+    steps = S.OP.plan(S.OP.validate(args)[0])
+    assert any(isinstance(s, Launch) and ", true," in s.kernel.name_expression for s in steps) == chunked
+    check(emulator, args, f"batched n={n}")
+
+
+# Sequences shorter than a lane's tokens (general windows), single starts (light), padding and a null slot.
+@pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [3, 4])
+def test_varlen(emulator, on_the_h200, dtype, n):
+    check(emulator, random_call("cpu", dtype, d=20, n=n, lengths=[1, 70, 0, 3, 200, 9], pad=2,
+                                         a_scale=0.02, seed=50 + n),
+          f"varlen n={n}")
+
+
+@pytest.mark.parametrize("cu_chunks", [False, True], ids=["blocks", "cu_chunk_seqlen"])
+def test_prefix_cache(emulator, on_the_h200, cu_chunks):
+    check(emulator, random_call("cpu", torch.float32, d=16, n=3, lengths=[90, 5, 64], block_size=32, cache=True,
+                                cu_chunks=cu_chunks, seed=60), "prefix-cache")
+
+
+def test_short(emulator, on_the_h200):
+    check(emulator, random_call("cpu", torch.bfloat16, b=3, d=20, n=5, L=3, seed=70), "short")
