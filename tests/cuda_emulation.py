@@ -188,7 +188,7 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
 """
 
 
-def build(out: Path, files: dict[str, str], driver: str, *, optimize: str = "-O2") -> ctypes.CDLL:
+def build(out: Path, files: dict[str, str | None], driver: str, *, optimize: str = "-O2") -> ctypes.CDLL:
     """A shared library from `driver` (C++ that includes emu_cuda.h and the kernel sources): `files` maps paths
     under `out` to their text (an emulated header, or a kernel source rewritten for the emulation); a path mapped
     to None is copied from the package's cuda_kernels/ unchanged."""
