@@ -147,17 +147,28 @@ __device__ __forceinline__ uint32_t range_mask(int64_t t0, int64_t lo, int64_t h
 // h -> a (pa h + pb) + b. At the step of offset `off` a lane's pair covers lanes gl - off + 1 .. gl; it takes in
 // the pair `off` lanes left only while reach >= off. reach = gl, or (windows with sequence starts) the distance to
 // the lane's latest start lane: a pair holding a start is h -> b, so it must not read pb (0 * NaN = NaN), and its
-// a is never read again (the sweep and the carry select b alone past a start).
-__device__ __forceinline__ void scan_pairs(float& a, float& b, int reach) {
+// a is never read again (the sweep and the carry select b alone past a start). S pairs (states) at once: their
+// shuffles are in flight together.
+template <int S>
+__device__ __forceinline__ void scan_pairs(float (&a)[S], float (&b)[S], int reach) {
 #pragma unroll
   for (int off = 1; off < kLanes; off <<= 1) {
-    const float pa = __shfl_up_sync(0xffffffffu, a, off, kLanes);
-    const float pb = __shfl_up_sync(0xffffffffu, b, off, kLanes);
+    float pa[S], pb[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      pa[s] = __shfl_up_sync(0xffffffffu, a[s], off, kLanes);
+      pb[s] = __shfl_up_sync(0xffffffffu, b[s], off, kLanes);
+    }
     if (reach >= off) {
-      b = fmaf(a, pb, b);
-      a *= pa;
+#pragma unroll
+      for (int s = 0; s < S; ++s) b[s] = fmaf(a[s], pb[s], b[s]), a[s] *= pa[s];
     }
   }
+}
+__device__ __forceinline__ void scan_pairs(float& a, float& b, int reach) {
+  float as[1] = {a}, bs[1] = {b};
+  scan_pairs<1>(as, bs, reach);
+  a = as[0], b = bs[0];
 }
 
 // A fast window's states S at a time (S = 2: two independent chains a lane, interleaved from the exps to the
@@ -191,19 +202,7 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
   }
 #pragma unroll
   for (int s = 0; s < S; ++s) fa[s] = ex2(A2[s] * sum_dt);
-#pragma unroll
-  for (int off = 1; off < kLanes; off <<= 1) {  // scan_pairs for S states, their shuffles in flight together
-    float pa[S], pb[S];
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      pa[s] = __shfl_up_sync(0xffffffffu, fa[s], off, kLanes);
-      pb[s] = __shfl_up_sync(0xffffffffu, fb[s], off, kLanes);
-    }
-    if (gl >= off) {
-#pragma unroll
-      for (int s = 0; s < S; ++s) fb[s] = fmaf(fa[s], pb[s], fb[s]), fa[s] *= pa[s];
-    }
-  }
+  scan_pairs<S>(fa, fb, gl);
   if constexpr (PASS1) {
     if (gl == kLanes - 1) {
 #pragma unroll

@@ -111,7 +111,7 @@ def emulate(library, *args) -> None:
     buffers = {}
     for step in S.OP.plan(call):
         if isinstance(step, Scratch):
-            buffers[step.name] = torch.zeros(max(step.nbytes, 1), dtype=torch.uint8) if step.nbytes else None
+            buffers[step.name] = torch.zeros(step.nbytes, dtype=torch.uint8) if step.nbytes else None
             continue
         assert isinstance(step, Launch), f"unexpected step {step}"
 
