@@ -85,12 +85,14 @@ struct SelectiveScanParams {
   bool cache_mode;               // prefix-cache mode (block_idx_first given)
   bool vec_ok;                   // every row of u, delta, z, B, C starts 16-byte aligned
   bool chunked;                  // pass 1 and the carry kernel ran: chunks start from carried-in states
+  bool stage_bc;                 // every block's channels share one group: fast windows stage B and C
 };
 
 constexpr int kLanes = 8;                       // lanes per channel in the chunk kernel
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChannels = kWarps * 32 / kLanes; // 16 channels per block
+constexpr int kStage = kThreads / kLanes;       // states whose B and C a block stages at once (a thread each)
 constexpr int kShortLanes = 16;                 // lanes per channel in the short kernel
 constexpr int kShortMaxLen = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -173,30 +175,44 @@ __device__ __forceinline__ void scan_pairs(float& a, float& b, int reach) {
 
 // A fast window's states S at a time (S = 2: two independent chains a lane, interleaved from the exps to the
 // sweep; one state's chain alone left the 2 warps a scheduler waiting on the MUFU results, the 16-step fold and
-// sweep and the shuffles: b1 d4096 n16 L2048 171 -> 158 us). B and C are loaded here: registers leave no room to
-// hold the next states'. (Prefetching those into L1 instead was slower: L2048 153 -> 191 us, n128 955 -> 1161.)
-template <typename T, int I, int S, bool PASS1>
+// sweep and the shuffles: b1 d4096 n16 L2048 171 -> 158 us). STAGED: B and C come as float from the block's
+// staging area (stage_states; Bst/Cst: this lane's first float4 of state k), else they are loaded here from
+// global memory (registers leave no room to hold the next states'; prefetching those into L1 instead was
+// slower: L2048 153 -> 191 us, n128 955 -> 1161).
+template <typename T, int I, int S, bool PASS1, bool STAGED>
 __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_t k, int gl, const float* A2row,
-                                            const T* Brow, const T* Crow, const float* carry_in,
-                                            float* carry_out, const float (&dt)[I], const float (&dtu)[I],
-                                            float (&y)[I], float sum_dt, bool vector) {
+                                            const T* Brow, const T* Crow, const float4* Bst, const float4* Cst,
+                                            const float* carry_in, float* carry_out, const float (&dt)[I],
+                                            const float (&dtu)[I], float (&y)[I], float sum_dt, bool vector) {
   constexpr uint32_t kAll = (1u << I) - 1;
+  constexpr int kQuads = I / 4, kStateQuads = kQuads * kLanes;  // float4s of a lane, of a staged state
   Raw<T, I> Bs[S], Cs[S];
   float A2[S], hin[S], a[S][I], b[S][I], fa[S], fb[S];
 #pragma unroll
   for (int s = 0; s < S; ++s) {
-    Bs[s].load(Brow + s * p.B_stride[2], vector, kAll);
-    if constexpr (!PASS1) Cs[s].load(Crow + s * p.C_stride[2], vector, kAll);
+    if constexpr (!STAGED) {
+      Bs[s].load(Brow + s * p.B_stride[2], vector, kAll);
+      if constexpr (!PASS1) Cs[s].load(Crow + s * p.C_stride[2], vector, kAll);
+    }
     A2[s] = A2row[k + s];
     hin[s] = carry_in[k + s];
     fb[s] = 0.f;
   }
+  // item i of state s: B (or C) as float
+  const auto item = [&](const Raw<T, I>& raw, const float4* st, int s, int i) {
+    if constexpr (STAGED) {
+      const float4 v = st[s * kStateQuads + (i >> 2) * kLanes];
+      return (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
+    } else {
+      return raw.get(i);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < I; ++i) {
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       a[s][i] = ex2(dt[i] * A2[s]);
-      b[s][i] = dtu[i] * Bs[s].get(i);
+      b[s][i] = dtu[i] * item(Bs[s], Bst, s, i);
       fb[s] = fmaf(a[s][i], fb[s], b[s][i]);
     }
   }
@@ -221,13 +237,40 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
 #pragma unroll
       for (int s = 0; s < S; ++s) {
         h[s] = fmaf(a[s][i], h[s], b[s][i]);
-        y[i] = fmaf(Cs[s].get(i), h[s], y[i]);
+        y[i] = fmaf(item(Cs[s], Cst, s, i), h[s], y[i]);
       }
     }
     if (gl == kLanes - 1) {
 #pragma unroll
       for (int s = 0; s < S; ++s) carry_out[k + s] = h[s];
     }
+  }
+}
+
+// The B (and C) of states k0 .. k0 + m - 1 of a fast window, as float, into the block's staging area: thread t
+// loads lane t % kLanes's items of state k0 + t / kLanes, which every channel of the block shares (stage_bc), and
+// unpacks them once, where each of the block's 16 channels' lanes did so for itself: 32 of the ~250 warp
+// instructions of a state were those unpacks, and ~15% of the stall samples waited on B from L2 (ncu, b1 d4096
+// n16 L2048). Layout: state s's float4 q of lane l at s * kStateQuads + q * kLanes + l, so a channel's 8 lanes read
+// 128 contiguous bytes. The caller places the barriers.
+template <typename T, int I, bool PASS1>
+__device__ __forceinline__ void stage_states(const SelectiveScanParams& p, const T* Brow, const T* Crow, int64_t k0,
+                                             int64_t m, float4* Bst, float4* Cst, bool vector) {
+  constexpr uint32_t kAll = (1u << I) - 1;
+  constexpr int kQuads = I / 4;
+  const int s = threadIdx.x / kLanes, l = threadIdx.x % kLanes;
+  if (s >= m) return;
+  const int at = s * kQuads * kLanes + l;
+  Raw<T, I> raw;
+  raw.load(Brow + (k0 + s) * p.B_stride[2], vector, kAll);
+#pragma unroll
+  for (int q = 0; q < kQuads; ++q)
+    Bst[at + q * kLanes] = make_float4(raw.get(4 * q), raw.get(4 * q + 1), raw.get(4 * q + 2), raw.get(4 * q + 3));
+  if constexpr (!PASS1) {
+    raw.load(Crow + (k0 + s) * p.C_stride[2], vector, kAll);
+#pragma unroll
+    for (int q = 0; q < kQuads; ++q)
+      Cst[at + q * kLanes] = make_float4(raw.get(4 * q), raw.get(4 * q + 1), raw.get(4 * q + 2), raw.get(4 * q + 3));
   }
 }
 
@@ -255,14 +298,35 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
                                             const float* A2row, const T* Brow, const T* Crow,
                                             const float* carry_in, float* carry_out, const float (&dt)[I],
                                             const float (&dtu)[I], float (&y)[I], float sum_dt,
-                                            const LaneEvents& ev, bool vector, bool ch_ok) {
+                                            const LaneEvents& ev, bool vector, bool ch_ok, float4* staged) {
   const int64_t n = p.dstate;
   if constexpr (MODE == kFast) {
+    if (p.stage_bc) {  // uniform over the block, as fast windows are: its barriers are reached by every thread
+      constexpr int kStateQuads = I / 4 * kLanes;
+      const float4* Bl = staged + gl;
+      const float4* Cl = staged + kStage * kStateQuads + gl;
+      for (int64_t k0 = 0; k0 < n; k0 += kStage) {
+        const int64_t m = n - k0 < kStage ? n - k0 : kStage;
+        __syncthreads();  // the previous states' B and C are read
+        stage_states<T, I, PASS1>(p, Brow, Crow, k0, m, staged, staged + kStage * kStateQuads, vector);
+        __syncthreads();
+        int s = 0;
+        for (; s + 1 < m; s += 2)
+          fast_states<T, I, 2, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * kStateQuads,
+                                            Cl + s * kStateQuads, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+        if (s < m)
+          fast_states<T, I, 1, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * kStateQuads,
+                                            Cl + s * kStateQuads, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+      }
+      return;
+    }
     int64_t k = 0;
     for (; k + 1 < n; k += 2, Brow += 2 * p.B_stride[2], Crow += 2 * p.C_stride[2])
-      fast_states<T, I, 2, PASS1>(p, k, gl, A2row, Brow, Crow, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+      fast_states<T, I, 2, PASS1, false>(p, k, gl, A2row, Brow, Crow, nullptr, nullptr, carry_in, carry_out, dt, dtu,
+                                         y, sum_dt, vector);
     if (k < n)
-      fast_states<T, I, 1, PASS1>(p, k, gl, A2row, Brow, Crow, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+      fast_states<T, I, 1, PASS1, false>(p, k, gl, A2row, Brow, Crow, nullptr, nullptr, carry_in, carry_out, dt, dtu,
+                                         y, sum_dt, vector);
   } else {
     const uint32_t valid = ev.valid;
     // kLight: the next state's B and C are in flight during this one (C loaded in its state stalled 4%). kGeneral
@@ -381,7 +445,8 @@ __device__ __forceinline__ float load_inputs(const SelectiveScanParams& p, const
 }
 
 // grid (chunks, ceil(d / 16)), 128 threads. Dynamic shared memory: carry [2][16][n] floats, A log2 e [16][n]
-// floats, then per warp an event table of W tokens: initial-state slot, store slot (ints) and flags (bytes).
+// floats, when stage_bc B and C of kStage states [2][kStage][W] floats, then per warp an event table of W tokens:
+// initial-state slot, store slot (ints) and flags (bytes).
 // MIN_BLOCKS: blocks per SM that the register budget must allow (2: up to 255 registers). ITEM_BYTES: input
 // bytes per lane and window (32 or 16), I = ITEM_BYTES / sizeof(T) tokens.
 template <typename T, bool PASS1, int MIN_BLOCKS, int ITEM_BYTES>
@@ -389,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
   constexpr int I = ITEM_BYTES / int(sizeof(T));
   constexpr int W = I * kLanes;
   constexpr uint32_t kAll = (1u << I) - 1;
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gl = lane % kLanes;
   const int chl = warp * (32 / kLanes) + lane / kLanes;
   const int64_t c_raw = int64_t(blockIdx.y) * kChannels + chl;
@@ -411,7 +476,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
   }
   __syncthreads();
   const float* A2row = A2s + chl * n;
-  int* h0_tab = reinterpret_cast<int*>(smem + 3 * kChannels * n) + warp * (2 * W + W / 4);
+  // stage_bc: the fast windows' staged B and C (kStage states of W floats each), 16-byte aligned (3 x 16 x n
+  // floats before it)
+  float4* staged = reinterpret_cast<float4*>(smem + 3 * kChannels * n);
+  int* h0_tab = reinterpret_cast<int*>(smem + 3 * kChannels * n + (p.stage_bc ? 2 * kStage * W : 0)) +
+                warp * (2 * W + W / 4);
   int* st_tab = h0_tab + W;
   unsigned char* flag_tab = reinterpret_cast<unsigned char*>(st_tab + W);
 
@@ -458,10 +527,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
       const LaneEvents ev{valid, 0, 0, kNone, kNone, h0_tab, st_tab};
       if (w >= seg && w + W <= hi)
         scan_window<T, I, kFast, true>(p, c, chunk, gl, A2row, Brow + t0, Crow + t0, carry(buf), carry(buf ^ 1), dt,
-                                       dtu, y, part, ev, vector, ch_ok);
+                                       dtu, y, part, ev, vector, ch_ok, staged);
       else
         scan_window<T, I, kLight, true>(p, c, chunk, gl, A2row, Brow + t0, Crow + t0, carry(buf), carry(buf ^ 1), dt,
-                                        dtu, y, part, ev, vector, ch_ok);
+                                        dtu, y, part, ev, vector, ch_ok, staged);
       __syncwarp();
     }
 #pragma unroll
@@ -546,13 +615,13 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
       }
       if (fast)
         scan_window<T, I, kFast, false>(p, c, chunk, gl, A2row, Brow + t0, Crow + t0, carry(buf), carry(buf ^ 1), dt,
-                                        dtu, y, sum_dt, ev, vector, ch_ok);
+                                        dtu, y, sum_dt, ev, vector, ch_ok, staged);
       else if (light)
         scan_window<T, I, kLight, false>(p, c, chunk, gl, A2row, Brow + t0, Crow + t0, carry(buf), carry(buf ^ 1), dt,
-                                         dtu, y, sum_dt, ev, vector, ch_ok);
+                                         dtu, y, sum_dt, ev, vector, ch_ok, staged);
       else
         scan_window<T, I, kGeneral, false>(p, c, chunk, gl, A2row, Brow + t0, Crow + t0, carry(buf), carry(buf ^ 1), dt,
-                                           dtu, y, sum_dt, ev, vector, ch_ok);
+                                           dtu, y, sum_dt, ev, vector, ch_ok, staged);
       buf ^= 1;
       __syncwarp();
       if (!ch_ok || valid == 0) continue;

@@ -92,7 +92,7 @@ def emulator(tmp_path_factory):
     scan = _swap(scan, r'asm\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_lg2(x);",
                  "lg2")
     scan = _swap(scan, r'asm volatile\("prefetch\.L1 \[%0\];" ::"l"\(p\)\);', "(void)p;", "prefetch_l1")
-    scan = _swap(scan, r"extern __shared__ float smem\[\];",
+    scan = _swap(scan, r"extern __shared__ __align__\(16\) float smem\[\];",
                  "float* smem = reinterpret_cast<float*>(emu::cur->smem);", "the shared memory declaration")
     files = {"common/types.cuh": None, "common/dtypes.cuh": DTYPES_CUH, "common/packed.cuh": MUFU + packed,
              "selective_scan.cu": scan, "selective_scan_seq.cuh": None}
@@ -146,6 +146,20 @@ def test_batched(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
     steps = S.OP.plan(S.OP.validate(args)[0])
     assert any(isinstance(s, Launch) and ", true," in s.kernel.name_expression for s in steps) == chunked
     check(emulator, args, f"batched n={n}")
+
+
+# d / g = 16: every block's channels share one group, so fast windows stage B and C in shared memory, 16 states
+# at a time (n = 20: a full round and one of 4 states; n = 17: a full round and one state alone).
+@pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [17, 20])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
+def test_batched_staged(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
+    if not chunked:
+        monkeypatch.setattr(S, "MIN_WARPS_PER_SM", 0)
+    args = random_call("cpu", dtype, b=2, d=32, n=n, g=2, L=300, a_scale=0.02, seed=80 + n)
+    steps = S.OP.plan(S.OP.validate(args)[0])
+    assert all(s.values["stage_bc"] for s in steps if isinstance(s, Launch))
+    check(emulator, args, f"batched staged n={n}")
 
 
 # Sequences shorter than a lane's tokens (general windows), single starts (light), padding and a null slot.

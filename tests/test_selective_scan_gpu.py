@@ -230,8 +230,11 @@ def test_plan_paths(kw, kernels, chunks, monkeypatch):
     if chunks is not None:
         assert scan[-1].config.grid[0] == chunks * (kw.get("b") or 1)
         assert scan[-1].values["chunk_tokens"] % 128 == 0
-        # carry in and out and A log2 e: 3 x [16 channels][n = 16] floats; 4 warps' event tables of 128 tokens
-        assert scan[-1].config.shared_bytes == 3 * 16 * 16 * 4 + 4 * (2 * 128 * 4 + 128)
+        # carry in and out and A log2 e: 3 x [16 channels][n = 16] floats; B and C of 16 states x 128 tokens as
+        # float when every block's 16 channels share a group (d / g a multiple of 16); 4 warps' event tables
+        staged = scan[-1].values["group_size"] % 16 == 0
+        assert scan[-1].values["stage_bc"] == staged
+        assert scan[-1].config.shared_bytes == 3 * 16 * 16 * 4 + staged * 2 * 16 * 128 * 4 + 4 * (2 * 128 * 4 + 128)
     if "scratch" in names:
         d, total = scan[-1].values["dim"], scan[-1].values["num_chunks"]
         assert steps[0].nbytes == 4 * total * (2 * d * 16 + d + 1)

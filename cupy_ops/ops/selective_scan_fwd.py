@@ -66,6 +66,9 @@ SHORT_MAX_LEN, SHORT_CHANNELS_PER_BLOCK = 8, 8
 # warp keeps the MUFU (exp) pipe busy for ~60% of its time, so ~6 warps hide that; a chunked run does the
 # crossing tokens' exps twice (pass 1 and pass 2), so it only pays where the GPU would otherwise idle.
 MIN_WARPS_PER_SM = 6
+# Fast windows stage B and C as float in shared memory, STAGE_STATES states at a time (a thread each), when every
+# block's channels share one group (d / g a multiple of CHANNELS_PER_BLOCK): each lane unpacked its own copy before.
+STAGE_BC, STAGE_STATES = True, THREADS // LANES
 _INT32_MAX = (1 << 31) - 1
 
 
@@ -97,7 +100,7 @@ PARAMS = P.CStruct("SelectiveScanParams", [
         P.i64("delta_bias_stride"), P.i64("state_stride", 3), P.i64("qsl_stride"), P.i64("ci_stride", 2),
         P.i64("his_stride"), P.i64("bif_stride"), P.i64("bil_stride"), P.i64("isi_stride"), P.i64("cu_stride"),
         P.i64("lci_stride"), P.u8("varlen"), P.u8("softplus"), P.u8("state_f32"), P.u8("cache_mode"),
-        P.u8("vec_ok"), P.u8("chunked"),
+        P.u8("vec_ok"), P.u8("chunked"), P.u8("stage_bc"),
 ])
 # Unchunked plans need no scratch buffer: a 0-byte Scratch gives the field a null pointer and allocates nothing.
 NO_SCRATCH = Scratch("scratch", 0)
@@ -227,6 +230,7 @@ def plan(c: Call) -> list:
         cu_stride=_one(c.cu_chunk_seqlen), lci_stride=_one(c.last_chunk_indices), varlen=varlen,
         softplus=c.delta_softplus, state_f32=c.ssm_states.dtype == torch.float32, cache_mode=cache_mode,
         vec_ok=_vector_ok(c, varlen), chunked=False, chunk_tokens=tokens, chunks_per_row=1, num_chunks=b,
+        stage_bc=STAGE_BC and (d // c.B.shape[-3]) % CHANNELS_PER_BLOCK == 0,
     )
     if not varlen and not cache_mode and tokens <= SHORT_MAX_LEN:
         blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
@@ -243,7 +247,8 @@ def plan(c: Call) -> list:
     chunks = rows * per_row
     values.update(chunk_tokens=chunk_tokens, chunks_per_row=per_row, num_chunks=chunks, chunked=per_row > 1)
     table_bytes = (THREADS // 32) * (2 * window * 4 + window)
-    smem = 3 * CHANNELS_PER_BLOCK * n * 4 + table_bytes  # carry in and out, A log2 e, event tables
+    staged_bytes = 2 * STAGE_STATES * window * 4 if values["stage_bc"] else 0
+    smem = 3 * CHANNELS_PER_BLOCK * n * 4 + staged_bytes + table_bytes  # carry in and out, A log2 e, B C, events
     scan = LaunchConfig((chunks, channel_blocks, 1), (THREADS, 1, 1), smem)
     if per_row == 1:
         return [NO_SCRATCH, Launch(KERNELS["chunk", dtype, False], scan, PARAMS, values)]
