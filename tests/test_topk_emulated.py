@@ -121,6 +121,10 @@ def emulator(tmp_path_factory):
         # topk_row's re-read after a sampled cutoff that let fewer than k through: counted (a thread each)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
         assert rereads == (header == "topk_row.cuh"), f"{header}: the re-read changed: update the emulation"
+        # the L2 prefetch of a row's first group: a read of the address (it must lie in the row)
+        core, prefetches = re.subn(r'asm volatile\("prefetch\.global\.L2 \[%0\];" ::"l"\(row \+ i\)\);',
+                                   "(void)*static_cast<const volatile float*>(row + i);", core)
+        assert prefetches == (header == "topk_row.cuh"), f"{header}: the prefetch changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -151,6 +155,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             cap = -(-(k + 8 * threads) // 4) * 4
             row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k),
                                sample=T.sample_target(T.chunk_bound(width, cluster), k) if sample is None else sample)
+        row = row._replace(prefetch=cluster == 1)  # the kernels' prefetch reads the row (see emulator)
         return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
 
     monkeypatch.setattr(module, "plan_rows", plan_rows)
@@ -250,13 +255,14 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
 
 # The sampled cutoff (common/topk_row.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
 # through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 put the
-# rank-R sample at index 4R - 2, so a target of 64 survivors (R 15) lets 59 < k = 64 through and one of 66 (R 16)
-# exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare; rows of
-# 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again).
+# rank-R sample (R <= 64) at index R - 1, in the first run of 64 (load_sample), and R = ceil(target x 2048 / 8998):
+# a target of 276 survivors (R 63) lets 63 < k = 64 through and one of 277 (R 64) exactly k; randn rows with NaN
+# and +inf late in the row need NaN to pass a finite cutoff's float compare; rows of 16500 give each CTA of a pair
+# a chunk over 8192, so both sample (sample=1: both read again).
 SAMPLED_CASES = {
     "descending-sample1-reread": ("descending", Geometry(512, shrink=True, sample=1), True),
-    "descending-59-pass-reread": ("descending", Geometry(512, shrink=True, sample=64), True),
-    "descending-k-pass": ("descending", Geometry(512, shrink=True, sample=66), False),
+    "descending-63-pass-reread": ("descending", Geometry(512, shrink=True, sample=276), True),
+    "descending-k-pass": ("descending", Geometry(512, shrink=True, sample=277), False),
     "late-nan-inf-1024": ("late-nan-inf", Geometry(1024, shrink=True), False),
     "late-nan-inf-512": ("late-nan-inf", Geometry(512, shrink=True), False),
     "pair-sample1-reread": ("randn-16500", Geometry(256, 2, shrink=True, sample=1), True),

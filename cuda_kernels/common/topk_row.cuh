@@ -62,22 +62,39 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
 // ---- a sampled cutoff ----
 
 constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
+constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
 
-// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of kSample keys sampled at even steps,
+// Loads the sample of the chunk [lo, hi): kSample / kSampleRun runs of kSampleRun consecutive scores at even steps
+// (every 2048 / kSampleRun-th of the chunk). Runs, not single scores at even steps: those took a 32-byte sector of
+// DRAM each (64 KB a CTA, 8 MB at 128 rows), and waiting on them was 13% of the stall samples (ncu, persistent
+// 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind them. Needs
+// hi - lo >= kSample (runs do not overlap).
+template <int THREADS>
+__device__ __forceinline__ void load_sample(const float* base, int64_t stride, int lo, int hi,
+                                            float (&values)[kSample / THREADS]) {
+  static_assert(THREADS % kSampleRun == 0, "a thread's samples keep their place in a run");
+  const int step = (hi - lo) / (kSample / kSampleRun);
+#pragma unroll
+  for (int u = 0; u < kSample / THREADS; ++u) {
+    const int j = u * THREADS + static_cast<int>(threadIdx.x);
+    values[u] = __ldg(base + static_cast<int64_t>(lo + (j / kSampleRun) * step + j % kSampleRun) * stride);
+  }
+}
+
+// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of the kSample sampled values (load_sample),
 // R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. The stream then appends only
 // keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of its early
 // groups (128 x 131072, k 2048: ~2 shrinks a row without it). The cutoff may let fewer than k through (an unlucky
-// sample, or data periodic in the fixed sampling step): topk_row then reads the chunk again with none. Needs
-// hi - lo >= kSample (a step of at least 1: every position in [lo, hi)) and sh.fine zero; leaves sh.fine zero.
+// sample, or data whose runs mislead it): topk_row then reads the chunk again with none. Needs sh.fine zero; leaves
+// it zero.
 template <int THREADS>
-__device__ uint32_t sample_cutoff(const float* base, int64_t stride, int lo, int hi, int target, Shared& sh) {
+__device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int lo, int hi, int target, Shared& sh) {
   constexpr int kPer = kSample / THREADS;
-  const int len = hi - lo, step = len / kSample;
+  const int len = hi - lo;
   uint32_t key[kPer];
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
-    const int i = lo + (u * THREADS + static_cast<int>(threadIdx.x)) * step + step / 2;
-    key[u] = float_key(__ldg(base + i * stride));
+    key[u] = float_key(values[u]);
     atomicAdd(&sh.fine[key[u] >> 21], 1u);
   }
   __syncthreads();
@@ -120,6 +137,16 @@ __device__ __forceinline__ uint32_t slot_values(const float* base, int64_t strid
     }
   }
   return valid;
+}
+
+// Asks L2 for the first group a lone CTA (no cluster) will stream from a contiguous row of up to `width` scores,
+// before the row's window is known: its length is a dependent load, a DRAM round trip before the CTA's copies can
+// start. For grids of one CTA a row that fit the SMs at once (latency-bound rows: 1 x 8192, 8 x 4096); one 128-byte
+// line a thread for THREADS / 4 threads (the group's 2 x THREADS x 16 bytes, and at most that past a short row's end).
+template <int THREADS>
+__device__ __forceinline__ void prefetch_first_group(const float* row, int64_t width) {
+  const int64_t i = 32 * static_cast<int64_t>(threadIdx.x);
+  if (threadIdx.x < THREADS / 4 && i < width) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + i));
 }
 
 constexpr uint32_t kInfKey = 0xff800000u;  // float_key(+inf)
@@ -197,16 +224,20 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     read_stage = 0;
     write_stage = ahead;
   };
+  // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
+  // sampled cutoff; its sample is loaded first, then the ring's first copies go in flight. Only with idx (stage >
+  // 0): filtered entries need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000
+  // (key(-inf)'s bin).
+  const bool sampled = sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample);
+  float sample_values[kSample / THREADS];
+  if (sampled) load_sample<THREADS>(base, stride, lo, hi, sample_values);
   start_copies();
 
   clear_fine<THREADS>(sh);
   __syncthreads();
-  // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
-  // sampled cutoff (the ring's first copies are in flight meanwhile). Only with idx (stage > 0): filtered entries
-  // need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000 (key(-inf)'s bin).
   uint32_t cutoff = 0;
-  if (sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample)) {
-    cutoff = sample_cutoff<THREADS>(base, stride, lo, hi, sample, sh);
+  if (sampled) {
+    cutoff = sample_cutoff<THREADS>(sample_values, lo, hi, sample, sh);
     __syncthreads();
   }
   uint32_t parity = 0, min_key = cutoff;

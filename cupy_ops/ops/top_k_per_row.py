@@ -111,7 +111,9 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none)."""
+    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none).
+    `prefetch`: one CTA a row and no more rows than SMs (latency-bound rows): each asks L2 for its
+    row's first group before reading the row's length."""
 
     threads: int
     cluster: int
@@ -121,6 +123,7 @@ class RowPlan(NamedTuple):
     shared_bytes: int
     two_pass: bool = False
     sample: int = 0
+    prefetch: bool = False
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -214,7 +217,9 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
         kernel = kernels[row.threads, cluster]
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))
-        if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
+        if cluster == 1:
+            return kernel, config, row._replace(prefetch=rows <= sms)
+        if launcher.max_active_clusters(kernel, device, config) > 0:
             return kernel, config, row
         cluster //= 2
 
@@ -288,7 +293,7 @@ PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
     P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.i32("decode"), P.i32("next_n"),
-    P.i32("per_row"),
+    P.i32("per_row"), P.i32("prefetch"),
 ])
 # decode has no rowStarts/rowEnds: both pointers take seqLens (the kernel reads `ends` only).
 DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
@@ -356,7 +361,7 @@ def _plan(c: Call, decode: bool) -> list:
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
               "stages": row.stages, "sample": row.sample, "decode": int(decode), "next_n": c.next_n if decode else 1,
-              "per_row": int(per_row)}
+              "per_row": int(per_row), "prefetch": int(decode and row.prefetch)}  # prefill: the start is unknown
     return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
 
 
