@@ -18,7 +18,6 @@ struct PersistentTopKParams {
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
   int sample;            // survivors a sampled cutoff aims at (common/topk_row.cuh: sample_cutoff), 0: no sampling
-  int prefetch;          // no cluster, one wave: prefetch each row's first group (prefetch_first_group)
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
@@ -28,7 +27,6 @@ __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
-  if (CLUSTER == 1 && p.prefetch) topk::prefetch_first_group<THREADS>(p.logits + row * p.stride0, p.max_len);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, row_length(p, row), p.output + row * p.out_stride,
                                    p.k, p.cap, p.stage, p.stages, p.sample);
 }

@@ -23,7 +23,6 @@ struct TopKPerRowParams {
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
-  int prefetch;          // decode, no cluster, one wave: prefetch each row's first group (prefetch_first_group)
 };
 
 // Prefill: [clamp(start, 0, W), clamp(end, start, W)). Decode: [0, clamp(end, 0, W)) with end = seq_lens[row] when
@@ -48,7 +47,6 @@ __device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int r
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
-  if (CLUSTER == 1 && p.prefetch) topk::prefetch_first_group<THREADS>(p.logits + row * p.stride0, p.num_cols);
   const RowWindow w = row_window(p, row);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
                                    static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap, p.stage,

@@ -121,10 +121,6 @@ def emulator(tmp_path_factory):
         # topk_row's re-read after a sampled cutoff that let fewer than k through: counted (a thread each)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
         assert rereads == (header == "topk_row.cuh"), f"{header}: the re-read changed: update the emulation"
-        # the L2 prefetch of a row's first group: a read of the address (it must lie in the row)
-        core, prefetches = re.subn(r'asm volatile\("prefetch\.global\.L2 \[%0\];" ::"l"\(row \+ i\)\);',
-                                   "(void)*static_cast<const volatile float*>(row + i);", core)
-        assert prefetches == (header == "topk_row.cuh"), f"{header}: the prefetch changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -155,7 +151,6 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             cap = -(-(k + 8 * threads) // 4) * 4
             row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k),
                                sample=T.sample_target(T.chunk_bound(width, cluster), k) if sample is None else sample)
-        row = row._replace(prefetch=cluster == 1)  # the kernels' prefetch reads the row (see emulator)
         return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
 
     monkeypatch.setattr(module, "plan_rows", plan_rows)

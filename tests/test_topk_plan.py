@@ -179,21 +179,6 @@ def test_decode_per_row_flag(fake_gpu):
     assert _plan(DECODE, decode_args(logits, 2, [[50], [60]], 8))[0].values["per_row"] == 0
 
 
-def test_prefetch_flag(fake_gpu):
-    """Rows that start at column 0 (decode, persistent) prefetch their first group when one CTA a row fits the
-    SMs at once (132 on the H200); clusters, more rows and prefill (its start is device data) do not."""
-    fake_gpu("H200")
-    for rows, width, expected in ((1, 8192, 1), (132, 8192, 1), (133, 8192, 0), (4, 163840, 0)):
-        logits = torch.randn(rows, width)
-        for op, args in ((DECODE, decode_args(logits, 1, [width] * rows, 2048, poison=None)),
-                         (PERSISTENT, persistent_args(logits, [width] * rows, 2048, poison=None))):
-            (launch,) = _plan(op, args)
-            assert launch.values["prefetch"] == expected, (op.name, rows, width)
-            assert launch.values["prefetch"] == 0 or launch.config.cluster is None
-        prefill = _plan(PREFILL, prefill_args(logits, [0] * rows, [width] * rows, 2048, poison=None))[0]
-        assert prefill.values["prefetch"] == 0
-
-
 def test_no_rows_no_launch(fake_gpu):
     fake_gpu("H200")
     assert _plan(PREFILL, prefill_args(torch.randn(0, 10), [], [], 4, poison=None)) == []

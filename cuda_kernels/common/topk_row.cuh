@@ -139,16 +139,6 @@ __device__ __forceinline__ uint32_t slot_values(const float* base, int64_t strid
   return valid;
 }
 
-// Asks L2 for the first group a lone CTA (no cluster) will stream from a contiguous row of up to `width` scores,
-// before the row's window is known: its length is a dependent load, a DRAM round trip before the CTA's copies can
-// start. For grids of one CTA a row that fit the SMs at once (latency-bound rows: 1 x 8192, 8 x 4096); one 128-byte
-// line a thread for THREADS / 4 threads (the group's 2 x THREADS x 16 bytes, and at most that past a short row's end).
-template <int THREADS>
-__device__ __forceinline__ void prefetch_first_group(const float* row, int64_t width) {
-  const int64_t i = 32 * static_cast<int64_t>(threadIdx.x);
-  if (threadIdx.x < THREADS / 4 && i < width) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + i));
-}
-
 constexpr uint32_t kInfKey = 0xff800000u;  // float_key(+inf)
 
 // The smallest value whose key is >= min_key, for 0 < min_key <= kInfKey: then key(x) >= min_key <=> !(x < it)

@@ -74,7 +74,8 @@ MIN_LIST = 512
 # aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
 # sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
 # H200, persistent 128 x 131072 k 2048: 48.2 us without, 42.2 with (the float-compare filter; with the earlier
-# key-per-element filter 50.3 without, 47.5 at 2 k, 48.7 at 3 k). Whole chunks keep their keys-only buffer: a sampled
+# key-per-element filter 50.3 without, 47.5 at 2 k, 48.7 at 3 k), 34.6 with the sample read in runs before the
+# chunk's copies (load_sample; decode 128 x 131072: 43.7 -> 37.1). Whole chunks keep their keys-only buffer: a sampled
 # streaming one instead was slower (64 x 20000 15.0 vs 12.4 us, 32 x 163840 47.5 vs 42.2). SAMPLE_PER_K = 0: none.
 SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
@@ -111,9 +112,7 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none).
-    `prefetch`: one CTA a row and no more rows than SMs (latency-bound rows): each asks L2 for its
-    row's first group before reading the row's length."""
+    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none)."""
 
     threads: int
     cluster: int
@@ -123,7 +122,6 @@ class RowPlan(NamedTuple):
     shared_bytes: int
     two_pass: bool = False
     sample: int = 0
-    prefetch: bool = False
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -217,9 +215,7 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
         kernel = kernels[row.threads, cluster]
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))
-        if cluster == 1:
-            return kernel, config, row._replace(prefetch=rows <= sms)
-        if launcher.max_active_clusters(kernel, device, config) > 0:
+        if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
             return kernel, config, row
         cluster //= 2
 
@@ -293,7 +289,7 @@ PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
     P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.i32("decode"), P.i32("next_n"),
-    P.i32("per_row"), P.i32("prefetch"),
+    P.i32("per_row"),
 ])
 # decode has no rowStarts/rowEnds: both pointers take seqLens (the kernel reads `ends` only).
 DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
@@ -361,7 +357,7 @@ def _plan(c: Call, decode: bool) -> list:
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
               "stages": row.stages, "sample": row.sample, "decode": int(decode), "next_n": c.next_n if decode else 1,
-              "per_row": int(per_row), "prefetch": int(decode and row.prefetch)}  # prefill: the start is unknown
+              "per_row": int(per_row)}
     return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
 
 
