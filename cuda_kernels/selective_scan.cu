@@ -330,13 +330,8 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
   } else {
     const uint32_t valid = ev.valid;
     // kLight: the next state's B and C are in flight during this one (C loaded in its state stalled 4%). kGeneral
-    // (windows of several sequence starts a lane: rare) loads them in their state, for registers (sm_80 spilled);
-    // so does kLight under CUDA 12, whose register allocator spilled 28 bytes on sm_80 with it (CUDA 13: none).
-#if __CUDACC_VER_MAJOR__ >= 13
+    // (windows of several sequence starts a lane: rare) loads them in their state, for registers (sm_80 spilled).
     constexpr bool kAhead = MODE == kLight;
-#else
-    constexpr bool kAhead = false;
-#endif
     Raw<T, I> Bn, Cn;
     if (kAhead && n > 0) {
       Bn.load(Brow, vector, valid);
@@ -470,9 +465,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
   // The block's A log2 e, staged once: read a state at a time from global memory, its latency was 16% of the
   // stall samples of the fast windows (ncu, b1 d4096 n16 L2048).
   float* A2s = smem + 2 * kChannels * n;
-  for (int i = threadIdx.x; i < kChannels * n; i += kThreads) {
-    const int64_t ci = int64_t(blockIdx.y) * kChannels + i / n;
-    A2s[i] = __ldg(p.A + (ci < p.dim ? ci : p.dim - 1) * p.A_stride[0] + (i % n) * p.A_stride[1]) * kLog2e;
+  const int n32 = static_cast<int>(n);  // n <= 256: 32-bit division
+  for (int i = threadIdx.x; i < kChannels * n32; i += kThreads) {
+    const int64_t ci = int64_t(blockIdx.y) * kChannels + i / n32;
+    A2s[i] = __ldg(p.A + (ci < p.dim ? ci : p.dim - 1) * p.A_stride[0] + (i % n32) * p.A_stride[1]) * kLog2e;
   }
   __syncthreads();
   const float* A2row = A2s + chl * n;
