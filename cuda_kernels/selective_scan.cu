@@ -9,8 +9,11 @@
 // inputs, 8 for fp32) of a window of W = 8 I tokens. For each state k a lane folds its tokens' (decay, value)
 // pairs into one pair (sweep 1), the channel's 8 lanes scan those pairs with 3 shuffles, and sweep 2 turns the
 // lane's starting state into h and y at each token; windows without events take two states at a time (two
-// independent chains a lane: fast_states). One exp per (token, channel, state); one block-wide barrier, after A
-// log2 e is staged in shared memory. The state entering a window (the carry) is kept there per channel and state.
+// independent chains a lane: fast_states). One exp per (token, channel, state). Block-wide barriers: one after A
+// log2 e is staged in shared memory, and, when the block's channels share one group (stage_bc), two per 16 states
+// of a fast window, around the staging of their B and C as float (stage_states): so whether a window is fast must
+// be the same for the whole block (it depends on the window's tokens only). The state entering a window (the
+// carry) is kept in shared memory per channel and state.
 // A window whose tokens all continue one sequence takes a path without masks (a batched sequence's initial
 // state enters as the first window's carry, its final state is the carry after the last). Sequence starts
 // (varlen), states to store (prefix-cache blocks), padding and chunk edges are "events" of a per-warp table
@@ -552,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) selective_scan_chunk_ker
     __syncwarp();
     T* zrow = p.z == nullptr ? nullptr : static_cast<T*>(p.z) + s * p.z_stride[0] + c * p.z_stride[1];
     T* yrow = static_cast<T*>(p.delta) + s * p.delta_stride[0] + c * p.delta_stride[1];
-    // The sequence holding the window's first token (the same for the whole warp).
+    // The sequence holding the window's first token (the same for the whole block, as the windows are).
     int64_t cur_start = 0, cur_end = -1;
     bool cur_pad = true;
     int buf = 0;

@@ -162,6 +162,16 @@ def test_batched_staged(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
     check(emulator, args, f"batched staged n={n}")
 
 
+# A varlen batch whose fast windows stage B and C (d / g = 16) between light and general windows and padding: the
+# staging's barriers need every window's kind to be the same for the whole block.
+def test_varlen_staged(emulator, on_the_h200):
+    args = random_call("cpu", torch.bfloat16, d=32, n=17, g=2, lengths=[1, 70, 0, 300, 150, 9], pad=2, a_scale=0.02,
+                       seed=90)
+    steps = S.OP.plan(S.OP.validate(args)[0])
+    assert all(s.values["stage_bc"] for s in steps if isinstance(s, Launch))
+    check(emulator, args, "varlen staged")
+
+
 # Sequences shorter than a lane's tokens (general windows), single starts (light), padding and a null slot.
 @pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n", [3, 4])

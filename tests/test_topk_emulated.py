@@ -249,18 +249,18 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
 
 
 # The sampled cutoff (common/topk_row.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
-# through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 put the
-# rank-R sample (R <= 64) at index R - 1, in the first run of 64 (load_sample), and R = ceil(target x 2048 / 8998):
-# a target of 276 survivors (R 63) lets 63 < k = 64 through and one of 277 (R 64) exactly k; randn rows with NaN
-# and +inf late in the row need NaN to pass a finite cutoff's float compare; rows of 16500 give each CTA of a pair
-# a chunk over 8192, so both sample (sample=1: both read again).
-SAMPLED_CASES = {
-    "descending-sample1-reread": ("descending", Geometry(512, shrink=True, sample=1), True),
-    "descending-63-pass-reread": ("descending", Geometry(512, shrink=True, sample=276), True),
-    "descending-k-pass": ("descending", Geometry(512, shrink=True, sample=277), False),
-    "late-nan-inf-1024": ("late-nan-inf", Geometry(1024, shrink=True), False),
-    "late-nan-inf-512": ("late-nan-inf", Geometry(512, shrink=True), False),
-    "pair-sample1-reread": ("randn-16500", Geometry(256, 2, shrink=True, sample=1), True),
+# through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 (runs 281 apart,
+# the first at index 108: load_sample) put the rank-R sample (R <= 64) at index 107 + R, so 108 + R scores reach it,
+# with R = ceil(target x 2048 / 8998): for k = 172, a target of 276 survivors (R 63) lets 171 through and one of 277
+# (R 64) exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare;
+# rows of 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again).
+SAMPLED_CASES = {  # (scores, k, geometry, read again)
+    "descending-sample1-reread": ("descending", 172, Geometry(512, shrink=True, sample=1), True),
+    "descending-171-pass-reread": ("descending", 172, Geometry(512, shrink=True, sample=276), True),
+    "descending-k-pass": ("descending", 172, Geometry(512, shrink=True, sample=277), False),
+    "late-nan-inf-1024": ("late-nan-inf", 64, Geometry(1024, shrink=True), False),
+    "late-nan-inf-512": ("late-nan-inf", 64, Geometry(512, shrink=True), False),
+    "pair-sample1-reread": ("randn-16500", 64, Geometry(256, 2, shrink=True, sample=1), True),
 }
 
 
@@ -268,9 +268,9 @@ SAMPLED_CASES = {
 def test_sampled_cutoff(emulator, monkeypatch, case):
     """Results equal the reference whether or not the sampled cutoff let k through; the chunk is read again
     exactly when it did not (the plan's own target never re-reads randn rows)."""
-    kind, geometry, reread = SAMPLED_CASES[case]
+    kind, k, geometry, reread = SAMPLED_CASES[case]
     gen = torch.Generator().manual_seed(7)
-    width, k = (16500 if kind == "randn-16500" else 9001), 64
+    width = 16500 if kind == "randn-16500" else 9001
     logits = make_scores(kind.split("-")[0] if kind != "late-nan-inf" else "randn", 4, width + 2, gen)
     if kind == "late-nan-inf":
         logits[:, [5001, 7003, 8501]] = float("nan")

@@ -64,20 +64,22 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
 constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
 constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
 
-// Loads the sample of the chunk [lo, hi): kSample / kSampleRun runs of kSampleRun consecutive scores at even steps
-// (every 2048 / kSampleRun-th of the chunk). Runs, not single scores at even steps: those took a 32-byte sector of
-// DRAM each (64 KB a CTA, 8 MB at 128 rows), and waiting on them was 13% of the stall samples (ncu, persistent
-// 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind them. Needs
-// hi - lo >= kSample (runs do not overlap).
+// Loads the sample of the chunk [lo, hi): kSample / kSampleRun runs of kSampleRun consecutive scores, one in the
+// middle of each of the chunk's kSample / kSampleRun equal parts (not at its start: the first scores of a decode
+// row, an attention sink, can be the row's largest). Runs, not single scores at even steps: those took a 32-byte
+// sector of DRAM each (64 KB a CTA, 8 MB at 128 rows), and waiting on them was 13% of the stall samples (ncu,
+// persistent 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind
+// them. Scores that cluster by position make the runs' samples less independent than kSample single ones (a
+// cutoff that misleads costs a second read, never a wrong result). Needs hi - lo >= kSample.
 template <int THREADS>
 __device__ __forceinline__ void load_sample(const float* base, int64_t stride, int lo, int hi,
                                             float (&values)[kSample / THREADS]) {
   static_assert(THREADS % kSampleRun == 0, "a thread's samples keep their place in a run");
-  const int step = (hi - lo) / (kSample / kSampleRun);
+  const int step = (hi - lo) / (kSample / kSampleRun), first = lo + (step - kSampleRun) / 2;
 #pragma unroll
   for (int u = 0; u < kSample / THREADS; ++u) {
     const int j = u * THREADS + static_cast<int>(threadIdx.x);
-    values[u] = __ldg(base + static_cast<int64_t>(lo + (j / kSampleRun) * step + j % kSampleRun) * stride);
+    values[u] = __ldg(base + static_cast<int64_t>(first + (j / kSampleRun) * step + j % kSampleRun) * stride);
   }
 }
 
