@@ -136,30 +136,20 @@ def check(library, args, what):
 # Odd n leaves fast windows a state alone after their pairs (n = 1: only that one); L = 300 leaves a partial last
 # window (light); chunked: pass 1, the carry kernel and pass 2 (the plan chunks small calls: few warps). Small A
 # (a_scale) keeps states alive over hundreds of tokens, so what crosses a window or chunk shows in the outputs.
+# d = 20 (groups of 10 channels): each lane loads its B and C; d = 32 (groups of 16: every block's channels share
+# one) fast windows stage them in shared memory, 16 states at a time (n = 20: a full round and one of 4 states;
+# n = 17: a full round and one state alone).
 @pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("d, n", [(20, 1), (20, 2), (20, 5), (32, 17), (32, 20)])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
-def test_batched(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
+def test_batched(emulator, on_the_h200, monkeypatch, dtype, d, n, chunked):
     if not chunked:
         monkeypatch.setattr(S, "MIN_WARPS_PER_SM", 0)
-    args = random_call("cpu", dtype, b=2, d=20, n=n, g=2, L=300, a_scale=0.02, seed=40 + n)
-    steps = S.OP.plan(S.OP.validate(args)[0])
-    assert any(isinstance(s, Launch) and ", true," in s.kernel.name_expression for s in steps) == chunked
-    check(emulator, args, f"batched n={n}")
-
-
-# d / g = 16: every block's channels share one group, so fast windows stage B and C in shared memory, 16 states
-# at a time (n = 20: a full round and one of 4 states; n = 17: a full round and one state alone).
-@pytest.mark.parametrize("dtype", EMULATED, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n", [17, 20])
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
-def test_batched_staged(emulator, on_the_h200, monkeypatch, dtype, n, chunked):
-    if not chunked:
-        monkeypatch.setattr(S, "MIN_WARPS_PER_SM", 0)
-    args = random_call("cpu", dtype, b=2, d=32, n=n, g=2, L=300, a_scale=0.02, seed=80 + n)
-    steps = S.OP.plan(S.OP.validate(args)[0])
-    assert all(s.values["stage_bc"] for s in steps if isinstance(s, Launch))
-    check(emulator, args, f"batched staged n={n}")
+    args = random_call("cpu", dtype, b=2, d=d, n=n, g=2, L=300, a_scale=0.02, seed=40 + n)
+    launches = [s for s in S.OP.plan(S.OP.validate(args)[0]) if isinstance(s, Launch)]
+    assert any(", true," in s.kernel.name_expression for s in launches) == chunked
+    assert all(s.values["stage_bc"] == (d == 32) for s in launches)
+    check(emulator, args, f"batched d={d} n={n}")
 
 
 # A varlen batch whose fast windows stage B and C (d / g = 16) between light and general windows and padding: the
