@@ -96,6 +96,8 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChannels = kWarps * 32 / kLanes; // 16 channels per block
 constexpr int kStage = kThreads / kLanes;       // states whose B and C a block stages at once (a thread each)
+template <int I>  // float4s of one staged state: I items for each of the kLanes lanes
+__device__ constexpr int staged_quads() { return I / 4 * kLanes; }
 constexpr int kShortLanes = 16;                 // lanes per channel in the short kernel
 constexpr int kShortMaxLen = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -188,7 +190,6 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
                                             const float* carry_in, float* carry_out, const float (&dt)[I],
                                             const float (&dtu)[I], float (&y)[I], float sum_dt, bool vector) {
   constexpr uint32_t kAll = (1u << I) - 1;
-  constexpr int kQuads = I / 4, kStateQuads = kQuads * kLanes;  // float4s of a lane, of a staged state
   Raw<T, I> Bs[S], Cs[S];
   float A2[S], hin[S], a[S][I], b[S][I], fa[S], fb[S];
 #pragma unroll
@@ -204,7 +205,7 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
   // item i of state s: B (or C) as float
   const auto item = [&](const Raw<T, I>& raw, const float4* st, int s, int i) {
     if constexpr (STAGED) {
-      const float4 v = st[s * kStateQuads + (i >> 2) * kLanes];
+      const float4 v = st[s * staged_quads<I>() + (i >> 2) * kLanes];
       return (i & 3) == 0 ? v.x : (i & 3) == 1 ? v.y : (i & 3) == 2 ? v.z : v.w;
     } else {
       return raw.get(i);
@@ -254,27 +255,23 @@ __device__ __forceinline__ void fast_states(const SelectiveScanParams& p, int64_
 // loads lane t % kLanes's items of state k0 + t / kLanes, which every channel of the block shares (stage_bc), and
 // unpacks them once, where each of the block's 16 channels' lanes did so for itself: 32 of the ~250 warp
 // instructions of a state were those unpacks, and ~15% of the stall samples waited on B from L2 (ncu, b1 d4096
-// n16 L2048). Layout: state s's float4 q of lane l at s * kStateQuads + q * kLanes + l, so a channel's 8 lanes read
+// n16 L2048). Layout: state s's float4 q of lane l at s * staged_quads + q * kLanes + l, so a channel's 8 lanes read
 // 128 contiguous bytes. The caller places the barriers.
 template <typename T, int I, bool PASS1>
 __device__ __forceinline__ void stage_states(const SelectiveScanParams& p, const T* Brow, const T* Crow, int64_t k0,
                                              int64_t m, float4* Bst, float4* Cst, bool vector) {
   constexpr uint32_t kAll = (1u << I) - 1;
-  constexpr int kQuads = I / 4;
-  const int s = threadIdx.x / kLanes, l = threadIdx.x % kLanes;
+  const int s = threadIdx.x / kLanes, at = s * staged_quads<I>() + threadIdx.x % kLanes;
   if (s >= m) return;
-  const int at = s * kQuads * kLanes + l;
-  Raw<T, I> raw;
-  raw.load(Brow + (k0 + s) * p.B_stride[2], vector, kAll);
+  const auto stage = [&](const T* row, int64_t stride, float4* dst) {
+    Raw<T, I> raw;
+    raw.load(row + (k0 + s) * stride, vector, kAll);
 #pragma unroll
-  for (int q = 0; q < kQuads; ++q)
-    Bst[at + q * kLanes] = make_float4(raw.get(4 * q), raw.get(4 * q + 1), raw.get(4 * q + 2), raw.get(4 * q + 3));
-  if constexpr (!PASS1) {
-    raw.load(Crow + (k0 + s) * p.C_stride[2], vector, kAll);
-#pragma unroll
-    for (int q = 0; q < kQuads; ++q)
-      Cst[at + q * kLanes] = make_float4(raw.get(4 * q), raw.get(4 * q + 1), raw.get(4 * q + 2), raw.get(4 * q + 3));
-  }
+    for (int q = 0; q < I / 4; ++q)
+      dst[at + q * kLanes] = make_float4(raw.get(4 * q), raw.get(4 * q + 1), raw.get(4 * q + 2), raw.get(4 * q + 3));
+  };
+  stage(Brow, p.B_stride[2], Bst);
+  if constexpr (!PASS1) stage(Crow, p.C_stride[2], Cst);
 }
 
 // How a window is scanned. kFast: every item valid, no events. kLight: any valid mask, and each lane has at most
@@ -305,21 +302,22 @@ __device__ __forceinline__ void scan_window(const SelectiveScanParams& p, int64_
   const int64_t n = p.dstate;
   if constexpr (MODE == kFast) {
     if (p.stage_bc) {  // uniform over the block, as fast windows are: its barriers are reached by every thread
-      constexpr int kStateQuads = I / 4 * kLanes;
       const float4* Bl = staged + gl;
-      const float4* Cl = staged + kStage * kStateQuads + gl;
+      const float4* Cl = staged + kStage * staged_quads<I>() + gl;
       for (int64_t k0 = 0; k0 < n; k0 += kStage) {
         const int64_t m = n - k0 < kStage ? n - k0 : kStage;
         __syncthreads();  // the previous states' B and C are read
-        stage_states<T, I, PASS1>(p, Brow, Crow, k0, m, staged, staged + kStage * kStateQuads, vector);
+        stage_states<T, I, PASS1>(p, Brow, Crow, k0, m, staged, staged + kStage * staged_quads<I>(), vector);
         __syncthreads();
         int s = 0;
         for (; s + 1 < m; s += 2)
-          fast_states<T, I, 2, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * kStateQuads,
-                                            Cl + s * kStateQuads, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+          fast_states<T, I, 2, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * staged_quads<I>(),
+                                            Cl + s * staged_quads<I>(), carry_in, carry_out, dt, dtu, y, sum_dt,
+                                            vector);
         if (s < m)
-          fast_states<T, I, 1, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * kStateQuads,
-                                            Cl + s * kStateQuads, carry_in, carry_out, dt, dtu, y, sum_dt, vector);
+          fast_states<T, I, 1, PASS1, true>(p, k0 + s, gl, A2row, Brow, Crow, Bl + s * staged_quads<I>(),
+                                            Cl + s * staged_quads<I>(), carry_in, carry_out, dt, dtu, y, sum_dt,
+                                            vector);
       }
       return;
     }
