@@ -95,7 +95,7 @@ def emulator(tmp_path_factory):
     scan = _swap(scan, r"extern __shared__ __align__\(16\) float smem\[\];",
                  "float* smem = reinterpret_cast<float*>(emu::cur->smem);", "the shared memory declaration")
     files = {"common/types.cuh": None, "common/dtypes.cuh": DTYPES_CUH, "common/packed.cuh": MUFU + packed,
-             "selective_scan.cu": scan, "selective_scan_seq.cuh": None}
+             "selective_scan.cu": scan, "selective_scan_seq.cuh": None, "selective_scan_windows.cuh": None}
     return build(tmp_path_factory.mktemp("scan_emulator"), files, _driver(_emulated_kernels()), optimize="-O1")
 
 
