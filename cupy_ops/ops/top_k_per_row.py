@@ -55,8 +55,14 @@ MAX_CLUSTER = 16          # H100/H200 allow 16 CTAs per cluster with the non-por
 MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost more (barriers) than they save
 # Rows narrower than this stay whole in one CTA (H200, with the 8-bit select: 1 x 8192 decode in one 1024-thread CTA
 # 7.9 us, in a pair 9.2, in four 7.7, but the four-way rule, MIN_CHUNK 2048, also split 8 x 4096: 8.1 against 6.3;
-# widths between 8192 and 16384 not measured).
+# widths between 8192 and 16384 not measured; 2026-12-02, 1 x 8192 decode: whole 7.5 us, in a pair 7.5, in four
+# 256-thread CTAs (MIN_CHUNK 1024) 7.3: too little to split).
 MIN_SPLIT_WIDTH = 16384
+# Copy-ring stages a CTA of this many threads gets when its chunk and shared memory allow (stages - 1 groups of 32
+# bytes a thread in flight). More do not help: H200, persistent 128 x 131072 k 2048 (a 1024-thread CTA streams
+# 512 KB) took 35.3 / 35.5 / 35.5 us with 2 / 3 / 4 stages (4: with a shrink's staging moved into the ring to make
+# room), so the stream is bound by the work per group, not by the loads in flight.
+RING_STAGES = {256: 2, 512: 2, 1024: 3}
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
 # rows are at least TWO_PASS_WIDTH_PER_K x k wide. H200, against topk_row (bench/tune.py, one run): 8192 x 32768
@@ -142,14 +148,14 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
     """One CTA's shared memory, or None when it does not fit. Not `streaming`: the buffer holds the whole chunk
     within the budget of `per_sm_target` CTAs per SM (no shrink ever happens), with fewer copy stages if need be.
     `streaming`: max(k + 8 * threads, what the budget leaves) entries and a k-entry stage (None when k leaves no
-    room). The copy ring keeps stages - 1 groups in flight: 3 stages for 1024 threads, 2 for 512, fewer when the
+    room). The copy ring keeps stages - 1 groups in flight: RING_STAGES[threads] stages, fewer when the
     chunk has fewer groups or the buffer needs the room, more when the output (4 k bytes, staged in the ring)
     needs them. The kernel packs buffer counts in 16 bits: cap <= MAX_CAP."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
     budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
-    most = max(min(groups, 3 if threads == 1024 else 2), -(-4 * k // (32 * threads)))
+    most = max(min(groups, RING_STAGES[threads]), -(-4 * k // (32 * threads)))
     for stages in range(most, 0, -1):
         ring = 32 * threads * stages
         if ring < 4 * k:  # the ring stages the k outputs
