@@ -49,7 +49,6 @@ struct alignas(16) Shared {
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
   uint32_t appended;      // topk_row_two_pass: entries of the k-th largest's bin met in the second read
-  uint32_t listed;        // select_pivot: keys of the k-th largest's 11-bit bin copied to its list
 };
 
 // Zeroes sh.fine, each thread its share (the caller places the barriers).
@@ -266,33 +265,14 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
   pivot = prefix;
 }
 
-// The top k of the n keys in shared memory (sh.fine: their histogram). When rounds 1-3 are needed and this CTA's
-// entries of the 11-bit bin B found by round 0 (sh.fine[B]) fit `list` (list_cap keys of free shared memory), one
-// pass copies their keys there, in any order (a histogram needs none), and the rounds loop over those only: a
-// select then makes one pass over the n keys, not one per round (1.45 on average for N(0, 1) rows of 8192, k 2048;
-// B holds ~4% of them).
+// The top k of the n keys in shared memory (sh.fine: their histogram).
 template <int THREADS, int CLUSTER>
 __device__ __forceinline__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh,
-                                             uint32_t* list, int list_cap, uint32_t& pivot, uint32_t& mask,
-                                             uint32_t& rem) {
-  if (threadIdx.x == 0) sh.listed = 0u;  // the last select read it before barriers that every thread has passed
+                                             uint32_t& pivot, uint32_t& mask, uint32_t& rem) {
   select_round0<THREADS, CLUSTER>(k, cluster, sh);
-  const uint32_t bin = sh.found[0];
-  if (sh.found[1] != sh.found[2] && sh.fine[bin] <= static_cast<uint32_t>(list_cap)) {  // uniform over the CTA
-    for (int i = threadIdx.x; i < n; i += THREADS) {
-      const uint32_t key = keys[i];
-      if (key >> 21 == bin) list[atomicAdd(&sh.listed, 1u)] = key;
-    }
-    __syncthreads();
-    const int listed = static_cast<int>(sh.listed);
-    select_refine<THREADS, CLUSTER>([&](auto f) {
-      for (int i = threadIdx.x; i < listed; i += THREADS) f(list[i]);
-    }, cluster, sh, pivot, mask, rem);
-  } else {
-    select_refine<THREADS, CLUSTER>([&](auto f) {
-      for (int i = threadIdx.x; i < n; i += THREADS) f(keys[i]);
-    }, cluster, sh, pivot, mask, rem);
-  }
+  select_refine<THREADS, CLUSTER>([&](auto f) {
+    for (int i = threadIdx.x; i < n; i += THREADS) f(keys[i]);
+  }, cluster, sh, pivot, mask, rem);
 }
 
 // ---- emission: a stable compaction of the selected entries, in index order ----

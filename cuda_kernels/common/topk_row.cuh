@@ -38,8 +38,7 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
                            Shared& sh, uint32_t& parity, uint32_t& min_key) {
   __syncthreads();  // the last group's entries are in the buffer
   uint32_t pivot, mask, rem, total;
-  // the staging area (stage_keys, then stage_idx: 2 k words) is free until write_selected: select_pivot's list
-  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, stage_keys, 2 * k, pivot, mask, rem);
+  select_pivot<THREADS, CLUSTER>(keys, n, k, false, sh, pivot, mask, rem);
   const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
   write_selected<THREADS>(keys, n, pivot, mask, before, 0, static_cast<int>(rem), [&](int slot, int i) {
     stage_keys[slot] = keys[i];
@@ -335,9 +334,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   __syncthreads();
 
   uint32_t pivot, mask, rem, total;
-  // every copy has landed and been read: the ring (4 keys a float4) holds select_pivot's list
-  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, reinterpret_cast<uint32_t*>(ring), stages * 8 * THREADS,
-                                 pivot, mask, rem);
+  select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
   const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
   int first = 0, take = static_cast<int>(rem);
   if constexpr (CLUSTER > 1) {
