@@ -254,13 +254,20 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
 # with R = ceil(target x 2048 / 8998): for k = 172, a target of 276 survivors (R 63) lets 171 through and one of 277
 # (R 64) exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare;
 # rows of 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again).
-SAMPLED_CASES = {  # (scores, k, geometry, read again)
-    "descending-sample1-reread": ("descending", 172, Geometry(512, shrink=True, sample=1), True),
-    "descending-171-pass-reread": ("descending", 172, Geometry(512, shrink=True, sample=276), True),
-    "descending-k-pass": ("descending", 172, Geometry(512, shrink=True, sample=277), False),
-    "late-nan-inf-1024": ("late-nan-inf", 64, Geometry(1024, shrink=True), False),
-    "late-nan-inf-512": ("late-nan-inf", 64, Geometry(512, shrink=True), False),
-    "pair-sample1-reread": ("randn-16500", 64, Geometry(256, 2, shrink=True, sample=1), True),
+class SampledCase(NamedTuple):
+    scores: str
+    k: int
+    geometry: Geometry
+    reread: bool  # the chunk is read again
+
+
+SAMPLED_CASES = {
+    "descending-sample1-reread": SampledCase("descending", 172, Geometry(512, shrink=True, sample=1), True),
+    "descending-171-pass-reread": SampledCase("descending", 172, Geometry(512, shrink=True, sample=276), True),
+    "descending-k-pass": SampledCase("descending", 172, Geometry(512, shrink=True, sample=277), False),
+    "late-nan-inf-1024": SampledCase("late-nan-inf", 64, Geometry(1024, shrink=True), False),
+    "late-nan-inf-512": SampledCase("late-nan-inf", 64, Geometry(512, shrink=True), False),
+    "pair-sample1-reread": SampledCase("randn-16500", 64, Geometry(256, 2, shrink=True, sample=1), True),
 }
 
 

@@ -216,8 +216,9 @@ def plan(c: Call) -> list:
         return []
     dtype, cache_mode = c.u.dtype, c.block_idx_first_scheduled_token is not None
     ci = c.cache_indices
+    group_size = d // c.B.shape[-3]  # channels sharing one B/C group
     values = dict(
-        batch=b, dim=d, dstate=n, seqlen=tokens, group_size=d // c.B.shape[-3], num_slots=c.ssm_states.shape[0],
+        batch=b, dim=d, dstate=n, seqlen=tokens, group_size=group_size, num_slots=c.ssm_states.shape[0],
         max_blocks=ci.shape[1] if cache_mode else 1, null_block_id=c.null_block_id,
         block_size=c.block_size if cache_mode else 1,
         cu_len=c.cu_chunk_seqlen.shape[0] if cache_mode and c.cu_chunk_seqlen is not None else 0,
@@ -231,7 +232,7 @@ def plan(c: Call) -> list:
         cu_stride=_one(c.cu_chunk_seqlen), lci_stride=_one(c.last_chunk_indices), varlen=varlen,
         softplus=c.delta_softplus, state_f32=c.ssm_states.dtype == torch.float32, cache_mode=cache_mode,
         vec_ok=_vector_ok(c, varlen), chunked=False, chunk_tokens=tokens, chunks_per_row=1, num_chunks=b,
-        stage_bc=STAGE_BC and (d // c.B.shape[-3]) % CHANNELS_PER_BLOCK == 0,
+        stage_bc=STAGE_BC and group_size % CHANNELS_PER_BLOCK == 0,
     )
     if not varlen and not cache_mode and tokens <= SHORT_MAX_LEN:
         blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
