@@ -56,8 +56,14 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 # Rows narrower than this stay whole in one CTA (H200, with the 8-bit select: 1 x 8192 decode in one 1024-thread CTA
 # 7.9 us, in a pair 9.2, in four 7.7, but the four-way rule, MIN_CHUNK 2048, also split 8 x 4096: 8.1 against 6.3;
 # widths between 8192 and 16384 not measured; 2026-12-02, 1 x 8192 decode: whole 7.5 us, in a pair 7.5, in four
-# 256-thread CTAs (MIN_CHUNK 1024) 7.3: too little to split).
+# 256-thread CTAs (MIN_CHUNK 1024) 7.3: too little to split; persistent 64 x 20000 k 512 in one 1024-thread CTA a
+# row (MIN_SPLIT_WIDTH 32768) 12.4 us, as in pairs).
 MIN_SPLIT_WIDTH = 16384
+# Clusters grow while the doubled grid fits CLUSTER_GRID_PER_SM CTAs per SM. 2 (H200, 2026-12-02, with 512-thread
+# cluster instantiations added: bench/tune.py) made 32 x 163840 k 2048 whole chunks in 8 x 512 threads, two CTAs
+# an SM: 42.3 -> 37.8 us; but 128 x 131072 streaming in 2 x 512: 34.2 -> 44.6, decode 64 x 65536 k 512 in 4 x 256:
+# 20.1 -> 28.5, 64 x 20000: 12.4 -> 12.7. So 1.
+CLUSTER_GRID_PER_SM = 1
 # Copy-ring stages a CTA of this many threads gets when its chunk and shared memory allow (stages - 1 groups of 32
 # bytes a thread in flight). More do not help: H200, persistent 128 x 131072 k 2048 (a 1024-thread CTA streams
 # 512 KB) took 35.3 / 35.5 / 35.5 us with 2 / 3 / 4 stages (4: with a shrink's staging moved into the ring to make
@@ -190,8 +196,9 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
               contiguous: bool = True) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
-    2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at least MIN_SPLIT_WIDTH
-    wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and occupancies tried. But
+    2 x rows x cluster fits CLUSTER_GRID_PER_SM x the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
+    least MIN_SPLIT_WIDTH wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
+    occupancies tried. But
     calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel
     (`two_pass_kernels`, by threads) where its plan fits and the rows are `contiguous` (unit column stride)."""
     sms = launcher.device_attribute(device, "sm_count")
@@ -203,7 +210,7 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
         return two_pass_kernels[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
-        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms and width >= cluster * 2 * MIN_CHUNK
+        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= CLUSTER_GRID_PER_SM * sms and width >= cluster * 2 * MIN_CHUNK
                and width >= MIN_SPLIT_WIDTH):
             cluster *= 2
     while True:
