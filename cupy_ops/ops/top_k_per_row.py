@@ -210,8 +210,8 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
         return two_pass_kernels[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
-        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= CLUSTER_GRID_PER_SM * sms and width >= cluster * 2 * MIN_CHUNK
-               and width >= MIN_SPLIT_WIDTH):
+        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= CLUSTER_GRID_PER_SM * sms
+               and width >= cluster * 2 * MIN_CHUNK and width >= MIN_SPLIT_WIDTH):
             cluster *= 2
     while True:
         many, chunk = rows * cluster > sms, chunk_bound(width, cluster)
