@@ -1,6 +1,7 @@
 // persistent_topk: for each row, the indices of the k largest of its first L = clamp(length, 0, max_len) scores
 // (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). The grid depends only on host scalars
 // (rows, width, k, max_seq_len); a row's length is read here, so a CUDA graph replays correctly with new lengths.
+#include "common/topk_registers.cuh"
 #include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
 
@@ -37,6 +38,16 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persi
   const int row = static_cast<int>(blockIdx.x);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row), p.output + row * p.out_stride,
                                    p.k, p.cap, static_cast<int>((p.max_len + 31) / 32));
+}
+
+// The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's
+// chunk fits them and the grid fits the SMs (one CTA an SM: all the registers it wants; cap, stage, stages and
+// sample are unused).
+template <int THREADS, int CLUSTER, int SLOTS>
+__global__ void __launch_bounds__(THREADS, 1) persistent_topk_registers_kernel(const PersistentTopKParams p) {
+  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  topk::topk_row_registers<THREADS, CLUSTER, SLOTS>(p.logits + row * p.stride0, 1, row_length(p, row),
+                                                    p.output + row * p.out_stride, p.k);
 }
 
 }  // namespace cupy_ops

@@ -1,6 +1,7 @@
 // top_k_per_row_prefill and top_k_per_row_decode: for each row, the indices of the k largest scores of its window,
 // relative to the window start (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). One kernel
 // for both ops: they differ only in how a row's window is found.
+#include "common/topk_registers.cuh"
 #include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
 
@@ -62,6 +63,17 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    p.indices + row * p.out_stride, p.k, p.cap,
                                    static_cast<int>((p.num_cols + 31) / 32));
+}
+
+// The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's
+// chunk fits them and the grid fits the SMs (one CTA an SM: all the registers it wants; cap, stage, stages and
+// sample are unused).
+template <int THREADS, int CLUSTER, int SLOTS>
+__global__ void __launch_bounds__(THREADS, 1) top_k_per_row_registers_kernel(const TopKPerRowParams p) {
+  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  const RowWindow w = row_window(p, row);
+  topk::topk_row_registers<THREADS, CLUSTER, SLOTS>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
+                                                    static_cast<int>(w.length), p.indices + row * p.out_stride, p.k);
 }
 
 }  // namespace cupy_ops

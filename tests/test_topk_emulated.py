@@ -76,6 +76,7 @@ inline void async_wait(int pending) {
 """
 
 INSTANTIATIONS = ((256, 1), (256, 2), (256, 8), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
+REGISTER_INSTANTIATIONS = ((256, 1), (256, 4), (512, 1))  # with the plans' T.REGISTER_SLOTS
 DRIVER = r"""
 #include "emu_cuda.h"
 #include "top_k_per_row.cu"
@@ -102,6 +103,17 @@ extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynam
 extern "C" int run_persistent_topk_two_pass(int threads, int grid, long long dynamic, const PersistentTopKParams* p) {
   DISPATCH_TWO_PASS(persistent_topk_two_pass_kernel)
 }
+#define DISPATCH_REGISTERS(KERNEL) \
+""" + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}, {T.REGISTER_SLOTS[t]}>, p, "
+              "grid, dynamic); \\\n" for t, c in REGISTER_INSTANTIATIONS) + r"""  return 2;
+extern "C" int run_top_k_per_row_registers(int threads, int cluster, int grid, long long dynamic,
+                                           const TopKPerRowParams* p) {
+  DISPATCH_REGISTERS(top_k_per_row_registers_kernel)
+}
+extern "C" int run_persistent_topk_registers(int threads, int cluster, int grid, long long dynamic,
+                                             const PersistentTopKParams* p) {
+  DISPATCH_REGISTERS(persistent_topk_registers_kernel)
+}
 extern "C" long take_rereads() { return emu::rereads.exchange(0); }
 extern "C" unsigned float_key(float x) { return topk::float_key(x); }
 extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
@@ -114,7 +126,8 @@ def emulator(tmp_path_factory):
     source = compiler.kernel_dir()
     files = {"common/types.cuh": None, "common/cluster.cuh": CLUSTER_CUH, "common/async_copy.cuh": ASYNC_COPY_CUH,
              "common/topk.cuh": None, "top_k_per_row.cu": None, "persistent_topk.cu": None}
-    for header in ("topk_row.cuh", "topk_two_pass.cuh"):  # each row function's two shared declarations
+    for header in ("topk_row.cuh", "topk_two_pass.cuh", "topk_registers.cuh"):  # each row function's two shared
+        # declarations
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
         core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
@@ -131,16 +144,21 @@ def emulator(tmp_path_factory):
     return build(tmp_path_factory.mktemp("topk_emulator"), files, DRIVER)
 
 
-def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None):
+def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
+            registers=False):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
     a list of that many entries (a small one overflows, so the select reads the row again). sample: the streaming
     buffer's sampled-cutoff target instead of the plan's (1: a cutoff at the largest sample, which lets fewer than k
-    through, so the chunk is read again)."""
+    through, so the chunk is read again). registers: the row-in-registers kernel (its plan must hold the chunks)."""
     module = T if op is not PERSISTENT else PT
 
-    def plan_rows(kernels, two_pass_kernels, device, rows, width, k, contiguous=True):
+    def plan_rows(kernels, device, rows, width, k, contiguous=True):
+        if registers:
+            row = T.register_plan(width, k, threads, cluster)
+            assert row is not None, "the chunks exceed the threads' slots"
+            return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words, staged = -(-width // 32), 4 * k
@@ -163,6 +181,9 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     if list_cap is not None:
         run = library.run_persistent_topk_two_pass if op is PERSISTENT else library.run_top_k_per_row_two_pass
         status = run(threads, grid, dynamic, params)
+    elif registers:
+        run = library.run_persistent_topk_registers if op is PERSISTENT else library.run_top_k_per_row_registers
+        status = run(threads, cluster, grid, dynamic, params)
     else:
         run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
         status = run(threads, cluster, grid, dynamic, params)
@@ -173,23 +194,27 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
 
 class Geometry(NamedTuple):
     """One emulated launch shape: `cluster` CTAs of `threads` per row (topk_row), its smallest streaming buffer when
-    `shrink`; or with list_cap the two-pass kernel (one CTA a row) with a list of that many entries."""
+    `shrink`; with list_cap the two-pass kernel (one CTA a row) with a list of that many entries; with `registers`
+    the row-in-registers kernel."""
 
     threads: int
     cluster: int = 1
     shrink: bool = False
     list_cap: int | None = None
     sample: int | None = None
+    registers: bool = False
 
     def __str__(self):
         if self.list_cap is not None:
             return f"two-pass-{self.threads}-list{self.list_cap}"
+        if self.registers:
+            return f"registers-{self.threads}x{self.cluster}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
         return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
-                list_cap=self.list_cap, sample=self.sample)
+                list_cap=self.list_cap, sample=self.sample, registers=self.registers)
 
 
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
@@ -202,7 +227,8 @@ class Geometry(NamedTuple):
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
-                      Geometry(512, list_cap=4096), Geometry(256, list_cap=8)]
+                      Geometry(512, list_cap=4096), Geometry(256, list_cap=8), Geometry(512, registers=True),
+                      Geometry(256, 4, registers=True)]
 
 
 @pytest.mark.parametrize("geometry", PREFILL_GEOMETRIES, ids=str)
@@ -217,7 +243,8 @@ def test_prefill_rows(emulator, monkeypatch, kind, geometry):
     assert_reference(PREFILL, args, what=f"prefill {kind} {geometry}")
 
 
-DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256, 2)]  # (strided: no two-pass)
+DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256, 2),  # (strided: no two-pass)
+                     Geometry(512, registers=True), Geometry(256, 4, registers=True)]
 
 
 @pytest.mark.parametrize("geometry", DECODE_GEOMETRIES, ids=str)
@@ -232,7 +259,8 @@ def test_decode_strided_rows(emulator, monkeypatch, geometry):
 
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
-                         Geometry(256, list_cap=8), Geometry(512, shrink=True, sample=1)]
+                         Geometry(256, list_cap=8), Geometry(512, shrink=True, sample=1),
+                         Geometry(512, registers=True), Geometry(256, 4, registers=True)]
 
 
 @pytest.mark.parametrize("geometry", PERSISTENT_GEOMETRIES, ids=str)

@@ -41,7 +41,7 @@ SHAPES = [(1, 8192, 2048), (4, 163840, 2048), (128, 131072, 2048), (64, 65536, 5
 
 
 def _plan_rows(rows, width, k):
-    return T.plan_rows(T.KERNELS, T.TWO_PASS_KERNELS, 0, rows, width, k)
+    return T.plan_rows(T.KERNELS, 0, rows, width, k)
 
 
 @pytest.mark.parametrize("gpu", list(GPUS))
@@ -50,17 +50,22 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     sms, optin, per_sm, arch = fake_gpu(gpu)
     kernel, config, row = _plan_rows(rows, width, k)
     if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
-        assert rows > sms and width >= 16 * k and kernel is T.TWO_PASS_KERNELS[row.threads]
+        assert rows > sms and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
         assert row.shared_bytes + T.STATIC_SMEM <= optin
         assert 1024 // row.threads * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm
         return
-    assert kernel is T.KERNELS[row.threads, row.cluster]
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
     assert row.cluster == 1 or arch >= 90
+    if row.registers:  # a whole chunk in the threads' slots; k staged outputs
+        assert kernel is T.KERNELS.registers[row.threads, row.cluster]
+        assert T.chunk_bound(width, row.cluster) <= 4 * T.REGISTER_SLOTS[row.threads] * row.threads
+        assert row.shared_bytes == config.shared_bytes == 4 * k and row.shared_bytes + T.STATIC_SMEM <= optin
+        return
+    assert kernel is T.KERNELS.buffer[row.threads, row.cluster]
     assert 1 <= row.stages <= 3 and row.cap % 4 == 0
     assert row.shared_bytes + T.STATIC_SMEM <= optin and row.shared_bytes == config.shared_bytes
     assert row.cap <= T.MAX_CAP  # counts packed in 16 bits
@@ -103,15 +108,16 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
     assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
     assert rows[2048, 16384, 512].threads == 256 and rows[8192, 32768, 2048].threads == 512
-    assert not T.plan_rows(T.KERNELS, T.TWO_PASS_KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
+    assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
-    """Without the two-pass kernel: many short rows and rows cut in small cluster shares take 256-thread CTAs
+    """Without the two-pass and the row-in-registers kernels: many short rows and rows cut in small cluster shares take 256-thread CTAs
     (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows in large shares
     (latency-bound)."""
     fake_gpu("H200")
     monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM", 2**31)
+    monkeypatch.setattr(T, "REGISTER_ROWS", False)
     threads = {shape: _plan_rows(*shape)[2].threads for shape in SHAPES}
     assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 65536, 1024] == 256
     assert threads[8192, 32768, 2048] == threads[256, 32768, 512] == threads[2048, 16384, 512] == 512
@@ -119,6 +125,18 @@ def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
     assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 1024
     per_sm = 233472 // (_plan_rows(4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
     assert per_sm >= 4
+
+
+def test_whole_chunks_that_fit_the_slots_take_registers(fake_gpu):
+    """On the H200, calls whose grid fits the SMs and whose CTA chunks fit REGISTER_SLOTS x threads slots take the
+    row-in-registers kernel; longer chunks and calls of more CTAs than SMs keep the buffer (streaming or whole) or
+    the two-pass kernel."""
+    fake_gpu("H200")
+    rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
+    registers = {shape: (row.threads, row.cluster) for shape, row in rows.items() if row.registers}
+    assert registers == {(1, 8192, 2048): (1024, 1), (4, 163840, 2048): (1024, 16), (1, 163840, 2048): (1024, 16),
+                         (4, 65536, 1024): (256, 16), (64, 20000, 512): (1024, 2), (2, 300000, 4096): (1024, 16),
+                         (1, 1, 1): (1024, 1), (3, 100, 4096): (1024, 1), (7, 0, 16): (1024, 1)}
 
 
 def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):

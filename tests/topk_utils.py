@@ -22,14 +22,15 @@ __all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "
            "vllm_agrees", "windows_of"]
 
 
-@pytest.fixture(params=["one-pass", "two-pass"])
+@pytest.fixture(params=["buffer", "registers", "two-pass"])
 def each_row_kernel(request, monkeypatch):
     """Runs a test once with each row kernel the plans choose from: topk_row (clusters, streaming, shrinks) for every
-    call, then the two-pass kernel for every call of contiguous rows. Plans are cached per layout: forgotten on both
-    sides."""
+    call; the row-in-registers kernel for every call whose chunks fit it (topk_row for the others); the two-pass
+    kernel for every call of contiguous rows. Plans are cached per layout: forgotten on both sides."""
     two_pass = request.param == "two-pass"
     monkeypatch.setattr(top_k_per_row, "TWO_PASS_ROWS_PER_SM", 0 if two_pass else 2**31)
     monkeypatch.setattr(top_k_per_row, "TWO_PASS_WIDTH_PER_K", 0)
+    monkeypatch.setattr(top_k_per_row, "REGISTER_ROWS", request.param == "registers")
     for op in (PREFILL, DECODE, PERSISTENT):
         op.forget_layouts()
     yield request.param

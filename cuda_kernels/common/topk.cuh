@@ -320,5 +320,52 @@ __device__ __forceinline__ void write_selected(const uint32_t* keys, int n, uint
   }
 }
 
+// ---- a row's two ends ----
+
+// A row of len <= k: every index, then -1; each CTA of the cluster writes its share of the k slots.
+template <int THREADS, int CLUSTER>
+__device__ __forceinline__ void write_short_row(int len, int* out, int k, int rank) {
+  const int per_cta = (k + CLUSTER - 1) / CLUSTER;
+  const int end = min(k, (rank + 1) * per_cta);
+  for (int j = rank * per_cta + threadIdx.x; j < end; j += THREADS) out[j] = j < len ? j : -1;
+}
+
+// This CTA's first output slot and the pivot-equal entries it may take (at most rem over the row), given its
+// counts `total` (above | equal << 16): output slots and pivot-equal ranks continue from the lower-ranked CTAs of
+// the cluster, whose chunks come first. Every thread calls it; the CTA ends with a cluster barrier (others read
+// sh.counts).
+template <int THREADS, int CLUSTER>
+__device__ __forceinline__ void cluster_emission(uint32_t total, uint32_t rem, int rank, Shared& sh, int& first,
+                                                 int& take) {
+  first = 0;
+  take = static_cast<int>(rem);
+  if constexpr (CLUSTER > 1) {
+    if (threadIdx.x == 0) {
+      sh.counts[0] = total & 0xffffu;
+      sh.counts[1] = total >> 16;
+    }
+    cluster_sync();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      uint32_t above = 0, equal = 0;
+      if (lane < CLUSTER) {
+        above = cluster_load(shared_address(&sh.counts[0]), lane);
+        equal = cluster_load(shared_address(&sh.counts[1]), lane);
+      }
+      const uint32_t equal_before = warp_inclusive_sum(equal) - equal;
+      const int may_take = max(0, static_cast<int>(rem) - static_cast<int>(equal_before));
+      const uint32_t taken = above + min(static_cast<uint32_t>(may_take), equal);
+      const uint32_t taken_before = warp_inclusive_sum(taken) - taken;
+      if (lane == rank) {
+        sh.emit[0] = static_cast<int>(taken_before);
+        sh.emit[1] = may_take;
+      }
+    }
+    __syncthreads();
+    first = sh.emit[0];
+    take = sh.emit[1];
+  }
+}
+
 }  // namespace topk
 }  // namespace cupy_ops

@@ -172,10 +172,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   extern __shared__ uint4 topk_dynamic_smem[];
   const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
 
-  if (len <= k) {  // every index, then -1; each CTA of the cluster writes its share of the k slots
-    const int per_cta = (k + CLUSTER - 1) / CLUSTER;
-    const int end = min(k, (rank + 1) * per_cta);
-    for (int j = rank * per_cta + threadIdx.x; j < end; j += THREADS) out[j] = j < len ? j : -1;
+  if (len <= k) {
+    write_short_row<THREADS, CLUSTER>(len, out, k, rank);
     return;
   }
 
@@ -336,34 +334,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   uint32_t pivot, mask, rem, total;
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
   const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
-  int first = 0, take = static_cast<int>(rem);
-  if constexpr (CLUSTER > 1) {
-    // Output slots and pivot-equal ranks continue from the lower-ranked CTAs, whose chunks come first.
-    if (threadIdx.x == 0) {
-      sh.counts[0] = total & 0xffffu;
-      sh.counts[1] = total >> 16;
-    }
-    cluster_sync();
-    if (threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      uint32_t above = 0, equal = 0;
-      if (lane < CLUSTER) {
-        above = cluster_load(shared_address(&sh.counts[0]), lane);
-        equal = cluster_load(shared_address(&sh.counts[1]), lane);
-      }
-      const uint32_t equal_before = warp_inclusive_sum(equal) - equal;
-      const int may_take = max(0, static_cast<int>(rem) - static_cast<int>(equal_before));
-      const uint32_t taken = above + min(static_cast<uint32_t>(may_take), equal);
-      const uint32_t taken_before = warp_inclusive_sum(taken) - taken;
-      if (lane == rank) {
-        sh.emit[0] = static_cast<int>(taken_before);
-        sh.emit[1] = may_take;
-      }
-    }
-    __syncthreads();
-    first = sh.emit[0];
-    take = sh.emit[1];
-  }
+  int first, take;
+  cluster_emission<THREADS, CLUSTER>(total, rem, rank, sh, first, take);
   // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(ring);

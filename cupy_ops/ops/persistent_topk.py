@@ -25,21 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import Call, Kernel, Launch, Op, TensorArg
+from .._runtime import Call, Launch, Op, TensorArg
 from .._runtime import params as P
-from .top_k_per_row import (
-    INSTANTIATIONS,
-    TWO_PASS_THREADS,
-    check_k_and_width,
-    check_lengths,
-    plan_rows,
-    select_rows_ref,
-)
+from .top_k_per_row import check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
 
-KERNELS = {(t, c): Kernel("persistent_topk.cu", f"cupy_ops::persistent_topk_kernel<{t}, {c}>")
-           for t, c in INSTANTIATIONS}
-TWO_PASS_KERNELS = {t: Kernel("persistent_topk.cu", f"cupy_ops::persistent_topk_two_pass_kernel<{t}>")
-                    for t in TWO_PASS_THREADS}
+KERNELS = row_kernels("persistent_topk.cu", "persistent_topk_kernel")
 PARAMS = P.CStruct("PersistentTopKParams", [
     P.ptr("output"), P.ptr("logits"), P.ptr("lengths"),
     P.i64("stride0"), P.i64("out_stride"), P.i64("max_len"),
@@ -80,7 +70,7 @@ def plan(c: Call) -> list:
     if rows == 0:
         return []
     max_len = max_length(c.max_seq_len, c.dims["width"])
-    kernel, config, row = plan_rows(KERNELS, TWO_PASS_KERNELS, c.device, rows, max_len, c.k)
+    kernel, config, row = plan_rows(KERNELS, c.device, rows, max_len, c.k)
     return [Launch(kernel, config, PARAMS,
                    {"stride0": c.logits.strides[0], "out_stride": c.output.strides[0], "max_len": max_len, "k": c.k,
                     "cap": row.cap, "stage": row.stage, "stages": row.stages,
@@ -116,6 +106,6 @@ OP = Op(
              TensorArg("lengths", "in", None, (torch.int32,)),
              TensorArg("output", "out", ("rows", "k"), (torch.int32,), unit_last_stride=True),
              TensorArg("workspace", "in", None, (torch.uint8,))],
-    kernels=[*KERNELS.values(), *TWO_PASS_KERNELS.values()], params=PARAMS, check=check, plan=plan,
+    kernels=KERNELS.all(), params=PARAMS, check=check, plan=plan,
     reference=persistent_topk_ref, examples=examples, doc=__doc__)
 persistent_topk = OP.public

@@ -43,6 +43,16 @@ MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs le
 # (1 per SM) for few long rows, alone or in clusters.
 INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
 TWO_PASS_THREADS = (256, 512, 1024)  # the two-pass kernel's instantiations (one CTA a row)
+# The row-in-registers kernel (common/topk_registers.cuh) takes the whole chunks of calls whose grid fits the SMs,
+# up to REGISTER_SLOTS[threads] x threads 16-byte slots a CTA (one CTA an SM: 1024 threads hold 5 slots in their
+# 64 registers, 256 and 512 threads 6 in 71; NVRTC 13, no spills on sm_80 or sm_90). H200, against the buffer
+# kernel (bench/tune.py, one run, us; 256 and 512 threads at 64 registers): decode 1 x 8192 6.5 vs
+# 7.5, 1 x 163840 12.5 vs 13.9, persistent 4 x 163840 12.8 vs 14.2, 4 x 65536 11.3 vs 11.8, 64 x 20000 11.5 vs
+# 12.5, 8 x 262144 27.2 vs 29.2; but calls of more CTAs than SMs, which it took in 512-thread CTAs (two an SM;
+# 256-thread ones held too few scores), were slower: prefill 4096 x 8192 106.5 vs 93.0, persistent 1024 x 8192
+# 35.2 vs 33.5. REGISTER_ROWS = False: never (the buffer kernel instead).
+REGISTER_SLOTS = {256: 6, 512: 6, 1024: 5}
+REGISTER_ROWS = True
 # A CTA's per-row cost is ~1000 instructions a thread whatever its chunk (radix rounds, barriers, emission), so
 # a thread should have tens of elements: many rows with chunks up to SMALL_CHUNK take 256 threads (the 4096-row
 # prefill at 512 threads per CTA spent ~100 of its ~145 instructions per element on that fixed part, measured
@@ -124,7 +134,8 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none)."""
+    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none). `registers`:
+    a CTA holds its whole chunk in registers (common/topk_registers.cuh; shared memory: the k staged outputs)."""
 
     threads: int
     cluster: int
@@ -134,6 +145,7 @@ class RowPlan(NamedTuple):
     shared_bytes: int
     two_pass: bool = False
     sample: int = 0
+    registers: bool = False
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -177,6 +189,14 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
     return None
 
 
+def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | None:
+    """The row-in-registers CTA for chunks of rows of at most `width`, or None when a chunk exceeds its slots (or
+    REGISTER_ROWS is off): k staged outputs in shared memory."""
+    if REGISTER_ROWS and chunk_bound(width, cluster) // 4 <= REGISTER_SLOTS[threads] * threads:
+        return RowPlan(threads, cluster, 0, 0, 0, 4 * k, registers=True)
+    return None
+
+
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
     threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (only
@@ -192,22 +212,34 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True)
 
 
-def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, width: int, k: int,
+class RowKernels(NamedTuple):
+    """An op's row kernels: `buffer[threads, cluster]` (topk_row), `two_pass[threads]`, `registers[threads,
+    cluster]` (topk_row_registers)."""
+
+    buffer: dict
+    two_pass: dict
+    registers: dict
+
+    def all(self) -> list:
+        return [*self.buffer.values(), *self.two_pass.values(), *self.registers.values()]
+
+
+def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
               contiguous: bool = True) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits CLUSTER_GRID_PER_SM x the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
     least MIN_SPLIT_WIDTH wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
-    occupancies tried. But
-    calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel
-    (`two_pass_kernels`, by threads) where its plan fits and the rows are `contiguous` (unit column stride)."""
+    occupancies tried, the row-in-registers kernel first where a whole chunk fits its slots. But calls of many
+    wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where its plan fits and the rows
+    are `contiguous` (unit column stride)."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
     two_pass = contiguous and rows > TWO_PASS_ROWS_PER_SM * sms and width >= TWO_PASS_WIDTH_PER_K * k
     row = two_pass_plan(rows, width, k, sms, optin, per_sm) if two_pass else None
     if row is not None:
-        return two_pass_kernels[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
+        return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
         while (cluster < MAX_CLUSTER and rows * cluster * 2 <= CLUSTER_GRID_PER_SM * sms
@@ -217,15 +249,18 @@ def plan_rows(kernels: dict, two_pass_kernels: dict, device: int, rows: int, wid
         many, chunk = rows * cluster > sms, chunk_bound(width, cluster)
         small = chunk <= SMALL_CHUNK if many else (cluster >= 4 and chunk <= SMALL_CLUSTER_CHUNK)
         shapes = CTA_SHAPES[many, small]
-        row = next(filter(None, (buffer_plan(width, k, t, cluster, n, optin, per_sm, streaming)
-                                 for streaming, candidates in ((False, shapes.whole), (True, shapes.streaming))
-                                 for t, n in candidates)), None)
+        registers = [register_plan(width, k, t, cluster) for t, _ in shapes.whole] if not many else []
+        row = next(filter(None, [*registers, *(buffer_plan(width, k, t, cluster, n, optin, per_sm, streaming)
+                                               for streaming, candidates in ((False, shapes.whole),
+                                                                             (True, shapes.streaming))
+                                               for t, n in candidates)]), None)
         if row is None:
             raise ValueError(f"k = {k} needs more shared memory per block than the {optin} bytes this GPU allows")
-        if (row.threads, cluster) not in kernels:  # 512-thread CTAs are instantiated without clusters
+        by_shape = kernels.registers if row.registers else kernels.buffer
+        if (row.threads, cluster) not in by_shape:  # 512-thread CTAs are instantiated without clusters
             cluster //= 2
             continue
-        kernel = kernels[row.threads, cluster]
+        kernel = by_shape[row.threads, cluster]
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))
         if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
@@ -294,10 +329,17 @@ def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0,
 
 # ---- the ops --------------------------------------------------------------------------------------------------------
 
-KERNELS = {(t, c): Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_kernel<{t}, {c}>") for t, c in INSTANTIATIONS}
-TWO_PASS_KERNELS = {t: Kernel("top_k_per_row.cu", f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>")
-                    for t in TWO_PASS_THREADS}
-ALL_KERNELS = [*KERNELS.values(), *TWO_PASS_KERNELS.values()]  # what prefill and decode may launch
+def row_kernels(filename: str, kernel: str) -> RowKernels:
+    """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers."""
+    return RowKernels(
+        {(t, c): Kernel(filename, f"cupy_ops::{kernel}<{t}, {c}>") for t, c in INSTANTIATIONS},
+        {t: Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_two_pass_kernel')}<{t}>")
+         for t in TWO_PASS_THREADS},
+        {(t, c): Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_registers_kernel')}<{t}, {c}, "
+                                  f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
+
+
+KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel")  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
@@ -365,7 +407,7 @@ def _plan(c: Call, decode: bool) -> list:
     if rows == 0:
         return []
     contiguous = c.logits.strides[1] == 1 or cols <= 1
-    kernel, config, row = plan_rows(KERNELS, TWO_PASS_KERNELS, c.device, rows, cols, c.topK, contiguous)
+    kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK, contiguous)
     per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
@@ -420,13 +462,13 @@ PREFILL = Op(
     "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, int numRows, "
     "int stride0, int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("rowStarts", "in", None, _I32), TensorArg("rowEnds", "in", None, _I32), _INDICES],
-    kernels=ALL_KERNELS, params=PARAMS, check=check_prefill, plan=plan_prefill,
+    kernels=KERNELS.all(), params=PARAMS, check=check_prefill, plan=plan_prefill,
     reference=top_k_per_row_prefill_ref, examples=examples_prefill, doc=__doc__)
 DECODE = Op(
     "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, int numRows, int stride0, "
     "int stride1, int topK) -> ()",
     tensors=[_LOGITS, TensorArg("seqLens", "in", None, _I32), _INDICES],
-    kernels=ALL_KERNELS, params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
+    kernels=KERNELS.all(), params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
     reference=top_k_per_row_decode_ref, examples=examples_decode, doc=__doc__)
 top_k_per_row_prefill = PREFILL.public
 top_k_per_row_decode = DECODE.public

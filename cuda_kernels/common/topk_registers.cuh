@@ -1,0 +1,136 @@
+// topk_row_registers: the top k of one row (common/topk.cuh has the contract) with the row's chunk held in
+// registers, for top_k_per_row_prefill, top_k_per_row_decode (top_k_per_row.cu) and persistent_topk
+// (persistent_topk.cu), where a CTA's chunk is at most 4 x SLOTS x THREADS scores.
+//
+// topk_row (topk_row.cuh) streams a chunk through a copy ring into a buffer of keys in shared memory, then each
+// radix round re-reads the buffer, and the emission reads it twice more (counts by thread run, then the writes):
+// at 64 x 20000 (k 512, one 1024-thread CTA a row) ncu counted ~1570 instructions a warp, a quarter of them in
+// those two emission passes, and ~20% in the stream. Here thread t holds a run of n <= SLOTS consecutive slots of
+// its CTA's chunk, t x n .. t x n + n - 1 (16 bytes, 4 scores each; slot s holds elements 4s - a .. 4s - a + 3,
+// a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so:
+// 1. one read of global memory (the SLOTS loads of a thread in flight together) and the 11-bit histogram;
+// 2. the select (topk.cuh) with rounds over registers;
+// 3. index order is thread order: one block scan of each thread's counts above / equal to the pivot places its
+//    outputs (in a cluster, cluster_emission continues the slots from the lower-ranked CTAs); they are staged in
+//    shared memory (k entries) and stored coalesced.
+// Elements outside the CTA's chunk [lo, hi) are key-0 fillers, below every real key (>= key(-inf) = 0x007fffff,
+// whose bin, 3, no filler's bin matches): never counted, never selected.
+#pragma once
+#include "cluster.cuh"
+#include "topk.cuh"
+
+namespace cupy_ops {
+namespace topk {
+
+// Dynamic shared memory: the k staged outputs. The host guarantees len <= 2^31 - 8 and that CTA `rank`'s chunk
+// of ceil(ceil((len + a) / 4) / CLUSTER) slots is at most SLOTS x THREADS (so counts fit 16 bits: SLOTS x THREADS
+// x 4 < 65536).
+template <int THREADS, int CLUSTER, int SLOTS>
+__device__ void topk_row_registers(const float* base, int64_t stride, int len, int* out, int k) {
+  static_assert(4 * SLOTS <= 64 && 4 * SLOTS * THREADS < 65536, "valid bits in 64, counts in 16 bits");
+  using bits_t = typename pick_type<(4 * SLOTS > 32), uint64_t, uint32_t>::type;
+  __shared__ Shared sh;
+  extern __shared__ uint4 topk_dynamic_smem[];
+  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+  if (len <= k) {
+    write_short_row<THREADS, CLUSTER>(len, out, k, rank);
+    return;
+  }
+  const bool contiguous = stride == 1;
+  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
+  const int slots = (len + a + 3) >> 2;
+  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
+  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
+  const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
+  // Slots a thread: as few as the chunk needs (uniform over the CTA, so the unrolled loops below branch past the
+  // unused ones), thread t's run starting at slot s_lo + t x per_thread.
+  const int per_thread = (s_hi - s_lo + THREADS - 1) / THREADS;
+  const int first_slot = s_lo + static_cast<int>(threadIdx.x) * per_thread;
+
+  // Every load in flight before any is used; the barrier that orders clear_fine before the histogram waits for
+  // none of them.
+  float x[4 * SLOTS];
+  bits_t valid = 0;  // bit j: element 4 first_slot - a + j lies in [lo, hi)
+#pragma unroll
+  for (int u = 0; u < SLOTS; ++u) {
+    if (u >= per_thread) break;
+    const int i0 = 4 * (first_slot + u) - a;
+    if (contiguous && i0 >= lo && i0 + 4 <= hi) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(base + i0));
+      x[4 * u] = v.x;
+      x[4 * u + 1] = v.y;
+      x[4 * u + 2] = v.z;
+      x[4 * u + 3] = v.w;
+      valid |= bits_t{0xf} << (4 * u);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + e;
+        x[4 * u + e] = 0.0f;
+        if (i >= lo && i < hi) {
+          x[4 * u + e] = __ldg(base + static_cast<int64_t>(i) * stride);
+          valid |= bits_t{1} << (4 * u + e);
+        }
+      }
+    }
+  }
+  clear_fine<THREADS>(sh);
+  __syncthreads();
+  uint32_t key[4 * SLOTS];
+#pragma unroll
+  for (int j = 0; j < 4 * SLOTS; ++j) {
+    key[j] = 0u;
+    if (j < 4 * per_thread && (valid >> j & 1)) {
+      key[j] = float_key(x[j]);
+      atomicAdd(&sh.fine[key[j] >> 21], 1u);
+    }
+  }
+  __syncthreads();
+
+  uint32_t pivot, mask, rem;
+  select_round0<THREADS, CLUSTER>(static_cast<uint32_t>(k), true, sh);
+  select_refine<THREADS, CLUSTER>([&](auto f) {
+#pragma unroll
+    for (int j = 0; j < 4 * SLOTS; ++j) {
+      if (j >= 4 * per_thread) break;
+      f(key[j]);
+    }
+  }, true, sh, pivot, mask, rem);
+
+  // Fillers (key 0) are below every pivot (a real key's bin, >= 3): no valid-bit test needed.
+  uint32_t above = 0, equal = 0;
+#pragma unroll
+  for (int j = 0; j < 4 * SLOTS; ++j) {
+    if (j >= 4 * per_thread) break;
+    const uint32_t m = key[j] & mask;
+    above += m > pivot;
+    equal += m == pivot;
+  }
+  uint32_t parity = 0, total;
+  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
+  int first, take;
+  cluster_emission<THREADS, CLUSTER>(total, rem, rank, sh, first, take);
+  // This CTA's output run out[first .. first + count), staged in shared memory.
+  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
+  int* staged = reinterpret_cast<int*>(topk_dynamic_smem);
+  int above_before = static_cast<int>(before & 0xffffu), equal_before = static_cast<int>(before >> 16);
+#pragma unroll
+  for (int j = 0; j < 4 * SLOTS; ++j) {
+    if (j >= 4 * per_thread) break;
+    const uint32_t m = key[j] & mask;
+    const int column = 4 * first_slot - a + j;
+    if (m > pivot) {
+      staged[above_before + min(equal_before, take)] = column;
+      ++above_before;
+    } else if (m == pivot) {
+      if (equal_before < take) staged[above_before + equal_before] = column;
+      ++equal_before;
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
+}
+
+}  // namespace topk
+}  // namespace cupy_ops
