@@ -23,8 +23,9 @@ and, when the buffer is full, keeps its own top k and filters the rest of the ro
 from its start by a cutoff sampled from it, and read again only if that cutoff let fewer than k through). On sm_90,
 when few rows leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through
 distributed shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh:
-a histogram read, then a read that marks bitmaps). persistent_topk shares the device code, `plan_rows`,
-`select_rows_ref` and `float_keys`.
+a histogram read, then a read that marks bitmaps); calls whose grid fits the SMs, with chunks of up to 5-6 slots a
+thread, the row-in-registers kernel (common/topk_registers.cuh: one read into registers, one block scan orders the
+output). persistent_topk shares the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
 """
 
 from __future__ import annotations
