@@ -231,9 +231,9 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits CLUSTER_GRID_PER_SM x the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
     least MIN_SPLIT_WIDTH wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
-    occupancies tried, the row-in-registers kernel first where a whole chunk fits its slots. But calls of many
-    wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where its plan fits and the rows
-    are `contiguous` (unit column stride)."""
+    occupancies tried, the row-in-registers kernel first where the grid fits the SMs and a whole chunk fits its
+    slots. But calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where
+    its plan fits and the rows are `contiguous` (unit column stride)."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
