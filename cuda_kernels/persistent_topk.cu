@@ -18,7 +18,7 @@ struct PersistentTopKParams {
   int cap;               // buffer entries per CTA (common/topk_row.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3)
-  int sample;            // survivors a sampled cutoff aims at (common/topk_row.cuh: sample_cutoff), 0: no sampling
+  int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
@@ -32,12 +32,13 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
                                    p.k, p.cap, p.stage, p.stages, p.sample);
 }
 
-// One CTA a row, two reads of it (common/topk_two_pass.cuh); cap is the list's entries.
+// One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
+// the sampled read's target (0: two reads).
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row), p.output + row * p.out_stride,
-                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32));
+                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

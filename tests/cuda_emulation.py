@@ -55,10 +55,16 @@ struct Barrier {
   int count, waiting = 0;
   long phase = 0;
   explicit Barrier(int n) : count(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(m);
+  void wait() { await(arrive()); }
+  // The two halves of wait() (a split cluster barrier): arrive() returns the phase that await() waits out.
+  long arrive() {
+    std::lock_guard<std::mutex> lock(m);
     const long mine = phase;
-    if (++waiting == count) { waiting = 0; ++phase; cv.notify_all(); return; }
+    if (++waiting == count) { waiting = 0; ++phase; cv.notify_all(); }
+    return mine;
+  }
+  void await(long mine) {
+    std::unique_lock<std::mutex> lock(m);
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(120);
     while (phase == mine) {
       if (aborted) throw Deadlock{};

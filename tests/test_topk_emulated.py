@@ -43,6 +43,9 @@ CLUSTER_CUH = r"""
 #include "types.cuh"
 namespace cupy_ops {
 inline void cluster_sync() { emu::cur->cluster->bar->wait(); }
+inline thread_local long cluster_arrived = -1;
+inline void cluster_arrive_relaxed() { cluster_arrived = emu::cur->cluster->bar->arrive(); }
+inline void cluster_wait() { emu::cur->cluster->bar->await(cluster_arrived); }
 inline uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::cur->smem);
 }
@@ -131,9 +134,13 @@ def emulator(tmp_path_factory):
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
         core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
-        # topk_row's re-read after a sampled cutoff that let fewer than k through: counted (a thread each)
+        # a re-read after a sampled cutoff that let fewer than k through (or, two-pass, more than the list holds):
+        # counted (topk_row: a thread each; topk_row_two_pass: one a CTA)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
-        assert rereads == (header == "topk_row.cuh"), f"{header}: the re-read changed: update the emulation"
+        core, restarts = re.subn(r"if \(threadIdx.x == 0\) sh.appended = 0u;  // the two reads start over",
+                                 "if (threadIdx.x == 0) { ++emu::rereads; sh.appended = 0u; }", core)
+        expected = {"topk_row.cuh": (1, 0), "topk_two_pass.cuh": (0, 1)}.get(header, (0, 0))
+        assert (rereads, restarts) == expected, f"{header}: the re-read changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
@@ -149,9 +156,10 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
-    a list of that many entries (a small one overflows, so the select reads the row again). sample: the streaming
-    buffer's sampled-cutoff target instead of the plan's (1: a cutoff at the largest sample, which lets fewer than k
-    through, so the chunk is read again). registers: the row-in-registers kernel (its plan must hold the chunks)."""
+    a list of that many entries (a small one overflows: the sampled read falls back to two reads, whose select reads
+    the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
+    plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
+    registers: the row-in-registers kernel (its plan must hold the chunks)."""
     module = T if op is not PERSISTENT else PT
 
     def plan_rows(kernels, device, rows, width, k, contiguous=True):
@@ -162,7 +170,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words, staged = -(-width // 32), 4 * k
-            row = T.RowPlan(threads, 1, 0, list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True)
+            row = T.RowPlan(threads, 1, 0, list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True,
+                            sample=T.sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
         if shrink:
@@ -206,7 +215,8 @@ class Geometry(NamedTuple):
 
     def __str__(self):
         if self.list_cap is not None:
-            return f"two-pass-{self.threads}-list{self.list_cap}"
+            sample = "" if self.sample is None else f"-sample{self.sample}"
+            return f"two-pass-{self.threads}-list{self.list_cap}{sample}"
         if self.registers:
             return f"registers-{self.threads}x{self.cluster}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
@@ -220,14 +230,16 @@ class Geometry(NamedTuple):
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
 # shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
 # the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs at the plans' 256 and 512 threads
-# with a list that holds the k-th largest's bin of randn / special / ascending rows (2048-4096 entries; low-bits rows
-# overflow it) and with one of 8 entries that none can fit (the select and the marking read the row again). Streaming
+# with a list of 2048-4096 entries: rows of 8192 and more take its sampled read (the plan's target, ~280 survivors),
+# the others (and sample=0) two reads, whose list holds the k-th largest's bin of randn / special / ascending rows
+# (low-bits rows overflow it); and with one of 8 entries that none can fit (the sampled read overflows it, then the
+# select and the marking read the row again). Streaming
 # buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
 # sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
-                      Geometry(512, list_cap=4096), Geometry(256, list_cap=8), Geometry(512, registers=True),
+                      Geometry(512, list_cap=4096, sample=0), Geometry(256, list_cap=8), Geometry(512, registers=True),
                       Geometry(256, 4, registers=True)]
 
 
@@ -276,12 +288,14 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")
 
 
-# The sampled cutoff (common/topk_row.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
-# through makes the CTA read its chunk again. These pin where that happens. Descending rows of 8998 (runs 281 apart,
+# The sampled cutoff (common/topk.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k
+# through makes the CTA read its chunk again (the two-pass kernel: also one that lets more than its list holds;
+# then it reads the row twice). These pin where that happens. Descending rows of 8998 (runs 281 apart,
 # the first at index 108: load_sample) put the rank-R sample (R <= 64) at index 107 + R, so 108 + R scores reach it,
 # with R = ceil(target x 2048 / 8998): for k = 172, a target of 276 survivors (R 63) lets 171 through and one of 277
 # (R 64) exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare;
-# rows of 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again).
+# rows of 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again); ~280 of the
+# late-nan-inf rows pass the plan's cutoff, more than a list of 200.
 class SampledCase(NamedTuple):
     scores: str
     k: int
@@ -296,6 +310,11 @@ SAMPLED_CASES = {
     "late-nan-inf-1024": SampledCase("late-nan-inf", 64, Geometry(1024, shrink=True), False),
     "late-nan-inf-512": SampledCase("late-nan-inf", 64, Geometry(512, shrink=True), False),
     "pair-sample1-reread": SampledCase("randn-16500", 64, Geometry(256, 2, shrink=True, sample=1), True),
+    "two-pass-sample1-reread": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=1), True),
+    "two-pass-171-pass-reread": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=276), True),
+    "two-pass-k-pass": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=277), False),
+    "two-pass-late-nan-inf": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=2048), False),
+    "two-pass-list-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200), True),
 }
 
 

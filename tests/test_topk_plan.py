@@ -50,7 +50,12 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     sms, optin, per_sm, arch = fake_gpu(gpu)
     kernel, config, row = _plan_rows(rows, width, k)
     if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
-        assert rows > sms and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
+        assert rows > sms / 2 and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
+        # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row)
+        if row.sample:
+            assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample >= 2 * k and row.sample <= 2**26
+        else:
+            assert width < max(4 * 2 * k, 4 * T.SAMPLES, 4 * -(-64 * width // T.SAMPLES))
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
@@ -101,13 +106,17 @@ def test_cluster_sizes_on_h200(fake_gpu):
 
 
 def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
-    """More rows than SMs, each at least 16 k wide (and contiguous): one CTA a row, 256 threads for rows up to
-    SMALL_CHUNK, 512 up to 65536; everything else stays on topk_row."""
+    """More rows than half the SMs, each at least 16 k wide (and contiguous): one CTA a row, 256 threads for rows up
+    to SMALL_CHUNK, 512 up to 65536, 1024 when the rows fit the SMs; everything else stays on topk_row. Rows of
+    8192 and more try the sampled read first."""
     fake_gpu("H200")
     rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
-    assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
+    assert two_pass == {(128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
+                        (1000, 20000, 1)}
     assert rows[2048, 16384, 512].threads == 256 and rows[8192, 32768, 2048].threads == 512
+    assert rows[128, 131072, 2048].threads == 1024
+    assert all(rows[shape].sample > 0 for shape in two_pass)
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 
@@ -150,8 +159,8 @@ def test_sm80_never_uses_clusters(fake_gpu):
 
 
 def test_sample_count_matches_the_kernel():
-    """The plan's SAMPLES is common/topk_row.cuh's kSample (the sampled rank assumes it)."""
-    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk_row.cuh").read_text()
+    """The plan's SAMPLES is common/topk.cuh's kSample (the sampled rank assumes it)."""
+    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk.cuh").read_text()
 
 
 @pytest.mark.parametrize("arch", [80, 90])

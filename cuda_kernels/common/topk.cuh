@@ -275,6 +275,90 @@ __device__ __forceinline__ void select_pivot(const uint32_t* keys, int n, uint32
   }, cluster, sh, pivot, mask, rem);
 }
 
+// ---- a CTA's chunk of a row ----
+
+// CTA `rank` of CLUSTER's share of a row of len elements at base[i x stride]: slot s (16 bytes) holds elements
+// 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units when the row is contiguous (every whole slot is
+// then aligned) and 0 otherwise; the row's slots are split evenly, and the CTA takes slots [s_lo, s_hi), elements
+// [lo, hi).
+struct CtaChunk {
+  int a, s_lo, s_hi, lo, hi;
+};
+
+template <int CLUSTER>
+__device__ __forceinline__ CtaChunk cta_chunk(const float* base, bool contiguous, int len, int rank) {
+  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
+  const int slots = (len + a + 3) >> 2;
+  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
+  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
+  return {a, s_lo, s_hi, max(0, 4 * s_lo - a), min(len, 4 * s_hi - a)};
+}
+
+// ---- a sampled cutoff ----
+
+constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
+constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
+
+// Loads the sample of the chunk [lo, hi): kSample / kSampleRun runs of kSampleRun consecutive scores, one in the
+// middle of each of the chunk's kSample / kSampleRun equal parts (not at its start: the first scores of a decode
+// row, an attention sink, can be the row's largest). Runs, not single scores at even steps: those took a 32-byte
+// sector of DRAM each (64 KB a CTA, 8 MB at 128 rows), and waiting on them was 13% of the stall samples (ncu,
+// persistent 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind
+// them. Scores that cluster by position make the runs' samples less independent than kSample single ones (a
+// cutoff that misleads costs a second read, never a wrong result). Needs hi - lo >= kSample.
+template <int THREADS>
+__device__ __forceinline__ void load_sample(const float* base, int64_t stride, int lo, int hi,
+                                            float (&values)[kSample / THREADS]) {
+  static_assert(THREADS % kSampleRun == 0, "a thread's samples keep their place in a run");
+  const int step = (hi - lo) / (kSample / kSampleRun), first = lo + (step - kSampleRun) / 2;
+#pragma unroll
+  for (int u = 0; u < kSample / THREADS; ++u) {
+    const int j = u * THREADS + static_cast<int>(threadIdx.x);
+    values[u] = __ldg(base + static_cast<int64_t>(first + (j / kSampleRun) * step + j % kSampleRun) * stride);
+  }
+}
+
+// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of the kSample sampled values (load_sample),
+// R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. topk_row's stream then
+// appends only keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of
+// its early groups (128 x 131072, k 2048: ~2 shrinks a row without it); topk_row_two_pass lists only them. The
+// cutoff may let fewer than k through (an unlucky sample, or data whose runs mislead it): the kernels then read the
+// chunk again without one. Needs sh.fine zero; leaves it zero.
+template <int THREADS>
+__device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int lo, int hi, int target, Shared& sh) {
+  constexpr int kPer = kSample / THREADS;
+  const int len = hi - lo;
+  uint32_t key[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    key[u] = float_key(values[u]);
+    atomicAdd(&sh.fine[key[u] >> 21], 1u);
+  }
+  __syncthreads();
+  const int64_t wanted = (static_cast<int64_t>(target) * kSample + len - 1) / len;
+  const uint32_t rank = static_cast<uint32_t>(min(max(wanted, int64_t{1}), int64_t{kSample}));
+  uint32_t pivot, mask, rem;
+  select_round0<THREADS, 1>(rank, false, sh);
+  select_refine<THREADS, 1>([&](auto f) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) f(key[u]);
+  }, false, sh, pivot, mask, rem);
+  // select_round0 read sh.fine before its last barrier, select_refine does not read it
+  clear_fine<THREADS>(sh);
+  return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
+}
+
+// ---- a cutoff as a float compare ----
+
+constexpr uint32_t kInfKey = 0xff800000u;  // float_key(+inf)
+
+// The smallest value whose key is >= min_key, for 0 < min_key <= kInfKey: then key(x) >= min_key <=> !(x < it)
+// (one compare, not a key: NaN passes, as its key is above min_key; -0 >= +0 as their keys are equal).
+__device__ __forceinline__ float key_floor(uint32_t min_key) {
+  if (min_key <= 0x007fffffu) return -__int_as_float(0x7f800000);  // at most key(-inf): every value
+  return __uint_as_float((min_key & 0x80000000u) ? (min_key & 0x7fffffffu) : ~min_key);
+}
+
 // ---- emission: a stable compaction of the selected entries, in index order ----
 
 // Each thread owns a contiguous run of the buffer; an odd run length puts a warp's 32 reads in 32 banks.
@@ -332,8 +416,9 @@ __device__ __forceinline__ void write_short_row(int len, int* out, int k, int ra
 
 // This CTA's first output slot and the pivot-equal entries it may take (at most rem over the row), given its
 // counts `total` (above | equal << 16): output slots and pivot-equal ranks continue from the lower-ranked CTAs of
-// the cluster, whose chunks come first. Every thread calls it; the CTA ends with a cluster barrier (others read
-// sh.counts).
+// the cluster, whose chunks come first. Every thread calls it. In a cluster it is the last remote read of the
+// CTAs' shared memory: each thread arrives at the exit barrier here, and the CTA must cluster_wait() before it
+// exits (others may still read its sh.counts until then).
 template <int THREADS, int CLUSTER>
 __device__ __forceinline__ void cluster_emission(uint32_t total, uint32_t rem, int rank, Shared& sh, int& first,
                                                  int& take) {
@@ -361,7 +446,8 @@ __device__ __forceinline__ void cluster_emission(uint32_t total, uint32_t rem, i
         sh.emit[1] = may_take;
       }
     }
-    __syncthreads();
+    __syncthreads();  // (warp 0's remote loads are done: their values are in sh.emit)
+    cluster_arrive_relaxed();
     first = sh.emit[0];
     take = sh.emit[1];
   }

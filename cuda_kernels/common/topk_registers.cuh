@@ -37,11 +37,8 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     return;
   }
   const bool contiguous = stride == 1;
-  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
-  const int slots = (len + a + 3) >> 2;
-  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
-  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
-  const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
+  const CtaChunk chunk = cta_chunk<CLUSTER>(base, contiguous, len, rank);
+  const int a = chunk.a, s_lo = chunk.s_lo, s_hi = chunk.s_hi, lo = chunk.lo, hi = chunk.hi;
   // Slots a thread: as few as the chunk needs (uniform over the CTA, so the unrolled loops below branch past the
   // unused ones), thread t's run starting at slot s_lo + t x per_thread.
   const int per_thread = (s_hi - s_lo + THREADS - 1) / THREADS;
@@ -129,7 +126,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   }
   __syncthreads();
   for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
-  if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
+  if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 
 }  // namespace topk

@@ -59,60 +59,6 @@ __device__ void keep_top_k(uint32_t* keys, int* idx, int& n, int k, uint32_t* st
   min_key = pivot + 1;
 }
 
-// ---- a sampled cutoff ----
-
-constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
-constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
-
-// Loads the sample of the chunk [lo, hi): kSample / kSampleRun runs of kSampleRun consecutive scores, one in the
-// middle of each of the chunk's kSample / kSampleRun equal parts (not at its start: the first scores of a decode
-// row, an attention sink, can be the row's largest). Runs, not single scores at even steps: those took a 32-byte
-// sector of DRAM each (64 KB a CTA, 8 MB at 128 rows), and waiting on them was 13% of the stall samples (ncu,
-// persistent 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind
-// them. Scores that cluster by position make the runs' samples less independent than kSample single ones (a
-// cutoff that misleads costs a second read, never a wrong result). Needs hi - lo >= kSample.
-template <int THREADS>
-__device__ __forceinline__ void load_sample(const float* base, int64_t stride, int lo, int hi,
-                                            float (&values)[kSample / THREADS]) {
-  static_assert(THREADS % kSampleRun == 0, "a thread's samples keep their place in a run");
-  const int step = (hi - lo) / (kSample / kSampleRun), first = lo + (step - kSampleRun) / 2;
-#pragma unroll
-  for (int u = 0; u < kSample / THREADS; ++u) {
-    const int j = u * THREADS + static_cast<int>(threadIdx.x);
-    values[u] = __ldg(base + static_cast<int64_t>(first + (j / kSampleRun) * step + j % kSampleRun) * stride);
-  }
-}
-
-// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of the kSample sampled values (load_sample),
-// R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. The stream then appends only
-// keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of its early
-// groups (128 x 131072, k 2048: ~2 shrinks a row without it). The cutoff may let fewer than k through (an unlucky
-// sample, or data whose runs mislead it): topk_row then reads the chunk again with none. Needs sh.fine zero; leaves
-// it zero.
-template <int THREADS>
-__device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int lo, int hi, int target, Shared& sh) {
-  constexpr int kPer = kSample / THREADS;
-  const int len = hi - lo;
-  uint32_t key[kPer];
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    key[u] = float_key(values[u]);
-    atomicAdd(&sh.fine[key[u] >> 21], 1u);
-  }
-  __syncthreads();
-  const int64_t wanted = (static_cast<int64_t>(target) * kSample + len - 1) / len;
-  const uint32_t rank = static_cast<uint32_t>(min(max(wanted, int64_t{1}), int64_t{kSample}));
-  uint32_t pivot, mask, rem;
-  select_round0<THREADS, 1>(rank, false, sh);
-  select_refine<THREADS, 1>([&](auto f) {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) f(key[u]);
-  }, false, sh, pivot, mask, rem);
-  // select_round0 read sh.fine before its last barrier, select_refine does not read it
-  clear_fine<THREADS>(sh);
-  return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
-}
-
 // ---- loading ----
 
 // The 4 elements of slot s (elements i0 = 4s - a .. i0 + 3) that lie in [lo, hi), as values: from the ring when the
@@ -139,15 +85,6 @@ __device__ __forceinline__ uint32_t slot_values(const float* base, int64_t strid
     }
   }
   return valid;
-}
-
-constexpr uint32_t kInfKey = 0xff800000u;  // float_key(+inf)
-
-// The smallest value whose key is >= min_key, for 0 < min_key <= kInfKey: then key(x) >= min_key <=> !(x < it)
-// (one compare, not a key: NaN passes, as its key is above min_key; -0 >= +0 as their keys are equal).
-__device__ __forceinline__ float key_floor(uint32_t min_key) {
-  if (min_key <= 0x007fffffu) return -__int_as_float(0x7f800000);  // at most key(-inf): every value
-  return __uint_as_float((min_key & 0x80000000u) ? (min_key & 0x7fffffffu) : ~min_key);
 }
 
 // v[e] for a run-time e without local memory (a dynamic index into a register array spills it).
@@ -183,16 +120,13 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   uint32_t* stage_keys = reinterpret_cast<uint32_t*>(idx + cap);
   int* stage_idx = reinterpret_cast<int*>(stage_keys + stage);
 
-  // Slot s holds elements 4s - a .. 4s - a + 3, where a (the row start's offset in 16-byte units) aligns every
-  // whole slot; CTA `rank` streams slots [s_lo, s_hi), i.e. elements [lo, hi), in groups of 2 x THREADS slots:
-  // thread t takes slots t and THREADS + t of a group. Group j's whole slots are copied to ring stage j % stages
-  // (`read_stage`, `write_stage`) `stages - 1` groups ahead; each thread reads back only its own copies.
+  // Slot s holds elements 4s - a .. 4s - a + 3 (cta_chunk: a aligns every whole slot); CTA `rank` streams slots
+  // [s_lo, s_hi), i.e. elements [lo, hi), in groups of 2 x THREADS slots: thread t takes slots t and THREADS + t of
+  // a group. Group j's whole slots are copied to ring stage j % stages (`read_stage`, `write_stage`) `stages - 1`
+  // groups ahead; each thread reads back only its own copies.
   const bool contiguous = stride == 1;
-  const int a = contiguous ? static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u) : 0;
-  const int slots = (len + a + 3) >> 2;
-  const int per_cta = (slots + CLUSTER - 1) / CLUSTER;
-  const int s_lo = min(slots, rank * per_cta), s_hi = min(slots, s_lo + per_cta);
-  const int lo = max(0, 4 * s_lo - a), hi = min(len, 4 * s_hi - a);
+  const CtaChunk chunk = cta_chunk<CLUSTER>(base, contiguous, len, rank);
+  const int a = chunk.a, s_lo = chunk.s_lo, s_hi = chunk.s_hi, lo = chunk.lo, hi = chunk.hi;
   const int groups = (s_hi - s_lo + 2 * THREADS - 1) / (2 * THREADS);
   const int ahead = min(stages - 1, groups);  // batches in flight beyond the one being read
   // Whole slots: [w_lo, w_hi) (only the first and the last slot can be cut by the row's ends). Ring stages are
@@ -345,7 +279,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   });
   __syncthreads();
   for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
-  if constexpr (CLUSTER > 1) cluster_sync();  // the others read this CTA's shared memory until here
+  if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 
 }  // namespace topk

@@ -11,6 +11,12 @@
 //    this marking read the row again instead: exact, slower.
 // 4. Emission: the first rem `eq` bits in column order join `sel` (a block scan of popcounts), then a second scan
 //    gives each thread's first output slot; the k columns are staged in shared memory and stored coalesced.
+// A long row (`sample` > 0, as topk_row's streaming chunks) first tries one read instead of steps 1-2: a cutoff
+// sampled from the row (topk.cuh: sample_cutoff) lets ~`sample` elements onto the list, in any order, with the
+// histogram of their keys; when k to cap of them made it, steps 3-4 run on the list alone (every element off it is
+// below the k-th largest). Otherwise (an unlucky sample, tie-heavy rows) the two reads, exact either way. A block
+// scan a group of 8 elements a thread (topk_row) or a histogram atomic per element (step 1) is what that saves:
+// ~34 instructions an element in topk_row's stream at 128 x 131072 (ncu), against ~6 here.
 // Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where the rows outnumber the SMs
 // and a row selects 1/32 of itself or less (it loses at 1/8; 1/16 is the plans' line); elsewhere the atomic per
 // selected element and ~10 barriers a row cost more than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of
@@ -56,12 +62,88 @@ __device__ __forceinline__ void for_each_element(const float* base, int len, F f
 
 __device__ __forceinline__ void set_bit(uint32_t* bits, int i) { atomicOr(&bits[i >> 5], 1u << (i & 31)); }
 
+// v[e] for a run-time e without local memory (a dynamic index into a register array spills it).
+__device__ __forceinline__ float pick16(const float (&v)[16], int e) {
+  float w[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w[j] = e & 8 ? v[j + 8] : v[j];
+  const float a = e & 1 ? w[1] : w[0], b = e & 1 ? w[3] : w[2], c = e & 1 ? w[5] : w[4], d = e & 1 ? w[7] : w[6];
+  const float ab = e & 2 ? b : a, cd = e & 2 ? d : c;
+  return e & 4 ? cd : ab;
+}
+
+// The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
+// column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
+// caller then reads the row twice). kTwoPassUnroll slots a thread loaded before any is used, as for_each_element,
+// but every thread of the CTA runs the same trips (the appends are warp-wide): one passing element a lane per step,
+// one shared atomic a warp for their places.
+template <int THREADS>
+__device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
+                                           int* list_columns, int cap, Shared& sh) {
+  const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
+  const int slots = (len + a + 3) >> 2;
+  static_assert(4 * kTwoPassUnroll == 16, "pick16 picks among a thread's loaded elements");
+  const int lane = threadIdx.x & 31;
+  const bool by_value = cutoff <= kInfKey;  // uniform; else only NaN (key above +inf's) or nothing passes
+  const float floor_value = by_value ? key_floor(cutoff) : 0.0f;
+#pragma unroll 1
+  for (int first = 0; first < slots; first += kTwoPassUnroll * THREADS) {
+    float x[4 * kTwoPassUnroll];
+    uint32_t valid = 0;
+#pragma unroll
+    for (int u = 0; u < kTwoPassUnroll; ++u) {
+      const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
+      if (i0 >= 0 && i0 + 4 <= len) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(base + i0));
+        x[4 * u] = v.x;
+        x[4 * u + 1] = v.y;
+        x[4 * u + 2] = v.z;
+        x[4 * u + 3] = v.w;
+        valid |= 0xfu << (4 * u);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          x[4 * u + e] = 0.0f;
+          if (i0 + e >= 0 && i0 + e < len) {
+            x[4 * u + e] = __ldg(base + i0 + e);
+            valid |= 1u << (4 * u + e);
+          }
+        }
+      }
+    }
+    uint32_t pass = 0;
+#pragma unroll
+    for (int j = 0; j < 4 * kTwoPassUnroll; ++j) {
+      pass |= static_cast<uint32_t>(by_value ? !(x[j] < floor_value) : float_key(x[j]) >= cutoff) << j;
+    }
+    pass &= valid;
+    for (;;) {
+      const uint32_t active = __ballot_sync(kFullMask, pass != 0u);
+      if (active == 0u) break;
+      const int leader = __ffs(active) - 1;
+      uint32_t place = 0;
+      if (lane == leader) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(active)));
+      place = __shfl_sync(kFullMask, place, leader) + __popc(active & ((1u << lane) - 1u));
+      if (pass != 0u) {
+        const int e = __ffs(pass) - 1;
+        pass &= pass - 1u;
+        const uint32_t key = float_key(pick16(x, e));
+        if (place < static_cast<uint32_t>(cap)) {
+          list_keys[place] = key;
+          list_columns[place] = 4 * (first + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+        }
+        atomicAdd(&sh.fine[key >> 21], 1u);
+      }
+    }
+  }
+}
+
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap], staged[k]. The host guarantees words >= ceil(len / 32), 1 <= cap,
-// k <= 4096 and len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
-// planned widths under ~800K).
+// k <= 4096, len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
+// planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact: it only tunes).
 template <int THREADS>
-__device__ void topk_row_two_pass(const float* base, int len, int* out, int k, int cap, int words) {
+__device__ void topk_row_two_pass(const float* base, int len, int* out, int k, int cap, int words, int sample) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
   if (len <= k) {  // every index, then -1
@@ -79,49 +161,74 @@ __device__ void topk_row_two_pass(const float* base, int len, int* out, int k, i
   if (threadIdx.x == 0) sh.appended = 0u;
   __syncthreads();
 
-  for_each_element<THREADS>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
-  __syncthreads();
-  select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
-  const uint32_t bin = sh.found[0];
-  const bool whole = sh.found[1] == sh.found[2];  // every entry of B is in: no list, no eq bits
-  for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
-    const uint32_t b = key >> 21;
-    if (b > bin || (whole && b == bin)) {
-      set_bit(sel, i);
-    } else if (b == bin) {
-      const uint32_t p = atomicAdd(&sh.appended, 1u);
-      if (p < static_cast<uint32_t>(cap)) {
-        list_keys[p] = key;
-        list_columns[p] = i;
-      }
-    }
-  });
-  __syncthreads();
-
   uint32_t take = 0;  // pivot-equal entries to take, the first ones in column order (eq bits)
-  if (!whole) {
-    uint32_t pivot, mask, rem;
-    auto mark = [&](uint32_t key, int i) {
-      const uint32_t m = key & mask;
-      if (m > pivot) set_bit(sel, i);
-      else if (m == pivot) set_bit(eq, i);
-    };
+  uint32_t pivot, mask, rem;
+  auto mark = [&](uint32_t key, int i) {
+    const uint32_t m = key & mask;
+    if (m > pivot) set_bit(sel, i);
+    else if (m == pivot) set_bit(eq, i);
+  };
+  bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
+  if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
+    float sample_values[kSample / THREADS];
+    load_sample<THREADS>(base, 1, 0, len, sample_values);
+    const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);
+    __syncthreads();  // sh.fine is clear again
+    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, cap, sh);
+    __syncthreads();
     const uint32_t n = sh.appended;
-    if (n <= static_cast<uint32_t>(cap)) {
+    listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(cap);
+    if (listed) {  // the list holds every element >= the k-th largest key: select and mark on it alone
+      select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
       select_refine<THREADS, 1>([&](auto f) {
         for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) f(list_keys[j]);
       }, false, sh, pivot, mask, rem);
       for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) mark(list_keys[j], list_columns[j]);
-    } else {  // the list overflowed: each round and the marking read the row again
-      select_refine<THREADS, 1>([&](auto f) {
-        for_each_element<THREADS>(base, len, [&](uint32_t key, int) { f(key); });
-      }, false, sh, pivot, mask, rem);
-      for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
-        if ((key >> 21) == bin) mark(key, i);
-      });
+      take = rem;
+    } else {
+      __syncthreads();  // every thread has read sh.appended
+      clear_fine<THREADS>(sh);
+      if (threadIdx.x == 0) sh.appended = 0u;  // the two reads start over
     }
-    take = rem;
     __syncthreads();
+  }
+  if (!listed) {
+    for_each_element<THREADS>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
+    __syncthreads();
+    select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
+    const uint32_t bin = sh.found[0];
+    const bool whole = sh.found[1] == sh.found[2];  // every entry of B is in: no list, no eq bits
+    for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+      const uint32_t b = key >> 21;
+      if (b > bin || (whole && b == bin)) {
+        set_bit(sel, i);
+      } else if (b == bin) {
+        const uint32_t p = atomicAdd(&sh.appended, 1u);
+        if (p < static_cast<uint32_t>(cap)) {
+          list_keys[p] = key;
+          list_columns[p] = i;
+        }
+      }
+    });
+    __syncthreads();
+    if (!whole) {
+      const uint32_t n = sh.appended;
+      if (n <= static_cast<uint32_t>(cap)) {
+        select_refine<THREADS, 1>([&](auto f) {
+          for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) f(list_keys[j]);
+        }, false, sh, pivot, mask, rem);
+        for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) mark(list_keys[j], list_columns[j]);
+      } else {  // the list overflowed: each round and the marking read the row again
+        select_refine<THREADS, 1>([&](auto f) {
+          for_each_element<THREADS>(base, len, [&](uint32_t key, int) { f(key); });
+        }, false, sh, pivot, mask, rem);
+        for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+          if ((key >> 21) == bin) mark(key, i);
+        });
+      }
+      take = rem;
+      __syncthreads();
+    }
   }
 
   // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order.

@@ -23,9 +23,9 @@ and, when the buffer is full, keeps its own top k and filters the rest of the ro
 from its start by a cutoff sampled from it, and read again only if that cutoff let fewer than k through). On sm_90,
 when few rows leave SMs idle, each row is split over a thread-block cluster of up to 16 CTAs that select through
 distributed shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh:
-a histogram read, then a read that marks bitmaps); calls whose grid fits the SMs, with chunks of up to 5-6 slots a
-thread, the row-in-registers kernel (common/topk_registers.cuh: one read into registers, one block scan orders the
-output). persistent_topk shares the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
+one read that lists the elements above a sampled cutoff, or a histogram read, then a read that marks bitmaps);
+calls whose grid fits the SMs, with chunks of up to 5-6 slots a thread, the row-in-registers kernel
+(common/topk_registers.cuh: one read into registers, one block scan orders the output). persistent_topk shares the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
 """
 
 from __future__ import annotations
@@ -82,27 +82,37 @@ CLUSTER_GRID_PER_SM = 1
 RING_STAGES = {256: 2, 512: 2, 1024: 3}
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
-# rows are at least TWO_PASS_WIDTH_PER_K x k wide. H200, against topk_row (bench/tune.py, one run): 8192 x 32768
-# prefill k 2048 547 vs 616 us, 2048 x 16384 prefill k 512 76.1 vs 82.0, 256 x 32768 persistent k 512 27.6 vs 28.6
-# (widths 16-64 k); slower with more selected or fewer rows: 256 x 16384 decode k 2048 (8 k) 26.4 vs 19.2, 4096 x
-# 8192 prefill k 2048 113 vs 94, 64 x 65536 k 512 25.9 vs 21.1; even at 128 x 131072 (49.6 vs 49.8). 16 k is the
-# line between 8 k (loses) and 16-32 k (wins), not measured on its own.
+# rows are at least TWO_PASS_WIDTH_PER_K x k wide. H200, its two reads against topk_row (bench/tune.py, one run):
+# 8192 x 32768 prefill k 2048 547 vs 616 us, 2048 x 16384 prefill k 512 76.1 vs 82.0, 256 x 32768 persistent k 512
+# 27.6 vs 28.6 (widths 16-64 k); slower with more selected or fewer rows: 256 x 16384 decode k 2048 (8 k) 26.4 vs
+# 19.2, 4096 x 8192 prefill k 2048 113 vs 94, 64 x 65536 k 512 25.9 vs 21.1; even at 128 x 131072 (49.6 vs 49.8).
+# 16 k is the line between 8 k (loses) and 16-32 k (wins), not measured on its own.
 # Its list holds the k-th largest's 11-bit bin, MIN_LIST entries or more: for N(0, 1) scores that bin holds ~300-900
 # entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
 # A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
-TWO_PASS_ROWS_PER_SM = 1
+# TWO_PASS_SAMPLED: rows long enough to sample (sample_target) first try one read that lists the elements above a
+# sampled cutoff, as topk_row's streaming chunks filter (2026-12-03, H200, against the two reads: persistent 256 x
+# 32768 k 512 27.5 -> 19.6 us, prefill 8192 x 32768 542 -> 512, 2048 x 16384 k 512 76.5 -> 67.4; with the next
+# slots in flight during the appends, passing elements loaded again: 20.4, 513, 69.9, and 128 x 131072 34.2 against
+# 30.4). With it the kernel also wins at 128 rows, so it takes calls of more rows than half the SMs: persistent
+# 128 x 131072 34.3 -> 30.4 (topk_row -> sampled), decode 31.9 against 36.3; at 64 rows (more than a quarter of the
+# SMs) decode 64 x 65536 k 512 gained (19.8 -> 18.7) but persistent 64 x 20000 k 512 (11.2 -> 13.3) and prefill
+# 64 x 65536 k 2048 (20.0 -> 21.1) lost.
+TWO_PASS_ROWS_PER_SM = 0.5
 TWO_PASS_WIDTH_PER_K = 16
 MIN_LIST = 512
-# Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk_row.cuh: sample_cutoff),
+TWO_PASS_SAMPLED = True
+# Streaming CTAs filter a long chunk from its start by a cutoff sampled from it (common/topk.cuh: sample_cutoff),
 # aimed at SAMPLE_PER_K x k survivors and at least SAMPLE_MIN_RANK of its 2048 samples (fewer would let an unlucky
 # sample leave under k survivors: the chunk is then read again); only chunks of 4 x that target and 8192 or more.
 # H200, persistent 128 x 131072 k 2048: 48.2 us without, 42.2 with (the float-compare filter; with the earlier
 # key-per-element filter 50.3 without, 47.5 at 2 k, 48.7 at 3 k), 34.6 with the sample read in runs before the
 # chunk's copies (load_sample; decode 128 x 131072: 43.7 -> 37.1). Whole chunks keep their keys-only buffer: a sampled
-# streaming one instead was slower (64 x 20000 15.0 vs 12.4 us, 32 x 163840 47.5 vs 42.2). SAMPLE_PER_K = 0: none.
+# streaming one instead was slower (64 x 20000 15.0 vs 12.4 us, 32 x 163840 47.5 vs 42.2). SAMPLE_PER_K = 0: none
+# (here and in the two-pass kernel's one-read try).
 SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
-SAMPLES = 2048  # common/topk_row.cuh: kSample
+SAMPLES = 2048  # common/topk.cuh: kSample
 
 
 class CtaShapes(NamedTuple):
@@ -135,7 +145,8 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs (0: none). `registers`:
+    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass
+    kernel's one-read try (0: none). `registers`:
     a CTA holds its whole chunk in registers (common/topk_registers.cuh; shared memory: the k staged outputs)."""
 
     threads: int
@@ -200,17 +211,18 @@ def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | N
 
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
-    threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (only
-    tests plan such calls: TWO_PASS_ROWS_PER_SM keeps them on topk_row); bitmaps of ceil(width / 32) words (`sel`,
+    threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one
+    CTA an SM: 128 x 131072); bitmaps of ceil(width / 32) words (`sel`,
     `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8 bytes an
-    entry)."""
+    entry); its sampled read's target where TWO_PASS_SAMPLED."""
     threads = 1024 if rows <= sms or width > 65536 else 512 if width > SMALL_CHUNK else 256
     budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
     fixed = 8 * -(-width // 32) + 4 * k
     cap = (budget - fixed) // 8
     if cap < MIN_LIST:
         return None
-    return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True)
+    sample = sample_target(width, k) if TWO_PASS_SAMPLED else 0
+    return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
 class RowKernels(NamedTuple):
