@@ -1,7 +1,7 @@
 // Top-k of one row in two reads of global memory and bitmaps in shared memory: one CTA a row, for calls of many
 // wide rows that each select a small fraction (the contract is common/topk.cuh's). topk_row (topk_row.cuh) keeps a
-// buffer of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink; here a row
-// costs two reads (the second mostly from L2) and no buffer:
+// buffer of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink;
+// here a row costs two reads (the second mostly from L2) and no buffer:
 // 1. First read: the 11-bit histogram of every key (sh.fine). Round 0 of the select gives B, the bin of the k-th
 //    largest key, the rank left inside it and its count.
 // 2. Second read: an element of a bin above B sets its bit in the `sel` bitmap; an element of B is appended, (key,
@@ -16,12 +16,14 @@
 // histogram of their keys; when k to cap of them made it, steps 3-4 run on the list alone (every element off it is
 // below the k-th largest). Otherwise (an unlucky sample, tie-heavy rows) the two reads, exact either way. A block
 // scan a group of 8 elements a thread (topk_row) or a histogram atomic per element (step 1) is what that saves:
-// ~34 instructions an element in topk_row's stream at 128 x 131072 (ncu), against ~6 here.
-// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): it wins where the rows outnumber the SMs
-// and a row selects 1/32 of itself or less (it loses at 1/8; 1/16 is the plans' line); elsewhere the atomic per
-// selected element and ~10 barriers a row cost more than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of
-// ~5000: 69.9M warp instructions against 63.7M). Packing the sel bits of 8 lanes into words with shuffles instead of
-// atomics was slower on every shape (56 vs 50 us at 128 x 131072).
+// topk_row's stream took ~34 instructions an element at 128 x 131072 (ncu), this read an estimated ~6 (H200:
+// 34.3 -> 30.4 us there; 256 x 32768 k 512 27.5 -> 19.6 against the two reads).
+// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): the two reads win where the rows
+// outnumber the SMs and a row selects 1/32 of itself or less (they lose at 1/8; 1/16 is the plans' line), the
+// sampled read also at 128 long rows (not at 64); elsewhere the atomic per selected element and ~10 barriers a row
+// cost more than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of ~5000: 69.9M warp instructions against
+// 63.7M). Packing the sel bits of 8 lanes into words with shuffles instead of atomics was slower on every shape (56
+// vs 50 us at 128 x 131072).
 #pragma once
 #include "topk.cuh"
 
