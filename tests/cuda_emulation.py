@@ -45,6 +45,10 @@ namespace emu {
 struct Deadlock {};
 inline std::atomic<bool> aborted{false};
 inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
+// A split cluster barrier misused (a wait with no arrive before it, a second arrive or a cluster_sync while one is
+// pending, a thread ending with one pending) or a read of the shared memory of a CTA whose threads have all ended.
+inline std::atomic<bool> misuse{false};
+inline thread_local bool cluster_pending = false;  // arrived at the cluster barrier, not yet waited
 inline std::atomic<long> rereads{0};      // threads that restarted their chunk (topk_row's sampled cutoff)
 // A barrier whose waiters give up (and make every other waiter give up) after 120 s: a thread that skips a
 // barrier the others reach fails the case instead of hanging the test run. (2048 OS threads on two busy cores
@@ -84,6 +88,8 @@ struct Block {
   unsigned char* smem;  // [static | dynamic]
   size_t static_bytes;
   Cluster* cluster;
+  std::atomic<int> running{0};    // threads still in the kernel
+  std::atomic<bool> ended{false};  // every thread has returned: its shared memory is gone on a GPU
 };
 struct Cluster { Barrier* bar; std::vector<Block*> blocks; };
 inline thread_local Block* cur = nullptr;
@@ -153,11 +159,12 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur->warps[emu::tidx.x >> 5]->wait(); }
 namespace emu {
 // kernel() on grid_x x grid_y blocks of `threads`, `cluster` blocks at a time (along x); 0, 1 after a deadlock,
-// 3 after an overrun.
+// 3 after an overrun, 4 after a misuse.
 template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic,
                                  int grid_y = 1) {
   aborted = false;
   overrun = false;
+  misuse = false;
   for (int cy = 0; cy < grid_y && !aborted; ++cy)
   for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
     Barrier cluster_bar(threads * cluster);
@@ -171,6 +178,7 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
       b.smem = static_cast<unsigned char*>(std::aligned_alloc(16, b.static_bytes + dynamic + 16));
       std::memset(b.smem, 0xA5, b.static_bytes + dynamic + 16);  // garbage, as real shared memory
       b.cluster = &cl;
+      b.running = threads;
       cl.blocks.push_back(&b);
     }
     std::vector<std::thread> pool;
@@ -181,6 +189,8 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
           tidx = {unsigned(t), 0, 0};
           bidx = {unsigned(c0 + r), unsigned(cy), 0};
           try { kernel(); } catch (Deadlock&) { aborted = true; }
+          if (cluster_pending) misuse = true;
+          if (--blocks[r].running == 0) blocks[r].ended = true;
         });
     for (auto& th : pool) th.join();
     for (auto& b : blocks) {
@@ -189,7 +199,7 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
       std::free(b.smem);
     }
   }
-  return aborted ? 1 : overrun ? 3 : 0;
+  return aborted ? 1 : overrun ? 3 : misuse ? 4 : 0;
 }
 }  // namespace emu
 """

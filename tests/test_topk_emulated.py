@@ -42,15 +42,27 @@ CLUSTER_CUH = r"""
 #pragma once
 #include "types.cuh"
 namespace cupy_ops {
-inline void cluster_sync() { emu::cur->cluster->bar->wait(); }
+inline void cluster_sync() {
+  if (emu::cluster_pending) emu::misuse = true;
+  emu::cur->cluster->bar->wait();
+}
 inline thread_local long cluster_arrived = -1;
-inline void cluster_arrive_relaxed() { cluster_arrived = emu::cur->cluster->bar->arrive(); }
-inline void cluster_wait() { emu::cur->cluster->bar->await(cluster_arrived); }
+inline void cluster_arrive_relaxed() {
+  if (emu::cluster_pending) emu::misuse = true;
+  emu::cluster_pending = true;
+  cluster_arrived = emu::cur->cluster->bar->arrive();
+}
+inline void cluster_wait() {
+  if (!emu::cluster_pending) emu::misuse = true;
+  emu::cluster_pending = false;
+  emu::cur->cluster->bar->await(cluster_arrived);
+}
 inline uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::cur->smem);
 }
 inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
   emu::Block* b = emu::cur->cluster->blocks.at(rank);
+  if (b->ended) emu::misuse = true;  // its shared memory would be gone
   return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(b->smem + address)).load(std::memory_order_relaxed);
 }
 }  // namespace cupy_ops
@@ -198,6 +210,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         status = run(threads, cluster, grid, dynamic, params)
     assert status != 2, f"({threads}, {cluster}) is not emulated"
     assert status != 3, "the two-pass emission counted more than k selected entries"
+    assert status != 4, ("a cluster barrier misused (a wait without an arrive, an arrive left pending) or a read of "
+                         "an ended CTA's shared memory")
     assert status == 0, "a barrier was not reached by every thread (emulated deadlock)"
 
 
@@ -230,10 +244,10 @@ class Geometry(NamedTuple):
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
 # shrink at every group); clusters of 2 and 4 cover the exchange with empty, partial and full chunks, and one of 8
 # the radix round that sums a bin over more than 4 CTAs. The two-pass kernel runs at the plans' 256 and 512 threads
-# with a list of 2048-4096 entries: rows of 8192 and more take its sampled read (the plan's target, ~280 survivors),
-# the others (and sample=0) two reads, whose list holds the k-th largest's bin of randn / special / ascending rows
-# (low-bits rows overflow it); and with one of 8 entries that none can fit (the sampled read overflows it, then the
-# select and the marking read the row again). Streaming
+# with a list of 2048-4096 entries (and at 1024 threads, the plans' for rows that fit the SMs, among the sampled
+# cases below): rows of 8192 and more take its sampled read (the plan's target, ~280 survivors), the others (and
+# sample=0) two reads, whose list holds the k-th largest's bin; and with one of 8 entries that none can fit (the
+# sampled read overflows it, then the select and the marking read the row again). Streaming
 # buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
 # sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
@@ -292,10 +306,13 @@ def test_persistent_rows(emulator, monkeypatch, kind, geometry):
 # through makes the CTA read its chunk again (the two-pass kernel: also one that lets more than its list holds;
 # then it reads the row twice). These pin where that happens. Descending rows of 8998 (runs 281 apart,
 # the first at index 108: load_sample) put the rank-R sample (R <= 64) at index 107 + R, so 108 + R scores reach it,
-# with R = ceil(target x 2048 / 8998): for k = 172, a target of 276 survivors (R 63) lets 171 through and one of 277
-# (R 64) exactly k; randn rows with NaN and +inf late in the row need NaN to pass a finite cutoff's float compare;
-# rows of 16500 give each CTA of a pair a chunk over 8192, so both sample (sample=1: both read again); ~280 of the
-# late-nan-inf rows pass the plan's cutoff, more than a list of 200.
+# with R = ceil(target x 2048 / 8998): a target of 276 survivors (R 63) lets 171 through, so exactly k = 171 (the
+# boundary: no re-read) and one short of k = 172 (re-read); one of 277 (R 64) lets more than 172 through (the
+# select takes that rank's 11-bit bin whole: 192, simulated); randn rows with NaN and +inf late in the row need NaN
+# to pass a finite cutoff's float compare; rows of 16500 give each CTA of a pair a chunk over 8192, so both sample
+# (sample=1: both read again); ~280 of the late-nan-inf rows pass the plan's cutoff, more than a list of 200; rows
+# with NaN at every 20th column put 103 NaN among the 2048 samples, above the plan's rank 65, so the cutoff is NaN's
+# key (above +inf's: the key compare instead of the float one) and the row's 450 NaN make the list.
 class SampledCase(NamedTuple):
     scores: str
     k: int
@@ -307,12 +324,15 @@ SAMPLED_CASES = {
     "descending-sample1-reread": SampledCase("descending", 172, Geometry(512, shrink=True, sample=1), True),
     "descending-171-pass-reread": SampledCase("descending", 172, Geometry(512, shrink=True, sample=276), True),
     "descending-k-pass": SampledCase("descending", 172, Geometry(512, shrink=True, sample=277), False),
+    "descending-exactly-k": SampledCase("descending", 171, Geometry(512, shrink=True, sample=276), False),
     "late-nan-inf-1024": SampledCase("late-nan-inf", 64, Geometry(1024, shrink=True), False),
     "late-nan-inf-512": SampledCase("late-nan-inf", 64, Geometry(512, shrink=True), False),
     "pair-sample1-reread": SampledCase("randn-16500", 64, Geometry(256, 2, shrink=True, sample=1), True),
     "two-pass-sample1-reread": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=1), True),
     "two-pass-171-pass-reread": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=276), True),
     "two-pass-k-pass": SampledCase("descending", 172, Geometry(256, list_cap=2048, sample=277), False),
+    "two-pass-exactly-k": SampledCase("descending", 171, Geometry(256, list_cap=2048, sample=276), False),
+    "two-pass-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048), False),
     "two-pass-late-nan-inf": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=2048), False),
     "two-pass-list-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200), True),
 }
@@ -321,11 +341,14 @@ SAMPLED_CASES = {
 @pytest.mark.parametrize("case", SAMPLED_CASES)
 def test_sampled_cutoff(emulator, monkeypatch, case):
     """Results equal the reference whether or not the sampled cutoff let k through; the chunk is read again
-    exactly when it did not (the plan's own target never re-reads randn rows)."""
+    exactly when it did not (the two-pass kernel: or when more than its list holds did; the plan's own target never
+    re-reads randn rows)."""
     kind, k, geometry, reread = SAMPLED_CASES[case]
     gen = torch.Generator().manual_seed(7)
     width = 16500 if kind == "randn-16500" else 9001
-    logits = make_scores(kind.split("-")[0] if kind != "late-nan-inf" else "randn", 4, width + 2, gen)
+    logits = make_scores("randn" if "nan" in kind else kind.split("-")[0], 4, width + 2, gen)
+    if kind == "nan-every-20":
+        logits[:, ::20] = float("nan")
     if kind == "late-nan-inf":
         logits[:, [5001, 7003, 8501]] = float("nan")
         logits[:, [6001, 8003]] = float("inf")
@@ -338,9 +361,9 @@ def test_sampled_cutoff(emulator, monkeypatch, case):
 
 
 def test_the_filter_compare_equals_the_key_compare(emulator):
-    """topk_row's filter tests key(x) >= min_key as !(x < key_floor(min_key)) for 0 < min_key <= key(+inf): equal for
-    every value class (+-0, denormals, +-inf, NaN of either sign) against min_keys at, next to and between their
-    keys, and at the ends of the range."""
+    """The filters (topk_row's, the two-pass kernel's sampled read) test key(x) >= min_key as !(x <
+    key_floor(min_key)) for 0 < min_key <= key(+inf): equal for every value class (+-0, denormals, +-inf, NaN of
+    either sign) against min_keys at, next to and between their keys, and at the ends of the range."""
     emulator.float_key.restype, emulator.float_key.argtypes = ctypes.c_uint32, [ctypes.c_float]
     emulator.key_floor.restype, emulator.key_floor.argtypes = ctypes.c_float, [ctypes.c_uint32]
     bits = [0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x3F800000,

@@ -21,7 +21,10 @@ GPUS = {  # sm_count, opt-in shared memory per block, per SM, arch
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """fake_gpu(name, max_cluster=16): the driver's answers for that GPU; clusters above max_cluster do not fit."""
+    """fake_gpu(name, max_cluster=16): the driver's answers for that GPU; clusters above max_cluster do not fit; NVRTC
+    13 (the two-pass kernel's sampled read compiled in)."""
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0))
+
     def use(name, max_cluster=16):
         sms, optin, per_sm, arch = GPUS[name]
         values = {"sm_count": sms, "max_shared_memory_per_block_optin": optin, "max_shared_memory_per_sm": per_sm}
@@ -51,11 +54,13 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     kernel, config, row = _plan_rows(rows, width, k)
     if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
         assert rows > sms / 2 and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
-        # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row)
+        # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
+        # and a list of twice the target
         if row.sample:
             assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample >= 2 * k and row.sample <= 2**26
+            assert 2 * row.sample <= row.cap
         else:
-            assert width < max(4 * 2 * k, 4 * T.SAMPLES, 4 * -(-64 * width // T.SAMPLES))
+            assert T.sample_target(width, k) == 0 or 2 * T.sample_target(width, k) > row.cap
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
@@ -120,12 +125,38 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 
+def test_nvrtc_12_builds_read_twice(fake_gpu, monkeypatch):
+    """NVRTC 12 builds compile the sampled read out (kSampledRead): no two-pass plan samples, and the two reads take
+    only calls of more rows than SMs."""
+    fake_gpu("H200")
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (12, 9))
+    rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
+    two_pass = {shape for shape, row in rows.items() if row.two_pass}
+    assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
+    assert all(rows[shape].sample == 0 for shape in two_pass)
+    assert f"__CUDACC_VER_MAJOR__ < 13\nconstexpr bool kSampledRead = false;" in (
+        compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
+
+
+def test_the_sampled_read_needs_a_list_twice_its_target(fake_gpu):
+    """The two-pass kernel samples only where its list holds twice the target: the benchmark shapes do; rows of
+    ~500K and more, or k 4096 at 65536, would overflow it (then pay the sampled read and the two reads)."""
+    sms, optin, per_sm, _ = fake_gpu("H200")
+    for rows, width, k in ((128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
+                           (4096, 65536, 4096), (200, 524288, 2048), (200, 786432, 2048)):
+        row = T.two_pass_plan(rows, width, k, sms, optin, per_sm)
+        target = T.sample_target(width, k)
+        assert target > 0 and row.sample == (target if 2 * target <= row.cap else 0), (rows, width, k)
+        assert (row.sample > 0) == (width <= 131072 and k < 4096), (rows, width, k)
+
+
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
     """Without the two-pass and the row-in-registers kernels: many short rows and rows cut in small cluster shares take 256-thread CTAs
     (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows in large shares
     (latency-bound)."""
     fake_gpu("H200")
     monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM", 2**31)
+    monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM_TWO_READS", 2**31)
     monkeypatch.setattr(T, "REGISTER_ROWS", False)
     threads = {shape: _plan_rows(*shape)[2].threads for shape in SHAPES}
     assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 65536, 1024] == 256

@@ -28,7 +28,8 @@ def each_row_kernel(request, monkeypatch):
     call; the row-in-registers kernel for every call whose chunks fit it (topk_row for the others); the two-pass
     kernel for every call of contiguous rows. Plans are cached per layout: forgotten on both sides."""
     two_pass = request.param == "two-pass"
-    monkeypatch.setattr(top_k_per_row, "TWO_PASS_ROWS_PER_SM", 0 if two_pass else 2**31)
+    for name in ("TWO_PASS_ROWS_PER_SM", "TWO_PASS_ROWS_PER_SM_TWO_READS"):
+        monkeypatch.setattr(top_k_per_row, name, 0 if two_pass else 2**31)
     monkeypatch.setattr(top_k_per_row, "TWO_PASS_WIDTH_PER_K", 0)
     monkeypatch.setattr(top_k_per_row, "REGISTER_ROWS", request.param == "registers")
     for op in (PREFILL, DECODE, PERSISTENT):

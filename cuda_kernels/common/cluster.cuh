@@ -45,7 +45,8 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 }
 
 // The 32-bit word at shared address `address` in the shared memory of cluster CTA `rank` (the same variable in
-// that CTA). The owner must not have exited: callers end with cluster_sync.
+// that CTA). The owner must not have exited: callers end with a cluster barrier (cluster_sync, or the owner's
+// cluster_wait after the readers' cluster_arrive_relaxed).
 __device__ __forceinline__ uint32_t cluster_load(uint32_t address, uint32_t rank) {
 #if __CUDA_ARCH__ >= 900
   uint32_t remote, value;

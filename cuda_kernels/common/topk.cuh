@@ -9,8 +9,9 @@
 //   order); among values equal to the k-th largest, the lowest indices win. The result depends on the data only.
 //
 // This file holds what both row kernels use: the key, the shared state, block scans, the radix select and the
-// emission helpers. The row kernels: topk_row (topk_row.cuh: one read, a buffer of candidates) and
-// topk_row_two_pass (topk_two_pass.cuh: two reads, bitmaps).
+// emission helpers. The row kernels: topk_row (topk_row.cuh: one read, a buffer of candidates),
+// topk_row_two_pass (topk_two_pass.cuh: one sampled read or two reads, bitmaps) and topk_row_registers
+// (topk_registers.cuh: one read into registers).
 #pragma once
 #include "cluster.cuh"
 #include "types.cuh"
@@ -48,7 +49,7 @@ struct alignas(16) Shared {
   uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
-  uint32_t appended;      // topk_row_two_pass: entries of the k-th largest's bin met in the second read
+  uint32_t appended;      // topk_row_two_pass: entries listed (by the sampled read, or of the k-th largest's bin)
 };
 
 // Zeroes sh.fine, each thread its share (the caller places the barriers).
@@ -323,7 +324,8 @@ __device__ __forceinline__ void load_sample(const float* base, int64_t stride, i
 // appends only keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of
 // its early groups (128 x 131072, k 2048: ~2 shrinks a row without it); topk_row_two_pass lists only them. The
 // cutoff may let fewer than k through (an unlucky sample, or data whose runs mislead it): the kernels then read the
-// chunk again without one. Needs sh.fine zero; leaves it zero.
+// chunk again without one (topk_row_two_pass also when more than its list holds got through). Needs sh.fine zero;
+// leaves it zero.
 template <int THREADS>
 __device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int lo, int hi, int target, Shared& sh) {
   constexpr int kPer = kSample / THREADS;

@@ -1,7 +1,7 @@
-// Top-k of one row in two reads of global memory and bitmaps in shared memory: one CTA a row, for calls of many
-// wide rows that each select a small fraction (the contract is common/topk.cuh's). topk_row (topk_row.cuh) keeps a
-// buffer of keys in column order, which costs a block scan per 8 elements a thread and a select at every shrink;
-// here a row costs two reads (the second mostly from L2) and no buffer:
+// Top-k of one row in one sampled read or two reads of global memory, and bitmaps in shared memory: one CTA a row,
+// for calls of many wide rows that each select a small fraction (the contract is common/topk.cuh's). topk_row
+// (topk_row.cuh) keeps a buffer of keys in column order, which costs a block scan per 8 elements a thread and a
+// select at every shrink; here a row costs two reads (the second mostly from L2) and no buffer:
 // 1. First read: the 11-bit histogram of every key (sh.fine). Round 0 of the select gives B, the bin of the k-th
 //    largest key, the rank left inside it and its count.
 // 2. Second read: an element of a bin above B sets its bit in the `sel` bitmap; an element of B is appended, (key,
@@ -31,6 +31,16 @@ namespace cupy_ops {
 namespace topk {
 
 constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using any: 64 KB in flight per 1024 threads
+
+// The sampled read is compiled with NVRTC 13 and later only: NVRTC 12.9's ptxas spilled 32-36 bytes of the
+// top_k_per_row instantiations for sm_90 with it (at their 64 registers; loading 2 or 1 slots a step instead
+// moved the spills to other instantiations). CUDA 12 builds read such rows twice, exact and slower (plans know:
+// top_k_per_row.py's two_pass_sampled). The H200 runs are NVRTC 13.
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ < 13
+constexpr bool kSampledRead = false;
+#else
+constexpr bool kSampledRead = true;
+#endif
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
 // (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
@@ -171,7 +181,7 @@ __device__ void topk_row_two_pass(const float* base, int len, int* out, int k, i
     else if (m == pivot) set_bit(eq, i);
   };
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
-  if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
+  if (kSampledRead && sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
     const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);

@@ -25,7 +25,8 @@ when few rows leave SMs idle, each row is split over a thread-block cluster of u
 distributed shared memory. Calls of many wide contiguous rows take the two-pass kernel (common/topk_two_pass.cuh:
 one read that lists the elements above a sampled cutoff, or a histogram read, then a read that marks bitmaps);
 calls whose grid fits the SMs, with chunks of up to 5-6 slots a thread, the row-in-registers kernel
-(common/topk_registers.cuh: one read into registers, one block scan orders the output). persistent_topk shares the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
+(common/topk_registers.cuh: one read into registers, one block scan orders the output). persistent_topk shares
+the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, launcher
+from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, compiler, launcher
 from .._runtime import params as P
 
 MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
@@ -97,8 +98,10 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # 30.4). With it the kernel also wins at 128 rows, so it takes calls of more rows than half the SMs: persistent
 # 128 x 131072 34.3 -> 30.4 (topk_row -> sampled), decode 31.9 against 36.3; at 64 rows (more than a quarter of the
 # SMs) decode 64 x 65536 k 512 gained (19.8 -> 18.7) but persistent 64 x 20000 k 512 (11.2 -> 13.3) and prefill
-# 64 x 65536 k 2048 (20.0 -> 21.1) lost.
+# 64 x 65536 k 2048 (20.0 -> 21.1) lost. Without it (TWO_PASS_SAMPLED off, or NVRTC 12: two_pass_sampled) the two
+# reads take only calls of more rows than SMs (TWO_PASS_ROWS_PER_SM_TWO_READS).
 TWO_PASS_ROWS_PER_SM = 0.5
+TWO_PASS_ROWS_PER_SM_TWO_READS = 1
 TWO_PASS_WIDTH_PER_K = 16
 MIN_LIST = 512
 TWO_PASS_SAMPLED = True
@@ -209,6 +212,12 @@ def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | N
     return None
 
 
+def two_pass_sampled() -> bool:
+    """Whether the two-pass kernel tries its sampled read: TWO_PASS_SAMPLED, with NVRTC 13 or later (NVRTC 12 builds
+    compile it out: common/topk_two_pass.cuh's kSampledRead)."""
+    return TWO_PASS_SAMPLED and compiler.nvrtc_version()[0] >= 13
+
+
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
     threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one
@@ -221,7 +230,11 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     cap = (budget - fixed) // 8
     if cap < MIN_LIST:
         return None
-    sample = sample_target(width, k) if TWO_PASS_SAMPLED else 0
+    # The sampled read only where the list holds twice its target: a list it overflows costs that read and the two
+    # reads after it (rows of ~500K and more, or k 4096 at 65536).
+    sample = sample_target(width, k) if two_pass_sampled() else 0
+    if 2 * sample > cap:
+        sample = 0
     return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
@@ -249,7 +262,8 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
-    two_pass = contiguous and rows > TWO_PASS_ROWS_PER_SM * sms and width >= TWO_PASS_WIDTH_PER_K * k
+    rows_per_sm = TWO_PASS_ROWS_PER_SM if two_pass_sampled() else TWO_PASS_ROWS_PER_SM_TWO_READS
+    two_pass = contiguous and rows > rows_per_sm * sms and width >= TWO_PASS_WIDTH_PER_K * k
     row = two_pass_plan(rows, width, k, sms, optin, per_sm) if two_pass else None
     if row is not None:
         return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
