@@ -17,8 +17,8 @@ only on rows, the row pitch, k and max_seq_len; each row's length is read on the
 - CTAs that cooperate on a row form one thread-block cluster (sm_90), whose co-residency the hardware guarantees:
   there is no spin barrier in global memory, so the op cannot hang however busy the GPU is. On older GPUs each
   row is one CTA.
-The device code is common/topk.cuh, topk_row.cuh and topk_two_pass.cuh, shared with top_k_per_row_prefill/decode
-(plan and reference too).
+The device code is common/topk.cuh, topk_row.cuh, topk_two_pass.cuh and topk_registers.cuh, shared with
+top_k_per_row_prefill/decode (plan and reference too).
 """
 
 from __future__ import annotations

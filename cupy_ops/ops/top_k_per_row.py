@@ -71,11 +71,10 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 # 256-thread CTAs (MIN_CHUNK 1024) 7.3: too little to split; persistent 64 x 20000 k 512 in one 1024-thread CTA a
 # row (MIN_SPLIT_WIDTH 32768) 12.4 us, as in pairs).
 MIN_SPLIT_WIDTH = 16384
-# Clusters grow while the doubled grid fits CLUSTER_GRID_PER_SM CTAs per SM. 2 (H200, 2026-12-02, with 512-thread
-# cluster instantiations added: bench/tune.py) made 32 x 163840 k 2048 whole chunks in 8 x 512 threads, two CTAs
-# an SM: 42.3 -> 37.8 us; but 128 x 131072 streaming in 2 x 512: 34.2 -> 44.6, decode 64 x 65536 k 512 in 4 x 256:
-# 20.1 -> 28.5, 64 x 20000: 12.4 -> 12.7. So 1.
-CLUSTER_GRID_PER_SM = 1
+# Clusters grow while the doubled grid fits the SMs (one CTA an SM). Two CTAs an SM (H200, 2026-12-02, with
+# 512-thread cluster instantiations added: bench/tune.py) made 32 x 163840 k 2048 whole chunks in 8 x 512 threads:
+# 42.3 -> 37.8 us; but 128 x 131072 streaming in 2 x 512: 34.2 -> 44.6, decode 64 x 65536 k 512 in 4 x 256: 20.1 ->
+# 28.5, 64 x 20000: 12.4 -> 12.7.
 # Copy-ring stages a CTA of this many threads gets when its chunk and shared memory allow (stages - 1 groups of 32
 # bytes a thread in flight). More do not help: H200, persistent 128 x 131072 k 2048 (a 1024-thread CTA streams
 # 512 KB) took 35.3 / 35.5 / 35.5 us with 2 / 3 / 4 stages (4: with a shrink's staging moved into the ring to make
@@ -147,10 +146,10 @@ class RowPlan(NamedTuple):
     """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a copy ring of `stages` groups (32 bytes
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
-    memory in all. `two_pass`: one CTA a row reads it twice (common/topk_two_pass.cuh); `cap` is its list's entries
-    (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass
-    kernel's one-read try (0: none). `registers`:
-    a CTA holds its whole chunk in registers (common/topk_registers.cuh; shared memory: the k staged outputs)."""
+    memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
+    its list's entries (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
+    in the two-pass kernel's one-read try (0: none). `registers`: a CTA holds its whole chunk in registers
+    (common/topk_registers.cuh; shared memory: the k staged outputs)."""
 
     threads: int
     cluster: int
@@ -221,9 +220,9 @@ def two_pass_sampled() -> bool:
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
     threads for rows up to SMALL_CHUNK, 512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one
-    CTA an SM: 128 x 131072); bitmaps of ceil(width / 32) words (`sel`,
-    `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8 bytes an
-    entry); its sampled read's target where TWO_PASS_SAMPLED."""
+    CTA an SM: 128 x 131072); bitmaps of ceil(width / 32) words (`sel`, `eq`), k staged outputs and the rest of the
+    CTA's share of the SM's shared memory for the list (8 bytes an entry); its sampled read's target where
+    two_pass_sampled() and the list holds twice it."""
     threads = 1024 if rows <= sms or width > 65536 else 512 if width > SMALL_CHUNK else 256
     budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
     fixed = 8 * -(-width // 32) + 4 * k
@@ -254,7 +253,7 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
               contiguous: bool = True) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
-    2 x rows x cluster fits CLUSTER_GRID_PER_SM x the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
+    2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
     least MIN_SPLIT_WIDTH wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
     occupancies tried, the row-in-registers kernel first where the grid fits the SMs and a whole chunk fits its
     slots. But calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where
@@ -269,7 +268,7 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
         return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
-        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= CLUSTER_GRID_PER_SM * sms
+        while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms
                and width >= cluster * 2 * MIN_CHUNK and width >= MIN_SPLIT_WIDTH):
             cluster *= 2
     while True:
