@@ -183,7 +183,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words, staged = -(-width // 32), 4 * k
             row = T.RowPlan(threads, 1, 0, list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True,
-                            sample=T.sample_target(width, k) if sample is None else sample)
+                            sample=T.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
         if shrink:

@@ -5,6 +5,8 @@ static shared memory bound against ptxas; params packing. No GPU needed."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, persistent_args, prefill_args
@@ -57,10 +59,11 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
         # and a list of twice the target
         if row.sample:
-            assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample >= 2 * k and row.sample <= 2**26
+            assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample > k and row.sample <= 2**26
             assert 2 * row.sample <= row.cap
         else:
-            assert T.sample_target(width, k) == 0 or 2 * T.sample_target(width, k) > row.cap
+            target = T.two_pass_sample_target(width, k)
+            assert target == 0 or 2 * target > row.cap
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
@@ -134,7 +137,7 @@ def test_nvrtc_12_builds_read_twice(fake_gpu, monkeypatch):
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
     assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
     assert all(rows[shape].sample == 0 for shape in two_pass)
-    assert f"__CUDACC_VER_MAJOR__ < 13\nconstexpr bool kSampledRead = false;" in (
+    assert "__CUDACC_VER_MAJOR__ < 13\nconstexpr bool kSampledRead = false;" in (
         compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
 
 
@@ -145,9 +148,25 @@ def test_the_sampled_read_needs_a_list_twice_its_target(fake_gpu):
     for rows, width, k in ((128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
                            (4096, 65536, 4096), (200, 524288, 2048), (200, 786432, 2048)):
         row = T.two_pass_plan(rows, width, k, sms, optin, per_sm)
-        target = T.sample_target(width, k)
+        target = T.two_pass_sample_target(width, k)
         assert target > 0 and row.sample == (target if 2 * target <= row.cap else 0), (rows, width, k)
         assert (row.sample > 0) == (width <= 131072 and k < 4096), (rows, width, k)
+
+
+@pytest.mark.parametrize("width, k", [(32768, 2048), (16384, 512), (65536, 1024), (131072, 2048), (10000, 64)])
+def test_the_two_pass_target_clears_k_by_three_deviations(width, k):
+    """A cutoff at sample rank r lets ~r x width / 2048 elements through, give or take sqrt(r) x width / 2048: the
+    two-pass target is the least with three such deviations above k, or SAMPLE_MIN_RANK ranks (the last two)."""
+    target = T.two_pass_sample_target(width, k)
+    floor = -(-T.SAMPLE_MIN_RANK * width // T.SAMPLES)
+
+    def deviations(t):
+        return (t - k) / math.sqrt(t * width / T.SAMPLES)
+
+    assert target >= floor and deviations(target) >= T.TWO_PASS_SAMPLE_SIGMAS
+    assert target == floor or deviations(target - 1) < T.TWO_PASS_SAMPLE_SIGMAS
+    assert width >= max(4 * target, 4 * T.SAMPLES)
+    assert T.two_pass_sample_target(8192, 2048) == 0  # its target, 2340, is over a quarter of the row
 
 
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):

@@ -31,6 +31,7 @@ the device code, `plan_rows`, `row_kernels`, `select_rows_ref` and `float_keys`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -90,7 +91,7 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # Its list holds the k-th largest's 11-bit bin, MIN_LIST entries or more: for N(0, 1) scores that bin holds ~300-900
 # entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
 # A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
-# TWO_PASS_SAMPLED: rows long enough to sample (sample_target) first try one read that lists the elements above a
+# TWO_PASS_SAMPLED: rows long enough to sample (two_pass_sample_target) first try one read that lists the elements above a
 # sampled cutoff, as topk_row's streaming chunks filter (2026-12-03, H200, against the two reads: persistent 256 x
 # 32768 k 512 27.5 -> 19.6 us, prefill 8192 x 32768 542 -> 512, 2048 x 16384 k 512 76.5 -> 67.4; with the next
 # slots in flight during the appends, passing elements loaded again: 20.4, 513, 69.9, and 128 x 131072 34.2 against
@@ -115,6 +116,11 @@ TWO_PASS_SAMPLED = True
 SAMPLE_PER_K = 2
 SAMPLE_MIN_RANK = 64
 SAMPLES = 2048  # common/topk.cuh: kSample
+# The two-pass kernel's sampled read aims lower: k plus TWO_PASS_SAMPLE_SIGMAS standard deviations of the count a
+# sampled cutoff lets through (two_pass_sample_target), so rows from ~5 k wide read once where 2 k asked 8 k. H200
+# (2026-12-03, bench/tune.py, prefill, target 2 k / 1.25 k / 1.5 k): 8192 x 32768 k 2048 515 / 481 / 495 us,
+# 2048 x 16384 k 512 67.4 / 72.2 / 65.5; 1.25 k is 2.5 deviations there but 1.8 at k 512, where reads fell back.
+TWO_PASS_SAMPLE_SIGMAS = 3
 
 
 class CtaShapes(NamedTuple):
@@ -175,6 +181,17 @@ def sample_target(chunk: int, k: int) -> int:
     return target if SAMPLE_PER_K > 0 and chunk >= max(4 * target, 4 * SAMPLES) else 0
 
 
+def two_pass_sample_target(width: int, k: int) -> int:
+    """The two-pass kernel's sampled-read target for rows of at most `width`, 0 for none: the least t with
+    t - k >= TWO_PASS_SAMPLE_SIGMAS x sqrt(t x width / SAMPLES) (a cutoff at sample rank r lets ~r x width / SAMPLES
+    elements through, give or take sqrt(r) x width / SAMPLES; shorter rows spread less), at least SAMPLE_MIN_RANK
+    ranks; rows under 4 x the target or 4 x SAMPLES read twice (the kernel checks each row)."""
+    spread = TWO_PASS_SAMPLE_SIGMAS * math.sqrt(width / SAMPLES)
+    target = max(math.ceil(((spread + math.sqrt(spread * spread + 4 * k)) / 2) ** 2),
+                 -(-SAMPLE_MIN_RANK * width // SAMPLES))
+    return target if SAMPLE_PER_K > 0 and width >= max(4 * target, 4 * SAMPLES) else 0
+
+
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
                 per_sm: int, streaming: bool) -> RowPlan | None:
     """One CTA's shared memory, or None when it does not fit. Not `streaming`: the buffer holds the whole chunk
@@ -231,7 +248,7 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
         return None
     # The sampled read only where the list holds twice its target: a list it overflows costs that read and the two
     # reads after it (rows of ~500K and more, or k 4096 at 65536).
-    sample = sample_target(width, k) if two_pass_sampled() else 0
+    sample = two_pass_sample_target(width, k) if two_pass_sampled() else 0
     if 2 * sample > cap:
         sample = 0
     return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
