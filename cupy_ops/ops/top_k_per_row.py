@@ -91,15 +91,15 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # Its list holds the k-th largest's 11-bit bin, MIN_LIST entries or more: for N(0, 1) scores that bin holds ~300-900
 # entries at widths 8192-32768 and ~600 (k 512) to ~2100 (k 2048) at 131072; for uniform scores 12.5% of the row.
 # A bin over the list is still exact: the select and the marking read the row again (2-4 more reads).
-# TWO_PASS_SAMPLED: rows long enough to sample (two_pass_sample_target) first try one read that lists the elements above a
-# sampled cutoff, as topk_row's streaming chunks filter (2026-12-03, H200, against the two reads: persistent 256 x
-# 32768 k 512 27.5 -> 19.6 us, prefill 8192 x 32768 542 -> 512, 2048 x 16384 k 512 76.5 -> 67.4; with the next
+# TWO_PASS_SAMPLED: rows long enough to sample (two_pass_sample_target) first try one read that lists the elements
+# above a sampled cutoff, as topk_row's streaming chunks filter (2026-12-03, H200, against the two reads: persistent
+# 256 x 32768 k 512 27.5 -> 19.6 us, prefill 8192 x 32768 542 -> 512, 2048 x 16384 k 512 76.5 -> 67.4; with the next
 # slots in flight during the appends, passing elements loaded again: 20.4, 513, 69.9, and 128 x 131072 34.2 against
-# 30.4). With it the kernel also wins at 128 rows, so it takes calls of more rows than half the SMs: persistent
-# 128 x 131072 34.3 -> 30.4 (topk_row -> sampled), decode 31.9 against 36.3; at 64 rows (more than a quarter of the
-# SMs) decode 64 x 65536 k 512 gained (19.8 -> 18.7) but persistent 64 x 20000 k 512 (11.2 -> 13.3) and prefill
-# 64 x 65536 k 2048 (20.0 -> 21.1) lost. Without it (TWO_PASS_SAMPLED off, or NVRTC 12: two_pass_sampled) the two
-# reads take only calls of more rows than SMs (TWO_PASS_ROWS_PER_SM_TWO_READS).
+# 30.4). With it the kernel also wins at 128 rows, so it takes calls of more rows than half the SMs: persistent 128 x
+# 131072 34.3 -> 30.4 (topk_row -> sampled), decode 31.9 against 36.3; at 64 rows (more than a quarter of the SMs)
+# decode 64 x 65536 k 512 gained (19.8 -> 18.7) but persistent 64 x 20000 k 512 (11.2 -> 13.3) and prefill 64 x 65536
+# k 2048 (20.0 -> 21.1) lost. Without it (TWO_PASS_SAMPLED off, or NVRTC 12: two_pass_sampled) the two reads take only
+# calls of more rows than SMs (TWO_PASS_ROWS_PER_SM_TWO_READS).
 TWO_PASS_ROWS_PER_SM = 0.5
 TWO_PASS_ROWS_PER_SM_TWO_READS = 1
 TWO_PASS_WIDTH_PER_K = 16
