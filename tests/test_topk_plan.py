@@ -166,6 +166,9 @@ def test_the_two_pass_target_clears_k_by_three_deviations(width, k):
     assert target >= floor and deviations(target) >= T.TWO_PASS_SAMPLE_SIGMAS
     assert target == floor or deviations(target - 1) < T.TWO_PASS_SAMPLE_SIGMAS
     assert width >= max(4 * target, 4 * T.SAMPLES)
+
+
+def test_rows_under_four_two_pass_targets_read_twice():
     assert T.two_pass_sample_target(8192, 2048) == 0  # its target, 2340, is over a quarter of the row
 
 

@@ -175,21 +175,24 @@ def chunk_bound(width: int, cluster: int) -> int:
     return 4 * -(-slots // cluster)
 
 
+def _sampled_target(chunk: int, wanted: int) -> int:
+    """`wanted` survivors, or SAMPLE_MIN_RANK sample ranks if more, for chunks of up to `chunk` elements; 0 (none)
+    for chunks under 4 x that or 4 x SAMPLES (the kernels check each chunk), or with SAMPLE_PER_K = 0."""
+    target = max(wanted, -(-SAMPLE_MIN_RANK * chunk // SAMPLES))
+    return target if SAMPLE_PER_K > 0 and chunk >= max(4 * target, 4 * SAMPLES) else 0
+
+
 def sample_target(chunk: int, k: int) -> int:
     """Survivors a streaming CTA's sampled cutoff aims at for chunks of up to `chunk` elements, 0 for none."""
-    target = max(SAMPLE_PER_K * k, -(-SAMPLE_MIN_RANK * chunk // SAMPLES))
-    return target if SAMPLE_PER_K > 0 and chunk >= max(4 * target, 4 * SAMPLES) else 0
+    return _sampled_target(chunk, SAMPLE_PER_K * k)
 
 
 def two_pass_sample_target(width: int, k: int) -> int:
     """The two-pass kernel's sampled-read target for rows of at most `width`, 0 for none: the least t with
     t - k >= TWO_PASS_SAMPLE_SIGMAS x sqrt(t x width / SAMPLES) (a cutoff at sample rank r lets ~r x width / SAMPLES
-    elements through, give or take sqrt(r) x width / SAMPLES; shorter rows spread less), at least SAMPLE_MIN_RANK
-    ranks; rows under 4 x the target or 4 x SAMPLES read twice (the kernel checks each row)."""
+    elements through, give or take sqrt(r) x width / SAMPLES; shorter rows spread less), as `_sampled_target`."""
     spread = TWO_PASS_SAMPLE_SIGMAS * math.sqrt(width / SAMPLES)
-    target = max(math.ceil(((spread + math.sqrt(spread * spread + 4 * k)) / 2) ** 2),
-                 -(-SAMPLE_MIN_RANK * width // SAMPLES))
-    return target if SAMPLE_PER_K > 0 and width >= max(4 * target, 4 * SAMPLES) else 0
+    return _sampled_target(width, math.ceil(((spread + math.sqrt(spread * spread + 4 * k)) / 2) ** 2))
 
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
