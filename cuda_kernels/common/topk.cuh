@@ -46,9 +46,8 @@ struct alignas(16) Shared {
   uint32_t hist[2][256];  // radix histograms, double-buffered by round: other CTAs of the cluster read them
   uint32_t total[256];    // a round's histogram summed over the cluster
   uint32_t scan[2][32];   // block scan: warp totals, double-buffered by call
-  uint32_t counts[2];     // this CTA's entries above / equal to the pivot, read by the cluster
+  uint32_t lower[2];      // a cluster select: the lower-ranked CTAs' entries above / equal to the pivot
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
-  int emit[2];            // emission: this CTA's first output slot, pivot-equal entries it may take
   uint32_t appended;      // topk_row_two_pass: entries listed (by the sampled read, or of the k-th largest's bin)
 };
 
@@ -129,19 +128,46 @@ __device__ __forceinline__ bool find_bin(const uint32_t* counts, uint32_t rem, u
   return find_in_8(c, suffix - sum, rem, 8 * lane, found);
 }
 
-// A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs.
+// This CTA's rank in its cluster (the plans launch clusters of CLUSTER consecutive CTAs along x).
 template <int CLUSTER>
-__device__ __forceinline__ const uint32_t* round_counts(const uint32_t* hist, bool in_cluster, Shared& sh) {
+__device__ __forceinline__ uint32_t cluster_rank() { return CLUSTER > 1 ? blockIdx.x % CLUSTER : 0u; }
+
+// A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs; then thread i < 256
+// also gets `lower`, bin i summed over the lower-ranked CTAs only (take_lower adds it up).
+template <int CLUSTER>
+__device__ __forceinline__ const uint32_t* round_counts(const uint32_t* hist, bool in_cluster, Shared& sh,
+                                                       uint32_t& lower) {
+  lower = 0u;
   if (CLUSTER == 1 || !in_cluster) return hist;
   cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
   if (threadIdx.x < 256) {
     const uint32_t address = shared_address(&hist[threadIdx.x]);
+    const uint32_t rank = cluster_rank<CLUSTER>();
     uint32_t sum = 0;
 #pragma unroll
-    for (int c = 0; c < CLUSTER; ++c) sum += cluster_load(address, c);
+    for (int c = 0; c < CLUSTER; ++c) {
+      const uint32_t value = cluster_load(address, c);
+      sum += value;
+      lower += c < rank ? value : 0u;
+    }
     sh.total[threadIdx.x] = sum;
   }
   return sh.total;
+}
+
+// After a cluster round found bin `bin` of its 256 (sh.found, past the round's last barrier): threads < 256 add
+// the lower-ranked CTAs' entries of the bins above it (round_counts' `lower`) to sh.lower[0], and the thread of
+// `bin` sets sh.lower[1] to theirs in it (a later round overwrites it). So the emission knows where this CTA's
+// outputs start without a cluster exchange of its own (cluster_emission). The next barrier publishes both. Round 0
+// passes its coarse bin (the 8 fine bins of B are the warp's: `equal` false).
+__device__ __forceinline__ void take_lower(uint32_t lower, uint32_t bin, bool equal, Shared& sh) {
+  if (threadIdx.x < 256) {
+    uint32_t above = threadIdx.x > bin ? lower : 0u;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) above += __shfl_xor_sync(kFullMask, above, d);
+    if ((threadIdx.x & 31) == 0 && above != 0u) atomicAdd(&sh.lower[0], above);
+    if (equal && threadIdx.x == bin) sh.lower[1] = lower;
+  }
 }
 
 // Warps 1.. clear the next round's buffer while warp 0 finds the bin. In a cluster, other CTAs read it last in
@@ -183,7 +209,9 @@ __device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
     const uint4 hi = reinterpret_cast<const uint4*>(sh.fine)[2 * threadIdx.x + 1];
     sh.hist[0][threadIdx.x] = lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
   }
-  const uint32_t* counts = round_counts<CLUSTER>(sh.hist[0], in_cluster, sh);
+  if (in_cluster && threadIdx.x == 0) sh.lower[0] = 0u;  // before any round's take_lower (after barriers)
+  uint32_t lower;
+  const uint32_t* counts = round_counts<CLUSTER>(sh.hist[0], in_cluster, sh, lower);
   __syncthreads();
   if (threadIdx.x < 32) {
     uint32_t coarse[3];  // (B, rank left, count) in registers: one lane writes sh.found, once (no warp barrier)
@@ -198,37 +226,53 @@ __device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
     } else {
       // The whole warp (one lane loading the 8 x CLUSTER words spilled 8-16 bytes at 64 registers with 8 and 16
       // CTAs, NVRTC 13.5): B and the rank left go to every lane; lane l sums fine bin 8B + l % 8 of CTAs l / 8,
-      // l / 8 + 4, ..., then with the other 3 lanes of that bin; lanes 0..7 find the bin as find_bin does.
+      // l / 8 + 4, ..., then with the other 3 lanes of that bin; lanes 0..7 find the bin as find_bin does. The
+      // same sums over the lower-ranked CTAs only (`low`) give the hit lane their entries in B's bins above the
+      // one found (added to sh.lower[0]) and in it (sh.lower[1]), as take_lower does for the coarse bins.
       const int lane = threadIdx.x;
       uint32_t packed = hit ? coarse[1] << 8 | coarse[0] : 0u;  // rank left <= k < 2^24
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) packed |= __shfl_sync(kFullMask, packed, lane ^ d);
       const uint32_t bin = 8 * (packed & 255u) + (lane & 7), left = packed >> 8;
       const uint32_t address = shared_address(&sh.fine[bin]);
-      uint32_t count = 0;
+      const int rank = static_cast<int>(cluster_rank<CLUSTER>());
+      uint32_t count = 0, low = 0;
 #pragma unroll
       for (int i = 0; i < (CLUSTER + 3) / 4; ++i) {
         const int c = 4 * i + (lane >> 3);
-        if (c < CLUSTER) count += cluster_load(address, c);
+        if (c < CLUSTER) {
+          const uint32_t value = cluster_load(address, c);
+          count += value;
+          low += c < rank ? value : 0u;
+        }
       }
       count += __shfl_sync(kFullMask, count, lane ^ 8);
       count += __shfl_sync(kFullMask, count, lane ^ 16);
-      uint32_t suffix = count;  // entries in bins >= this lane's, within B
+      low += __shfl_sync(kFullMask, low, lane ^ 8);
+      low += __shfl_sync(kFullMask, low, lane ^ 16);
+      uint32_t suffix = count, low_suffix = low;  // entries in bins >= this lane's, within B
 #pragma unroll
       for (int d = 1; d < 8; d <<= 1) {
         const uint32_t y = __shfl_down_sync(kFullMask, suffix, d);
-        if ((lane & 7) + d < 8) suffix += y;
+        const uint32_t z = __shfl_down_sync(kFullMask, low_suffix, d);
+        if ((lane & 7) + d < 8) {
+          suffix += y;
+          low_suffix += z;
+        }
       }
       if (lane < 8 && suffix - count < left && left <= suffix) {
         sh.found[0] = bin;
         sh.found[1] = left - (suffix - count);
         sh.found[2] = count;
+        if (low_suffix != low) atomicAdd(&sh.lower[0], low_suffix - low);
+        sh.lower[1] = low;
       }
     }
   } else {
     clear_next<THREADS>(sh.hist[1]);
   }
   __syncthreads();
+  if (in_cluster) take_lower(lower, sh.found[0] >> 3, false, sh);
 }
 
 // Rounds 1-3 after select_round0, over the keys each_key(f) passes to f(key) (each thread its share; keys outside
@@ -249,7 +293,8 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
       each_key([&](uint32_t key) {
         if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
       });
-      const uint32_t* counts = round_counts<CLUSTER>(hist, in_cluster, sh);
+      uint32_t lower;
+      const uint32_t* counts = round_counts<CLUSTER>(hist, in_cluster, sh, lower);
       __syncthreads();
       if (threadIdx.x < 32) {
         find_bin(counts, rem, sh.found);
@@ -257,6 +302,7 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
         clear_next<THREADS>(sh.hist[(round + 1) & 1]);
       }
       __syncthreads();
+      if (in_cluster) take_lower(lower, sh.found[0], true, sh);
       prefix |= sh.found[0] << shift;
       mask |= 0xffu << shift;
       rem = sh.found[1];
@@ -416,42 +462,22 @@ __device__ __forceinline__ void write_short_row(int len, int* out, int k, int ra
   for (int j = rank * per_cta + threadIdx.x; j < end; j += THREADS) out[j] = j < len ? j : -1;
 }
 
-// This CTA's first output slot and the pivot-equal entries it may take (at most rem over the row), given its
-// counts `total` (above | equal << 16): output slots and pivot-equal ranks continue from the lower-ranked CTAs of
-// the cluster, whose chunks come first. Every thread calls it. In a cluster it is the last remote read of the
-// CTAs' shared memory: each thread arrives at the exit barrier here, and the CTA must cluster_wait() before it
-// exits (others may still read its sh.counts until then).
+// This CTA's first output slot and the pivot-equal entries it may take (at most rem over the row): output slots
+// and pivot-equal ranks continue from the lower-ranked CTAs of the cluster, whose chunks come first. Their entries
+// above / equal to the pivot came with the select's histograms (take_lower: sh.lower), so this is no exchange;
+// the lower CTAs take min(rem, their equal ones). Every thread calls it, after a barrier that follows the select.
+// In a cluster the select's remote reads were the last of the CTAs' shared memory: each thread arrives at the
+// exit barrier here, and the CTA must cluster_wait() before it exits (others may still read its histograms until
+// then).
 template <int THREADS, int CLUSTER>
-__device__ __forceinline__ void cluster_emission(uint32_t total, uint32_t rem, int rank, Shared& sh, int& first,
-                                                 int& take) {
+__device__ __forceinline__ void cluster_emission(uint32_t rem, Shared& sh, int& first, int& take) {
   first = 0;
   take = static_cast<int>(rem);
   if constexpr (CLUSTER > 1) {
-    if (threadIdx.x == 0) {
-      sh.counts[0] = total & 0xffffu;
-      sh.counts[1] = total >> 16;
-    }
-    cluster_sync();
-    if (threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      uint32_t above = 0, equal = 0;
-      if (lane < CLUSTER) {
-        above = cluster_load(shared_address(&sh.counts[0]), lane);
-        equal = cluster_load(shared_address(&sh.counts[1]), lane);
-      }
-      const uint32_t equal_before = warp_inclusive_sum(equal) - equal;
-      const int may_take = max(0, static_cast<int>(rem) - static_cast<int>(equal_before));
-      const uint32_t taken = above + min(static_cast<uint32_t>(may_take), equal);
-      const uint32_t taken_before = warp_inclusive_sum(taken) - taken;
-      if (lane == rank) {
-        sh.emit[0] = static_cast<int>(taken_before);
-        sh.emit[1] = may_take;
-      }
-    }
-    __syncthreads();  // (warp 0's remote loads are done: their values are in sh.emit)
+    const uint32_t above = sh.lower[0], equal = sh.lower[1];
+    first = static_cast<int>(above + min(rem, equal));
+    take = max(0, static_cast<int>(rem) - static_cast<int>(equal));
     cluster_arrive_relaxed();
-    first = sh.emit[0];
-    take = sh.emit[1];
   }
 }
 

@@ -31,7 +31,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   using bits_t = typename pick_type<(4 * SLOTS > 32), uint64_t, uint32_t>::type;
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
-  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+  const int rank = static_cast<int>(cluster_rank<CLUSTER>());
   if (len <= k) {
     write_short_row<THREADS, CLUSTER>(len, out, k, rank);
     return;
@@ -106,7 +106,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   uint32_t parity = 0, total;
   const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
   int first, take;
-  cluster_emission<THREADS, CLUSTER>(total, rem, rank, sh, first, take);
+  cluster_emission<THREADS, CLUSTER>(rem, sh, first, take);
   // This CTA's output run out[first .. first + count), staged in shared memory.
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(topk_dynamic_smem);

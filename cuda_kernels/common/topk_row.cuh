@@ -17,10 +17,10 @@
 //    largest key, and `rem`, the number of pivot-equal entries to take. Round 0 needs no pass over the buffer (it
 //    reads the 11-bit histogram kept while streaming); the others histogram the entries still tied; in a cluster,
 //    histograms are summed through distributed shared memory, one cluster barrier per round.
-// 4. Emit: every entry above pivot and the first rem pivot-equal ones (the cluster's prefix of per-CTA counts
-//    orders them across CTAs) goes to its rank in index order: staged in shared memory, then copied out with
-//    coalesced stores (a thread's contiguous run of entries would otherwise store one 4-byte word per lane and
-//    L2 transaction: 2048 of them per row).
+// 4. Emit: every entry above pivot and the first rem pivot-equal ones (in a cluster, the lower-ranked CTAs'
+//    counts, summed while the select reads their histograms, place a CTA's run) goes to its rank in index order:
+//    staged in shared memory, then copied out with coalesced stores (a thread's contiguous run of entries would
+//    otherwise store one 4-byte word per lane and L2 transaction: 2048 of them per row).
 // While a CTA's whole chunk fits its buffer (stage = 0: no shrink can happen) an entry's column is implicit, its
 // buffer position plus the chunk's first column, so the buffer holds keys only (4 bytes per element, not 8).
 #pragma once
@@ -107,7 +107,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
                          int stages, int sample) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
-  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+  const int rank = static_cast<int>(cluster_rank<CLUSTER>());
 
   if (len <= k) {
     write_short_row<THREADS, CLUSTER>(len, out, k, rank);
@@ -269,7 +269,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
   const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
   int first, take;
-  cluster_emission<THREADS, CLUSTER>(total, rem, rank, sh, first, take);
+  cluster_emission<THREADS, CLUSTER>(rem, sh, first, take);
   // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(ring);
