@@ -1,6 +1,7 @@
 // persistent_topk: for each row, the indices of the k largest of its first L = clamp(length, 0, max_len) scores
 // (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). The grid depends only on host scalars
 // (rows, width, k, max_seq_len); a row's length is read here, so a CUDA graph replays correctly with new lengths.
+#include "common/grid_dependency.cuh"
 #include "common/topk_registers.cuh"
 #include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
@@ -28,6 +29,7 @@ __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, row_length(p, row), p.output + row * p.out_stride,
                                    p.k, p.cap, p.stage, p.stages, p.sample);
 }
@@ -37,6 +39,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row), p.output + row * p.out_stride,
                                    p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample);
 }
@@ -47,6 +50,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persi
 template <int THREADS, int CLUSTER, int SLOTS>
 __global__ void __launch_bounds__(THREADS, 1) persistent_topk_registers_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_registers<THREADS, CLUSTER, SLOTS>(p.logits + row * p.stride0, 1, row_length(p, row),
                                                     p.output + row * p.out_stride, p.k);
 }

@@ -1,6 +1,7 @@
 // top_k_per_row_prefill and top_k_per_row_decode: for each row, the indices of the k largest scores of its window,
 // relative to the window start (common/topk.cuh has the contract, common/topk_row.cuh the algorithm). One kernel
 // for both ops: they differ only in how a row's window is found.
+#include "common/grid_dependency.cuh"
 #include "common/topk_registers.cuh"
 #include "common/topk_row.cuh"
 #include "common/topk_two_pass.cuh"
@@ -48,6 +49,7 @@ __device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int r
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
                                    static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
@@ -59,6 +61,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    p.indices + row * p.out_stride, p.k, p.cap,
@@ -71,6 +74,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k
 template <int THREADS, int CLUSTER, int SLOTS>
 __global__ void __launch_bounds__(THREADS, 1) top_k_per_row_registers_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row_registers<THREADS, CLUSTER, SLOTS>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
                                                     static_cast<int>(w.length), p.indices + row * p.out_stride, p.k);

@@ -1,5 +1,6 @@
 """The launcher, checked without a GPU (libcuda replaced by a fake driver): cuLaunchKernelEx gets the
-CUlaunchConfig cuda.h lays out (3-D grid and block, dynamic shared memory, stream, a cluster attribute), a
+CUlaunchConfig cuda.h lays out (3-D grid and block, dynamic shared memory, stream, cluster and programmatic
+dependent launch attributes), a
 thread's first launch makes a context current only where none is, threads pack into their own buffers, dynamic
 shared memory above 48 KiB is opted in once, a driver error becomes a RuntimeError naming it, and memset goes to
 cuMemsetD8Async on the given stream."""
@@ -19,8 +20,8 @@ from cupy_ops._runtime.launcher import Kernel, LaunchConfig
 PARAMS = struct.Struct("<2Q")
 # CUlaunchConfig (cuda.h): gridDimX..blockDimZ, sharedMemBytes (uint32), padding, hStream, attrs, numAttrs.
 CONFIG = struct.Struct("<7I4xQQI")
-# CUlaunchAttribute: id, padding, then the value union (clusterDim x, y, z first).
-ATTRIBUTE = struct.Struct("<I4x3I")
+# CUlaunchAttribute: id, padding, then the 64-byte value union (clusterDim x, y, z first; or one int).
+ATTRIBUTE = struct.Struct("<I4x3I52x")
 INVALID_VALUE, INVALID_CONTEXT, FUNCTION = 1, 201, 0xF00D
 
 
@@ -73,8 +74,9 @@ class FakeDriver:
         time.sleep(0)  # let other threads run here, as the real call releases the GIL in the driver
         params = ctypes.string_at(kernel_params[0], PARAMS.size)
         fields = CONFIG.unpack_from(config)
-        attribute = ATTRIBUTE.unpack(ctypes.string_at(fields[8], ATTRIBUTE.size)) if fields[9] else None
-        self.launches.append((threading.get_ident(), function.value, fields[:8], fields[9], attribute, params))
+        raw = ctypes.string_at(fields[8], ATTRIBUTE.size * fields[9]) if fields[9] else b""
+        attributes = tuple(ATTRIBUTE.unpack_from(raw, ATTRIBUTE.size * i) for i in range(fields[9]))
+        self.launches.append((threading.get_ident(), function.value, fields[:8], fields[9], attributes, params))
         return 0
 
 
@@ -97,16 +99,27 @@ def _launch(config: LaunchConfig, values=(1, 2), stream=0x5EA):
 def test_config_is_packed_as_cuda_h_lays_it_out(driver):
     driver.local.context = 0xC0
     _launch(LaunchConfig((3, 4, 5), (32, 2, 1), 1024), (0xAB, 0xCD))
-    (_, function, head, count, attribute, params), = driver.launches
-    assert function == FUNCTION and head == (3, 4, 5, 32, 2, 1, 1024, 0x5EA) and count == 0 and attribute is None
+    (_, function, head, count, attributes, params), = driver.launches
+    assert function == FUNCTION and head == (3, 4, 5, 32, 2, 1, 1024, 0x5EA) and count == 0 and attributes == ()
     assert PARAMS.unpack(params) == (0xAB, 0xCD)
 
 
 def test_cluster_goes_as_a_launch_attribute(driver):
     driver.local.context = 0xC0
     _launch(LaunchConfig((8, 1, 1), (128, 1, 1), 0, (4, 1, 1)))
-    (*_, count, attribute, _), = driver.launches
-    assert count == 1 and attribute == (4, 4, 1, 1)  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+    (*_, count, attributes, _), = driver.launches
+    assert count == 1 and attributes == ((4, 4, 1, 1),)  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
+@pytest.mark.parametrize("cluster", [None, (2, 1, 1)])
+def test_dependent_launch_goes_as_a_launch_attribute(driver, cluster):
+    """LaunchConfig.dependent: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) with value 1, after the
+    cluster's attribute when there is one."""
+    driver.local.context = 0xC0
+    _launch(LaunchConfig((8, 1, 1), (128, 1, 1), 0, cluster, dependent=True))
+    (*_, count, attributes, _), = driver.launches
+    expected = ((6, 1, 0, 0),) if cluster is None else ((4, 2, 1, 1), (6, 1, 0, 0))
+    assert count == len(expected) and attributes == expected
 
 
 def test_non_portable_cluster_size_is_allowed_on_the_function(driver):

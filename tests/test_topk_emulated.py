@@ -140,7 +140,7 @@ def emulator(tmp_path_factory):
     """The emulation library, built from the current sources (about 3 s)."""
     source = compiler.kernel_dir()
     files = {"common/types.cuh": None, "common/cluster.cuh": CLUSTER_CUH, "common/async_copy.cuh": ASYNC_COPY_CUH,
-             "common/topk.cuh": None, "top_k_per_row.cu": None, "persistent_topk.cu": None}
+             "common/grid_dependency.cuh": None, "common/topk.cuh": None, "top_k_per_row.cu": None, "persistent_topk.cu": None}
     for header in ("topk_row.cuh", "topk_two_pass.cuh", "topk_registers.cuh"):  # each row function's two shared
         # declarations
         core = (source / "common" / header).read_text()

@@ -43,6 +43,7 @@ _FUNCTION_ATTRIBUTES = {"max_threads_per_block": 0, "static_shared_bytes": 1, "l
 _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
 _LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 @functools.lru_cache(maxsize=1)
@@ -203,12 +204,16 @@ def _load_function(device: int, image: bytes, lowered_name: str) -> int:
 
 
 class LaunchConfig(NamedTuple):
-    """Grid and block (x, y, z), dynamic shared memory in bytes, and thread-block cluster (x, y, z) or None."""
+    """Grid and block (x, y, z), dynamic shared memory in bytes, thread-block cluster (x, y, z) or None, and
+    `dependent`: a programmatic dependent launch (sm_90; CUDA graphs capture it as a programmatic edge), which the
+    GPU may start while the stream's previous kernel finishes; such a kernel must wait for it
+    (common/grid_dependency.cuh: wait_for_previous_grids) before it reads global memory."""
 
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_bytes: int = 0
     cluster: tuple[int, int, int] | None = None
+    dependent: bool = False
 
     @property
     def threads(self) -> int:
@@ -224,8 +229,17 @@ class LaunchConfig(NamedTuple):
 _CONFIG = struct.Struct("<7I4xQQI4x")
 _STREAM_OFFSET = 32
 _pack_stream = struct.Struct("<Q").pack_into
-# CUlaunchAttribute: id (uint32), 4 bytes of padding, a 64-byte value union (clusterDim: 3 x uint32).
+# CUlaunchAttribute: id (uint32), 4 bytes of padding, a 64-byte value union (clusterDim: 3 x uint32;
+# programmaticStreamSerializationAllowed: int).
 _LAUNCH_ATTRIBUTE = struct.Struct("<I4x3I52x")
+
+
+def _launch_attributes(config: LaunchConfig) -> bytes:
+    """The CUlaunchAttribute array of `config`: its cluster shape, then programmatic serialization if dependent."""
+    found = [] if config.cluster is None else [(_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *config.cluster)]
+    if config.dependent:
+        found.append((_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1, 0, 0))
+    return b"".join(_LAUNCH_ATTRIBUTE.pack(*attribute) for attribute in found)
 
 
 class Launcher:
@@ -243,11 +257,11 @@ class Launcher:
         if config.cluster is not None and config.cluster[0] * config.cluster[1] * config.cluster[2] > 8:
             _check_cu(_libcuda().cuFuncSetAttribute(self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
                                                     1), "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
-        self._attributes = None if config.cluster is None else ctypes.create_string_buffer(
-            _LAUNCH_ATTRIBUTE.pack(_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *config.cluster), _LAUNCH_ATTRIBUTE.size)
+        attributes = _launch_attributes(config)
+        self._attributes = ctypes.create_string_buffer(attributes, len(attributes)) if attributes else None
         self._packed_config = _CONFIG.pack(*config.grid, *config.block, config.shared_bytes, 0,
                                            0 if self._attributes is None else ctypes.addressof(self._attributes),
-                                           0 if self._attributes is None else 1)
+                                           len(attributes) // _LAUNCH_ATTRIBUTE.size)
         self._local = threading.local()  # this launch's CUlaunchConfig per thread: calls only write the stream
 
     def _config(self, stream: int) -> ctypes.Array:

@@ -81,6 +81,11 @@ MIN_SPLIT_WIDTH = 16384
 # 512 KB) took 35.3 / 35.5 / 35.5 us with 2 / 3 / 4 stages (4: with a shrink's staging moved into the ring to make
 # room), so the stream is bound by the work per group, not by the loads in flight.
 RING_STAGES = {256: 2, 512: 2, 1024: 3}
+# A CTA alone on its SM buffers a whole chunk only with MIN_WHOLE_STAGES ring stages (or all its groups): with one,
+# nothing else on the SM loads while it appends, and the plan streams instead (H200, 2026-12-03: persistent
+# 32 x 163840 k 2048, whole 40960-element chunks in 4 x 1024 threads at 1 stage 40.9 us, against 30.2 streamed by
+# pairs). CTAs that share an SM keep one stage (prefill 4096 x 8192: four 256-thread CTAs an SM).
+MIN_WHOLE_STAGES = 2
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
 # rows are at least TWO_PASS_WIDTH_PER_K x k wide. H200, its two reads against topk_row (bench/tune.py, one run):
@@ -121,6 +126,9 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 # (2026-12-03, bench/tune.py, prefill, target 2 k / 1.25 k / 1.5 k): 8192 x 32768 k 2048 515 / 481 / 495 us,
 # 2048 x 16384 k 512 67.4 / 72.2 / 65.5; 1.25 k is 2.5 deviations there but 1.8 at k 512, where reads fell back.
 TWO_PASS_SAMPLE_SIGMAS = 3
+# Launches are programmatic dependent launches on sm_90 (LaunchConfig.dependent; the kernels wait for the previous
+# grids before their first global read): a call's CTAs are scheduled while the previous kernel on the stream ends.
+DEPENDENT_LAUNCH = True
 
 
 class CtaShapes(NamedTuple):
@@ -213,7 +221,8 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
         if ring < 4 * k:  # the ring stages the k outputs
             continue
         if not streaming:  # keys only
-            if chunk <= MAX_CAP and ring + 4 * chunk <= budget:
+            whole_ring = per_sm_target > 1 or stages >= min(MIN_WHOLE_STAGES, groups)
+            if chunk <= MAX_CAP and ring + 4 * chunk <= budget and whole_ring:
                 return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
             continue
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
@@ -284,8 +293,10 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
     rows_per_sm = TWO_PASS_ROWS_PER_SM if two_pass_sampled() else TWO_PASS_ROWS_PER_SM_TWO_READS
     two_pass = contiguous and rows > rows_per_sm * sms and width >= TWO_PASS_WIDTH_PER_K * k
     row = two_pass_plan(rows, width, k, sms, optin, per_sm) if two_pass else None
+    dependent = DEPENDENT_LAUNCH and launcher.device_arch(device) >= 90
     if row is not None:
-        return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes), row
+        return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes,
+                                                           dependent=dependent), row
     cluster = 1
     if launcher.device_arch(device) >= 90:
         while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms
@@ -310,7 +321,7 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))
         if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
-            return kernel, config, row
+            return kernel, config._replace(dependent=dependent), row
         cluster //= 2
 
 
