@@ -29,9 +29,11 @@ constexpr uint32_t kNanKey = 0xff800001u;
 constexpr uint32_t kFullMask = 0xffffffffu;
 
 // Larger value <=> larger key. Keys of real values lie in [key(-inf) = 0x007fffff, kNanKey]; -0 maps to +0's key.
+// x + 0 turns -0 into +0 (and nothing else changes: no flush-to-zero); then a negative value's bits are all
+// flipped, a positive one's sign bit set (5 instructions with the NaN select, against 7 with a zero test).
 __device__ __forceinline__ uint32_t float_key(float x) {
-  const uint32_t u = x == 0.0f ? 0u : __float_as_uint(x);
-  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = __float_as_uint(x + 0.0f);
+  const uint32_t key = u ^ (static_cast<uint32_t>(static_cast<int>(u) >> 31) | 0x80000000u);
   return x != x ? kNanKey : key;
 }
 
@@ -275,6 +277,34 @@ __device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
   if (in_cluster) take_lower(lower, sh.found[0] >> 3, false, sh);
 }
 
+// A refine round's pass: counts the keys matching the bits fixed so far in the round's 256 bins. One key at a
+// time, or four (`quad`: one branch for the four, as ~3% of keys match in round 1; topk_row_registers). H200,
+// 2026-12-03, with its other one-branch-a-slot changes (bench/tune.py, A/B in one run): persistent 64 x 20000
+// 10.1 -> 9.8 us, 1 x 163840 11.2 -> 10.8, 4 x 163840 11.85 -> 11.4, but 8 x 4096 4.6 -> 4.8. (The same
+// for topk_row's buffer passes, 16-byte loads and a predicated emission store made the 4096 x 8192 prefill slower,
+// 91.8 -> 94.2 us: not kept.)
+struct RoundCount {
+  uint32_t prefix, mask;
+  int shift;
+  uint32_t* hist;
+
+  __device__ __forceinline__ bool matches(uint32_t key) const { return ((key ^ prefix) & mask) == 0; }
+  __device__ __forceinline__ void add(uint32_t key) const { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
+  __device__ __forceinline__ void operator()(uint32_t key) const {
+    if (matches(key)) add(key);
+  }
+  __device__ __forceinline__ void quad(const uint4& q) const {
+    const uint32_t x = (q.x ^ prefix) & mask, y = (q.y ^ prefix) & mask, z = (q.z ^ prefix) & mask,
+                   w = (q.w ^ prefix) & mask;
+    if (min(min(x, y), min(z, w)) == 0u) {
+      (*this)(q.x);
+      (*this)(q.y);
+      (*this)(q.z);
+      (*this)(q.w);
+    }
+  }
+};
+
 // Rounds 1-3 after select_round0, over the keys each_key(f) passes to f(key) (each thread its share; keys outside
 // B may be passed too: they match no round's prefix).
 template <int THREADS, int CLUSTER, typename EachKey>
@@ -290,9 +320,7 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
     for (int round = 1; round < 4; ++round) {
       const int shift = max(0, 21 - 8 * round);
       uint32_t* hist = sh.hist[round & 1];
-      each_key([&](uint32_t key) {
-        if (((key ^ prefix) & mask) == 0) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-      });
+      each_key(RoundCount{prefix, mask, shift, hist});
       uint32_t lower;
       const uint32_t* counts = round_counts<CLUSTER>(hist, in_cluster, sh, lower);
       __syncthreads();
@@ -469,7 +497,7 @@ __device__ __forceinline__ void write_short_row(int len, int* out, int k, int ra
 // In a cluster the select's remote reads were the last of the CTAs' shared memory: each thread arrives at the
 // exit barrier here, and the CTA must cluster_wait() before it exits (others may still read its histograms until
 // then).
-template <int THREADS, int CLUSTER>
+template <int CLUSTER>
 __device__ __forceinline__ void cluster_emission(uint32_t rem, Shared& sh, int& first, int& take) {
   first = 0;
   take = static_cast<int>(rem);

@@ -269,7 +269,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
   const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
   int first, take;
-  cluster_emission<THREADS, CLUSTER>(rem, sh, first, take);
+  cluster_emission<CLUSTER>(rem, sh, first, take);
   // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(ring);
