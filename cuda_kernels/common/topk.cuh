@@ -280,9 +280,10 @@ __device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
 // A refine round's pass: counts the keys matching the bits fixed so far in the round's 256 bins. One key at a
 // time, or four (`quad`: one branch for the four, as ~3% of keys match in round 1; topk_row_registers). H200,
 // 2026-12-03, with its other one-branch-a-slot changes (bench/tune.py, A/B in one run): persistent 64 x 20000
-// 10.1 -> 9.8 us, 1 x 163840 11.2 -> 10.8, 4 x 163840 11.85 -> 11.4, but 8 x 4096 4.6 -> 4.8. (The same
-// for topk_row's buffer passes, 16-byte loads and a predicated emission store made the 4096 x 8192 prefill slower,
-// 91.8 -> 94.2 us: not kept.)
+// 10.1 -> 9.8 us, 1 x 163840 11.2 -> 10.8, 4 x 163840 11.7 -> 11.3 (decode 4 x 163840 12.0 -> 11.45), but
+// persistent 8 x 4096 4.6 -> 4.8. The other callers (topk_row, two-pass, sample cutoff) take one key at a time, the
+// same arithmetic as before. (The same for topk_row's buffer passes, 16-byte loads and a predicated emission store
+// made the 4096 x 8192 prefill slower, 91.8 -> 94.2 us: not kept.)
 struct RoundCount {
   uint32_t prefix, mask;
   int shift;
@@ -297,10 +298,10 @@ struct RoundCount {
     const uint32_t x = (q.x ^ prefix) & mask, y = (q.y ^ prefix) & mask, z = (q.z ^ prefix) & mask,
                    w = (q.w ^ prefix) & mask;
     if (min(min(x, y), min(z, w)) == 0u) {
-      (*this)(q.x);
-      (*this)(q.y);
-      (*this)(q.z);
-      (*this)(q.w);
+      if (x == 0u) add(q.x);
+      if (y == 0u) add(q.y);
+      if (z == 0u) add(q.z);
+      if (w == 0u) add(q.w);
     }
   }
 };

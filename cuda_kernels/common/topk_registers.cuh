@@ -119,7 +119,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   // This CTA's output run out[first .. first + count), staged in shared memory.
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(topk_dynamic_smem);
-  // The next slot is the entries taken so far, either kind: one predicated store (as write_selected).
+  // The next slot is the entries taken so far, either kind: one predicated store, no branch.
   int tied = static_cast<int>(before >> 16);  // pivot-equal entries before this one
   int slot = static_cast<int>(before & 0xffffu) + min(tied, take);
 #pragma unroll
