@@ -65,11 +65,6 @@ inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
   if (b->ended) emu::misuse = true;  // its shared memory would be gone
   return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(b->smem + address)).load(std::memory_order_relaxed);
 }
-inline uint4 cluster_load4(uint32_t address, uint32_t rank) {
-  if (address & 15) emu::misuse = true;  // ld.shared::cluster.v4 needs 16-byte alignment
-  return make_uint4(cluster_load(address, rank), cluster_load(address + 4, rank), cluster_load(address + 8, rank),
-                    cluster_load(address + 12, rank));
-}
 }  // namespace cupy_ops
 """
 

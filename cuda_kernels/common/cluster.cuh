@@ -59,19 +59,4 @@ __device__ __forceinline__ uint32_t cluster_load(uint32_t address, uint32_t rank
 #endif
 }
 
-// The four 32-bit words at `address` (16-byte aligned) in cluster CTA `rank`'s shared memory, in one request.
-__device__ __forceinline__ uint4 cluster_load4(uint32_t address, uint32_t rank) {
-#if __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  uint4 value;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w) : "r"(remote) : "memory");
-  return value;
-#else
-  __trap();
-  return make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
 }  // namespace cupy_ops

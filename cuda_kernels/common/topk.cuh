@@ -136,11 +136,6 @@ __device__ __forceinline__ uint32_t cluster_rank() { return CLUSTER > 1 ? blockI
 
 // A round's complete 256-bin histogram: this CTA's, or in a cluster the sum over its CTAs; then thread i < 256
 // also gets `lower`, bin i summed over the lower-ranked CTAs only (take_lower adds it up).
-// In a cluster, thread 4g + p loads bins 4g .. 4g + 3 of CTAs p, p + 4, ... with one 16-byte load each, and the
-// four lanes of g add up their sums, so thread i ends with bin i's: a CTA sends 64 x CLUSTER requests, not
-// 256 x CLUSTER of 4 bytes. H200, 2026-12-03: with the 4-byte loads, stopping the register kernel after its
-// select took 9.3 us at 1 x 163840 (16 CTAs) and 5.1 with each CTA's own histogram in place of the remote loads
-// (4 x 65536, 16 CTAs of 256 threads: 8.8 and 3.9; 64 x 20000, pairs: 8.2 and 8.0).
 template <int CLUSTER>
 __device__ __forceinline__ const uint32_t* round_counts(const uint32_t* hist, bool in_cluster, Shared& sh,
                                                        uint32_t& lower) {
@@ -148,32 +143,16 @@ __device__ __forceinline__ const uint32_t* round_counts(const uint32_t* hist, bo
   if (CLUSTER == 1 || !in_cluster) return hist;
   cluster_sync();  // every CTA's histogram of this round is complete (release/acquire)
   if (threadIdx.x < 256) {
-    const uint32_t p = threadIdx.x & 3u;
-    const uint32_t address = shared_address(&hist[threadIdx.x & ~3u]);
+    const uint32_t address = shared_address(&hist[threadIdx.x]);
     const uint32_t rank = cluster_rank<CLUSTER>();
-    uint4 sum = make_uint4(0u, 0u, 0u, 0u), low = sum;
+    uint32_t sum = 0;
 #pragma unroll
-    for (int i = 0; i < (CLUSTER + 3) / 4; ++i) {
-      const uint32_t c = 4 * i + p;
-      if (c < CLUSTER) {
-        const uint4 v = cluster_load4(address, c);
-        sum = make_uint4(sum.x + v.x, sum.y + v.y, sum.z + v.z, sum.w + v.w);
-        if (c < rank) low = make_uint4(low.x + v.x, low.y + v.y, low.z + v.z, low.w + v.w);
-      }
+    for (int c = 0; c < CLUSTER; ++c) {
+      const uint32_t value = cluster_load(address, c);
+      sum += value;
+      lower += c < rank ? value : 0u;
     }
-#pragma unroll
-    for (int d = 1; d < 4; d <<= 1) {
-      sum.x += __shfl_xor_sync(kFullMask, sum.x, d);
-      sum.y += __shfl_xor_sync(kFullMask, sum.y, d);
-      sum.z += __shfl_xor_sync(kFullMask, sum.z, d);
-      sum.w += __shfl_xor_sync(kFullMask, sum.w, d);
-      low.x += __shfl_xor_sync(kFullMask, low.x, d);
-      low.y += __shfl_xor_sync(kFullMask, low.y, d);
-      low.z += __shfl_xor_sync(kFullMask, low.z, d);
-      low.w += __shfl_xor_sync(kFullMask, low.w, d);
-    }
-    sh.total[threadIdx.x] = p == 0u ? sum.x : p == 1u ? sum.y : p == 2u ? sum.z : sum.w;
-    lower = p == 0u ? low.x : p == 1u ? low.y : p == 2u ? low.z : low.w;
+    sh.total[threadIdx.x] = sum;
   }
   return sh.total;
 }
