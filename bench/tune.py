@@ -46,6 +46,17 @@ def parse_variant(text: str) -> Variant:
     return Variant(label.strip(), changes)
 
 
+def kernels_in(value):
+    """The Kernels in `value`: a Kernel, or dicts, lists and tuples (RowKernels) holding them."""
+    if isinstance(value, Kernel):
+        yield value
+    elif isinstance(value, dict):
+        yield from kernels_in(list(value.values()))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from kernels_in(item)
+
+
 def apply(variant: Variant) -> dict:
     """Set the variant's constants; return the old values."""
     old = {}
@@ -53,9 +64,9 @@ def apply(variant: Variant) -> dict:
         target = importlib.import_module(module)
         old[module, name] = getattr(target, name)
         setattr(target, name, value)
-    # Kernels a variant brings (a new instantiation) are listed by every op for the run: plans may launch them.
-    added = tuple(v for value in variant.changes.values() for v in (value.values() if isinstance(value, dict)
-                                                                   else [value]) if isinstance(v, Kernel))
+    # Kernels a variant brings (a new instantiation, a kernel tree elsewhere through Kernel(root=...)) are listed
+    # by every op for the run: plans may launch them.
+    added = tuple(kernels_in(list(variant.changes.values())))
     for op in ops().values():
         op.forget_layouts()
         old[op] = op.kernels
