@@ -57,13 +57,13 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
         assert rows > sms / 2 and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
         # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
-        # and a list of twice the target
+        # and a list of TWO_PASS_LIST_PER_SAMPLE x the target
         if row.sample:
             assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample > k and row.sample <= 2**26
-            assert 2 * row.sample <= row.cap
+            assert T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap
         else:
             target = T.two_pass_sample_target(width, k)
-            assert target == 0 or 2 * target > row.cap
+            assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
@@ -116,14 +116,15 @@ def test_cluster_sizes_on_h200(fake_gpu):
 
 def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     """More rows than half the SMs, each at least 16 k wide (and contiguous): one CTA a row, 256 threads for rows up
-    to SMALL_CHUNK, 512 up to 65536, 1024 when the rows fit the SMs; everything else stays on topk_row. Rows of
-    8192 and more try the sampled read first."""
+    to SMALL_CHUNK, and up to TWO_PASS_SMALL_WIDTH where the rows fill four CTAs an SM, 512 up to 65536, 1024 when
+    the rows fit the SMs; everything else stays on topk_row. Rows of 8192 and more try the sampled read first."""
     fake_gpu("H200")
     rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
     assert two_pass == {(128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
                         (1000, 20000, 1)}
-    assert rows[2048, 16384, 512].threads == 256 and rows[8192, 32768, 2048].threads == 512
+    assert rows[2048, 16384, 512].threads == rows[8192, 32768, 2048].threads == 256  # 2048 rows fill 4 x 132
+    assert rows[256, 32768, 512].threads == 512  # one wave: a row's latency, not the queue, sets the time
     assert rows[128, 131072, 2048].threads == 1024
     assert all(rows[shape].sample > 0 for shape in two_pass)
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
@@ -142,16 +143,18 @@ def test_nvrtc_12_builds_read_twice(fake_gpu, monkeypatch):
         compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
 
 
-def test_the_sampled_read_needs_a_list_twice_its_target(fake_gpu):
-    """The two-pass kernel samples only where its list holds twice the target: the benchmark shapes do; rows of
-    ~500K and more, or k 4096 at 65536, would overflow it (then pay the sampled read and the two reads)."""
+def test_the_sampled_read_needs_room_in_the_list(fake_gpu):
+    """The two-pass kernel samples only where its list holds TWO_PASS_LIST_PER_SAMPLE x the target: the benchmark
+    shapes do, and so does k 4096 at 65536 (1.65 x); rows of ~500K and more would overflow it (then pay the sampled
+    read and the two reads)."""
     sms, optin, per_sm, _ = fake_gpu("H200")
     for rows, width, k in ((128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
                            (4096, 65536, 4096), (200, 524288, 2048), (200, 786432, 2048)):
         row = T.two_pass_plan(rows, width, k, sms, optin, per_sm)
         target = T.two_pass_sample_target(width, k)
-        assert target > 0 and row.sample == (target if 2 * target <= row.cap else 0), (rows, width, k)
-        assert (row.sample > 0) == (width <= 131072 and k < 4096), (rows, width, k)
+        assert target > 0 and row.sample == (target if T.TWO_PASS_LIST_PER_SAMPLE * target <= row.cap else 0), (
+            rows, width, k)
+        assert (row.sample > 0) == (width <= 131072), (rows, width, k)
 
 
 @pytest.mark.parametrize("width, k", [(32768, 2048), (16384, 512), (65536, 1024), (131072, 2048), (10000, 64)])
