@@ -50,10 +50,8 @@ def kernels_in(value):
     """The Kernels in `value`: a Kernel, or dicts, lists and tuples (RowKernels) holding them."""
     if isinstance(value, Kernel):
         yield value
-    elif isinstance(value, dict):
-        yield from kernels_in(list(value.values()))
-    elif isinstance(value, (list, tuple)):
-        for item in value:
+    elif isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
             yield from kernels_in(item)
 
 
@@ -66,7 +64,7 @@ def apply(variant: Variant) -> dict:
         setattr(target, name, value)
     # Kernels a variant brings (a new instantiation, a kernel tree elsewhere through Kernel(root=...)) are listed
     # by every op for the run: plans may launch them.
-    added = tuple(kernels_in(list(variant.changes.values())))
+    added = tuple(kernels_in(variant.changes))
     for op in ops().values():
         op.forget_layouts()
         old[op] = op.kernels

@@ -289,14 +289,14 @@ struct RoundCount {
   int shift;
   uint32_t* hist;
 
-  __device__ __forceinline__ bool matches(uint32_t key) const { return ((key ^ prefix) & mask) == 0; }
+  // Zero where the key has the bits fixed so far.
+  __device__ __forceinline__ uint32_t difference(uint32_t key) const { return (key ^ prefix) & mask; }
   __device__ __forceinline__ void add(uint32_t key) const { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
   __device__ __forceinline__ void operator()(uint32_t key) const {
-    if (matches(key)) add(key);
+    if (difference(key) == 0u) add(key);
   }
   __device__ __forceinline__ void quad(const uint4& q) const {
-    const uint32_t x = (q.x ^ prefix) & mask, y = (q.y ^ prefix) & mask, z = (q.z ^ prefix) & mask,
-                   w = (q.w ^ prefix) & mask;
+    const uint32_t x = difference(q.x), y = difference(q.y), z = difference(q.z), w = difference(q.w);
     if (min(min(x, y), min(z, w)) == 0u) {
       if (x == 0u) add(q.x);
       if (y == 0u) add(q.y);
