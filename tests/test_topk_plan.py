@@ -73,11 +73,10 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
     assert row.cluster == 1 or arch >= 90
-    if row.registers:  # a whole chunk in the threads' slots; the histogram's copies, then k staged outputs
+    if row.registers:  # a whole chunk in the threads' slots; k staged outputs
         assert kernel is T.KERNELS.registers[row.threads, row.cluster]
         assert T.chunk_bound(width, row.cluster) <= 4 * T.REGISTER_SLOTS[row.threads] * row.threads
-        assert row.shared_bytes == config.shared_bytes == max(4 * k, 8192 * T.REGISTER_HIST_COPIES)
-        assert row.shared_bytes + T.STATIC_SMEM <= optin
+        assert row.shared_bytes == config.shared_bytes == 4 * k and row.shared_bytes + T.STATIC_SMEM <= optin
         return
     assert kernel is T.KERNELS.buffer[row.threads, row.cluster]
     assert 1 <= row.stages <= 3 and row.cap % 4 == 0
@@ -214,12 +213,6 @@ def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):
 def test_sm80_never_uses_clusters(fake_gpu):
     fake_gpu("A100")
     assert {_plan_rows(*shape)[2].cluster for shape in SHAPES} == {1}
-
-
-def test_register_histogram_copies_match_the_kernel():
-    """The plan's REGISTER_HIST_COPIES is common/topk_registers.cuh's kHistCopies (its shared memory assumes it)."""
-    text = (compiler.kernel_dir() / "common" / "topk_registers.cuh").read_text()
-    assert f"constexpr int kHistCopies = {T.REGISTER_HIST_COPIES};" in text
 
 
 def test_sample_count_matches_the_kernel():

@@ -22,14 +22,9 @@
 namespace cupy_ops {
 namespace topk {
 
-// The 11-bit histogram is counted in kHistCopies copies, lane l adding to copy l % kHistCopies (bin b's copies
-// side by side, words kHistCopies x b ..: other banks), then summed into sh.fine: N(0, 1) keys fall in a few dozen
-// of the 2048 bins, so a warp's 32 atomics often hit one bin several times, and those serialise.
-constexpr int kHistCopies = 4;
-
-// Dynamic shared memory: the histogram copies (kHistCopies x 2048 words), whose room later stages the k outputs.
-// The host guarantees len <= 2^31 - 8 and that CTA `rank`'s chunk of ceil(ceil((len + a) / 4) / CLUSTER) slots is
-// at most SLOTS x THREADS (so counts fit 16 bits: SLOTS x THREADS x 4 < 65536).
+// Dynamic shared memory: the k staged outputs. The host guarantees len <= 2^31 - 8 and that CTA `rank`'s chunk
+// of ceil(ceil((len + a) / 4) / CLUSTER) slots is at most SLOTS x THREADS (so counts fit 16 bits: SLOTS x THREADS
+// x 4 < 65536).
 template <int THREADS, int CLUSTER, int SLOTS>
 __device__ void topk_row_registers(const float* base, int64_t stride, int len, int* out, int k) {
   static_assert(4 * SLOTS <= 64 && 4 * SLOTS * THREADS < 65536, "valid bits in 64, counts in 16 bits");
@@ -49,8 +44,8 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   const int per_thread = (s_hi - s_lo + THREADS - 1) / THREADS;
   const int first_slot = s_lo + static_cast<int>(threadIdx.x) * per_thread;
 
-  // Every load in flight before any is used; the barrier that orders the copies' clearing before the histogram
-  // waits for none of them.
+  // Every load in flight before any is used; the barrier that orders clear_fine before the histogram waits for
+  // none of them.
   float x[4 * SLOTS];
   bits_t valid = 0;  // bit j: element 4 first_slot - a + j lies in [lo, hi)
 #pragma unroll
@@ -76,11 +71,8 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
       }
     }
   }
-  static_assert(kHistCopies == 4, "a copy group is one uint4");
-  uint4* copies = reinterpret_cast<uint4*>(topk_dynamic_smem);  // copies[b]: bin b's kHistCopies counts
-  for (int b = threadIdx.x; b < 2048; b += THREADS) copies[b] = make_uint4(0u, 0u, 0u, 0u);
+  clear_fine<THREADS>(sh);
   __syncthreads();
-  uint32_t* counts = reinterpret_cast<uint32_t*>(copies) + (threadIdx.x & (kHistCopies - 1));
   // A whole slot's four counts without a branch each (the guarded atomic per key was ~25% of the instructions at
   // 64 x 20000, ncu); a cut slot's valid keys one by one.
   uint32_t key[4 * SLOTS];
@@ -91,18 +83,13 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     for (int e = 0; e < 4; ++e) key[4 * u + e] = v >> e & 1u ? float_key(x[4 * u + e]) : 0u;
     if (v == 0xfu) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) atomicAdd(&counts[kHistCopies * (key[4 * u + e] >> 21)], 1u);
+      for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[key[4 * u + e] >> 21], 1u);
     } else if (v != 0u) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        if (v >> e & 1u) atomicAdd(&counts[kHistCopies * (key[4 * u + e] >> 21)], 1u);
+        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21], 1u);
       }
     }
-  }
-  __syncthreads();
-  for (int b = threadIdx.x; b < 2048; b += THREADS) {
-    const uint4 c = copies[b];
-    sh.fine[b] = c.x + c.y + c.z + c.w;
   }
   __syncthreads();
 
@@ -129,7 +116,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
   int first, take;
   cluster_emission<CLUSTER>(rem, sh, first, take);
-  // This CTA's output run out[first .. first + count), staged in shared memory (the histogram copies' room).
+  // This CTA's output run out[first .. first + count), staged in shared memory.
   const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
   int* staged = reinterpret_cast<int*>(topk_dynamic_smem);
   // The next slot is the entries taken so far, either kind: one predicated store, no branch.

@@ -55,7 +55,6 @@ TWO_PASS_THREADS = (256, 512, 1024)  # the two-pass kernel's instantiations (one
 # 256-thread ones held too few scores), were slower: prefill 4096 x 8192 106.5 vs 93.0, persistent 1024 x 8192
 # 35.2 vs 33.5. REGISTER_ROWS = False: never (the buffer kernel instead).
 REGISTER_SLOTS = {256: 6, 512: 6, 1024: 5}
-REGISTER_HIST_COPIES = 4  # common/topk_registers.cuh: kHistCopies (its dynamic shared memory: 8 KB a copy)
 REGISTER_ROWS = True
 # A CTA's per-row cost is ~1000 instructions a thread whatever its chunk (radix rounds, barriers, emission), so
 # a thread should have tens of elements: many rows with chunks up to SMALL_CHUNK take 256 threads (the 4096-row
@@ -178,7 +177,7 @@ class RowPlan(NamedTuple):
     memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
     its list's entries (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
     in the two-pass kernel's one-read try (0: none). `registers`: a CTA holds its whole chunk in registers
-    (common/topk_registers.cuh; shared memory: the histogram's copies, then the k staged outputs)."""
+    (common/topk_registers.cuh; shared memory: the k staged outputs)."""
 
     threads: int
     cluster: int
@@ -249,9 +248,9 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
 
 def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | None:
     """The row-in-registers CTA for chunks of rows of at most `width`, or None when a chunk exceeds its slots (or
-    REGISTER_ROWS is off): shared memory for the histogram's copies, whose room later stages the k outputs."""
+    REGISTER_ROWS is off): k staged outputs in shared memory."""
     if REGISTER_ROWS and chunk_bound(width, cluster) // 4 <= REGISTER_SLOTS[threads] * threads:
-        return RowPlan(threads, cluster, 0, 0, 0, max(4 * k, 4 * 2048 * REGISTER_HIST_COPIES), registers=True)
+        return RowPlan(threads, cluster, 0, 0, 0, 4 * k, registers=True)
     return None
 
 
