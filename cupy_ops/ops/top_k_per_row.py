@@ -134,10 +134,7 @@ TWO_PASS_SAMPLE_SIGMAS = 3
 # (2026-12-03, bench/tune.py, 512 -> 256 threads, list at 2 -> 1.2 x the target; the 256-thread list holds 1.3 x it
 # at width 32768): prefill 8192 x 32768 k 2048 476.6 -> 370.7 us; but persistent 256 x 32768 k 512, one wave of
 # rows, 18.7 -> 24.2 (a row's 256 threads, not 512). ncu of the 512-thread prefill: 300M warp instructions (vLLM's
-# kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%. Appending a warp's
-# passing elements unrolled (one warp scan for their places) instead of one a lane per step (~80 instructions a
-# step, 33% of the instructions) was slower: 370.7 -> 389.4 us, 2048 x 16384 k 512 63.0 -> 68.1, persistent
-# 128 x 131072 29.8 -> 32.6.
+# kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%.
 TWO_PASS_SMALL_WIDTH = 32768
 TWO_PASS_LIST_PER_SAMPLE = 1.2
 # Launches are programmatic dependent launches on sm_90 (LaunchConfig.dependent; the kernels wait for the previous
@@ -263,9 +260,10 @@ def two_pass_sampled() -> bool:
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
     threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more), 512 up to 65536,
-    1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072); bitmaps of ceil(width / 32) words (`sel`, `eq`), k staged outputs and the rest of the
-    CTA's share of the SM's shared memory for the list (8 bytes an entry); its sampled read's target where
-    two_pass_sampled() and the list holds TWO_PASS_LIST_PER_SAMPLE x it."""
+    1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072); bitmaps of ceil(width / 32)
+    words (`sel`, `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8
+    bytes an entry); its sampled read's target where two_pass_sampled() and the list holds TWO_PASS_LIST_PER_SAMPLE
+    x it."""
     small = width <= SMALL_CHUNK or (width <= TWO_PASS_SMALL_WIDTH and rows >= 4 * sms)
     threads = 1024 if rows <= sms or width > 65536 else 256 if small else 512
     budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
