@@ -25,3 +25,13 @@ def test_compiles_without_spills(op_name, kernel, arch):
     report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch, root=kernel.root)
     assert report.spill_stores == 0 and report.spill_loads == 0, report.log
     assert report.registers > 0, report.log  # the report was parsed from this kernel's block
+
+
+def test_report_of_a_kernel_compiled_before(fresh_cache):
+    """ptxas' report still comes when this process (or NVRTC's own cache, on a machine with a CUDA driver) has
+    compiled the kernel before: on the H200 machine NVRTC 13.0 returned an empty log for such a compile."""
+    _, kernel = INSTANTIATIONS[0]
+    compiler.compile_kernel(kernel.source, kernel.name_expression, 90, root=kernel.root)
+    compiler.clear_memory_cache()
+    report = compiler.ptxas_report(kernel.source, kernel.name_expression, 90, root=kernel.root)
+    assert report.registers > 0, report.log

@@ -389,6 +389,11 @@ _PTXAS_FUNC_RE = re.compile(r"Function properties for (\S+)")
 def ptxas_report(filename: str, name_expression: str, arch: int, options: tuple[str, ...] = (),
                  root: Path | None = None) -> PtxasReport:
     """Compile for `arch` (no GPU needed) and parse ptxas' resource usage for this instantiation."""
+    # NVRTC 12.9+ keeps a compile cache where a CUDA driver is installed, and a hit prints no ptxas report (the
+    # H200 machine's NVRTC 13.0 gave an empty log for every kernel compiled before: NVRTC's "Caching" section):
+    # the report's compilation opts out (a key of its own in our caches).
+    if nvrtc_version() >= (12, 9):
+        options = (*options, "--no-cache")
     entry = compile_kernel(filename, name_expression, arch, native=True, options=options, root=root)
     lines = entry.log.splitlines()
     block: list[str] = []
