@@ -6,9 +6,10 @@
         [--case 4096x] [--reps 30] [--json FILE]
     ncu --profile-from-start off ... python bench/tune.py --op persistent_topk --case 128x --profile
 
-A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's names); its constants are set, every op's
-cached layouts are forgotten (plans read the constants), the cases are timed like `python -m cupy_ops bench`
-times them (CUDA-graph replays, outputs checked against the float64 reference), and the constants are restored.
+A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's
+names); its constants are set, every op's cached layouts are forgotten (plans read the constants), the cases are
+timed like `python -m cupy_ops bench` times them (CUDA-graph replays, outputs checked against the float64
+reference), and the constants are restored.
 `--profile` runs each selected case once, warm, between cudaProfilerStart and cudaProfilerStop. A developer's tool
 for choosing constants on a GPU: the results files come from `python -m cupy_ops bench`.
 """

@@ -177,9 +177,9 @@ def test_rows_under_four_two_pass_targets_read_twice():
 
 
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
-    """Without the two-pass and the row-in-registers kernels: many short rows and rows cut in small cluster shares take 256-thread CTAs
-    (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows in large shares
-    (latency-bound)."""
+    """Without the two-pass and the row-in-registers kernels: many short rows and rows cut in small cluster shares
+    take 256-thread CTAs (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows
+    in large shares (latency-bound)."""
     fake_gpu("H200")
     monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM", 2**31)
     monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM_TWO_READS", 2**31)
