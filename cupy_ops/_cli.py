@@ -88,9 +88,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instantiations() -> list[launcher.Kernel]:
-    """Every kernel of every op, once (ops may share kernels)."""
-    unique = {(k.source, k.name_expression, k.root): k for op in ops().values() for k in op.kernels}
+def _selected_ops(names: list[str] | None) -> dict:
+    """The registry's ops, or those named (`--op`, repeatable)."""
+    every = ops()
+    return every if not names else {name: every[name] for name in names}
+
+
+def _instantiations(names: list[str] | None = None) -> list[launcher.Kernel]:
+    """Every kernel of every op (or of the ops named), once (ops may share kernels)."""
+    unique = {(k.source, k.name_expression, k.root): k for op in _selected_ops(names).values() for k in op.kernels}
     return list(unique.values())
 
 
@@ -146,11 +152,11 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_rows(device: str) -> list[tuple[str, str, bool, str]]:
+def _check_rows(device: str, names: list[str] | None = None) -> list[tuple[str, str, bool, str]]:
     from cupy_ops import testing
 
     rows = []
-    for name, op in ops().items():
+    for name, op in _selected_ops(names).items():
         for label, call_args in (op.examples(device) if op.examples else []):
             try:
                 problem = testing.check_example(op, call_args)
@@ -171,10 +177,10 @@ def cmd_check(args: argparse.Namespace) -> int:
               + (" and compiling every kernel with NVRTC instead" if problem is None else
                  f"; NVRTC compile checks skipped: {problem}"))
     torch.manual_seed(args.seed)
-    rows = _check_rows("cuda" if gpu else "cpu")
+    rows = _check_rows("cuda" if gpu else "cpu", args.op)
     if not gpu and problem is None:
         for arch in (80, 90):
-            for kernel in _instantiations():
+            for kernel in _instantiations(args.op):
                 try:
                     report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch, root=kernel.root)
                     passed = report.spill_stores == 0 and report.spill_loads == 0
@@ -206,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.set_defaults(func=cmd_warmup)
     check = sub.add_parser("check", help="every op against its reference on random data; pass/fail table")
     check.add_argument("--seed", type=int, default=int(os.environ.get("CUPY_OPS_SEED", "0")))
+    check.add_argument("--op", action="append", choices=sorted(ops()), help="only this op (repeatable; default: all)")
     check.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="roofline table: us, GB/s, %% of copy bandwidth, ratio to torch and vLLM")
     from cupy_ops import _bench

@@ -50,3 +50,13 @@ def test_without_nvrtc_the_commands_name_the_extra(monkeypatch, capsys, command)
         assert code == 0 and "passed, 0 failed" in captured.out
     else:  # nothing to compile with: a GPU check or a warm-up cannot run
         assert code == 2
+
+
+def test_check_takes_one_op():
+    """`check --op NAME` checks that op's examples (and, without a GPU, compiles its kernels) only; an unknown name
+    is refused by the parser."""
+    rows = _cli._check_rows("cpu", ["apply_repetition_penalties_"])
+    assert rows and {op for op, *_ in rows} == {"apply_repetition_penalties_"}
+    assert {k.source for k in _cli._instantiations(["merge_attn_states"])} == {"merge_attn_states.cu"}
+    with pytest.raises(SystemExit):
+        _cli.build_parser().parse_args(["check", "--op", "no_such_op"])

@@ -55,6 +55,11 @@ def _declare(schema, tensors, **changes):
     ("bad_c(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out"), TensorArg("x", "out")], "roles"),
     ("bad_d(Tensor! out, Tensor device) -> ()", [TensorArg("out", "out"), TensorArg("device", "in")],
      "taken by `Call`"),
+    # a symbol is a name bound to one size: '...' and '2*d' would be taken as names, silently (a guide trial did)
+    ("bad_e(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out", ("n",)), TensorArg("x", "in", ("...", "2*d"))],
+     r"bad_e: x's shape entries \['...', '2\*d'\] are neither symbol names nor sizes"),
+    ("bad_f(Tensor! out, Tensor x) -> ()", [TensorArg("out", "out", (-1,)), TensorArg("x")],
+     r"bad_f: out's shape entries \[-1\]"),
 ])
 def test_declarations_must_match_the_schema(schema, tensors, message):
     with pytest.raises(ValueError, match=message):
@@ -70,6 +75,15 @@ def test_a_plan_may_only_launch_listed_kernels():
     call, infos = op.validate((torch.empty(4), torch.empty(4)))
     with pytest.raises(RuntimeError, match="does not list in `kernels`"):
         op._layout(call, infos, (torch.empty(4), torch.empty(4)))
+
+
+def test_a_reference_must_return_a_tuple():
+    """A bare tensor would be iterated by rows ("returned 5 results"): the error says what the runtime needs."""
+    op = _declare("bare_ref(Tensor! out, Tensor x) -> ()", [TensorArg("x", "in", ("n",)),
+                                                           TensorArg("out", "out", ("n",))],
+                  reference=lambda out, x, **kwargs: x * 2)
+    with pytest.raises(TypeError, match=r"bare_ref: the reference must return a tuple .* got Tensor"):
+        op.public(torch.empty(5), torch.randn(5))
 
 
 @pytest.fixture(scope="module")

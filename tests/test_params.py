@@ -60,7 +60,8 @@ IDS = [f"{op}-{struct.name}" for op, struct, _, _ in STRUCTS]
 @pytest.mark.parametrize("op_name, struct, root, source", STRUCTS, ids=IDS)
 def test_members_match_the_c_struct(op_name, struct, root, source):
     declared = [(f.name, f.ctype, f.count) for f in struct.fields]
-    assert declared == _c_members(_read(source, root), struct.name)
+    assert declared == _c_members(_read(source, root), struct.name), (
+        f"{op_name}: P.CStruct {struct.name!r} (member, C type, count) differs from the struct in {source}")
 
 
 @pytest.mark.parametrize("op_name, struct, root, source", STRUCTS, ids=IDS)

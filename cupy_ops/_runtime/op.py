@@ -140,6 +140,13 @@ class Op:
         if sorted(declared) != sorted(schema_tensors):
             raise ValueError(f"{self.name}: TensorArg declarations {sorted(declared)} must be the schema's tensors "
                              f"{sorted(schema_tensors)}")
+        for t in tensors:
+            bad = [e for e in t.shape or () if not (isinstance(e, int) and e >= 0 or isinstance(e, str)
+                                                   and e.isidentifier())]
+            if bad:
+                raise ValueError(f"{self.name}: {t.name}'s shape entries {bad} are neither symbol names nor sizes "
+                                 f"(a symbol is a name, bound to one size; no '...' or expressions like '2*d': "
+                                 f"declare shape=None and check the shape in `check`)")
         roles = {t.name: t.role for t in tensors}
         if not {n for n, r in roles.items() if r != "in"} <= set(self.written) or not set(roles.values()) <= {
                 "in", "out", "inout"}:
@@ -297,6 +304,9 @@ class Op:
     def _run_reference(self, args: tuple) -> None:
         results = self.reference(*args)
         written = [n for n in self.arguments if n in self.written]
+        if not isinstance(results, (tuple, list)):
+            raise TypeError(f"{self.name}: the reference must return a tuple (one new tensor or None per written "
+                            f"argument {written}), got {type(results).__name__}")
         if len(results) != len(written):
             raise RuntimeError(f"{self.name}: reference returned {len(results)} results for {written}")
         for name, value in zip(written, results):
