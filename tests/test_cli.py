@@ -52,11 +52,20 @@ def test_without_nvrtc_the_commands_name_the_extra(monkeypatch, capsys, command)
         assert code == 2
 
 
-def test_check_takes_one_op():
+def test_check_takes_one_op(monkeypatch, capsys):
     """`check --op NAME` checks that op's examples (and, without a GPU, compiles its kernels) only; an unknown name
     is refused by the parser."""
-    rows = _cli._check_rows("cpu", ["apply_repetition_penalties_"])
-    assert rows and {op for op, *_ in rows} == {"apply_repetition_penalties_"}
-    assert {k.source for k in _cli._instantiations(["merge_attn_states"])} == {"merge_attn_states.cu"}
+    compiled = []
+
+    def report(source, name_expression, arch, root=None):  # stands in for NVRTC: only which kernels are asked
+        compiled.append(source)
+        return compiler.PtxasReport(name_expression, arch, 16, 0, 0, 0, 0, "")
+
+    monkeypatch.setattr(compiler, "ptxas_report", report)
+    assert _cli.main(["check", "--op", "apply_repetition_penalties_"]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert rows and all(op in ("apply_repetition_penalties_", "nvrtc") for op in rows)
+    assert set(compiled) <= {"repetition_penalties.cu"} and (compiled or _cli._gpu_available() or _cli._nvrtc_problem())
     with pytest.raises(SystemExit):
         _cli.build_parser().parse_args(["check", "--op", "no_such_op"])
+    assert "invalid choice: 'no_such_op'" in capsys.readouterr().err
