@@ -91,7 +91,11 @@ inline void async_wait(int pending) {
 """
 
 INSTANTIATIONS = ((256, 1), (256, 2), (256, 8), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
-REGISTER_INSTANTIATIONS = ((256, 1), (256, 4), (512, 1))  # with the plans' T.REGISTER_SLOTS
+# (threads, cluster, slots): the plans' T.REGISTER_SLOTS, and 12 slots (48 keys a thread, above any plan's 24) so
+# the kernel's 64-bit key bitmasks run too
+WIDE_SLOTS = 12
+REGISTER_INSTANTIATIONS = ((256, 1, T.REGISTER_SLOTS[256]), (256, 4, T.REGISTER_SLOTS[256]),
+                           (512, 1, T.REGISTER_SLOTS[512]), (256, 1, WIDE_SLOTS))
 DRIVER = r"""
 #include "emu_cuda.h"
 #include "top_k_per_row.cu"
@@ -119,13 +123,13 @@ extern "C" int run_persistent_topk_two_pass(int threads, int grid, long long dyn
   DISPATCH_TWO_PASS(persistent_topk_two_pass_kernel)
 }
 #define DISPATCH_REGISTERS(KERNEL) \
-""" + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}, {T.REGISTER_SLOTS[t]}>, p, "
-              "grid, dynamic); \\\n" for t, c in REGISTER_INSTANTIATIONS) + r"""  return 2;
-extern "C" int run_top_k_per_row_registers(int threads, int cluster, int grid, long long dynamic,
+""" + "".join(f"  if (threads == {t} && cluster == {c} && slots == {n}) return go<{t}, {c}>(KERNEL<{t}, {c}, {n}>, p, "
+              "grid, dynamic); \\\n" for t, c, n in REGISTER_INSTANTIATIONS) + r"""  return 2;
+extern "C" int run_top_k_per_row_registers(int threads, int cluster, int slots, int grid, long long dynamic,
                                            const TopKPerRowParams* p) {
   DISPATCH_REGISTERS(top_k_per_row_registers_kernel)
 }
-extern "C" int run_persistent_topk_registers(int threads, int cluster, int grid, long long dynamic,
+extern "C" int run_persistent_topk_registers(int threads, int cluster, int slots, int grid, long long dynamic,
                                              const PersistentTopKParams* p) {
   DISPATCH_REGISTERS(persistent_topk_registers_kernel)
 }
@@ -164,15 +168,19 @@ def emulator(tmp_path_factory):
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
-            registers=False):
+            registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
     a list of that many entries (a small one overflows: the sampled read falls back to two reads, whose select reads
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
-    registers: the row-in-registers kernel (its plan must hold the chunks)."""
+    registers: the row-in-registers kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread
+    (default: the plans' T.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
+    if registers:
+        slots = T.REGISTER_SLOTS[threads] if slots is None else slots
+        monkeypatch.setitem(T.REGISTER_SLOTS, threads, slots)
 
     def plan_rows(kernels, device, rows, width, k, contiguous=True):
         if registers:
@@ -204,7 +212,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         status = run(threads, grid, dynamic, params)
     elif registers:
         run = library.run_persistent_topk_registers if op is PERSISTENT else library.run_top_k_per_row_registers
-        status = run(threads, cluster, grid, dynamic, params)
+        status = run(threads, cluster, slots, grid, dynamic, params)
     else:
         run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
         status = run(threads, cluster, grid, dynamic, params)
@@ -226,19 +234,20 @@ class Geometry(NamedTuple):
     list_cap: int | None = None
     sample: int | None = None
     registers: bool = False
+    slots: int | None = None
 
     def __str__(self):
         if self.list_cap is not None:
             sample = "" if self.sample is None else f"-sample{self.sample}"
             return f"two-pass-{self.threads}-list{self.list_cap}{sample}"
         if self.registers:
-            return f"registers-{self.threads}x{self.cluster}"
+            return f"registers-{self.threads}x{self.cluster}{'' if self.slots is None else f'-slots{self.slots}'}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
         return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
-                list_cap=self.list_cap, sample=self.sample, registers=self.registers)
+                list_cap=self.list_cap, sample=self.sample, registers=self.registers, slots=self.slots)
 
 
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
@@ -254,7 +263,8 @@ class Geometry(NamedTuple):
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
                       Geometry(512, list_cap=4096, sample=0), Geometry(256, list_cap=8), Geometry(512, registers=True),
-                      Geometry(256, 4, registers=True)]
+                      Geometry(256, 4, registers=True),
+                      Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
 
 @pytest.mark.parametrize("geometry", PREFILL_GEOMETRIES, ids=str)
@@ -270,7 +280,8 @@ def test_prefill_rows(emulator, monkeypatch, kind, geometry):
 
 
 DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256, 2),  # (strided: no two-pass)
-                     Geometry(512, registers=True), Geometry(256, 4, registers=True)]
+                     Geometry(512, registers=True), Geometry(256, 4, registers=True),
+                     Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
 
 @pytest.mark.parametrize("geometry", DECODE_GEOMETRIES, ids=str)
@@ -286,7 +297,8 @@ def test_decode_strided_rows(emulator, monkeypatch, geometry):
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
                          Geometry(256, list_cap=8), Geometry(512, shrink=True, sample=1),
-                         Geometry(512, registers=True), Geometry(256, 4, registers=True)]
+                         Geometry(512, registers=True), Geometry(256, 4, registers=True),
+                         Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
 
 @pytest.mark.parametrize("geometry", PERSISTENT_GEOMETRIES, ids=str)
