@@ -46,11 +46,6 @@ __device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int r
   return {start, end - start};
 }
 
-// The same through a call, for the two-pass kernel: inlined there, NVRTC 13.0 spilled 32-36 bytes at sm_90 (64
-// registers; NVRTC 13.5 did not). The call costs a copy of the params to the stack (96 bytes), once a thread; with
-// scalar arguments instead, 13.0 still spilled 20 bytes at 512 and 1024 threads.
-__device__ __noinline__ RowWindow row_window_call(const TopKPerRowParams& p, int row) { return row_window(p, row); }
-
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
@@ -67,7 +62,7 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
-  const RowWindow w = row_window_call(p, row);
+  const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    p.indices + row * p.out_stride, p.k, p.cap,
                                    static_cast<int>((p.num_cols + 31) / 32), p.sample);

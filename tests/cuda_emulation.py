@@ -33,7 +33,6 @@ EMU_CUDA = r"""
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __noinline__
 #define __launch_bounds__(...)
 struct dim3e { unsigned x, y, z; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
