@@ -69,3 +69,18 @@ def test_check_takes_one_op(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _cli.build_parser().parse_args(["check", "--op", "no_such_op"])
     assert "invalid choice: 'no_such_op'" in capsys.readouterr().err
+
+
+def test_check_accepts_only_the_known_spills(monkeypatch, capsys):
+    """Without a GPU, `check` fails a kernel that spills, unless the spill is one its op keeps for this NVRTC
+    (Kernel.known_spills: top_k_per_row's two-pass kernels at sm_90 with NVRTC 13.0); NVRTC stood in for."""
+    if _cli._gpu_available() or _cli._nvrtc_problem():
+        pytest.skip("the NVRTC rows of `check` are for machines without a GPU, with NVRTC")
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0, 0))
+    monkeypatch.setattr(compiler, "ptxas_report", lambda source, name_expression, arch, root=None:
+                        compiler.PtxasReport(name_expression, arch, 64, 36, 64, 24, 0, ""))
+    assert _cli.main(["check", "--op", "top_k_per_row_prefill"]) == 1
+    rows = [line.split()[:4] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    nvrtc = {(arch, kernel): verdict for verdict, op, arch, kernel in rows if op == "nvrtc"}
+    known = {("sm_90", f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>") for t in (256, 512, 1024)}
+    assert {key for key, verdict in nvrtc.items() if verdict == "PASS"} == known and len(nvrtc) > len(known)
