@@ -10,8 +10,9 @@
 # Narrowing for a short device call: TESTS (pytest arguments, e.g. "tests -m gpu"), K (pytest -k expression for
 # the tests), SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS) and
 # SANITIZE_K (default K) for a sample, TEST_LIMIT and SANITIZER_LIMIT (seconds per pytest run; a run cut there
-# still reports what it passed: the tests get SIGINT, so pytest prints its failures too), BENCH_ARGS (extra `python -m cupy_ops bench` options, e.g. "--reps 30
-# --torch-eager --no-compile-timing"), OP_TIMEOUT (s per op).
+# still reports what it passed: the tests get SIGINT, so pytest prints its failures too; SIGKILL 30 s later),
+# BENCH_ARGS (extra `python -m cupy_ops bench` options, e.g. "--reps 30 --torch-eager --no-compile-timing"),
+# OP_TIMEOUT (s per op).
 set -uo pipefail
 STAGE="${1:-all}"
 OUT="${OUT:-bench/results/latest}"
@@ -31,7 +32,8 @@ if [[ "$STAGE" == tests || "$STAGE" == all ]]; then
         > "$OUT/gpu.txt" 2>&1
 
     echo "== tests"
-    timeout -s INT "${TEST_LIMIT:-0}" python3 -m pytest $TESTS -k "$K" -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT[@]}" \
+    timeout -s INT -k 30 "${TEST_LIMIT:-0}" \
+        python3 -m pytest $TESTS -k "$K" -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT[@]}" \
         > "$OUT/tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 30
 

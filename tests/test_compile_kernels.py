@@ -1,5 +1,6 @@
 """NVRTC compiles every kernel instantiation of every op for sm_80 and sm_90 without a GPU, with no register
-spills (ptxas' report) but those an op keeps for one NVRTC (Kernel.known_spills), which must still spill there. The suite's session fixture points the disk cache at an empty folder, so these are real
+spills (ptxas' report) but those an op keeps for one NVRTC (Kernel.known_spills: they must still spill there, at
+most as much as declared). The suite's session fixture points the disk cache at an empty folder, so these are real
 compilations, not cache hits. (A plan can only launch kernels its op lists: `Op` checks that on every plan.)"""
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ def test_every_op_lists_its_kernels():
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 @pytest.mark.parametrize("op_name, kernel", INSTANTIATIONS, ids=[k.name_expression for _, k in INSTANTIATIONS])
-def test_compiles_without_spills(op_name, kernel, arch, request):
-    if kernel.spill_known(arch):  # the op keeps a spill this NVRTC makes (Kernel.known_spills): it must still spill
-        request.applymarker(pytest.mark.xfail(strict=True, reason="a known spill of this NVRTC (Kernel.known_spills)"))
+def test_compiles_without_spills(op_name, kernel, arch):
+    allowed = kernel.spill_allowance(arch)  # bytes of a spill the op keeps with this NVRTC; 0 almost everywhere
     report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch, root=kernel.root)
-    assert report.spill_stores == 0 and report.spill_loads == 0, report.log
+    assert report.spill_stores <= allowed and report.spill_loads <= allowed, report.log
+    assert report.spill_stores > 0 or not allowed, "a known spill is gone: drop it from the op's known_spills"
     assert report.registers > 0, report.log  # the report was parsed from this kernel's block
 
 

@@ -68,8 +68,8 @@ def test_members_match_the_c_struct(op_name, struct, root, source):
 def test_offsets_and_size_match_nvrtc(op_name, struct, root, source):
     namespaces = re.findall(r"^namespace (\w+)", _read(source, root), re.M)
     checks = [f'static_assert(sizeof({struct.name}) == {struct.size}, "size");']
-    # __INTADDR__ (EDG's) makes the classic offsetof a constant: __builtin_offsetof needs NVRTC 13.4+ (the H200
-    # machine's 13.0 and CI's CUDA 12 lack it).
+    # __INTADDR__ (EDG's) makes the classic offsetof a constant: __builtin_offsetof needs NVRTC 13.4+ (12.x and
+    # 13.0-13.3 lack it; the H200 machine has 13.0).
     checks += [f"static_assert((unsigned long long)__INTADDR__(&(({struct.name}*)0)->{name}) == {offset}, "
                f'"{name}");' for name, offset in struct.offsets.items()]
     text = "\n".join([f'#include "{source}"', *(f"using namespace {n};" for n in namespaces), *checks])

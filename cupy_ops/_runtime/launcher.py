@@ -132,17 +132,17 @@ class Kernel:
     """One template instantiation of one `.cu` file, loaded lazily once per device.
 
     `source`: file name under `root` (default: the package's cuda_kernels/); `name_expression`: the
-    instantiation, e.g. "cupy_ops::merge_attn_states_kernel<float, float, 4, false>". `known_spills`: the
-    (NVRTC (major, minor), arch) pairs where ptxas spills in this instantiation and the op keeps it (its module says
-    why, with measurements); the compile test and `check` accept a spill only there."""
+    instantiation, e.g. "cupy_ops::merge_attn_states_kernel<float, float, 4, false>". `known_spills`: (NVRTC
+    (major, minor), arch) -> the most bytes of spill stores and of spill loads ptxas may report for this
+    instantiation there, where an op keeps a spill (its module says why, with measurements); elsewhere none."""
 
     __slots__ = ("source", "name_expression", "root", "known_spills", "_functions", "_lock", "_dynamic_smem")
 
-    def __init__(self, source: str, name_expression: str, root=None, known_spills=()):
+    def __init__(self, source: str, name_expression: str, root=None, known_spills=None):
         self.source = source
         self.name_expression = name_expression
         self.root = root
-        self.known_spills = frozenset(known_spills)
+        self.known_spills = dict(known_spills or {})
         self._functions: dict[int, int] = {}  # device -> CUfunction
         self._dynamic_smem: dict[int, int] = {}  # device -> opted-in dynamic shared memory
         self._lock = threading.Lock()
@@ -150,9 +150,9 @@ class Kernel:
     def __repr__(self) -> str:
         return f"Kernel({self.source!r}, {self.name_expression!r})"
 
-    def spill_known(self, arch: int) -> bool:
-        """Whether a ptxas spill at `arch` with this NVRTC is one of `known_spills`."""
-        return (compiler.nvrtc_version()[:2], arch) in self.known_spills
+    def spill_allowance(self, arch: int) -> int:
+        """Bytes of spill stores (and of loads) accepted at `arch` with this NVRTC: 0 unless in `known_spills`."""
+        return self.known_spills.get((compiler.nvrtc_version()[:2], arch), 0)
 
     def compile(self, arch: int) -> compiler.CompiledKernel:
         target, native = compiler.supported_arch(arch)

@@ -399,7 +399,7 @@ def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0,
 
 # ---- the ops --------------------------------------------------------------------------------------------------------
 
-def row_kernels(filename: str, kernel: str, two_pass_spills: tuple = ()) -> RowKernels:
+def row_kernels(filename: str, kernel: str, two_pass_spills: dict | None = None) -> RowKernels:
     """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers;
     `two_pass_spills`: the two-pass kernels' known spills (Kernel.known_spills)."""
     return RowKernels(
@@ -410,11 +410,12 @@ def row_kernels(filename: str, kernel: str, two_pass_spills: tuple = ()) -> RowK
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
 
 
-# NVRTC 13.0 (the H200 image's) spills 32-36 bytes in this file's two-pass kernels at sm_90; 13.5 and 12.9 do not.
-# Kept: the spill-free variant (the row window through a non-inlined call: 0 spills on all three) was slower there
-# (H200, 2026-12-04, bench/results/h200-device-checks.json: prefill 2048 x 16384 k 512 66.3 against 63.1 us,
-# 8192 x 32768 380.0 against 366.7, decode 128 x 131072 33.0 against 31.2).
-TWO_PASS_KNOWN_SPILLS = (((13, 0), 90),)
+# NVRTC 13.0 (the H200 image's) spills in this file's two-pass kernels at sm_90 (32-36 bytes stored, 56-64 loaded);
+# 13.5 and 12.9 do not. Kept: the spill-free variant (the row window through a non-inlined call: 0 spills on all
+# three) was slower there (H200, 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but vLLM's
+# kernel measured the same in both: prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0 against
+# 366.7, decode 128 x 131072 33.0 against 31.2).
+TWO_PASS_KNOWN_SPILLS = {((13, 0), 90): 64}
 KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel",
                       TWO_PASS_KNOWN_SPILLS)  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
