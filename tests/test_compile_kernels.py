@@ -23,10 +23,10 @@ def test_every_op_lists_its_kernels():
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 @pytest.mark.parametrize("op_name, kernel", INSTANTIATIONS, ids=[k.name_expression for _, k in INSTANTIATIONS])
 def test_compiles_without_spills(op_name, kernel, arch):
-    allowed = kernel.spill_allowance(arch)  # bytes of a spill the op keeps with this NVRTC; 0 almost everywhere
     report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch, root=kernel.root)
-    assert report.spill_stores <= allowed and report.spill_loads <= allowed, report.log
-    assert report.spill_stores > 0 or not allowed, "a known spill is gone: drop it from the op's known_spills"
+    assert kernel.spills_allowed(report), report.log  # none, but a spill the op keeps with this NVRTC
+    known = kernel.spill_allowance(arch) > 0
+    assert report.spill_stores > 0 or not known, "a known spill is gone: drop it from the op's known_spills"
     assert report.registers > 0, report.log  # the report was parsed from this kernel's block
 
 

@@ -154,6 +154,10 @@ class Kernel:
         """Bytes of spill stores (and of loads) accepted at `arch` with this NVRTC: 0 unless in `known_spills`."""
         return self.known_spills.get((compiler.nvrtc_version()[:2], arch), 0)
 
+    def spills_allowed(self, report: compiler.PtxasReport) -> bool:
+        """Whether ptxas' `report` for this instantiation spills no more than its allowance at the report's arch."""
+        return max(report.spill_stores, report.spill_loads) <= self.spill_allowance(report.arch)
+
     def compile(self, arch: int) -> compiler.CompiledKernel:
         target, native = compiler.supported_arch(arch)
         return compiler.compile_kernel(self.source, self.name_expression, target, native=native, root=self.root)
