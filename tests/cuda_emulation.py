@@ -1,19 +1,26 @@
 """The CUDA features our kernels use, emulated for g++ so that CI (no GPU) runs the real device code: one OS thread
 per CUDA thread, __syncthreads and warp barriers as real barriers (a thread that skips one fails its case after a
 timeout instead of hanging), shuffles (any width), ballots, shared atomics, `__ldg`, 2-D grids and thread-block
-clusters (x). Used by test_topk_emulated.py and test_selective_scan_emulated.py, which add what is particular to
-their kernels (cp.async, cluster shared memory; exp2 and prefetch instructions). What it does not model: timing,
-warp divergence beyond the shuffles' meeting points, memory-model subtleties."""
+clusters (x), gridDim, aligned vector loads. Used by test_topk_emulated.py, test_selective_scan_emulated.py and
+test_repetition_penalties_emulated.py, which add what is particular to their kernels (cp.async, cluster shared
+memory; exp2 and prefetch instructions; shared memory declarations). What it does not model: timing,
+warp divergence beyond the shuffles' meeting points, memory-model subtleties.
+
+Also here: `DTYPES_CUH` (common/dtypes.cuh for float, fp16 and bf16 with the GPU's round-to-nearest-even), a
+driver that launches kernels by name expression (`dispatch_driver`) and `run_plan`, which runs an op's own plan
+through it, so a test emulates exactly the launches the op would make."""
 
 from __future__ import annotations
 
 import ctypes
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from cupy_ops._runtime import compiler
+from cupy_ops._runtime import Launch, Scratch, compiler
 
 EMU_CUDA = r"""
 #pragma once
@@ -36,15 +43,18 @@ EMU_CUDA = r"""
 #define __launch_bounds__(...)
 struct dim3e { unsigned x, y, z; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) int4 { int x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 namespace emu {
 struct Deadlock {};
 inline std::atomic<bool> aborted{false};
 inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
+inline std::atomic<bool> misaligned{false};  // a load through a pointer not aligned to its type (a GPU fault)
 // A split cluster barrier misused (a wait with no arrive before it, a second arrive or a cluster_sync while one is
 // pending, a thread ending with one pending) or a read of the shared memory of a CTA whose threads have all ended.
 inline std::atomic<bool> misuse{false};
@@ -94,9 +104,11 @@ struct Block {
 struct Cluster { Barrier* bar; std::vector<Block*> blocks; };
 inline thread_local Block* cur = nullptr;
 inline thread_local dim3e tidx, bidx;
+inline dim3e gdim;  // one launch at a time
 }  // namespace emu
 #define threadIdx (emu::tidx)
 #define blockIdx (emu::bidx)
+#define gridDim (emu::gdim)
 inline void __syncthreads() { emu::cur->bar->wait(); }
 inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
 inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
@@ -111,11 +123,12 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsi
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __ffsll(unsigned long long x) { return __builtin_ffsll(static_cast<long long>(x)); }
-inline float __ldg(const float* p) { return *p; }
-template <typename T> inline T __ldg(const T* p) { return *p; }
-inline float4 __ldg(const float4* p) {
-  if (reinterpret_cast<uintptr_t>(p) & 15) { std::fprintf(stderr, "misaligned float4 load\n"); std::abort(); }
-  return *p;
+// Vector loads (uint4, float4, uint2, ...) fault on a GPU unless aligned to their size: flagged, and the case fails.
+template <typename T> inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T)) emu::misaligned = true;
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
 }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -161,12 +174,14 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur->warps[emu::tidx.x >> 5]->wait(); }
 namespace emu {
 // kernel() on grid_x x grid_y blocks of `threads`, `cluster` blocks at a time (along x); 0, 1 after a deadlock,
-// 3 after an overrun, 4 after a misuse.
+// 3 after an overrun, 4 after a misuse, 5 after a misaligned load (STATUS in cuda_emulation.py).
 template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic,
                                  int grid_y = 1) {
   aborted = false;
   overrun = false;
   misuse = false;
+  misaligned = false;
+  gdim = {unsigned(grid_x), unsigned(grid_y), 1};
   for (int cy = 0; cy < grid_y && !aborted; ++cy)
   for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
     Barrier cluster_bar(threads * cluster);
@@ -201,10 +216,101 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
       std::free(b.smem);
     }
   }
-  return aborted ? 1 : overrun ? 3 : misuse ? 4 : 0;
+  return aborted ? 1 : overrun ? 3 : misuse ? 4 : misaligned ? 5 : 0;
 }
 }  // namespace emu
 """
+
+
+# common/dtypes.cuh for the emulation: float, fp16 and bf16 (the 16-bit types as their bits), converted as the GPU's
+# __float2half_rn / __float2bfloat16_rn do (round to nearest even; g++'s _Float16 for fp16, GCC 12+).
+DTYPES_CUH = r"""
+#pragma once
+#include <cmath>
+#include <cstring>
+struct __half { unsigned short x; };
+struct __nv_bfloat16 { unsigned short x; };
+inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.x, 2); return static_cast<float>(f); }
+namespace cupy_ops {
+inline float to_float(float x) { return x; }
+inline float to_float(__half x) { return __half2float(x); }
+inline float to_float(__nv_bfloat16 x) { return __uint_as_float(unsigned(x.x) << 16); }
+template <typename T> T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline __half from_float<__half>(float x) {
+  const _Float16 f = static_cast<_Float16>(x);
+  __half h;
+  std::memcpy(&h.x, &f, 2);
+  return h;
+}
+template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  const unsigned u = __float_as_uint(x);
+  if (std::isnan(x)) return __nv_bfloat16{0x7fff};
+  return __nv_bfloat16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+}  // namespace cupy_ops
+"""
+
+# emu::launch's results
+STATUS = {1: "a barrier was not reached by every thread (emulated deadlock)",
+          2: "the kernel is not emulated",
+          3: "the two-pass emission counted more than k selected entries",
+          4: "a cluster barrier misused (a wait without an arrive, an arrive left pending) or a read of an ended "
+             "CTA's shared memory",
+          5: "a vector load through a pointer not aligned to its size (a misaligned address fault on a GPU)"}
+
+
+def swap(text: str, pattern: str, replacement: str, what: str) -> str:
+    """`text` with the one match of regex `pattern` replaced (a kernel source's GPU-only line rewritten for the
+    emulation); fails if it is not there exactly once."""
+    text, count = re.subn(pattern, replacement, text)
+    assert count == 1, f"{what} changed: update the emulation"
+    return text
+
+
+def check_status(status: int, what: str) -> None:
+    assert status == 0, f"{what}: {STATUS.get(status, f'status {status}')}"
+
+
+def dispatch_driver(source: str, params: str, kernels, *, static_bytes: int = 0) -> str:
+    """C++ for build() that includes `source` and exports `int run_kernel(name, grid_x, grid_y, threads, dynamic,
+    params)`: launches the kernel (one of `kernels`) whose name expression is `name` on a copy of the `params`
+    struct, with `static_bytes` of shared memory for the kernel's rewritten __shared__ declarations; 2 for a
+    name not among them."""
+    cases = "".join(f'  if (!std::strcmp(name, "{k.name_expression}")) return go({k.name_expression}, p, gx, gy, '
+                    f"threads, dynamic);\n" for k in kernels)
+    return (f'#include "emu_cuda.h"\n#include "{source}"\nusing namespace cupy_ops;\n'
+            f"template <typename K>\nstatic int go(K kernel, const {params}* p, int gx, int gy, int threads, "
+            "long long dynamic) {\n"
+            f"  const {params} copy = *p;\n"
+            f"  return emu::launch([&] {{ kernel(copy); }}, gx, threads, 1, {static_bytes}, dynamic, gy);\n}}\n"
+            'extern "C" int run_kernel(const char* name, int gx, int gy, int threads, long long dynamic, '
+            f"const {params}* p) {{\n" + cases + "  return 2;\n}\n")
+
+
+def run_plan(library, op, args) -> None:
+    """`op` on CPU tensors `args`, in place, through the emulated kernels (a dispatch_driver library) of its own
+    plan: every Launch in order, Scratch buffers zeroed."""
+    call, _ = op.validate(args)
+    buffers = {}
+    for step in op.plan(call):
+        if isinstance(step, Scratch):
+            buffers[step.name] = torch.zeros(step.nbytes, dtype=torch.uint8) if step.nbytes else None
+            continue
+        assert isinstance(step, Launch), f"unexpected step {step}"
+
+        def pointer(name):
+            t = buffers[name] if name in buffers else args[op.arguments.index(name)]
+            return 0 if t is None else t.data_ptr()
+
+        params = ctypes.create_string_buffer(step.params.size)
+        step.params.pack_into(params, 0, *[pointer(f.source) for f in step.params.pointers],
+                              step.params.pack(step.values))
+        grid, block = step.config.grid, step.config.block
+        check_status(library.run_kernel(step.kernel.name_expression.encode(), grid[0], grid[1], block[0],
+                                        ctypes.c_longlong(step.config.shared_bytes), params),
+                     step.kernel.name_expression)
 
 
 def build(out: Path, files: dict[str, str | None], driver: str, *, optimize: str = "-O2") -> ctypes.CDLL:

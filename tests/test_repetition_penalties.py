@@ -11,7 +11,6 @@ from helpers import (
     DEVICES,
     assert_bitwise_equal,
     assert_untouched,
-    bits,
     check_call,
     compiled_matches_eager,
     gpu,
@@ -21,13 +20,23 @@ from helpers import (
     strided,
     synchronize,
 )
+from penalties_utils import (
+    DTYPES,
+    LOGITS_LAYOUTS,
+    MASK_LAYOUTS,
+    assert_matches_fp32_reference,
+    call_and_check,
+    expected_fp32,
+    penalty_args,
+    special_value_args,
+    with_mask_layout,
+)
 
 import cupy_ops
 from cupy_ops._runtime import Call, TensorInfo
 from cupy_ops.ops import apply_repetition_penalties_ as module
 from cupy_ops.ops.apply_repetition_penalties_ import OP, mask_vector_bytes
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (num_seqs, vocab): one token; odd vocabs whose rows start at every offset mod 16; one multiple of 16;
 # Qwen's 151936 (297 warp chunks of 512 tokens per row).
 SHAPES = [(1, 1), (3, 17), (5, 1019), (13, 256), (4, 4099), (2, 151936)]
@@ -43,41 +52,6 @@ def logit_reads(request, monkeypatch):
     OP.forget_layouts()
 
 
-def _masks(rows: int, vocab: int, density: float, device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.rand(rows, vocab, generator=g, device=device) < density for _ in range(2))
-
-
-def _args(device, dtype=torch.float32, rows=5, vocab=1019, *, density=0.05, penalty_dtype=None, seed=0) -> tuple:
-    """(logits [rows, vocab] N(0, 1), prompt_mask, output_mask [rows, vocab] bool at `density`, penalties [rows]
-    in [0.5, 2) of `penalty_dtype` (default: logits' dtype, as vLLM passes them))."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g, device=device).to(dtype)
-    prompt, output = _masks(rows, vocab, density, device, g)
-    penalties = (torch.rand(rows, generator=g, device=device) * 1.5 + 0.5).to(penalty_dtype or dtype)
-    return logits, prompt, output, penalties
-
-
-def _expected_fp32(args: tuple) -> torch.Tensor:
-    return OP.reference(*args)[0]
-
-
-def _assert_matches_fp32_reference(args: tuple, expected: torch.Tensor, what: str) -> None:
-    """Bit-exact with the float32 reference, except that a penalised NaN may come back as another NaN (the GPU
-    returns its canonical NaN from x * p); unpenalised elements keep their bits, NaN payloads included."""
-    got = args[0]
-    synchronize(got.device)
-    penalised = (args[1] | args[2]) & expected.isnan()
-    same = (bits(got) == bits(expected)) | (penalised & got.isnan())
-    if not bool(same.all()):
-        assert_bitwise_equal(torch.where(same, expected, got), expected, what)
-
-
-def _call_and_check(args: tuple, what: str) -> None:
-    expected = _expected_fp32(args)
-    cupy_ops.apply_repetition_penalties_(*args)
-    _assert_matches_fp32_reference(args, expected, what)
-
-
 # ---- values ------------------------------------------------------------------------------------------------
 
 
@@ -85,7 +59,7 @@ def _call_and_check(args: tuple, what: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64_reference(device, dtype, shape, logit_reads):
-    check_call(OP, _args(device, dtype, *shape, seed=shape[1]))
+    check_call(OP, penalty_args(device, dtype, *shape, seed=shape[1]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,86 +69,41 @@ def test_matches_float64_reference(device, dtype, shape, logit_reads):
 def test_bit_exact_against_float32_reference(device, dtype, penalty_dtype, density, logit_reads):
     """The spec's test: x > 0 ? x / p : x * p in float32, rounded once; vLLM's 1% and dense masks."""
     pd = torch.float32 if penalty_dtype == "float32" else dtype
-    _call_and_check(_args(device, dtype, 37, 1019, density=density, penalty_dtype=pd, seed=7), "logits")
+    call_and_check(penalty_args(device, dtype, 37, 1019, density=density, penalty_dtype=pd, seed=7), "logits")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("penalty_dtype", ["logits", "float32"])
 def test_special_values(device, dtype, penalty_dtype, logit_reads):
-    """+-0, +-inf, NaN, subnormals, the largest finite value and 1 in every row; penalties below and above 1,
-    exactly 1, tiny (x / p overflows) and huge (x * p overflows; x / p underflows); every token of the row set
-    in the prompt mask only, the output mask only, both or neither (4 columns per value)."""
-    info = torch.finfo(dtype)
-    values = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.smallest_normal / 4,
-                           -info.smallest_normal / 4, info.max, -info.max, 1.0, -1.0, 3.0, -0.5],
-                          dtype=torch.float64)
-    penalties = torch.tensor([1.2, 0.8, 1.0, 1e-30, 1e30, 2.0 ** -10], dtype=torch.float64)
-    rows, vocab = len(penalties), 4 * len(values)
+    """penalties_utils.special_value_args: every special value under every kind of penalty and mask."""
     pd = torch.float32 if penalty_dtype == "float32" else dtype
-    logits = values.repeat_interleave(4).expand(rows, vocab).to(dtype).to(device).contiguous()
-    which = torch.arange(vocab) % 4  # 0 neither, 1 prompt only, 2 output only, 3 both
-    prompt = ((which == 1) | (which == 3)).expand(rows, vocab).to(device).contiguous()
-    output = ((which == 2) | (which == 3)).expand(rows, vocab).to(device).contiguous()
-    _call_and_check((logits, prompt, output, penalties.to(pd).to(device)), "special values")
+    call_and_check(special_value_args(device, dtype, pd), "special values")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", [17, 1019, 4099])
 def test_one_tensor_as_both_masks(device, vocab):
     """Callers pass the same tensor as prompt_mask and output_mask (the kernel then reads it once)."""
-    logits, prompt, _, penalties = _args(device, torch.bfloat16, 6, vocab, seed=vocab)
-    _call_and_check((logits, prompt, prompt, penalties), "logits")
+    logits, prompt, _, penalties = penalty_args(device, torch.bfloat16, 6, vocab, seed=vocab)
+    call_and_check((logits, prompt, prompt, penalties), "logits")
 
 
 # ---- layouts -----------------------------------------------------------------------------------------------
-
-# Masks cut out of wider buffers: (prompt start, output start, prompt row padding, output row padding), in bytes.
-# The kernel's mask vectors are W bytes, the widest W at which both masks' rows are congruent mod W:
-MASK_LAYOUTS = {
-    "contiguous": (0, 0, 0, 0),            # W = 16; odd vocabs cut the first and last vector of a row
-    "both-start-3": (3, 3, 0, 0),          # W = 16, every row starts 3 bytes into a vector
-    "both-padded-5": (0, 0, 5, 5),         # W = 16, each row starts at another offset mod 16
-    "start-8-apart": (8, 0, 0, 0),         # W = 8
-    "start-4-apart": (4, 0, 0, 0),         # W = 4
-    "start-2-apart": (6, 0, 0, 0),         # W = 2
-    "start-1-apart": (1, 0, 0, 0),         # W = 1
-    "rows-4-apart": (0, 0, 4, 0),          # W = 4 from the row strides alone
-    "rows-odd-apart": (7, 2, 3, 6),        # W = 1
-}
-
-
-def _sliced_mask(mask: torch.Tensor, start: int, pad: int) -> torch.Tensor:
-    rows, vocab = mask.shape
-    buffer = torch.zeros(rows, vocab + start + pad, dtype=torch.bool, device=mask.device)
-    buffer[:, start:start + vocab] = mask
-    return buffer[:, start:start + vocab]
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
 @pytest.mark.parametrize("vocab", [1019, 4096])
 def test_mask_layouts(device, layout, vocab, logit_reads):
-    p_start, o_start, p_pad, o_pad = MASK_LAYOUTS[layout]
-    logits, prompt, output, penalties = _args(device, torch.float32, 7, vocab, density=0.2, seed=vocab)
-    args = (logits, _sliced_mask(prompt, p_start, p_pad), _sliced_mask(output, o_start, o_pad), penalties)
-    _call_and_check(args, f"logits with {layout} masks")
+    args = with_mask_layout(penalty_args(device, torch.float32, 7, vocab, density=0.2, seed=vocab), layout)
+    call_and_check(args, f"logits with {layout} masks")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_expanded_mask_and_penalty(device):
     """One mask row and one penalty broadcast to every row (stride 0): inputs may share elements."""
-    logits, prompt, output, penalties = _args(device, torch.float16, 9, 1019, seed=3)
-    _call_and_check((logits, prompt[:1].expand(9, 1019), output, penalties[:1].expand(9)), "logits")
-
-
-# logits layouts as (strides, element offset) for [rows, vocab] = [6, 1019]: row padding (vLLM needs
-# contiguous logits), a transposed buffer, every other column, and penalties every third element.
-LOGITS_LAYOUTS = {
-    "row-padded": ((1024 + 3, 1), 5),
-    "transposed": ((1, 6), 0),
-    "every-other-column": ((2 * 1019 + 1, 2), 1),
-}
+    logits, prompt, output, penalties = penalty_args(device, torch.float16, 9, 1019, seed=3)
+    call_and_check((logits, prompt[:1].expand(9, 1019), output, penalties[:1].expand(9)), "logits")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,7 +112,7 @@ LOGITS_LAYOUTS = {
 def test_strided_logits_and_penalties(device, dtype, layout, logit_reads):
     """Only the view's elements change: every other element of the buffer keeps its bits."""
     rows, vocab = 6, 1019
-    source, prompt, output, penalties = _args(device, dtype, rows, vocab, density=0.3, seed=11)
+    source, prompt, output, penalties = penalty_args(device, dtype, rows, vocab, density=0.3, seed=11)
     strides, offset = LOGITS_LAYOUTS[layout]
     logits, buffer = strided((rows, vocab), strides, offset, dtype, device)
     buffer.copy_(torch.randn(buffer.shape, device=device).to(dtype))
@@ -191,7 +120,7 @@ def test_strided_logits_and_penalties(device, dtype, layout, logit_reads):
     spread, _ = strided((rows,), (3,), 1, penalties.dtype, device)
     spread.copy_(penalties)
     snapshot = buffer.clone()
-    _call_and_check((logits, prompt, output, spread), f"{layout} logits")
+    call_and_check((logits, prompt, output, spread), f"{layout} logits")
     assert_untouched(logits, buffer, snapshot, f"{layout} logits")
 
 
@@ -199,18 +128,18 @@ def test_strided_logits_and_penalties(device, dtype, layout, logit_reads):
 @pytest.mark.parametrize("shape", [(0, 17), (4, 0), (0, 0)], ids=str)
 def test_empty_calls_are_no_ops(device, shape):
     """num_seqs = 0 or vocab = 0 change nothing (vLLM divides by zero on the host at vocab = 0)."""
-    _call_and_check(_args(device, torch.float32, *shape), "empty logits")
+    call_and_check(penalty_args(device, torch.float32, *shape), "empty logits")
 
 
 def test_meta_tensors_are_validated():
-    logits, prompt, output, penalties = (t.to("meta") for t in _args("cpu", torch.float16, 3, 17))
+    logits, prompt, output, penalties = (t.to("meta") for t in penalty_args("cpu", torch.float16, 3, 17))
     with pytest.raises(TypeError, match="apply_repetition_penalties_: prompt_mask must be bool"):
         cupy_ops.apply_repetition_penalties_(logits, prompt.byte(), output, penalties)
 
 
 def test_valid_meta_call_is_accepted():
     """Meta tensors: validation only (no memory, so no overlap to check)."""
-    cupy_ops.apply_repetition_penalties_(*(t.to("meta") for t in _args("cpu", torch.float16, 3, 17)))
+    cupy_ops.apply_repetition_penalties_(*(t.to("meta") for t in penalty_args("cpu", torch.float16, 3, 17)))
 
 
 def _info(dtype, shape, strides, align=None) -> TensorInfo:
@@ -242,18 +171,18 @@ def test_mask_vector_width(prompt, output, rows, expected):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(device, dtype):
-    opcheck(OP, _args(device, dtype, 3, 37))
+    opcheck(OP, penalty_args(device, dtype, 3, 37))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_same_mask_twice(device):
-    logits, prompt, _, penalties = _args(device, torch.float32, 3, 37)
+    logits, prompt, _, penalties = penalty_args(device, torch.float32, 3, 37)
     opcheck(OP, (logits, prompt, prompt, penalties.float()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    compiled_matches_eager(OP, lambda: _args(device, torch.bfloat16, 5, 1019, seed=5))
+    compiled_matches_eager(OP, lambda: penalty_args(device, torch.bfloat16, 5, 1019, seed=5))
 
 
 # ---- validation ---------------------------------------------------------------------------------------------
@@ -303,7 +232,7 @@ REJECTED = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case_id, exception, argument, change", REJECTED, ids=[c[0] for c in REJECTED])
 def test_rejected_before_anything_is_written(device, case_id, exception, argument, change):
-    a = list(_args(device, torch.float16, 5, 40))
+    a = list(penalty_args(device, torch.float16, 5, 40))
     change(a)
     logits = a[0]
     snapshot = logits.clone()
@@ -323,7 +252,7 @@ def test_rejected_before_anything_is_written(device, case_id, exception, argumen
 @pytest.mark.parametrize("same_mask", [False, True], ids=["two-masks", "one-mask"])
 def test_matches_vllm(vllm_ops, dtype, shape, same_mask):
     """vLLM's kernel on its own layout (contiguous, penalties in the logits' dtype): the same bits."""
-    logits, prompt, output, penalties = _args("cuda", dtype, *shape, density=0.01, seed=shape[1])
+    logits, prompt, output, penalties = penalty_args("cuda", dtype, *shape, density=0.01, seed=shape[1])
     output = prompt if same_mask else output
     theirs = logits.clone()
     vllm_ops.apply_repetition_penalties_(theirs, prompt, output, penalties)
@@ -339,10 +268,8 @@ def test_warps_take_several_chunks(layout, logit_reads):
     """More chunks than resident warps (H200: 132 SMs x at most 64 warps), so warps stride over chunks and
     prefetch the next one: 8192 chunks of 512 tokens at W = 16, 32768 of 32 tokens at W = 1."""
     rows, vocab = (32, 131072) if layout == "contiguous" else (32, 32768)
-    logits, prompt, output, penalties = _args("cuda", torch.bfloat16, rows, vocab, density=0.01, seed=1)
-    p_start, o_start, p_pad, o_pad = MASK_LAYOUTS[layout]
-    args = (logits, _sliced_mask(prompt, p_start, p_pad), _sliced_mask(output, o_start, o_pad), penalties)
-    _call_and_check(args, f"logits, {layout} masks")
+    args = with_mask_layout(penalty_args("cuda", torch.bfloat16, rows, vocab, density=0.01, seed=1), layout)
+    call_and_check(args, f"logits, {layout} masks")
 
 
 @gpu
@@ -354,9 +281,9 @@ def test_empty_calls_launch_nothing(monkeypatch):
     real_launch = launcher.Launcher.launch
     monkeypatch.setattr(launcher.Launcher, "launch", lambda self, *a: (launches.append(a), real_launch(self, *a)))
     for shape in [(0, 17), (4, 0)]:
-        cupy_ops.apply_repetition_penalties_(*_args("cuda", torch.float32, *shape))
+        cupy_ops.apply_repetition_penalties_(*penalty_args("cuda", torch.float32, *shape))
     assert launches == []
-    cupy_ops.apply_repetition_penalties_(*_args("cuda", torch.float32, 2, 17))
+    cupy_ops.apply_repetition_penalties_(*penalty_args("cuda", torch.float32, 2, 17))
     assert len(launches) == 1
 
 
@@ -364,18 +291,18 @@ def test_empty_calls_launch_nothing(monkeypatch):
 @requires_cuda
 def test_cuda_graph_replay_reads_current_inputs():
     """A captured call applied again to new logits, masks and penalties written into the same tensors."""
-    static = _args("cuda", torch.float16, 7, 1019, seed=1)
+    static = penalty_args("cuda", torch.float16, 7, 1019, seed=1)
     cupy_ops.apply_repetition_penalties_(*[t.clone() for t in static])  # compile and plan outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cupy_ops.apply_repetition_penalties_(*static)
-    fresh = _args("cuda", torch.float16, 7, 1019, density=0.3, seed=2)
+    fresh = penalty_args("cuda", torch.float16, 7, 1019, density=0.3, seed=2)
     for target, value in zip(static, fresh):
         target.copy_(value)
-    expected = _expected_fp32(static)
+    expected = expected_fp32(static)
     graph.replay()
-    _assert_matches_fp32_reference(static, expected, "logits after replay")
+    assert_matches_fp32_reference(static, expected, "logits after replay")
 
 
 @gpu
@@ -384,12 +311,12 @@ def test_cupy_arrays():
     """CuPy arrays (bool masks included; through __cuda_array_interface__, which shares the tensors' memory)
     launch on CuPy's current stream."""
     cupy = pytest.importorskip("cupy")
-    args = _args("cuda", torch.float32, 5, 1019, density=0.2, penalty_dtype=torch.float32, seed=4)
-    expected = _expected_fp32(args)
+    args = penalty_args("cuda", torch.float32, 5, 1019, density=0.2, penalty_dtype=torch.float32, seed=4)
+    expected = expected_fp32(args)
     torch.cuda.synchronize()
     cupy_ops.apply_repetition_penalties_(*(cupy.asarray(t) for t in args))
     cupy.cuda.get_current_stream().synchronize()
-    _assert_matches_fp32_reference(args, expected, "logits through CuPy")
+    assert_matches_fp32_reference(args, expected, "logits through CuPy")
 
 
 @gpu
@@ -398,13 +325,13 @@ def test_tensors_on_a_device_other_than_the_current_one():
     """Tensors on cuda:1 while cuda:0 is current: the launch goes to cuda:1; the current device stays 0."""
     torch.cuda.set_device(0)
     for dtype in DTYPES:
-        _call_and_check(_args("cuda:1", dtype, 5, 1019, seed=6), f"{dtype} logits on cuda:1")
+        call_and_check(penalty_args("cuda:1", dtype, 5, 1019, seed=6), f"{dtype} logits on cuda:1")
     assert torch.cuda.current_device() == 0
 
 
 @gpu
 @requires_cuda
 def test_rejected_cpu_mask_among_cuda_tensors():
-    logits, prompt, output, penalties = _args("cuda", torch.float32, 3, 17)
+    logits, prompt, output, penalties = penalty_args("cuda", torch.float32, 3, 17)
     with pytest.raises(ValueError, match=r"apply_repetition_penalties_: output_mask is on cpu"):
         cupy_ops.apply_repetition_penalties_(logits, prompt, output.cpu(), penalties)

@@ -4,47 +4,24 @@ params drive it. So CI, which has no GPU, executes the windows (fast two states 
 8-lane scans, the chunked passes and the state cache, and compares every output with the float64 reference.
 
 Swapped for the emulation: the MUFU instructions (ex2/lg2.approx.ftz: exp2f/log2f with subnormals flushed), the L1
-prefetch (nothing), the dynamic shared memory declaration, and dtypes.cuh (float and bf16 only: bf16 is float's
-top 16 bits, rounded to nearest even). Timing and the hardware's approximation errors are not modelled."""
+prefetch (nothing), the dynamic shared memory declaration, and dtypes.cuh (cuda_emulation.DTYPES_CUH). Timing and the hardware's approximation errors are not modelled."""
 
 from __future__ import annotations
 
-import ctypes
-import re
 import shutil
 
 import pytest
 import torch
-from cuda_emulation import build
+from cuda_emulation import DTYPES_CUH, build, dispatch_driver, run_plan, swap
 from selective_scan_utils import run_and_check
 
-from cupy_ops._runtime import Launch, Scratch, compiler
+from cupy_ops._runtime import Launch, compiler
 from cupy_ops.ops import selective_scan_fwd as S
 from cupy_ops.ops.selective_scan_ref import random_call
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
 
 EMULATED = (torch.float32, torch.bfloat16)
-
-DTYPES_CUH = r"""
-#pragma once
-#include <cstring>
-struct __half { unsigned short x; };  // declared for packed.cuh's overloads; no fp16 kernel is emulated
-struct __nv_bfloat16 { unsigned short x; };
-inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
-inline float __half2float(__half) { std::abort(); }
-namespace cupy_ops {
-inline float to_float(float x) { return x; }
-inline float to_float(__nv_bfloat16 x) { return __uint_as_float(unsigned(x.x) << 16); }
-template <typename T> T from_float(float x);
-template <> inline float from_float<float>(float x) { return x; }
-template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {  // __float2bfloat16_rn
-  const unsigned u = __float_as_uint(x);
-  if (std::isnan(x)) return __nv_bfloat16{0x7fff};
-  return __nv_bfloat16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-}
-}  // namespace cupy_ops
-"""
 
 # The hardware's approximate exp2 and log2 with subnormals flushed to zero (inputs and results), as .ftz does.
 MUFU = r"""
@@ -54,49 +31,27 @@ inline float emu_lg2(float x) { return std::log2(emu_ftz(x)); }
 """
 
 
-def _driver(kernels) -> str:
-    cases = "".join(f'  if (!std::strcmp(name, "{k.name_expression}")) return go({k.name_expression}, p, gx, gy, '
-                    f"threads, dynamic);\n" for k in kernels)
-    return (r"""
-#include "emu_cuda.h"
-#include "selective_scan.cu"
-using namespace cupy_ops;
-template <typename K>
-static int go(K kernel, const SelectiveScanParams* p, int gx, int gy, int threads, long long dynamic) {
-  const SelectiveScanParams copy = *p;
-  return emu::launch([&] { kernel(copy); }, gx, threads, 1, 0, dynamic, gy);
-}
-extern "C" int run_scan(const char* name, int gx, int gy, int threads, long long dynamic,
-                        const SelectiveScanParams* p) {
-""" + cases + "  return 2;\n}\n")
-
-
 def _emulated_kernels() -> list:
     return [k for key, k in S.KERNELS.items() if key == "carry" or key[1] in EMULATED]
-
-
-def _swap(text: str, pattern: str, replacement: str, what: str) -> str:
-    text, count = re.subn(pattern, replacement, text)
-    assert count == 1, f"{what} changed: update the emulation"
-    return text
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """The emulation library, built from the current sources (about 10 s)."""
     source = compiler.kernel_dir()
-    packed = _swap((source / "common" / "packed.cuh").read_text(),
+    packed = swap((source / "common" / "packed.cuh").read_text(),
                    r'asm\("ex2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_ex2(x);",
                    "packed.cuh's ex2")
     scan = (source / "selective_scan.cu").read_text()
-    scan = _swap(scan, r'asm\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_lg2(x);",
+    scan = swap(scan, r'asm\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);', "y = emu_lg2(x);",
                  "lg2")
-    scan = _swap(scan, r'asm volatile\("prefetch\.L1 \[%0\];" ::"l"\(p\)\);', "(void)p;", "prefetch_l1")
-    scan = _swap(scan, r"extern __shared__ __align__\(16\) float smem\[\];",
+    scan = swap(scan, r'asm volatile\("prefetch\.L1 \[%0\];" ::"l"\(p\)\);', "(void)p;", "prefetch_l1")
+    scan = swap(scan, r"extern __shared__ __align__\(16\) float smem\[\];",
                  "float* smem = reinterpret_cast<float*>(emu::cur->smem);", "the shared memory declaration")
     files = {"common/types.cuh": None, "common/dtypes.cuh": DTYPES_CUH, "common/packed.cuh": MUFU + packed,
              "selective_scan.cu": scan, "selective_scan_seq.cuh": None, "selective_scan_windows.cuh": None}
-    return build(tmp_path_factory.mktemp("scan_emulator"), files, _driver(_emulated_kernels()), optimize="-O1")
+    return build(tmp_path_factory.mktemp("scan_emulator"), files,
+                 dispatch_driver("selective_scan.cu", "SelectiveScanParams", _emulated_kernels()), optimize="-O1")
 
 
 @pytest.fixture
@@ -105,32 +60,8 @@ def on_the_h200(monkeypatch):
     monkeypatch.setattr(S.launcher, "device_attribute", lambda device, name: {"sm_count": 132}[name])
 
 
-def emulate(library, *args) -> None:
-    """selective_scan_fwd on CPU tensors `args`, in place, through the emulated kernels of its own plan."""
-    call, _ = S.OP.validate(args)
-    buffers = {}
-    for step in S.OP.plan(call):
-        if isinstance(step, Scratch):
-            buffers[step.name] = torch.zeros(step.nbytes, dtype=torch.uint8) if step.nbytes else None
-            continue
-        assert isinstance(step, Launch), f"unexpected step {step}"
-
-        def pointer(name):
-            t = buffers[name] if name in buffers else args[S.OP.arguments.index(name)]
-            return 0 if t is None else t.data_ptr()
-
-        params = ctypes.create_string_buffer(step.params.size)
-        step.params.pack_into(params, 0, *[pointer(f.source) for f in step.params.pointers],
-                              step.params.pack(step.values))
-        grid, block = step.config.grid, step.config.block
-        status = library.run_scan(step.kernel.name_expression.encode(), grid[0], grid[1], block[0],
-                                  ctypes.c_longlong(step.config.shared_bytes), params)
-        assert status != 2, f"{step.kernel.name_expression} is not emulated"
-        assert status == 0, f"{step.kernel.name_expression}: a barrier was not reached by every thread"
-
-
 def check(library, args, what):
-    run_and_check(args, entry=lambda *a: emulate(library, *a), what=what)
+    run_and_check(args, entry=lambda *a: run_plan(library, S.OP, a), what=what)
 
 
 # Odd n leaves fast windows a state alone after their pairs (n = 1: only that one); L = 300 leaves a partial last

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from cuda_emulation import build
+from cuda_emulation import build, check_status
 from topk_utils import (
     DECODE,
     PERSISTENT,
@@ -216,11 +216,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     else:
         run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
         status = run(threads, cluster, grid, dynamic, params)
-    assert status != 2, f"({threads}, {cluster}) is not emulated"
-    assert status != 3, "the two-pass emission counted more than k selected entries"
-    assert status != 4, ("a cluster barrier misused (a wait without an arrive, an arrive left pending) or a read of "
-                         "an ended CTA's shared memory")
-    assert status == 0, "a barrier was not reached by every thread (emulated deadlock)"
+    check_status(status, f"({threads}, {cluster})")
 
 
 class Geometry(NamedTuple):
