@@ -6,7 +6,7 @@ test_repetition_penalties_emulated.py, which add what is particular to their ker
 memory; exp2 and prefetch instructions; shared memory declarations). What it does not model: timing,
 warp divergence beyond the shuffles' meeting points, memory-model subtleties.
 
-Also here: `DTYPES_CUH` (common/dtypes.cuh for float, fp16 and bf16 with the GPU's round-to-nearest-even), a
+Also here: `CUDA_FP_HEADERS` (cuda_fp16.h, cuda_bf16.h and cuda_fp8.h as the GPU rounds, for common/dtypes.cuh), a
 driver that launches kernels by name expression (`dispatch_driver`) and `run_plan`, which runs an op's own plan
 through it, so a test emulates exactly the launches the op would make."""
 
@@ -104,11 +104,14 @@ struct Block {
 struct Cluster { Barrier* bar; std::vector<Block*> blocks; };
 inline thread_local Block* cur = nullptr;
 inline thread_local dim3e tidx, bidx;
-inline dim3e gdim;  // one launch at a time
+inline dim3e gdim, bdim;  // one launch at a time
+// A thread's place in its block (x fastest), which sets its warp and lane: blocks may be 2-D.
+inline int linear_tid() { return int(tidx.x + tidx.y * bdim.x); }
 }  // namespace emu
 #define threadIdx (emu::tidx)
 #define blockIdx (emu::bidx)
 #define gridDim (emu::gdim)
+#define blockDim (emu::bdim)
 inline void __syncthreads() { emu::cur->bar->wait(); }
 inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
 inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
@@ -130,6 +133,8 @@ template <typename T> inline T __ldg(const T* p) {
   std::memcpy(&v, p, sizeof(T));
   return v;
 }
+using std::isinf;  // CUDA's math functions are global
+using std::isnan;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
@@ -137,7 +142,7 @@ inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 namespace emu {
 template <typename T> inline T shuffle(T v, int src, bool own) {
-  const int t = tidx.x, warp = t >> 5;
+  const int t = linear_tid(), warp = t >> 5;
   uint64_t raw = 0;
   std::memcpy(&raw, &v, sizeof(T));
   cur->shfl[t] = raw;
@@ -150,19 +155,19 @@ template <typename T> inline T shuffle(T v, int src, bool own) {
 }  // namespace emu
 // Lane `l` of a shuffle of `width` lanes reads lane `src` of its own segment of `width` lanes (own: keep v).
 template <typename T> inline T __shfl_up_sync(unsigned, T v, int d, int width = 32) {
-  const int lane = emu::tidx.x & 31, base = lane & ~(width - 1);
+  const int lane = emu::linear_tid() & 31, base = lane & ~(width - 1);
   return emu::shuffle(v, lane - d, lane - d < base);
 }
 template <typename T> inline T __shfl_down_sync(unsigned, T v, int d, int width = 32) {
-  const int lane = emu::tidx.x & 31, base = lane & ~(width - 1);
+  const int lane = emu::linear_tid() & 31, base = lane & ~(width - 1);
   return emu::shuffle(v, lane + d, lane + d >= base + width);
 }
 template <typename T> inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
-  const int lane = emu::tidx.x & 31;
+  const int lane = emu::linear_tid() & 31;
   return emu::shuffle(v, (lane & ~(width - 1)) + (src & (width - 1)), false);
 }
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
-  const int lane = emu::tidx.x & 31;
+  const int lane = emu::linear_tid() & 31;
   return emu::shuffle(v, (lane & ~(width - 1)) | ((lane ^ mask) & (width - 1)), false);
 }
 inline unsigned __ballot_sync(unsigned, int pred) {
@@ -171,39 +176,41 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   return bits;
 }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur->warps[emu::tidx.x >> 5]->wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur->warps[emu::linear_tid() >> 5]->wait(); }
 namespace emu {
-// kernel() on grid_x x grid_y blocks of `threads`, `cluster` blocks at a time (along x); 0, 1 after a deadlock,
+// kernel() on grid_x x grid_y blocks of threads x block_y, `cluster` blocks at a time (along x); 0, 1 after a deadlock,
 // 3 after an overrun, 4 after a misuse, 5 after a misaligned load (STATUS in cuda_emulation.py).
 template <typename F> int launch(F kernel, int grid_x, int threads, int cluster, size_t static_bytes, size_t dynamic,
-                                 int grid_y = 1) {
+                                 int grid_y = 1, int block_y = 1) {
+  const int n = threads * block_y;
   aborted = false;
   overrun = false;
   misuse = false;
   misaligned = false;
   gdim = {unsigned(grid_x), unsigned(grid_y), 1};
+  bdim = {unsigned(threads), unsigned(block_y), 1};
   for (int cy = 0; cy < grid_y && !aborted; ++cy)
   for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
-    Barrier cluster_bar(threads * cluster);
+    Barrier cluster_bar(n * cluster);
     Cluster cl{&cluster_bar, {}};
     std::vector<Block> blocks(cluster);
     for (auto& b : blocks) {
-      b.bar = new Barrier(threads);
-      for (int w = 0; w < threads / 32; ++w) b.warps.push_back(new Barrier(32));
-      b.shfl.assign(threads, 0);
+      b.bar = new Barrier(n);
+      for (int w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(new Barrier(32));
+      b.shfl.assign(n, 0);
       b.static_bytes = (static_bytes + 15) & ~size_t(15);
       b.smem = static_cast<unsigned char*>(std::aligned_alloc(16, b.static_bytes + dynamic + 16));
       std::memset(b.smem, 0xA5, b.static_bytes + dynamic + 16);  // garbage, as real shared memory
       b.cluster = &cl;
-      b.running = threads;
+      b.running = n;
       cl.blocks.push_back(&b);
     }
     std::vector<std::thread> pool;
     for (int r = 0; r < cluster; ++r)
-      for (int t = 0; t < threads; ++t)
+      for (int t = 0; t < n; ++t)
         pool.emplace_back([&, r, t] {
           cur = &blocks[r];
-          tidx = {unsigned(t), 0, 0};
+          tidx = {unsigned(t % threads), unsigned(t / threads), 0};
           bidx = {unsigned(c0 + r), unsigned(cy), 0};
           try { kernel(); } catch (Deadlock&) { aborted = true; }
           if (cluster_pending) misuse = true;
@@ -222,35 +229,57 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
 """
 
 
-# common/dtypes.cuh for the emulation: float, fp16 and bf16 (the 16-bit types as their bits), converted as the GPU's
-# __float2half_rn / __float2bfloat16_rn do (round to nearest even; g++'s _Float16 for fp16, GCC 12+).
-DTYPES_CUH = r"""
+# The CUDA headers common/dtypes.cuh includes (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h), for the emulation: the 16-bit
+# types as their bits, converted as the GPU converts: round to nearest even (g++'s _Float16 for fp16, GCC 12+), bf16's
+# NaN the canonical 0x7fff, e4m3 with saturation to +-448 (__NV_SATFINITE). So the real dtypes.cuh is compiled.
+_CUDA_FP = r"""
 #pragma once
 #include <cmath>
 #include <cstring>
 struct __half { unsigned short x; };
 struct __nv_bfloat16 { unsigned short x; };
+struct float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
 inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.x, 2); return static_cast<float>(f); }
-namespace cupy_ops {
-inline float to_float(float x) { return x; }
-inline float to_float(__half x) { return __half2float(x); }
-inline float to_float(__nv_bfloat16 x) { return __uint_as_float(unsigned(x.x) << 16); }
-template <typename T> T from_float(float x);
-template <> inline float from_float<float>(float x) { return x; }
-template <> inline __half from_float<__half>(float x) {
+inline __half __float2half_rn(float x) {
   const _Float16 f = static_cast<_Float16>(x);
   __half h;
   std::memcpy(&h.x, &f, 2);
   return h;
 }
-template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+inline float __bfloat162float(__nv_bfloat16 x) { return __uint_as_float(unsigned(x.x) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   const unsigned u = __float_as_uint(x);
   if (std::isnan(x)) return __nv_bfloat16{0x7fff};
   return __nv_bfloat16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
-}  // namespace cupy_ops
+enum __nv_saturation_t { __NV_NOSAT, __NV_SATFINITE };
+enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
+using __nv_fp8_storage_t = unsigned char;
+using __nv_fp8x2_storage_t = unsigned short;
+// e4m3fn (bias 7, 3 mantissa bits, largest 448, no infinities), round to nearest even; only E4M3 with SATFINITE.
+inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t sat, __nv_fp8_interpretation_t kind) {
+  if (sat != __NV_SATFINITE || kind != __NV_E4M3) std::abort();
+  const unsigned char sign = std::signbit(x) ? 0x80 : 0;
+  if (std::isnan(x)) return 0x7f;
+  const float a = std::fabs(x);
+  if (a >= 448.0f) return sign | 0x7e;
+  if (a < 0x1p-6f) return sign | static_cast<unsigned char>(std::nearbyint(a * 0x1p9f));  // subnormals (8: 2^-6)
+  int e;
+  std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
+  float m = std::nearbyint(std::ldexp(a, 4 - e));  // 8..16: the implicit bit and 3 mantissa bits
+  if (m == 16.0f) { m = 8.0f; ++e; }
+  const unsigned bits = (unsigned(e - 1 + 7) << 3) | (unsigned(m) - 8u);
+  return sign | static_cast<unsigned char>(bits > 0x7e ? 0x7e : bits);
+}
+inline __nv_fp8x2_storage_t __nv_cvt_float2_to_fp8x2(float2 v, __nv_saturation_t sat, __nv_fp8_interpretation_t kind) {
+  return static_cast<unsigned short>(__nv_cvt_float_to_fp8(v.x, sat, kind) | (__nv_cvt_float_to_fp8(v.y, sat, kind) << 8));
+}
 """
+CUDA_FP_HEADERS = {"cuda_fp16.h": _CUDA_FP, "cuda_bf16.h": '#pragma once\n#include "cuda_fp16.h"\n',
+                   "cuda_fp8.h": '#pragma once\n#include "cuda_fp16.h"\n'}
+
 
 # emu::launch's results
 STATUS = {1: "a barrier was not reached by every thread (emulated deadlock)",
@@ -274,24 +303,24 @@ def check_status(status: int, what: str) -> None:
 
 
 def dispatch_driver(source: str, params: str, kernels, *, static_bytes: int = 0) -> str:
-    """C++ for build() that includes `source` and exports `int run_kernel(name, grid_x, grid_y, threads, dynamic,
-    params)`: launches the kernel (one of `kernels`) whose name expression is `name` on a copy of the `params`
-    struct, with `static_bytes` of shared memory for the kernel's rewritten __shared__ declarations; 2 for a
-    name not among them."""
+    """C++ for build() that includes `source` and exports `int run_kernel(name, grid_x, grid_y, block_x, block_y,
+    dynamic, params)`: launches the kernel (one of `kernels`) whose name expression is `name` on a copy of the
+    `params` struct, with `static_bytes` of shared memory for the kernel's rewritten __shared__ declarations; 2 for
+    a name not among them."""
     cases = "".join(f'  if (!std::strcmp(name, "{k.name_expression}")) return go({k.name_expression}, p, gx, gy, '
-                    f"threads, dynamic);\n" for k in kernels)
+                    f"bx, by, dynamic);\n" for k in kernels)
     return (f'#include "emu_cuda.h"\n#include "{source}"\nusing namespace cupy_ops;\n'
-            f"template <typename K>\nstatic int go(K kernel, const {params}* p, int gx, int gy, int threads, "
+            f"template <typename K>\nstatic int go(K kernel, const {params}* p, int gx, int gy, int bx, int by, "
             "long long dynamic) {\n"
             f"  const {params} copy = *p;\n"
-            f"  return emu::launch([&] {{ kernel(copy); }}, gx, threads, 1, {static_bytes}, dynamic, gy);\n}}\n"
-            'extern "C" int run_kernel(const char* name, int gx, int gy, int threads, long long dynamic, '
+            f"  return emu::launch([&] {{ kernel(copy); }}, gx, bx, 1, {static_bytes}, dynamic, gy, by);\n}}\n"
+            'extern "C" int run_kernel(const char* name, int gx, int gy, int bx, int by, long long dynamic, '
             f"const {params}* p) {{\n" + cases + "  return 2;\n}\n")
 
 
 def run_plan(library, op, args) -> None:
     """`op` on CPU tensors `args`, in place, through the emulated kernels (a dispatch_driver library) of its own
-    plan: every Launch in order, Scratch buffers zeroed."""
+    plan: every Launch in order (1-D or 2-D blocks and grids, no clusters), Scratch buffers zeroed."""
     call, _ = op.validate(args)
     buffers = {}
     for step in op.plan(call):
@@ -308,7 +337,10 @@ def run_plan(library, op, args) -> None:
         step.params.pack_into(params, 0, *[pointer(f.source) for f in step.params.pointers],
                               step.params.pack(step.values))
         grid, block = step.config.grid, step.config.block
-        check_status(library.run_kernel(step.kernel.name_expression.encode(), grid[0], grid[1], block[0],
+        # clusters need a test's own driver (test_topk_emulated.py); a dependent launch runs as a plain one here
+        assert step.config.cluster in (None, (1, 1, 1)), "run_plan launches no thread-block clusters"
+        assert block[2] == 1, "run_plan launches 1-D or 2-D blocks"
+        check_status(library.run_kernel(step.kernel.name_expression.encode(), grid[0], grid[1], block[0], block[1],
                                         ctypes.c_longlong(step.config.shared_bytes), params),
                      step.kernel.name_expression)
 

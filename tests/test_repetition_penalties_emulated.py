@@ -5,8 +5,8 @@ read, the warps' striding and next-chunk prefetch, the speculative reads and the
 compares every element bit for bit with the float32 reference. The emulation also fails a vector load through a
 pointer not aligned to its size: the plan's mask vector width is checked against the real addresses.
 
-Swapped for the emulation: the __shared__ staging declaration (per-block storage) and dtypes.cuh
-(cuda_emulation.DTYPES_CUH). Not modelled: timing, and reads outside the tensors (compute-sanitizer's memcheck
+Swapped for the emulation: the __shared__ staging declaration (per-block storage) and the CUDA fp16/bf16/fp8
+headers (cuda_emulation.CUDA_FP_HEADERS). Not modelled: timing, and reads outside the tensors (compute-sanitizer's memcheck
 covers those on the GPU); writes outside the logits' view land in guard elements and fail the case."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from cuda_emulation import DTYPES_CUH, build, dispatch_driver, run_plan, swap
+from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, run_plan, swap
 from helpers import assert_untouched
 from penalties_utils import (
     DTYPES,
@@ -47,7 +47,7 @@ def emulator(tmp_path_factory):
                   "auto& staged = *reinterpret_cast<unsigned char (*)[kWarps][32 * W]>(emu::cur->smem);",
                   "the staging declaration")
     files = {"common/types.cuh": None, "common/vec.cuh": None, "common/fast_divmod.cuh": None,
-             "common/dtypes.cuh": DTYPES_CUH, "repetition_penalties.cu": source}
+             "common/dtypes.cuh": None, **CUDA_FP_HEADERS, "repetition_penalties.cu": source}
     driver = dispatch_driver("repetition_penalties.cu", "RepetitionPenaltiesParams", KERNELS.values(),
                              static_bytes=STAGED_BYTES)
     return build(tmp_path_factory.mktemp("penalties_emulator"), files, driver)

@@ -4,7 +4,8 @@ params drive it. So CI, which has no GPU, executes the windows (fast two states 
 8-lane scans, the chunked passes and the state cache, and compares every output with the float64 reference.
 
 Swapped for the emulation: the MUFU instructions (ex2/lg2.approx.ftz: exp2f/log2f with subnormals flushed), the L1
-prefetch (nothing), the dynamic shared memory declaration, and dtypes.cuh (cuda_emulation.DTYPES_CUH). Timing and the hardware's approximation errors are not modelled."""
+prefetch (nothing), the dynamic shared memory declaration, and the CUDA fp16/bf16/fp8 headers
+(cuda_emulation.CUDA_FP_HEADERS). Timing and the hardware's approximation errors are not modelled."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from cuda_emulation import DTYPES_CUH, build, dispatch_driver, run_plan, swap
+from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, run_plan, swap
 from selective_scan_utils import run_and_check
 
 from cupy_ops._runtime import Launch, compiler
@@ -48,7 +49,8 @@ def emulator(tmp_path_factory):
     scan = swap(scan, r'asm volatile\("prefetch\.L1 \[%0\];" ::"l"\(p\)\);', "(void)p;", "prefetch_l1")
     scan = swap(scan, r"extern __shared__ __align__\(16\) float smem\[\];",
                  "float* smem = reinterpret_cast<float*>(emu::cur->smem);", "the shared memory declaration")
-    files = {"common/types.cuh": None, "common/dtypes.cuh": DTYPES_CUH, "common/packed.cuh": MUFU + packed,
+    files = {"common/types.cuh": None, "common/dtypes.cuh": None, **CUDA_FP_HEADERS,
+             "common/packed.cuh": MUFU + packed,
              "selective_scan.cu": scan, "selective_scan_seq.cuh": None, "selective_scan_windows.cuh": None}
     return build(tmp_path_factory.mktemp("scan_emulator"), files,
                  dispatch_driver("selective_scan.cu", "SelectiveScanParams", _emulated_kernels()), optimize="-O1")

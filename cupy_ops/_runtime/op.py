@@ -110,7 +110,7 @@ class Op:
     reference(*args, **kwargs) -> one new tensor (or None) per written argument, in schema order: the pure-torch
         semantics, and the op's CPU kernel.
     examples(device) -> [(label, args)]: random valid calls for `python -m cupy_ops check` (fresh data each time).
-    compare(args, expected) -> None or what differs, for written arguments after a call; default: every written
+    compare(op, args, expected) -> None or what differs, for written arguments after a call; default: every written
         tensor within `testing.TOLERANCE` of the float64 reference (`reference(..., compute_dtype=float64)`).
     """
 

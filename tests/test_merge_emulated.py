@@ -1,0 +1,57 @@
+"""merge_attn_states.cu run on the CPU: g++ compiles the real kernel (every instantiation the op has: input dtype,
+fp8 output or not, vector width, 32- or 64-bit offsets) against tests/cuda_emulation.py, one OS thread per CUDA
+thread, and the op's own plan and params drive it. So CI, which has no GPU, executes each vector width's body and
+ragged tail, the suffix-only copy of tokens without context, the lse special cases, the fp8 conversion and the
+64-bit-offset kernels (which no GPU test reaches: they need tensors past 2^31 elements; here the plan is made to
+pick them), against the float64 reference, with NaN around every input view and guard elements around every output.
+
+Swapped for the emulation: the CUDA fp16/bf16/fp8 headers (cuda_emulation.CUDA_FP_HEADERS: conversions as the GPU
+rounds them). expf and logf are the C library's, not the GPU's (both within the tolerance table's reach). Not
+modelled: timing, and reads outside the tensors (compute-sanitizer's memcheck covers those on the GPU)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, run_plan
+from merge_utils import make_case, run_and_check
+
+from cupy_ops.ops import merge_attn_states as module
+from cupy_ops.ops.merge_attn_states import KERNELS, OP
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+
+MAX_VECTOR = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulation library of every instantiation in KERNELS, built from the current sources (about 30 s)."""
+    files = {"common/types.cuh": None, "common/vec.cuh": None, "common/fast_divmod.cuh": None,
+             "common/dtypes.cuh": None, **CUDA_FP_HEADERS, "merge_attn_states.cu": None}
+    driver = dispatch_driver("merge_attn_states.cu", "MergeAttnStatesParams", KERNELS.values())
+    return build(tmp_path_factory.mktemp("merge_emulator"), files, driver)
+
+
+def _layout_for(dtype: torch.dtype, vec: int) -> tuple[str, int]:
+    """(layout, head size) in which the plan picks `vec` elements a vector: the widest in the padded layout (head
+    strides multiples of 8, head size 100: a vector body and a 4-element ragged tail), the narrower ones with
+    every tensor at that element offset (merge_utils.LAYOUTS) and head size 96."""
+    return ("padded", 100) if vec == MAX_VECTOR[dtype] else (f"offset{vec}", 96)
+
+
+# Every instantiation: (input dtype, fp8 output, elements a vector, 64-bit offsets). 9 tokens x 3 heads, the
+# first 5 with context (the rest copy the suffix), lse with +-inf on both sides (merge_utils.random_lse "mixed").
+@pytest.mark.parametrize("key", list(KERNELS), ids=lambda k: f"{str(k[0])[6:]}{'-to-fp8' if k[1] else ''}-vec{k[2]}"
+                         f"{'-wide' if k[3] else ''}")
+def test_every_kernel(emulator, monkeypatch, key):
+    dtype, fp8, vec, wide = key
+    if wide:  # every call takes the 64-bit-offset kernels
+        monkeypatch.setattr(module, "_INT32_LIMIT", 1)
+    layout, d = _layout_for(dtype, vec)
+    case = make_case(9, 3, d, dtype, "cpu", fp8=fp8, p=5, layout=layout, seed=vec)
+    (launch,) = OP.plan(OP.validate(case.args())[0])
+    assert launch.kernel is KERNELS[key], f"the plan took {launch.kernel.name_expression}"
+    run_and_check(case, entry=lambda *a: run_plan(emulator, OP, a))
