@@ -11,6 +11,7 @@ modelled: timing, and reads outside the tensors (compute-sanitizer's memcheck co
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 
 import pytest
@@ -32,6 +33,8 @@ def emulator(tmp_path_factory):
     files = {"common/types.cuh": None, "common/vec.cuh": None, "common/fast_divmod.cuh": None,
              "common/dtypes.cuh": None, **CUDA_FP_HEADERS, "merge_attn_states.cu": None}
     driver = dispatch_driver("merge_attn_states.cu", "MergeAttnStatesParams", KERNELS.values())
+    driver += ('extern "C" void to_fp8(const float* x, unsigned char* out, long n) {\n'
+               "  for (long i = 0; i < n; ++i) out[i] = to_fp8_e4m3(x[i], 1.0f).bits;\n}\n")
     return build(tmp_path_factory.mktemp("merge_emulator"), files, driver)
 
 
@@ -55,3 +58,21 @@ def test_every_kernel(emulator, monkeypatch, key):
     (launch,) = OP.plan(OP.validate(case.args())[0])
     assert launch.kernel is KERNELS[key], f"the plan took {launch.kernel.name_expression}"
     run_and_check(case, entry=lambda *a: run_plan(emulator, OP, a))
+
+
+def test_emulated_fp8_conversion_matches_torch(emulator):
+    """The emulation's e4m3 conversion (dtypes.cuh's clamp, then the emulated __nv_cvt_float_to_fp8) bit for bit
+    against torch's round to nearest even: every e4m3 value, the midpoints between neighbours (ties go to the even
+    one), points just beside them, subnormals, +-0 and values past +-448 (clamped); NaN -> +448 as in vLLM."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[codes.isfinite()].unique()
+    middles = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, middles, middles.nextafter(torch.tensor(float("inf"))),
+                   middles.nextafter(torch.tensor(float("-inf"))), torch.tensor([-0.0, 500.0, -1e30, float("inf")])])
+    got = torch.empty(x.numel(), dtype=torch.uint8)
+    emulator.to_fp8(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(got.data_ptr()), ctypes.c_long(x.numel()))
+    expected = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(got, expected), f"first mismatch at {x[(got != expected).nonzero()[0]]}"
+    nan = torch.tensor([float("nan")])
+    emulator.to_fp8(ctypes.c_void_p(nan.data_ptr()), ctypes.c_void_p(got.data_ptr()), ctypes.c_long(1))
+    assert got[0] == 0x7E, "NaN must become +448"
