@@ -1,26 +1,29 @@
 """The CUDA features our kernels use, emulated for g++ so that CI (no GPU) runs the real device code: one OS thread
 per CUDA thread, __syncthreads and warp barriers as real barriers (a thread that skips one fails its case after a
-timeout instead of hanging), shuffles (any width), ballots, shared atomics, `__ldg`, 2-D grids and thread-block
-clusters (x), gridDim, aligned vector loads. Used by test_topk_emulated.py, test_selective_scan_emulated.py and
-test_repetition_penalties_emulated.py, which add what is particular to their kernels (cp.async, cluster shared
-memory; exp2 and prefetch instructions; shared memory declarations). What it does not model: timing,
-warp divergence beyond the shuffles' meeting points, memory-model subtleties.
+timeout instead of hanging), shuffles (any width), ballots, shared atomics, `__ldg`, 2-D grids and blocks,
+gridDim/blockDim, thread-block clusters (x), and a failed case for a misaligned vector load or store. Used by
+test_topk_emulated.py, test_selective_scan_emulated.py, test_repetition_penalties_emulated.py and
+test_merge_emulated.py, which add what is particular to their kernels (cp.async, cluster shared memory; exp2 and
+prefetch instructions; shared memory declarations). What it does not model: timing, warp divergence beyond the
+shuffles' meeting points, memory-model subtleties, reads outside a tensor.
 
-Also here: `CUDA_FP_HEADERS` (cuda_fp16.h, cuda_bf16.h and cuda_fp8.h as the GPU rounds, for common/dtypes.cuh), a
-driver that launches kernels by name expression (`dispatch_driver`) and `run_plan`, which runs an op's own plan
-through it, so a test emulates exactly the launches the op would make."""
+Also here: `CUDA_FP_HEADERS` (cuda_fp16.h, cuda_bf16.h and cuda_fp8.h as the GPU rounds, for common/dtypes.cuh),
+`checked_vec_cuh`, a driver that launches kernels by name expression (`dispatch_driver`) and `run_plan`, which runs
+an op's own plan through it, so a test emulates exactly the launches the op would make. Needs g++ 12 or later
+(C++20, `_Float16`): `requires_gxx`."""
 
 from __future__ import annotations
 
 import ctypes
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from cupy_ops._runtime import Launch, Scratch, compiler
+from cupy_ops._runtime import Launch, Memset, Scratch, compiler
 
 EMU_CUDA = r"""
 #pragma once
@@ -126,12 +129,17 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsi
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __ffsll(unsigned long long x) { return __builtin_ffsll(static_cast<long long>(x)); }
-// Vector loads (uint4, float4, uint2, ...) fault on a GPU unless aligned to their size: flagged, and the case fails.
+// Vector loads and stores (uint4, float4, uint2, ...) fault on a GPU unless aligned to their size: flagged, and the
+// case fails. Checked: every __ldg, and vec::store (checked_vec_cuh).
 template <typename T> inline T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T)) emu::misaligned = true;
   T v;
   std::memcpy(&v, p, sizeof(T));
   return v;
+}
+template <typename T> inline void emu_store(T* p, const T& v) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T)) emu::misaligned = true;
+  else std::memcpy(p, &v, sizeof(T));
 }
 using std::isinf;  // CUDA's math functions are global
 using std::isnan;
@@ -196,8 +204,9 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
     std::vector<Block> blocks(cluster);
     for (auto& b : blocks) {
       b.bar = new Barrier(n);
-      for (int w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(new Barrier(32));
-      b.shfl.assign(n, 0);
+      // a last warp of fewer than 32 threads meets as those (lanes past the block read 0 in shuffles and ballots)
+      for (int w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(new Barrier(std::min(32, n - 32 * w)));
+      b.shfl.assign((n + 31) / 32 * 32, 0);
       b.static_bytes = (static_bytes + 15) & ~size_t(15);
       b.smem = static_cast<unsigned char*>(std::aligned_alloc(16, b.static_bytes + dynamic + 16));
       std::memset(b.smem, 0xA5, b.static_bytes + dynamic + 16);  // garbage, as real shared memory
@@ -230,8 +239,9 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
 
 
 # The CUDA headers common/dtypes.cuh includes (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h), for the emulation: the 16-bit
-# types as their bits, converted as the GPU converts: round to nearest even (g++'s _Float16 for fp16, GCC 12+), bf16's
-# NaN the canonical 0x7fff, e4m3 with saturation to +-448 (__NV_SATFINITE). So the real dtypes.cuh is compiled.
+# types as their bits, converted as the GPU converts: round to nearest even (g++'s _Float16 for fp16, GCC 12+), NaN
+# to the canonical 0x7fff (fp16 and bf16: cvt.rn's), e4m3 with saturation to +-448 (__NV_SATFINITE). So the real
+# dtypes.cuh is compiled.
 _CUDA_FP = r"""
 #pragma once
 #include <cmath>
@@ -243,6 +253,7 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
 inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.x, 2); return static_cast<float>(f); }
 inline __half __float2half_rn(float x) {
+  if (std::isnan(x)) return __half{0x7fff};  // _Float16 would keep the payload (0x7e00)
   const _Float16 f = static_cast<_Float16>(x);
   __half h;
   std::memcpy(&h.x, &f, 2);
@@ -273,13 +284,26 @@ inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t sat, 
   const unsigned bits = (unsigned(e - 1 + 7) << 3) | (unsigned(m) - 8u);
   return sign | static_cast<unsigned char>(bits > 0x7e ? 0x7e : bits);
 }
-inline __nv_fp8x2_storage_t __nv_cvt_float2_to_fp8x2(float2 v, __nv_saturation_t sat, __nv_fp8_interpretation_t kind) {
-  return static_cast<unsigned short>(__nv_cvt_float_to_fp8(v.x, sat, kind) | (__nv_cvt_float_to_fp8(v.y, sat, kind) << 8));
+inline __nv_fp8x2_storage_t __nv_cvt_float2_to_fp8x2(float2 v, __nv_saturation_t sat,
+                                                      __nv_fp8_interpretation_t kind) {
+  return static_cast<unsigned short>(__nv_cvt_float_to_fp8(v.x, sat, kind)
+                                     | (__nv_cvt_float_to_fp8(v.y, sat, kind) << 8));
 }
 """
 CUDA_FP_HEADERS = {"cuda_fp16.h": _CUDA_FP, "cuda_bf16.h": '#pragma once\n#include "cuda_fp16.h"\n',
                    "cuda_fp8.h": '#pragma once\n#include "cuda_fp16.h"\n'}
 
+
+def _gxx_major() -> int:
+    """g++'s major version, 0 without one."""
+    if shutil.which("g++") is None:
+        return 0
+    found = subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True, check=False).stdout.strip()
+    return int(found.split(".")[0]) if found.split(".")[0].isdigit() else 0
+
+
+requires_gxx = pytest.mark.skipif(_gxx_major() < 12, reason="needs g++ 12+ (C++20, _Float16) to build the CPU "
+                                                            "emulation")
 
 # emu::launch's results
 STATUS = {1: "a barrier was not reached by every thread (emulated deadlock)",
@@ -287,7 +311,7 @@ STATUS = {1: "a barrier was not reached by every thread (emulated deadlock)",
           3: "the two-pass emission counted more than k selected entries",
           4: "a cluster barrier misused (a wait without an arrive, an arrive left pending) or a read of an ended "
              "CTA's shared memory",
-          5: "a vector load through a pointer not aligned to its size (a misaligned address fault on a GPU)"}
+          5: "a vector load or store through a pointer not aligned to its size (a misaligned address fault on a GPU)"}
 
 
 def swap(text: str, pattern: str, replacement: str, what: str) -> str:
@@ -296,6 +320,14 @@ def swap(text: str, pattern: str, replacement: str, what: str) -> str:
     text, count = re.subn(pattern, replacement, text)
     assert count == 1, f"{what} changed: update the emulation"
     return text
+
+
+def checked_vec_cuh() -> str:
+    """common/vec.cuh with vec::store through emu_store, which flags a misaligned vector store (a g++ store would
+    crash the test process or pass where the GPU faults)."""
+    return swap((compiler.kernel_dir() / "common" / "vec.cuh").read_text(),
+                r"\*reinterpret_cast<bits_t\*>\(ptr\) = \*reinterpret_cast<const bits_t\*>\(v\);",
+                "emu_store(reinterpret_cast<bits_t*>(ptr), *reinterpret_cast<const bits_t*>(v));", "vec::store")
 
 
 def check_status(status: int, what: str) -> None:
@@ -320,26 +352,29 @@ def dispatch_driver(source: str, params: str, kernels, *, static_bytes: int = 0)
 
 def run_plan(library, op, args) -> None:
     """`op` on CPU tensors `args`, in place, through the emulated kernels (a dispatch_driver library) of its own
-    plan: every Launch in order (1-D or 2-D blocks and grids, no clusters), Scratch buffers zeroed."""
+    plan: every Launch (1-D or 2-D blocks and grids, no clusters) and Memset in order; Scratch buffers hold 0xFF
+    bytes (uninitialised on the GPU: a kernel must not read what it has not written)."""
     call, _ = op.validate(args)
     buffers = {}
+
+    def tensor(name):
+        return buffers[name] if name in buffers else args[op.arguments.index(name)]
+
     for step in op.plan(call):
         if isinstance(step, Scratch):
-            buffers[step.name] = torch.zeros(step.nbytes, dtype=torch.uint8) if step.nbytes else None
+            buffers[step.name] = torch.full((step.nbytes,), 0xFF, dtype=torch.uint8) if step.nbytes else None
+            continue
+        if isinstance(step, Memset):
+            ctypes.memset(tensor(step.target).data_ptr(), step.value, step.nbytes)
             continue
         assert isinstance(step, Launch), f"unexpected step {step}"
-
-        def pointer(name):
-            t = buffers[name] if name in buffers else args[op.arguments.index(name)]
-            return 0 if t is None else t.data_ptr()
-
         params = ctypes.create_string_buffer(step.params.size)
-        step.params.pack_into(params, 0, *[pointer(f.source) for f in step.params.pointers],
-                              step.params.pack(step.values))
+        step.params.pack_into(params, 0, *[0 if tensor(f.source) is None else tensor(f.source).data_ptr()
+                                           for f in step.params.pointers], step.params.pack(step.values))
         grid, block = step.config.grid, step.config.block
         # clusters need a test's own driver (test_topk_emulated.py); a dependent launch runs as a plain one here
         assert step.config.cluster in (None, (1, 1, 1)), "run_plan launches no thread-block clusters"
-        assert block[2] == 1, "run_plan launches 1-D or 2-D blocks"
+        assert grid[2] == block[2] == 1, "run_plan launches 1-D or 2-D grids and blocks"
         check_status(library.run_kernel(step.kernel.name_expression.encode(), grid[0], grid[1], block[0], block[1],
                                         ctypes.c_longlong(step.config.shared_bytes), params),
                      step.kernel.name_expression)

@@ -71,8 +71,8 @@ def with_mask_layout(args: tuple, layout: str) -> tuple:
     return logits, sliced_mask(prompt, p_start, p_pad), sliced_mask(output, o_start, o_pad), penalties
 
 
-# logits layouts as (strides, element offset) for [rows, vocab] = [6, 1019]: row padding (vLLM needs
-# contiguous logits), a transposed buffer, every other column, and penalties every third element.
+# logits layouts as (strides, element offset) for [rows, vocab] = [n, 1019], n <= 6: row padding (vLLM needs
+# contiguous logits), a transposed buffer, every other column.
 LOGITS_LAYOUTS = {
     "row-padded": ((1024 + 3, 1), 5),
     "transposed": ((1, 6), 0),

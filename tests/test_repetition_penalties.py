@@ -110,7 +110,8 @@ def test_expanded_mask_and_penalty(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LOGITS_LAYOUTS)
 def test_strided_logits_and_penalties(device, dtype, layout, logit_reads):
-    """Only the view's elements change: every other element of the buffer keeps its bits."""
+    """Only the view's elements change: every other element of the buffer keeps its bits. Penalties are every
+    third element of theirs."""
     rows, vocab = 6, 1019
     source, prompt, output, penalties = penalty_args(device, dtype, rows, vocab, density=0.3, seed=11)
     strides, offset = LOGITS_LAYOUTS[layout]

@@ -5,17 +5,17 @@ read, the warps' striding and next-chunk prefetch, the speculative reads and the
 compares every element bit for bit with the float32 reference. The emulation also fails a vector load through a
 pointer not aligned to its size: the plan's mask vector width is checked against the real addresses.
 
-Swapped for the emulation: the __shared__ staging declaration (per-block storage) and the CUDA fp16/bf16/fp8
-headers (cuda_emulation.CUDA_FP_HEADERS). Not modelled: timing, and reads outside the tensors (compute-sanitizer's memcheck
-covers those on the GPU); writes outside the logits' view land in guard elements and fail the case."""
+Swapped for the emulation: the __shared__ staging declaration (per-block storage), vec.cuh's store (checked for
+alignment) and the CUDA fp16/bf16/fp8 headers (cuda_emulation.CUDA_FP_HEADERS). Not modelled: timing, and reads
+outside the tensors (compute-sanitizer's memcheck covers those on the GPU); writes outside the logits' view land in
+guard elements and fail the case."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, run_plan, swap
+from cuda_emulation import CUDA_FP_HEADERS, build, checked_vec_cuh, dispatch_driver, requires_gxx, run_plan, swap
 from helpers import assert_untouched
 from penalties_utils import (
     DTYPES,
@@ -30,9 +30,9 @@ from cupy_ops._runtime import compiler
 from cupy_ops.ops import apply_repetition_penalties_ as module
 from cupy_ops.ops.apply_repetition_penalties_ import KERNELS, OP
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+pytestmark = requires_gxx
 
-STAGED_BYTES = 4 * 32 * 16  # the kernel's staging: kWarps x 32 x W bytes, W at most 16
+STAGED_BYTES = module.THREADS * max(module.MASK_VECTOR_BYTES)  # the kernel's staging: kWarps x 32 x W bytes
 CHUNK_GUARD = 32 * 16       # elements after the logits: a warp's chunk, so a write past the last row lands there
 # A mask layout (penalties_utils.MASK_LAYOUTS) in which the plan picks each mask vector width.
 LAYOUT_FOR_WIDTH = {16: "both-start-3", 8: "start-8-apart", 4: "start-4-apart", 2: "start-2-apart",
@@ -44,9 +44,10 @@ def emulator(tmp_path_factory):
     """The emulation library of every instantiation in KERNELS, built from the current sources (about 20 s)."""
     source = (compiler.kernel_dir() / "repetition_penalties.cu").read_text()
     source = swap(source, r"__shared__ alignas\(16\) unsigned char staged\[kWarps\]\[32 \* W\];",
+                  f"static_assert(kWarps * 32 * W <= {STAGED_BYTES}, \"the staging outgrew STAGED_BYTES\"); "
                   "auto& staged = *reinterpret_cast<unsigned char (*)[kWarps][32 * W]>(emu::cur->smem);",
                   "the staging declaration")
-    files = {"common/types.cuh": None, "common/vec.cuh": None, "common/fast_divmod.cuh": None,
+    files = {"common/types.cuh": None, "common/vec.cuh": checked_vec_cuh(), "common/fast_divmod.cuh": None,
              "common/dtypes.cuh": None, **CUDA_FP_HEADERS, "repetition_penalties.cu": source}
     driver = dispatch_driver("repetition_penalties.cu", "RepetitionPenaltiesParams", KERNELS.values(),
                              static_bytes=STAGED_BYTES)
@@ -101,7 +102,8 @@ def test_every_kernel(emulator, grid, monkeypatch, key):
         assert_untouched(logits, buffer, snapshot, f"logits, {masks} ({grid})")
 
 
-# The special values (penalties_utils.special_value_args) through both contiguous kernels of every dtype.
+# The special values (penalties_utils.special_value_args), float32 penalties, through each dtype's W = 16
+# masked-read and W = 4 speculative kernels.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("speculate", [False, True], ids=["masked-reads", "speculative-reads"])
 def test_special_values(emulator, grid, monkeypatch, dtype, speculate):

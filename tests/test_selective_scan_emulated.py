@@ -9,18 +9,17 @@ prefetch (nothing), the dynamic shared memory declaration, and the CUDA fp16/bf1
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, run_plan, swap
+from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, requires_gxx, run_plan, swap
 from selective_scan_utils import run_and_check
 
 from cupy_ops._runtime import Launch, compiler
 from cupy_ops.ops import selective_scan_fwd as S
 from cupy_ops.ops.selective_scan_ref import random_call
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+pytestmark = requires_gxx
 
 EMULATED = (torch.float32, torch.bfloat16)
 

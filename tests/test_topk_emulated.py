@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
 from typing import NamedTuple
 
 import pytest
 import torch
-from cuda_emulation import build, check_status
+from cuda_emulation import build, check_status, requires_gxx
 from topk_utils import (
     DECODE,
     PERSISTENT,
@@ -36,7 +35,7 @@ from cupy_ops._runtime import LaunchConfig, compiler
 from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the CPU emulation")
+pytestmark = requires_gxx
 
 CLUSTER_CUH = r"""
 #pragma once
