@@ -350,17 +350,22 @@ def dispatch_driver(source: str, params: str, kernels, *, static_bytes: int = 0)
             f"const {params}* p) {{\n" + cases + "  return 2;\n}\n")
 
 
-def run_plan(library, op, args) -> None:
+def run_plan(library, op, args, *, expect=None) -> None:
     """`op` on CPU tensors `args`, in place, through the emulated kernels (a dispatch_driver library) of its own
     plan: every Launch (1-D or 2-D blocks and grids, no clusters) and Memset in order; Scratch buffers hold 0xFF
-    bytes (uninitialised on the GPU: a kernel must not read what it has not written)."""
+    bytes (uninitialised on the GPU: a kernel must not read what it has not written). `expect`: the Kernels the
+    plan must launch, in order (checked before any launch)."""
     call, _ = op.validate(args)
+    steps = op.plan(call)
+    if expect is not None:
+        launched = [s.kernel for s in steps if isinstance(s, Launch)]
+        assert launched == list(expect), f"the plan launches {[k.name_expression for k in launched]}"
     buffers = {}
 
     def tensor(name):
         return buffers[name] if name in buffers else args[op.arguments.index(name)]
 
-    for step in op.plan(call):
+    for step in steps:
         if isinstance(step, Scratch):
             buffers[step.name] = torch.full((step.nbytes,), 0xFF, dtype=torch.uint8) if step.nbytes else None
             continue

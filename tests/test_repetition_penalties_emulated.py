@@ -67,9 +67,7 @@ def grid(request, monkeypatch):
 
 def emulate(library, args: tuple, kernel_key: tuple) -> None:
     """The op on CPU tensors `args` through the emulated kernels of its plan, which must pick KERNELS[kernel_key]."""
-    (launch,) = OP.plan(OP.validate(args)[0])
-    assert launch.kernel is KERNELS[kernel_key], f"the plan took {launch.kernel.name_expression}"
-    run_plan(library, OP, args)
+    run_plan(library, OP, args, expect=[KERNELS[kernel_key]])
 
 
 def _set_speculation(monkeypatch, speculate: bool) -> None:
