@@ -3,13 +3,17 @@
     python bench/tune.py --op top_k_per_row_prefill \
         --variant base \
         --variant "min-chunk-2k: cupy_ops.ops.top_k_per_row.MIN_CHUNK=2048" \
-        [--case 4096x] [--reps 30] [--json FILE]
+        [--tree "main=/path/to/main/cuda_kernels"] [--rounds 2] [--case 4096x] [--reps 30] [--json FILE]
     ncu --profile-from-start off ... python bench/tune.py --op persistent_topk --case 128x --profile
 
-A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's
-names); its constants are set, every op's cached layouts are forgotten (plans read the constants), the cases are
-timed like `python -m cupy_ops bench` times them (CUDA-graph replays, outputs checked against the float64
-reference), and the constants are restored.
+A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's names),
+with `tree=DIR` as one of its items where its kernels compile from DIR; its constants are set, every op's cached
+layouts are forgotten (plans read the constants), the cases are timed like `python -m cupy_ops bench` times them
+(CUDA-graph replays, outputs checked against the float64 reference), and the constants are restored. `--tree
+label=DIR` is the variant `label: tree=DIR`: DIR is another checkout's cuda_kernels/ (`git worktree add /tmp/main
+main`, or `git archive main cuda_kernels | tar -x -C DIR`): kernel sources A/B in one run, on one GPU's clocks.
+`--rounds N` times the variants N times, interleaved, so drift shows as a difference between rounds rather than
+between variants.
 `--profile` runs each selected case once, warm, between cudaProfilerStart and cudaProfilerStop. A developer's tool
 for choosing constants on a GPU: the results files come from `python -m cupy_ops bench`.
 """
@@ -20,6 +24,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -33,18 +38,36 @@ from cupy_ops.ops import ops
 class Variant(NamedTuple):
     label: str
     changes: dict[tuple[str, str], object]  # (module, name) -> value
+    root: str | None = None  # the kernel tree every op's kernels compile from (None: this checkout's)
 
 
 def parse_variant(text: str) -> Variant:
     label, _, body = text.partition(":")
-    changes = {}
+    changes, root = {}, None
     for item in filter(None, (part.strip() for part in body.split(";"))):
         target, _, expression = item.partition("=")
+        if target.strip() == "tree":
+            root = kernel_tree(expression.strip(), text)
+            continue
         module, _, name = target.strip().rpartition(".")
         # evaluated in the module's namespace, so a value can build on its names (KERNELS, Kernel, ...)
         namespace = dict(vars(importlib.import_module(module)))
         changes[module, name] = eval(expression, namespace)  # noqa: S307 - a developer's own command line
-    return Variant(label.strip(), changes)
+    return Variant(label.strip(), changes, root)
+
+
+def kernel_tree(folder: str, text: str) -> str:
+    if not (Path(folder) / "common").is_dir():
+        raise SystemExit(f"{text!r}: {folder!r} is not a cuda_kernels/ folder")
+    return str(Path(folder).resolve())
+
+
+def parse_tree(text: str) -> Variant:
+    """`label=DIR`: the variant `label: tree=DIR`."""
+    label, _, folder = text.partition("=")
+    if not label.strip():
+        raise SystemExit(f"--tree {text!r}: expected label=DIR")
+    return parse_variant(f"{label}: tree={folder}")
 
 
 def kernels_in(value):
@@ -70,6 +93,10 @@ def apply(variant: Variant) -> dict:
         op.forget_layouts()
         old[op] = op.kernels
         op.kernels = tuple(dict.fromkeys(op.kernels + added))
+    if variant.root is not None:
+        for kernel in dict.fromkeys(k for op in ops().values() for k in op.kernels):
+            old[kernel] = kernel.root
+            kernel.reroot(variant.root)
     return old
 
 
@@ -77,6 +104,8 @@ def restore(old: dict) -> None:
     for target, value in old.items():
         if isinstance(target, tuple):
             setattr(importlib.import_module(target[0]), target[1], value)
+        elif isinstance(target, Kernel):
+            target.reroot(value)
         else:
             target.kernels = value
     for op in ops().values():
@@ -88,15 +117,17 @@ def main(argv=None) -> int:
     parser.add_argument("--op", required=True, choices=sorted(_bench.SUITES))
     parser.add_argument("--case", action="append", help="substring of the case names to run (repeatable)")
     parser.add_argument("--variant", action="append", default=[], help="label: module.NAME=value; ...")
+    parser.add_argument("--tree", action="append", default=[], help="label=DIR: kernels from another cuda_kernels/")
+    parser.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="one warm call per case inside profiler start/stop")
     parser.add_argument("--json", help="write the rows (variant, case, µs) to this file")
     args = parser.parse_args(argv)
     suite = _bench.SUITES[args.op]
     cases = [c for c in suite.cases(False) if not args.case or any(s in f"{c.name} {c.dtype_name}" for s in args.case)]
-    variants = [parse_variant(v) for v in args.variant] or [Variant("base", {})]
+    variants = [parse_variant(v) for v in args.variant] + [parse_tree(t) for t in args.tree]
     rows = []
-    for variant in variants:
+    for round_, variant in ((r, v) for r in range(args.rounds) for v in variants or [Variant("base", {})]):
         old = apply(variant)
         try:
             for case in cases:
@@ -112,10 +143,10 @@ def main(argv=None) -> int:
                     continue
                 (row,) = harness.bench_case(args.op, suite, case, None, {"cupy_ops"}, harness.l2_cache_bytes(),
                                             args.reps, lambda m: print(m, file=sys.stderr))
-                row["variant"] = variant.label
+                row["variant"], row["round"] = variant.label, round_
                 rows.append(row)
                 us = row.get("us_median")
-                print(f"{variant.label:24} {row['case']:40} "
+                print(f"{variant.label:24} {round_:2} {row['case']:40} "
                       f"{'error: ' + row['error'] if us is None else f'{us:9.1f} us'}"
                       f"{'' if row.get('matches_ref', True) else '  MISMATCH'}", flush=True)
         finally:

@@ -1,13 +1,16 @@
 """bench/tune.py's variants on the CPU: a variant sets module constants (evaluated in the module's namespace), the
-ops forget their layouts and list the kernels a variant brings, and everything is restored afterwards."""
+ops forget their layouts and list the kernels a variant brings, a tree variant compiles every kernel from another
+cuda_kernels/ folder, and everything is restored afterwards."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 
+from cupy_ops._runtime import compiler
 from cupy_ops.ops import ops
 from cupy_ops.ops import selective_scan_fwd as S
 from cupy_ops.ops import top_k_per_row as T
@@ -47,3 +50,32 @@ def test_a_variant_s_new_kernels_are_listed_by_the_ops_while_it_runs(tune):
 
 def test_base_changes_nothing(tune):
     assert tune.parse_variant("base").changes == {}
+
+
+def test_a_tree_compiles_every_op_s_kernels_from_another_checkout_and_restores_them(tune, tmp_path):
+    tree = tmp_path / "cuda_kernels"
+    shutil.copytree(compiler.kernel_dir(), tree)
+    header = tree / "common" / "types.cuh"  # included by every kernel
+    header.write_text(header.read_text() + "\n#define CUPY_OPS_TREE_MARK 1\n")
+    variant = tune.parse_tree(f"other={tree}")
+    kernels = {k for op in ops().values() for k in op.kernels}
+    merge = next(k for k in ops()["merge_attn_states"].kernels)
+    base_key = merge.compile(90).key
+    old = tune.apply(variant)
+    try:
+        assert {k.root for k in kernels} == {str(tree.resolve())}
+        assert merge.compile(90).key != base_key  # the tree's sources (its header changed), not this checkout's
+    finally:
+        tune.restore(old)
+    assert {k.root for k in kernels} == {None}
+    assert merge.compile(90).key == base_key
+
+
+def test_a_tree_must_be_a_kernel_folder(tune, tmp_path):
+    with pytest.raises(SystemExit, match="not a cuda_kernels/ folder"):
+        tune.parse_tree(f"other={tmp_path}")
+    with pytest.raises(SystemExit, match="label=DIR"):
+        tune.parse_tree(f"={compiler.kernel_dir()}")
+    variant = tune.parse_variant(f"w1: tree={compiler.kernel_dir()}; cupy_ops.ops.top_k_per_row.MIN_WHOLE_STAGES=1")
+    assert variant.root == str(compiler.kernel_dir().resolve())
+    assert variant.changes == {("cupy_ops.ops.top_k_per_row", "MIN_WHOLE_STAGES"): 1}

@@ -150,6 +150,14 @@ class Kernel:
     def __repr__(self) -> str:
         return f"Kernel({self.source!r}, {self.name_expression!r})"
 
+    def reroot(self, root) -> None:
+        """Compile from `root` from now on (None: the package's cuda_kernels/), forgetting what was loaded: a
+        developer's A/B of two kernel trees in one process (bench/tune.py --tree)."""
+        with self._lock:
+            self.root = root
+            self._functions.clear()
+            self._dynamic_smem.clear()
+
     def spill_allowance(self, arch: int) -> int:
         """Bytes of spill stores (and of loads) accepted at `arch` with this NVRTC: 0 unless in `known_spills`."""
         return self.known_spills.get((compiler.nvrtc_version()[:2], arch), 0)
