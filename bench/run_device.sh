@@ -3,10 +3,14 @@
 #   tests:  the tests (GPU and CPU; vLLM cross-checks with the anchor), compute-sanitizer memcheck and racecheck
 #           over the GPU tests, the self-check; device_checks.json sums them up;
 #   bench:  the roofline bench of every op against vLLM's anchor kernels (one process per op, merged into
-#           bench.json), then the pytest-benchmark suite's eager host costs.
+#           bench.json), then the pytest-benchmark suite's eager host costs;
+#   ab:     (not in `all`) bench/tune.py on this checkout's kernels ("base") and on each kernel tree of AB_TREES
+#           ("label=DIR ...", DIR another checkout's cuda_kernels/, e.g. carried in .devrun/) and each variant of
+#           AB_VARIANTS (one `label: ...` a line), AB_ROUNDS rounds interleaved (default 2), for the ops of AB_OPS
+#           (default the top-k ops), AB_CASES (space-separated case substrings) if set; ab_<op>.json, ab.log.
 # Logs and JSON go to $OUT (default bench/results/latest). Usage (repository root, the vLLM anchor copied to
 # .anchors/), with the sha of the commit that was sent (a copied tree's .git may be stale):
-#   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all]
+#   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all|ab]
 # Narrowing for a short device call: TESTS (pytest arguments, e.g. "tests -m gpu"), K (pytest -k expression for
 # the tests), SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS) and
 # SANITIZE_K (default K) for a sample, TEST_LIMIT and SANITIZER_LIMIT (seconds per pytest run; a run cut there
@@ -100,5 +104,18 @@ PY
     python3 -m pytest bench -k eager -q -p no:cacheprovider --benchmark-enable \
         --benchmark-json "$OUT/pytest_benchmark.json" > "$OUT/pytest_benchmark.log" 2>&1 || status=1
     tail -n 2 "$OUT/pytest_benchmark.log"
+fi
+if [[ "$STAGE" == ab ]]; then
+    echo "== A/B: bench/tune.py over kernel trees and variants"
+    args=(--variant base --rounds "${AB_ROUNDS:-2}" --reps "${AB_REPS:-20}")
+    for tree in ${AB_TREES:-}; do args+=(--tree "$tree"); done
+    while IFS= read -r variant; do [[ -n "$variant" ]] && args+=(--variant "$variant"); done <<< "${AB_VARIANTS:-}"
+    for case in ${AB_CASES:-}; do args+=(--case "$case"); done
+    : > "$OUT/ab.log"
+    for op in ${AB_OPS:-top_k_per_row_prefill top_k_per_row_decode persistent_topk}; do
+        timeout "${OP_TIMEOUT:-600}" python3 bench/tune.py --op "$op" "${args[@]}" --json "$OUT/ab_$op.json" \
+            >> "$OUT/ab.log" 2>&1 || status=1
+    done
+    grep -E " us|error|MISMATCH" "$OUT/ab.log" | sort -k3,3 -k1,1 -s | cut -c1-100
 fi
 exit $status
