@@ -236,3 +236,15 @@ def test_extra_options_from_the_environment_are_compiled_with_and_keyed(fresh_ca
     with_lines = compiler.compile_kernel(SOURCE, NAME, ARCH)
     assert with_lines.key != plain.key and nvrtc_calls == [NAME, NAME]
     assert b".nv_debug_line_sass" in with_lines.image and b".nv_debug_line_sass" not in plain.image
+
+
+@pytest.mark.parametrize("binding", ["ctypes", "cupy"])
+def test_a_cubin_is_whole(fresh_cache, monkeypatch, binding):
+    """The image holds every byte its ELF header spans (CuPy's nvrtc.getCUBIN drops the last one; without ctypes'
+    libnvrtc the image is padded back), and the cache hands the same bytes back."""
+    if binding == "cupy":
+        monkeypatch.setattr(compiler, "_nvrtc_library", lambda: None)
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert entry.image[:4] == b"\x7fELF" and len(entry.image) == compiler.elf_extent(entry.image)
+    compiler.clear_memory_cache()
+    assert compiler.compile_kernel(SOURCE, NAME, ARCH).image == entry.image

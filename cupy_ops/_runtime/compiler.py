@@ -45,7 +45,7 @@ __all__ = [
 # no -ftz=true (torch keeps denormals), no --use_fast_math (expf/logf stay within 2 ulp).
 BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v", "-default-device")
 
-_CACHE_MAGIC = b"CUPYOPS\x01"
+_CACHE_MAGIC = b"CUPYOPS\x02"  # \x02: whole cubins (_cubin); \x01 entries lack a byte
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -275,12 +275,37 @@ def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool,
             raise CompileError(f"cupy_ops: NVRTC failed on {name_expression} ({filename}):\n{log}") from exc
         log = nvrtc.getProgramLog(prog)
         lowered = nvrtc.getLoweredName(prog, name_expression)
-        image = nvrtc.getCUBIN(prog) if native else nvrtc.getPTX(prog)
+        image = _cubin(nvrtc, prog) if native else nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
     if isinstance(image, str):
         image = image.encode()
     return CompiledKernel(key, name_expression, lowered, bytes(image), log)
+
+
+def _cubin(nvrtc, prog: int) -> bytes:
+    """The program's cubin, all nvrtcGetCUBINSize bytes of it. CuPy's nvrtc.getCUBIN (14.2) returns one byte less,
+    as if the image ended in a NUL like the PTX text: the last byte of the ELF's last program header went missing
+    (a 0 so far, which the driver read from past the end of the Python bytes object). Without ctypes' libnvrtc,
+    CuPy's image is padded back to the extent its ELF header gives."""
+    lib = _nvrtc_library()
+    if lib is None:
+        image = nvrtc.getCUBIN(prog)
+        return image + bytes(max(0, elf_extent(image) - len(image)))
+    size = ctypes.c_size_t()
+    if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
+        raise CompileError("cupy_ops: nvrtcGetCUBINSize failed")
+    buffer = ctypes.create_string_buffer(size.value)
+    if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buffer) != 0:
+        raise CompileError("cupy_ops: nvrtcGetCUBIN failed")
+    return buffer.raw
+
+
+def elf_extent(image: bytes) -> int:
+    """The bytes a 64-bit ELF image spans by its header: the end of its section and program header tables."""
+    phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+    return max(phoff + phnum * phentsize, shoff + shnum * shentsize)
 
 
 def compile_source(source: str, arch: int, root: Path | None = None, name: str = "check.cu") -> str:
