@@ -136,7 +136,8 @@ class Kernel:
     (major, minor), arch) -> the most bytes of spill stores and of spill loads ptxas may report for this
     instantiation there, where an op keeps a spill (its module says why, with measurements); elsewhere none."""
 
-    __slots__ = ("source", "name_expression", "root", "known_spills", "_functions", "_lock", "_dynamic_smem")
+    __slots__ = ("source", "name_expression", "root", "known_spills", "_functions", "_lock", "_dynamic_smem",
+                 "_smem_lock")
 
     def __init__(self, source: str, name_expression: str, root=None, known_spills=None):
         self.source = source
@@ -146,6 +147,7 @@ class Kernel:
         self._functions: dict[int, int] = {}  # device -> CUfunction
         self._dynamic_smem: dict[int, int] = {}  # device -> opted-in dynamic shared memory
         self._lock = threading.Lock()
+        self._smem_lock = threading.Lock()  # the opt-in's check, driver call and record, together
 
     def __repr__(self) -> str:
         return f"Kernel({self.source!r}, {self.name_expression!r})"
@@ -204,11 +206,16 @@ class Kernel:
         if nbytes + static > limit:
             raise ValueError(f"cupy_ops: {self.name_expression} asks for {nbytes} bytes of dynamic shared memory "
                              f"besides {static} static; this GPU allows {limit} in all")
-        with _ContextPushed(device):
-            _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(self.function(device)),
-                                                    _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
-                      "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
-        self._dynamic_smem[device] = nbytes
+        # Under a lock, and only upwards: two threads planning different sizes could otherwise leave the smaller
+        # one set last, and the larger one's cached launches would fail with CUDA_ERROR_INVALID_VALUE on every call.
+        with self._smem_lock:
+            if nbytes <= self._dynamic_smem.get(device, 0):
+                return
+            with _ContextPushed(device):
+                _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(self.function(device)),
+                                                        _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
+                          "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+            self._dynamic_smem[device] = nbytes
 
 
 def _load_function(device: int, image: bytes, lowered_name: str) -> int:
@@ -274,8 +281,10 @@ class Launcher:
         self.config = config
         kernel.allow_dynamic_smem(device, config.shared_bytes)
         if config.cluster is not None and config.cluster[0] * config.cluster[1] * config.cluster[2] > 8:
-            _check_cu(_libcuda().cuFuncSetAttribute(self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                                                    1), "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
+            with _ContextPushed(device):  # planning may run with another device's context current, or none
+                _check_cu(_libcuda().cuFuncSetAttribute(
+                    self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
+                    "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         attributes = _launch_attributes(config)
         self._attributes = ctypes.create_string_buffer(attributes, len(attributes)) if attributes else None
         self._packed_config = _CONFIG.pack(*config.grid, *config.block, config.shared_bytes, 0,
