@@ -317,18 +317,57 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
 
   uint32_t pivot, mask, rem, total;
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
-  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
-  int first, take;
-  cluster_emission<CLUSTER>(rem, sh, first, take);
-  // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
-  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
-  int* staged = reinterpret_cast<int*>(ring);
   const int column0 = 4 * s_lo - a;  // the column of buffer entry 0 while columns are implicit
-  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
-    staged[slot - first] = stage > 0 ? idx[i] : column0 + i;
-  });
-  __syncthreads();
-  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  auto column = [&](int i) { return stage > 0 ? idx[i] : column0 + i; };
+  int first, take;
+  if (stage == 0 && rem == sh.found[2]) {  // uniform: a whole chunk, and every pivot-equal entry is taken
+    // Then an entry is taken iff key >= pivot (pivot's bits below the mask are 0; the buffer's fillers, key 0, are
+    // below every pivot), so no rank among the pivot-equal ones is needed and one pass emits: each warp compacts
+    // its run's taken columns, in index order, into the front of its own run, then copies them out after the other
+    // warps' counts place it. A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512
+    // contiguous bytes a warp: no bank conflict); their taken ones go to the places the lanes' counts give (a
+    // prefix from four ballots), each at or before an entry its lane has read. A whole chunk's n is a multiple of 4
+    // (its cut end slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none.
+    // (Only whole chunks: a streaming buffer's n is any count, and entries past it are stale.)
+    constexpr int kWarps = THREADS / 32;
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    const int per_warp = (n + 128 * kWarps - 1) / (128 * kWarps) * 128;
+    const int begin = min(n, warp * per_warp), end = min(n, begin + per_warp);
+    const uint32_t lower_lanes = (1u << lane) - 1u;
+    int* taken = reinterpret_cast<int*>(keys) + begin;
+    int count = 0;
+    for (int step = begin; step < end; step += 128) {  // uniform over the warp
+      const int i = step + 4 * lane;
+      const uint4 q = i < end ? *reinterpret_cast<const uint4*>(keys + i) : make_uint4(0u, 0u, 0u, 0u);
+      const bool t0 = q.x >= pivot, t1 = q.y >= pivot, t2 = q.z >= pivot, t3 = q.w >= pivot;
+      const uint32_t b0 = __ballot_sync(kFullMask, t0), b1 = __ballot_sync(kFullMask, t1),
+                     b2 = __ballot_sync(kFullMask, t2), b3 = __ballot_sync(kFullMask, t3);
+      const int p0 = count + __popc(b0 & lower_lanes) + __popc(b1 & lower_lanes) + __popc(b2 & lower_lanes) +
+                     __popc(b3 & lower_lanes);
+      const int p1 = p0 + t0, p2 = p1 + t1, p3 = p2 + t2;
+      if (t0) taken[p0] = column0 + i;
+      if (t1) taken[p1] = column0 + i + 1;
+      if (t2) taken[p2] = column0 + i + 2;
+      if (t3) taken[p3] = column0 + i + 3;
+      count += __popc(b0) + __popc(b1) + __popc(b2) + __popc(b3);
+    }
+    if (lane == 0) sh.warp_count[warp] = static_cast<uint32_t>(count);
+    __syncthreads();  // also publishes the cluster select's sh.lower for cluster_emission
+    cluster_emission<CLUSTER>(rem, sh, first, take);
+    first += static_cast<int>(__reduce_add_sync(kFullMask, lane < warp ? sh.warp_count[lane] : 0u));
+    for (int j = lane; j < count; j += 32) out[first + j] = taken[j];
+  } else {
+    const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
+    cluster_emission<CLUSTER>(rem, sh, first, take);
+    // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
+    const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
+    int* staged = reinterpret_cast<int*>(ring);
+    write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
+      staged[slot - first] = column(i);
+    });
+    __syncthreads();
+    for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  }
   if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 
