@@ -153,10 +153,11 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   uint32_t parity = 0;
   int n = 0;
   if (stage == 0) {
-    // The whole chunk fits the buffer (cap >= the chunk): every whole slot is copied straight to its entries
-    // 4 (s - s_lo) .. + 3, all of the chunk's copies in flight at once (one wait, not one a group through the ring),
-    // then turned into keys in place by the thread that copied it. The cut first and last slots and strided rows
-    // load element by element; their lanes outside [lo, hi) become key-0 fillers, as in the streaming loop below.
+    // The whole chunk fits the buffer (the host's cap >= 4 x the chunk's slots, chunk_bound: up to 3 elements of
+    // misalignment included): every whole slot is copied straight to its entries 4 (s - s_lo) .. + 3, all of the
+    // chunk's copies in flight at once (one wait, not one a group through the ring), then turned into keys in place by
+    // the thread that copied it. The cut first and last slots and strided rows load element by element; their lanes
+    // outside [lo, hi) become key-0 fillers, as in the streaming loop below.
     if (contiguous) {
       for (int s = w_lo + static_cast<int>(threadIdx.x); s < w_hi; s += THREADS) {
         async_copy16(keys + 4 * (s - s_lo), base + (4 * s - a));
@@ -322,13 +323,14 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   int first, take;
   if (stage == 0 && rem == sh.found[2]) {  // uniform: a whole chunk, and every pivot-equal entry is taken
     // Then an entry is taken iff key >= pivot (pivot's bits below the mask are 0; the buffer's fillers, key 0, are
-    // below every pivot), so no rank among the pivot-equal ones is needed and one pass emits: each warp compacts
-    // its run's taken columns, in index order, into the front of its own run, then copies them out after the other
-    // warps' counts place it. A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512
-    // contiguous bytes a warp: no bank conflict); their taken ones go to the places the lanes' counts give (a
-    // prefix from four ballots), each at or before an entry its lane has read. A whole chunk's n is a multiple of 4
-    // (its cut end slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none.
-    // (Only whole chunks: a streaming buffer's n is any count, and entries past it are stale.)
+    // below every pivot), so no rank among the pivot-equal ones is needed and one pass emits: each warp compacts its
+    // run's taken columns, in index order, into the front of its own run, then copies them out after the other warps'
+    // counts place it. A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512 contiguous
+    // bytes a warp: no bank conflict); their taken ones go to the places the lanes' counts give (a prefix from four
+    // ballots), each at or before its own entry: so over entries of this step that lower lanes have read (a __syncwarp
+    // orders those reads before the stores) and never past the step. A whole chunk's n is a multiple of 4 (its cut end
+    // slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none. (Only whole chunks:
+    // a streaming buffer's n is any count, and entries past it are stale.)
     constexpr int kWarps = THREADS / 32;
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int per_warp = (n + 128 * kWarps - 1) / (128 * kWarps) * 128;
@@ -345,6 +347,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
       const int p0 = count + __popc(b0 & lower_lanes) + __popc(b1 & lower_lanes) + __popc(b2 & lower_lanes) +
                      __popc(b3 & lower_lanes);
       const int p1 = p0 + t0, p2 = p1 + t1, p3 = p2 + t2;
+      __syncwarp();  // the ballots order nothing in memory: the lower lanes' reads of this step come before
       if (t0) taken[p0] = column0 + i;
       if (t1) taken[p1] = column0 + i + 1;
       if (t2) taken[p2] = column0 + i + 2;
