@@ -178,12 +178,27 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask, int widt
   const int lane = emu::linear_tid() & 31;
   return emu::shuffle(v, (lane & ~(width - 1)) | ((lane ^ mask) & (width - 1)), false);
 }
+namespace emu {
+// f(sum or bits) over the 32 lanes' v in one meeting of the warp (lanes past the block give 0).
+template <typename F> inline void warp_all(uint64_t v, F f) {
+  const int t = linear_tid(), warp = t >> 5;
+  cur->shfl[t] = v;
+  cur->warps[warp]->wait();
+  for (int src = 0; src < 32; ++src) f(src, cur->shfl[warp * 32 + src]);
+  cur->warps[warp]->wait();
+}
+}  // namespace emu
 inline unsigned __ballot_sync(unsigned, int pred) {
   unsigned bits = 0;
-  for (int src = 0; src < 32; ++src) bits |= unsigned(emu::shuffle(pred != 0, src, false)) << src;
+  emu::warp_all(pred != 0, [&](int src, uint64_t v) { bits |= unsigned(v != 0) << src; });
   return bits;
 }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
+inline unsigned __reduce_add_sync(unsigned, unsigned v) {
+  unsigned sum = 0;
+  emu::warp_all(v, [&](int, uint64_t x) { sum += unsigned(x); });
+  return sum;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::cur->warps[emu::linear_tid() >> 5]->wait(); }
 namespace emu {
 // kernel() on grid_x x grid_y blocks of threads x block_y, `cluster` blocks at a time (along x); 0, 1 after a deadlock,

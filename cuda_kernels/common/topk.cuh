@@ -37,7 +37,7 @@ __device__ __forceinline__ uint32_t float_key(float x) {
   return x != x ? kNanKey : key;
 }
 
-// Shared state besides the dynamic buffers (about 11.5 KB).
+// Shared state besides the dynamic buffers (about 11.6 KB).
 struct alignas(16) Shared {
   // Histogram of key >> 21 of the buffer, kept while streaming: round 0 of the select finds the k-th largest's
   // 11-bit bin in it without a pass over the buffer. 2048 bins also spread the atomics: typical scores share 2-3
@@ -51,6 +51,7 @@ struct alignas(16) Shared {
   uint32_t lower[2];      // a cluster select: the lower-ranked CTAs' entries above / equal to the pivot
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   uint32_t appended;      // topk_row_two_pass: entries listed (by the sampled read, or of the k-th largest's bin)
+  uint32_t warp_count[32];  // topk_row's one-pass emission: each warp's taken entries
 };
 
 // Zeroes sh.fine, each thread its share (the caller places the barriers).
@@ -341,13 +342,17 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
   pivot = prefix;
 }
 
-// The top k of the n keys in shared memory (sh.fine: their histogram).
+// The top k of the n keys in shared memory (sh.fine: their histogram; keys 16-byte aligned). A refine pass reads
+// them four at a time (one 16-byte load a lane, 512 contiguous bytes a warp: no bank conflict; one branch for the
+// four, RoundCount::quad), the last n % 4 one at a time.
 template <int THREADS, int CLUSTER>
 __device__ __forceinline__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh,
                                              uint32_t& pivot, uint32_t& mask, uint32_t& rem) {
   select_round0<THREADS, CLUSTER>(k, cluster, sh);
   select_refine<THREADS, CLUSTER>([&](auto f) {
-    for (int i = threadIdx.x; i < n; i += THREADS) f(keys[i]);
+    const int quads = n >> 2;
+    for (int q = threadIdx.x; q < quads; q += THREADS) f.quad(reinterpret_cast<const uint4*>(keys)[q]);
+    for (int i = 4 * quads + static_cast<int>(threadIdx.x); i < n; i += THREADS) f(keys[i]);
   }, cluster, sh, pivot, mask, rem);
 }
 

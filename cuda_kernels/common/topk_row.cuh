@@ -4,9 +4,11 @@
 // Algorithm: one read of global memory (plus a 2048-score sample of a long chunk, and a second read only when
 // that sample misleads), everything else in shared memory.
 // 1. The row is cut into CLUSTER contiguous chunks, one per CTA of a thread-block cluster (sm_90; CLUSTER = 1
-//    elsewhere). A CTA streams its chunk in groups of 2 x THREADS aligned float4 slots (cp.async into a ring,
-//    groups ahead) and appends their keys to a shared buffer in index order (16-byte stores by slot position
-//    while nothing is filtered, then a block scan), keeping a histogram of the top 11 key bits.
+//    elsewhere). A CTA whose whole chunk fits its buffer copies every aligned float4 slot of it straight into the
+//    buffer (cp.async, all at once) and turns them into keys in place. Otherwise it streams its chunk in groups of
+//    2 x THREADS slots (cp.async into a ring, groups ahead) and appends their keys to the buffer in index order
+//    (16-byte stores by slot position while nothing is filtered, then a block scan). Both keep a histogram of
+//    the top 11 key bits.
 // 2. When the buffer (cap entries) is full, the CTA keeps only the top k of its buffer (the select and emission
 //    below, on this CTA alone) and from then on appends only keys above the k-th kept one: a later element of the
 //    chunk has a higher index, so one not above that key loses to the k kept ones. A long chunk of a streaming CTA
@@ -148,137 +150,227 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     read_stage = 0;
     write_stage = ahead;
   };
-  // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
-  // sampled cutoff; its sample is loaded first, then the ring's first copies go in flight. Only with idx (stage >
-  // 0): filtered entries need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000
-  // (key(-inf)'s bin).
-  const bool sampled = sample > 0 && stage > 0 && hi - lo >= max(4 * sample, 4 * kSample);
-  float sample_values[kSample / THREADS];
-  if (sampled) load_sample<THREADS>(base, stride, lo, hi, sample_values);
-  start_copies();
-
-  clear_fine<THREADS>(sh);
-  __syncthreads();
-  uint32_t cutoff = 0;
-  if (sampled) {
-    cutoff = sample_cutoff<THREADS>(sample_values, lo, hi, sample, sh);
-    __syncthreads();
-  }
-  uint32_t parity = 0, min_key = cutoff;
+  uint32_t parity = 0;
   int n = 0;
-#pragma unroll 1
-  for (int j = 0; j < groups; ++j) {
-    if (j + ahead < groups) {
-      copy_group(j + ahead, write_stage);
-      write_stage = next_stage(write_stage);
-    } else {
-      async_commit();  // empty: the count of batches after group j stays `ahead`
-    }
-    async_wait(ahead);
-    const int first_slot = s_lo + 2 * j * THREADS;
-    float x[8];
-    uint32_t valid = 0;
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
-      x[4 * u] = x[4 * u + 1] = x[4 * u + 2] = x[4 * u + 3] = 0.0f;
-      if (s < s_hi) {
-        valid |= slot_values(base, stride, whole(s), &ring[(read_stage * 2 + u) * THREADS + threadIdx.x],
-                             4 * s - a, lo, hi, x + 4 * u) << (4 * u);
+  if (stage == 0) {
+    // The whole chunk fits the buffer (the host's cap >= 4 x the chunk's slots, chunk_bound: up to 3 elements of
+    // misalignment included): every whole slot is copied straight to its entries 4 (s - s_lo) .. + 3, all of the
+    // chunk's copies in flight at once (one wait, not one a group through the ring), then turned into keys in place by
+    // the thread that copied it. The cut first and last slots and strided rows load element by element; their lanes
+    // outside [lo, hi) become key-0 fillers, as in the streaming loop below.
+    if (contiguous) {
+      for (int s = w_lo + static_cast<int>(threadIdx.x); s < w_hi; s += THREADS) {
+        async_copy16(keys + 4 * (s - s_lo), base + (4 * s - a));
       }
     }
-    read_stage = next_stage(read_stage);
-    if (min_key == 0) {
-      // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
-      // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)
-      // = 0x007fffff): they are never selected while the row has more than k real elements. The slots that do
-      // not fit (from fit_end on) wait for the first shrink, so its pivot comes from a full buffer.
-      const int end_slot = min(s_hi, first_slot + 2 * THREADS), fit_end = s_lo + cap / 4;
+    async_commit();
+    clear_fine<THREADS>(sh);
+    __syncthreads();
+    async_wait(0);
+    auto append = [&](int s, const uint4& q) {
+      *reinterpret_cast<uint4*>(keys + 4 * (s - s_lo)) = q;
+      atomicAdd(&sh.fine[q.x >> 21], 1u);
+      atomicAdd(&sh.fine[q.y >> 21], 1u);
+      atomicAdd(&sh.fine[q.z >> 21], 1u);
+      atomicAdd(&sh.fine[q.w >> 21], 1u);
+    };
+    auto append_loaded = [&](int s) {  // a slot not copied: element by element from global memory
+      float x[4];
+      const uint32_t valid = slot_values(base, stride, false, nullptr, 4 * s - a, lo, hi, x);
+      uint32_t q[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) q[e] = valid >> e & 1u ? float_key(x[e]) : 0u;
+      append(s, make_uint4(q[0], q[1], q[2], q[3]));
+    };
+    if (contiguous) {
+#pragma unroll 2
+      for (int s = w_lo + static_cast<int>(threadIdx.x); s < w_hi; s += THREADS) {
+        const float4 v = *reinterpret_cast<const float4*>(keys + 4 * (s - s_lo));
+        append(s, make_uint4(float_key(v.x), float_key(v.y), float_key(v.z), float_key(v.w)));
+      }
+      // Thread 0 takes the first slot and thread 1 the last when the chunk's ends cut them (one slot cut at both
+      // ends: thread 0's).
+      const int s = threadIdx.x == 0 ? s_lo : s_hi - 1;
+      if (threadIdx.x < 2 && s >= s_lo && s < s_hi && (s < w_lo || s >= w_hi) && (threadIdx.x == 0 || s != s_lo)) {
+        append_loaded(s);
+      }
+    } else {
+      for (int s = s_lo + static_cast<int>(threadIdx.x); s < s_hi; s += THREADS) append_loaded(s);
+    }
+    n = 4 * (s_hi - s_lo);
+  } else {
+    // A chunk long against `sample` (the survivors the host wants; 0: none) is filtered from its first group on by a
+    // sampled cutoff; its sample is loaded first, then the ring's first copies go in flight. Only with idx (stage >
+    // 0): filtered entries need their columns. cutoff != 0 marks a sampled start: a cutoff is at least 0x00600000
+    // (key(-inf)'s bin).
+    const bool sampled = sample > 0 && hi - lo >= max(4 * sample, 4 * kSample);
+    float sample_values[kSample / THREADS];
+    if (sampled) load_sample<THREADS>(base, stride, lo, hi, sample_values);
+    start_copies();
+
+    clear_fine<THREADS>(sh);
+    __syncthreads();
+    uint32_t cutoff = 0;
+    if (sampled) {
+      cutoff = sample_cutoff<THREADS>(sample_values, lo, hi, sample, sh);
+      __syncthreads();
+    }
+    uint32_t min_key = cutoff;
+#pragma unroll 1
+    for (int j = 0; j < groups; ++j) {
+      if (j + ahead < groups) {
+        copy_group(j + ahead, write_stage);
+        write_stage = next_stage(write_stage);
+      } else {
+        async_commit();  // empty: the count of batches after group j stays `ahead`
+      }
+      async_wait(ahead);
+      const int first_slot = s_lo + 2 * j * THREADS;
+      float x[8];
+      uint32_t valid = 0;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
-        if (s < s_hi && s < fit_end) {
-          const int p = 4 * (s - s_lo), i0 = 4 * s - a;
-          const uint32_t v = valid >> (4 * u);
-          uint32_t q[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) q[e] = v >> e & 1u ? float_key(x[4 * u + e]) : 0u;
-          *reinterpret_cast<uint4*>(keys + p) = make_uint4(q[0], q[1], q[2], q[3]);
-          if (stage > 0) *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[q[e] >> 21], 1u);
-          valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below
+        x[4 * u] = x[4 * u + 1] = x[4 * u + 2] = x[4 * u + 3] = 0.0f;
+        if (s < s_hi) {
+          valid |= slot_values(base, stride, whole(s), &ring[(read_stage * 2 + u) * THREADS + threadIdx.x],
+                               4 * s - a, lo, hi, x + 4 * u) << (4 * u);
         }
       }
-      if (end_slot <= fit_end) {
-        n = 4 * (end_slot - s_lo);
-        continue;
-      }
-      n = cap;  // = 4 * (fit_end - s_lo): cap is a multiple of 4
-      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
-    }
-    // Filtering: the passing elements of the group go after the buffer's n entries, in index order. The test is
-    // one float compare, keys are made for appended elements only, and the append loops over the passing bits:
-    // with a key per element and an append unrolled over all 8 (entered by 65% of warps at ~3% passing), ncu counted
-    // ~370 warp instructions a group at 128 x 131072, ~100 of them for those two; 47.5 -> 42.2 us (H200, both with
-    // the 2 k sampled cutoff).
-    uint32_t pass, before, total;
-#pragma unroll 1
-    for (;;) {
-      pass = 0;
-      if (min_key <= kInfKey) {  // uniform
-        const float floor_value = key_floor(min_key);
+      read_stage = next_stage(read_stage);
+      if (min_key == 0) {
+        // Nothing filtered yet: slot s fills entries 4 (s - s_lo) .. + 3 with two 16-byte stores, no scan. Lanes
+        // outside [lo, hi) (a partial first or last slot) become key-0 fillers, below every real key (>= key(-inf)
+        // = 0x007fffff): they are never selected while the row has more than k real elements. The slots that do
+        // not fit (from fit_end on) wait for the first shrink, so its pivot comes from a full buffer.
+        const int end_slot = min(s_hi, first_slot + 2 * THREADS), fit_end = s_lo + cap / 4;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(!(x[e] < floor_value)) << e;
-      } else {  // the k-th kept key is +inf or NaN: only NaN, or nothing, may pass
+        for (int u = 0; u < 2; ++u) {
+          const int s = first_slot + u * THREADS + static_cast<int>(threadIdx.x);
+          if (s < s_hi && s < fit_end) {
+            const int p = 4 * (s - s_lo), i0 = 4 * s - a;
+            const uint32_t v = valid >> (4 * u);
+            uint32_t q[4];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(float_key(x[e]) >= min_key) << e;
+            for (int e = 0; e < 4; ++e) q[e] = v >> e & 1u ? float_key(x[4 * u + e]) : 0u;
+            *reinterpret_cast<uint4*>(keys + p) = make_uint4(q[0], q[1], q[2], q[3]);
+            if (stage > 0) *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[q[e] >> 21], 1u);
+            valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below
+          }
+        }
+        if (end_slot <= fit_end) {
+          n = 4 * (end_slot - s_lo);
+          continue;
+        }
+        n = cap;  // = 4 * (fit_end - s_lo): cap is a multiple of 4
+        keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
       }
-      pass &= valid;
-      before = block_exclusive_sum<THREADS>(__popc(pass & 0xfu) | __popc(pass >> 4) << 16, total, sh, parity);
-      if (n + static_cast<int>((total & 0xffffu) + (total >> 16)) <= cap) break;
-      keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
-    }
-    int slot_lo = n + static_cast<int>(before & 0xffffu);
-    int slot_hi = n + static_cast<int>((total & 0xffffu) + (before >> 16));
+      // Filtering: the passing elements of the group go after the buffer's n entries, in index order. The test is
+      // one float compare, keys are made for appended elements only, and the append loops over the passing bits:
+      // with a key per element and an append unrolled over all 8 (entered by 65% of warps at ~3% passing), ncu counted
+      // ~370 warp instructions a group at 128 x 131072, ~100 of them for those two; 47.5 -> 42.2 us (H200, both with
+      // the 2 k sampled cutoff).
+      uint32_t pass, before, total;
 #pragma unroll 1
-    for (uint32_t left = pass; left != 0u; left &= left - 1u) {  // a thread passes ~0.2 of its 8 at 3%
-      const int e = __ffs(left) - 1;
-      const uint32_t key = float_key(pick8(x, e));
-      const int p = e < 4 ? slot_lo++ : slot_hi++;
-      keys[p] = key;
-      idx[p] = 4 * (first_slot + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
-      atomicAdd(&sh.fine[key >> 21], 1u);
-    }
-    n += static_cast<int>((total & 0xffffu) + (total >> 16));
-    if (j + 1 == groups && cutoff != 0 && n < k) {
-      // The sampled cutoff let fewer than k through (no shrink happened: n < k < cap): read the chunk again
-      // without it. Uniform over the CTA (n, cutoff are); each thread rewrites only its own ring entries.
-      cutoff = min_key = 0u;
-      n = 0;
-      j = -1;
-      __syncthreads();  // the buffer's entries and sh.fine are rewritten from scratch
-      clear_fine<THREADS>(sh);
-      start_copies();
-      __syncthreads();
+      for (;;) {
+        pass = 0;
+        if (min_key <= kInfKey) {  // uniform
+          const float floor_value = key_floor(min_key);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(!(x[e] < floor_value)) << e;
+        } else {  // the k-th kept key is +inf or NaN: only NaN, or nothing, may pass
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pass |= static_cast<uint32_t>(float_key(x[e]) >= min_key) << e;
+        }
+        pass &= valid;
+        before = block_exclusive_sum<THREADS>(__popc(pass & 0xfu) | __popc(pass >> 4) << 16, total, sh, parity);
+        if (n + static_cast<int>((total & 0xffffu) + (total >> 16)) <= cap) break;
+        keep_top_k<THREADS, CLUSTER>(keys, idx, n, k, stage_keys, stage_idx, sh, parity, min_key);
+      }
+      int slot_lo = n + static_cast<int>(before & 0xffffu);
+      int slot_hi = n + static_cast<int>((total & 0xffffu) + (before >> 16));
+#pragma unroll 1
+      for (uint32_t left = pass; left != 0u; left &= left - 1u) {  // a thread passes ~0.2 of its 8 at 3%
+        const int e = __ffs(left) - 1;
+        const uint32_t key = float_key(pick8(x, e));
+        const int p = e < 4 ? slot_lo++ : slot_hi++;
+        keys[p] = key;
+        idx[p] = 4 * (first_slot + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+        atomicAdd(&sh.fine[key >> 21], 1u);
+      }
+      n += static_cast<int>((total & 0xffffu) + (total >> 16));
+      if (j + 1 == groups && cutoff != 0 && n < k) {
+        // The sampled cutoff let fewer than k through (no shrink happened: n < k < cap): read the chunk again
+        // without it. Uniform over the CTA (n, cutoff are); each thread rewrites only its own ring entries.
+        cutoff = min_key = 0u;
+        n = 0;
+        j = -1;
+        __syncthreads();  // the buffer's entries and sh.fine are rewritten from scratch
+        clear_fine<THREADS>(sh);
+        start_copies();
+        __syncthreads();
+      }
     }
   }
   __syncthreads();
 
   uint32_t pivot, mask, rem, total;
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
-  const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
-  int first, take;
-  cluster_emission<CLUSTER>(rem, sh, first, take);
-  // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
-  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
-  int* staged = reinterpret_cast<int*>(ring);
   const int column0 = 4 * s_lo - a;  // the column of buffer entry 0 while columns are implicit
-  write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
-    staged[slot - first] = stage > 0 ? idx[i] : column0 + i;
-  });
-  __syncthreads();
-  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  auto column = [&](int i) { return stage > 0 ? idx[i] : column0 + i; };
+  int first, take;
+  if (stage == 0 && rem == sh.found[2]) {  // uniform: a whole chunk, and every pivot-equal entry is taken
+    // Then an entry is taken iff key >= pivot (pivot's bits below the mask are 0; the buffer's fillers, key 0, are
+    // below every pivot), so no rank among the pivot-equal ones is needed and one pass emits: each warp compacts its
+    // run's taken columns, in index order, into the front of its own run, then copies them out after the other warps'
+    // counts place it. A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512 contiguous
+    // bytes a warp: no bank conflict); their taken ones go to the places the lanes' counts give (a prefix from four
+    // ballots), each at or before its own entry: so over entries of this step that lower lanes have read (a __syncwarp
+    // orders those reads before the stores) and never past the step. A whole chunk's n is a multiple of 4 (its cut end
+    // slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none. (Only whole chunks:
+    // a streaming buffer's n is any count, and entries past it are stale.)
+    constexpr int kWarps = THREADS / 32;
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    const int per_warp = (n + 128 * kWarps - 1) / (128 * kWarps) * 128;
+    const int begin = min(n, warp * per_warp), end = min(n, begin + per_warp);
+    const uint32_t lower_lanes = (1u << lane) - 1u;
+    int* taken = reinterpret_cast<int*>(keys) + begin;
+    int count = 0;
+    for (int step = begin; step < end; step += 128) {  // uniform over the warp
+      const int i = step + 4 * lane;
+      const uint4 q = i < end ? *reinterpret_cast<const uint4*>(keys + i) : make_uint4(0u, 0u, 0u, 0u);
+      const bool t0 = q.x >= pivot, t1 = q.y >= pivot, t2 = q.z >= pivot, t3 = q.w >= pivot;
+      const uint32_t b0 = __ballot_sync(kFullMask, t0), b1 = __ballot_sync(kFullMask, t1),
+                     b2 = __ballot_sync(kFullMask, t2), b3 = __ballot_sync(kFullMask, t3);
+      const int p0 = count + __popc(b0 & lower_lanes) + __popc(b1 & lower_lanes) + __popc(b2 & lower_lanes) +
+                     __popc(b3 & lower_lanes);
+      const int p1 = p0 + t0, p2 = p1 + t1, p3 = p2 + t2;
+      __syncwarp();  // the ballots order nothing in memory: the lower lanes' reads of this step come before
+      if (t0) taken[p0] = column0 + i;
+      if (t1) taken[p1] = column0 + i + 1;
+      if (t2) taken[p2] = column0 + i + 2;
+      if (t3) taken[p3] = column0 + i + 3;
+      count += __popc(b0) + __popc(b1) + __popc(b2) + __popc(b3);
+    }
+    if (lane == 0) sh.warp_count[warp] = static_cast<uint32_t>(count);
+    __syncthreads();  // also publishes the cluster select's sh.lower for cluster_emission
+    cluster_emission<CLUSTER>(rem, sh, first, take);
+    first += static_cast<int>(__reduce_add_sync(kFullMask, lane < warp ? sh.warp_count[lane] : 0u));
+    for (int j = lane; j < count; j += 32) out[first + j] = taken[j];
+  } else {
+    const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
+    cluster_emission<CLUSTER>(rem, sh, first, take);
+    // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
+    const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
+    int* staged = reinterpret_cast<int*>(ring);
+    write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
+      staged[slot - first] = column(i);
+    });
+    __syncthreads();
+    for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  }
   if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 

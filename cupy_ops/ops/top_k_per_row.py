@@ -157,7 +157,7 @@ CTA_SHAPES = {(True, True): CtaShapes(((256, 4), (256, 3), (512, 2)), ((512, 2),
               (True, False): CtaShapes(((512, 2),), ((512, 2),)),
               (False, True): CtaShapes(((256, 1),), ((1024, 1), (512, 1))),
               (False, False): CtaShapes(((1024, 1), (512, 1)), ((1024, 1), (512, 1)))}
-STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11552 bytes)
+STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11680 bytes)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
 
