@@ -157,7 +157,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     // misalignment included): every whole slot is copied straight to its entries 4 (s - s_lo) .. + 3, all of the
     // chunk's copies in flight at once (one wait, not one a group through the ring), then turned into keys in place by
     // the thread that copied it. The cut first and last slots and strided rows load element by element; their lanes
-    // outside [lo, hi) become key-0 fillers, as in the streaming loop below.
+    // outside [lo, hi) become key-0 fillers, as in the streaming loop below. (H200, the 4096 x 8192 prefill's four
+    // 256-thread CTAs an SM with a one-stage ring: 90.5 -> 77.4 us against copies through the ring.)
     if (contiguous) {
       for (int s = w_lo + static_cast<int>(threadIdx.x); s < w_hi; s += THREADS) {
         async_copy16(keys + 4 * (s - s_lo), base + (4 * s - a));
@@ -330,7 +331,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     // ballots), each at or before its own entry: so over entries of this step that lower lanes have read (a __syncwarp
     // orders those reads before the stores) and never past the step. A whole chunk's n is a multiple of 4 (its cut end
     // slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none. (Only whole chunks:
-    // a streaming buffer's n is any count, and entries past it are stale.)
+    // a streaming buffer's n is any count, and entries past it are stale.) H200, against the count and write passes:
+    // prefill 4096 x 8192 77.4 -> 65.0 us, 1024 x 8192 29.5 -> 25.0, 64 x 65536 k 2048 18.0 -> 16.4.
     constexpr int kWarps = THREADS / 32;
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int per_warp = (n + 128 * kWarps - 1) / (128 * kWarps) * 128;
