@@ -238,13 +238,32 @@ def test_extra_options_from_the_environment_are_compiled_with_and_keyed(fresh_ca
     assert b".nv_debug_line_sass" in with_lines.image and b".nv_debug_line_sass" not in plain.image
 
 
-@pytest.mark.parametrize("binding", ["ctypes", "cupy"])
+BINDINGS = {"ctypes": None,  # libnvrtc through ctypes, the library CuPy compiled with
+            "cupy": ("_nvrtc_library", lambda: None),  # no ctypes library found: CuPy's image, mended
+            "another-library": ("nvrtc_version", lambda: (0, 0))}  # ctypes found another NVRTC: CuPy's, mended
+
+
+def _use_binding(monkeypatch, binding):
+    if BINDINGS[binding] is not None:
+        monkeypatch.setattr(compiler, *BINDINGS[binding])
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
 def test_a_cubin_is_whole(fresh_cache, monkeypatch, binding):
     """The image holds every byte its ELF header spans (CuPy's nvrtc.getCUBIN drops the last one; without ctypes'
     libnvrtc the image is padded back), and the cache hands the same bytes back."""
-    if binding == "cupy":
-        monkeypatch.setattr(compiler, "_nvrtc_library", lambda: None)
+    _use_binding(monkeypatch, binding)
     entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
     assert entry.image[:4] == b"\x7fELF" and len(entry.image) == compiler.elf_extent(entry.image)
     compiler.clear_memory_cache()
     assert compiler.compile_kernel(SOURCE, NAME, ARCH).image == entry.image
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_ptx_ends_in_one_nul(fresh_cache, monkeypatch, binding):
+    """cuModuleLoadData reads PTX as a NUL-terminated text; CuPy's nvrtc.getPTX drops the NUL."""
+    _use_binding(monkeypatch, binding)
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH, native=False)
+    assert b".entry" in entry.image and entry.image.endswith(b"\0") and entry.image.count(b"\0") == 1
+    compiler.clear_memory_cache()
+    assert compiler.compile_kernel(SOURCE, NAME, ARCH, native=False).image == entry.image

@@ -45,7 +45,7 @@ __all__ = [
 # no -ftz=true (torch keeps denormals), no --use_fast_math (expf/logf stay within 2 ulp).
 BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v", "-default-device")
 
-_CACHE_MAGIC = b"CUPYOPS\x02"  # \x02: whole cubins (_cubin); \x01 entries lack a byte
+_CACHE_MAGIC = b"CUPYOPS\x03"  # \x03: PTX with its NUL; \x02: whole cubins (_program_image); \x01 lack a byte
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -275,29 +275,34 @@ def _nvrtc_compile(filename: str, name_expression: str, arch: int, native: bool,
             raise CompileError(f"cupy_ops: NVRTC failed on {name_expression} ({filename}):\n{log}") from exc
         log = nvrtc.getProgramLog(prog)
         lowered = nvrtc.getLoweredName(prog, name_expression)
-        image = _cubin(nvrtc, prog) if native else nvrtc.getPTX(prog)
+        image = _program_image(nvrtc, prog, native)
     finally:
         nvrtc.destroyProgram(prog)
-    if isinstance(image, str):
-        image = image.encode()
-    return CompiledKernel(key, name_expression, lowered, bytes(image), log)
+    return CompiledKernel(key, name_expression, lowered, image, log)
 
 
-def _cubin(nvrtc, prog: int) -> bytes:
-    """The program's cubin, all nvrtcGetCUBINSize bytes of it. CuPy's nvrtc.getCUBIN (14.2) returns one byte less,
-    as if the image ended in a NUL like the PTX text: the last byte of the ELF's last program header went missing
-    (a 0 so far, which the driver read from past the end of the Python bytes object). Without ctypes' libnvrtc,
-    CuPy's image is padded back to the extent its ELF header gives."""
+def _program_image(nvrtc, prog: int, native: bool) -> bytes:
+    """The program's cubin (native) or PTX, all nvrtcGet{CUBIN,PTX}Size bytes of it. CuPy's binding (14.2) returns
+    one byte less of either, as if every image ended in a NUL: a cubin lost the last byte of its ELF's last program
+    header (a 0 so far, which the driver read from past the end of the Python bytes object), a PTX text its closing
+    NUL, which cuModuleLoadData needs. So the image comes from libnvrtc through ctypes when that is the library
+    CuPy compiled with (same version: a program handle means nothing to another library); else CuPy's image is
+    mended: a cubin padded to the extent its ELF header gives, a PTX text given its NUL."""
     lib = _nvrtc_library()
-    if lib is None:
-        image = nvrtc.getCUBIN(prog)
-        return image + bytes(max(0, elf_extent(image) - len(image)))
+    if lib is None or nvrtc_version() != tuple(nvrtc.getVersion()):
+        image = nvrtc.getCUBIN(prog) if native else nvrtc.getPTX(prog)
+        if isinstance(image, str):
+            image = image.encode()
+        if native:
+            return image + bytes(max(0, elf_extent(image) - len(image)))
+        return image if image.endswith(b"\0") else image + b"\0"
+    kind = "CUBIN" if native else "PTX"
     size = ctypes.c_size_t()
-    if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
-        raise CompileError("cupy_ops: nvrtcGetCUBINSize failed")
+    if getattr(lib, f"nvrtcGet{kind}Size")(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
+        raise CompileError(f"cupy_ops: nvrtcGet{kind}Size failed")
     buffer = ctypes.create_string_buffer(size.value)
-    if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buffer) != 0:
-        raise CompileError("cupy_ops: nvrtcGetCUBIN failed")
+    if getattr(lib, f"nvrtcGet{kind}")(ctypes.c_void_p(prog), buffer) != 0:
+        raise CompileError(f"cupy_ops: nvrtcGet{kind} failed")
     return buffer.raw
 
 
