@@ -136,8 +136,7 @@ class Kernel:
     (major, minor), arch) -> the most bytes of spill stores and of spill loads ptxas may report for this
     instantiation there, where an op keeps a spill (its module says why, with measurements); elsewhere none."""
 
-    __slots__ = ("source", "name_expression", "root", "known_spills", "_functions", "_lock", "_dynamic_smem",
-                 "_smem_lock")
+    __slots__ = ("source", "name_expression", "root", "known_spills", "_functions", "_lock", "_dynamic_smem")
 
     def __init__(self, source: str, name_expression: str, root=None, known_spills=None):
         self.source = source
@@ -146,8 +145,7 @@ class Kernel:
         self.known_spills = dict(known_spills or {})
         self._functions: dict[int, int] = {}  # device -> CUfunction
         self._dynamic_smem: dict[int, int] = {}  # device -> opted-in dynamic shared memory
-        self._lock = threading.Lock()
-        self._smem_lock = threading.Lock()  # the opt-in's check, driver call and record, together
+        self._lock = threading.Lock()  # loading, rerooting, and the opt-in's check, driver call and record
 
     def __repr__(self) -> str:
         return f"Kernel({self.source!r}, {self.name_expression!r})"
@@ -206,13 +204,14 @@ class Kernel:
         if nbytes + static > limit:
             raise ValueError(f"cupy_ops: {self.name_expression} asks for {nbytes} bytes of dynamic shared memory "
                              f"besides {static} static; this GPU allows {limit} in all")
-        # Under a lock, and only upwards: two threads planning different sizes could otherwise leave the smaller
+        # Under the lock, and only upwards: two threads planning different sizes could otherwise leave the smaller
         # one set last, and the larger one's cached launches would fail with CUDA_ERROR_INVALID_VALUE on every call.
-        with self._smem_lock:
+        function = self.function(device)  # before the lock, which loading takes
+        with self._lock:
             if nbytes <= self._dynamic_smem.get(device, 0):
                 return
             with _ContextPushed(device):
-                _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(self.function(device)),
+                _check_cu(_libcuda().cuFuncSetAttribute(ctypes.c_void_p(function),
                                                         _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
                           "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
             self._dynamic_smem[device] = nbytes
