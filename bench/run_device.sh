@@ -8,6 +8,10 @@
 #           ("label=DIR ...", DIR another checkout's cuda_kernels/, e.g. carried in .devrun/) and each variant of
 #           AB_VARIANTS (one `label: ...` a line), AB_ROUNDS rounds interleaved (default 2), for the ops of AB_OPS
 #           (default the top-k ops), AB_CASES (space-separated case substrings) if set; ab_<op>.json, ab.log.
+#   profile: (not in `all`) ncu (--set full, source lines: CUPY_OPS_NVRTC_OPTIONS=-lineinfo) of PROFILE_OP's cases
+#           whose names hold PROFILE_CASES (space-separated substrings), each run once warm by bench/tune.py
+#           --profile; profile.ncu-rep, its details page (profile_details.csv) and its SASS source page with
+#           per-instruction counters (profile_sass.csv), profile.log.
 # Logs and JSON go to $OUT (default bench/results/latest). Usage (repository root, the vLLM anchor copied to
 # .anchors/), with the sha of the commit that was sent (a copied tree's .git may be stale):
 #   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all|ab]
@@ -117,5 +121,18 @@ if [[ "$STAGE" == ab ]]; then
             >> "$OUT/ab.log" 2>&1 || status=1
     done
     grep -E " us|error|MISMATCH" "$OUT/ab.log" | sort -k3,3 -k1,1 -s | cut -c1-100
+fi
+if [[ "$STAGE" == profile ]]; then
+    echo "== ncu: ${PROFILE_OP:?PROFILE_OP names the op} ${PROFILE_CASES:-every case}"
+    cases=(); for case in ${PROFILE_CASES:-}; do cases+=(--case "$case"); done
+    CUPY_OPS_NVRTC_OPTIONS=-lineinfo timeout "${PROFILE_LIMIT:-300}" ncu --profile-from-start off --clock-control none \
+        --set full --import-source yes -k regex:"${PROFILE_KERNELS:-top_k|persistent|merge|penalt|scan}" -f \
+        -o "$OUT/profile" python3 bench/tune.py --op "$PROFILE_OP" "${cases[@]}" --profile \
+        > "$OUT/profile.log" 2>&1 || status=1
+    ncu -i "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" 2>> "$OUT/profile.log" || status=1
+    ncu -i "$OUT/profile.ncu-rep" --page source --csv --print-source sass > "$OUT/profile_sass.csv" \
+        2>> "$OUT/profile.log" || status=1
+    grep -E '"(Duration|Memory Throughput|DRAM Throughput|Registers Per Thread|Achieved Occupancy)"' \
+        "$OUT/profile_details.csv" | cut -c1-200
 fi
 exit $status
