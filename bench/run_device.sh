@@ -127,7 +127,7 @@ if [[ "$STAGE" == profile ]]; then
     cases=(); for case in ${PROFILE_CASES:-}; do cases+=(--case "$case"); done
     CUPY_OPS_NVRTC_OPTIONS=-lineinfo timeout "${PROFILE_LIMIT:-300}" ncu --profile-from-start off --clock-control none \
         --set full --import-source yes -k regex:"${PROFILE_KERNELS:-top_k|persistent|merge|penalt|scan}" -f \
-        -o "$OUT/profile" python3 bench/tune.py --op "$PROFILE_OP" "${cases[@]}" --profile \
+        -o "$OUT/profile" python3 bench/tune.py --op "$PROFILE_OP" ${cases[@]+"${cases[@]}"} --profile \
         > "$OUT/profile.log" 2>&1 || status=1
     ncu -i "$OUT/profile.ncu-rep" --page details --csv > "$OUT/profile_details.csv" 2>> "$OUT/profile.log" || status=1
     ncu -i "$OUT/profile.ncu-rep" --page source --csv --print-source sass > "$OUT/profile_sass.csv" \
