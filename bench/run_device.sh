@@ -14,13 +14,14 @@
 #           per-instruction counters (profile_sass.csv), profile.log.
 # Logs and JSON go to $OUT (default bench/results/latest). Usage (repository root, the vLLM anchor copied to
 # .anchors/), with the sha of the commit that was sent (a copied tree's .git may be stale):
-#   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all|ab]
+#   CUPY_OPS_GIT_SHA=<sha> bash bench/run_device.sh [tests|bench|all|ab|profile]
 # Narrowing for a short device call: TESTS (pytest arguments, e.g. "tests -m gpu"), K (pytest -k expression for
 # the tests), SANITIZERS ("memcheck racecheck", or "" for none), SANITIZE_TESTS (paths, default TESTS) and
 # SANITIZE_K (default K) for a sample, TEST_LIMIT and SANITIZER_LIMIT (seconds per pytest run; a run cut there
 # still reports what it passed: the tests get SIGINT, so pytest prints its failures too; SIGKILL 30 s later),
 # BENCH_ARGS (extra `python -m cupy_ops bench` options, e.g. "--reps 30 --torch-eager --no-compile-timing"),
-# OP_TIMEOUT (s per op).
+# OP_TIMEOUT (s per op), PROFILE_LIMIT (s for the profile stage's ncu run, default 300) and PROFILE_KERNELS (its
+# ncu -k regex).
 set -uo pipefail
 STAGE="${1:-all}"
 OUT="${OUT:-bench/results/latest}"
