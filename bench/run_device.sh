@@ -6,7 +6,8 @@
 #           bench.json), then the pytest-benchmark suite's eager host costs;
 #   ab:     (not in `all`) bench/tune.py on this checkout's kernels ("base") and on each kernel tree of AB_TREES
 #           ("label=DIR ...", DIR another checkout's cuda_kernels/, e.g. carried in .devrun/) and each variant of
-#           AB_VARIANTS (one `label: ...` a line), AB_ROUNDS rounds interleaved (default 2), for the ops of AB_OPS
+#           AB_VARIANTS (one `label: ...` a line; a kernel constant as `label: edit=FILE|OLD|NEW`, see bench/tune.py),
+#           AB_ROUNDS rounds interleaved (default 2), for the ops of AB_OPS
 #           (default the top-k ops), AB_CASES (space-separated case substrings) if set; ab_<op>.json, ab.log.
 #   profile: (not in `all`) ncu (--set full, source lines: CUPY_OPS_NVRTC_OPTIONS=-lineinfo) of PROFILE_OP's cases
 #           whose names hold PROFILE_CASES (space-separated substrings), each run once warm by bench/tune.py

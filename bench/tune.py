@@ -7,7 +7,10 @@
     ncu --profile-from-start off ... python bench/tune.py --op persistent_topk --case 128x --profile
 
 A variant is `label: module.NAME=python-expression; ...` (`base`: no change; expressions see the module's names),
-with `tree=DIR` as one of its items where its kernels compile from DIR; its constants are set, every op's cached
+with `tree=DIR` as one of its items where its kernels compile from DIR, and `edit=FILE|OLD|NEW` items where they
+compile from a copy of that tree (or of this checkout's) in which FILE (a path under cuda_kernels/) has its one
+occurrence of the text OLD replaced by NEW: a kernel's constant A/B'd without carrying a tree, e.g.
+`stages1: edit=common/topk.cuh|constexpr int kX = 2|constexpr int kX = 1`. Its constants are set, every op's cached
 layouts are forgotten (plans read the constants), the cases are timed like `python -m cupy_ops bench` times them
 (CUDA-graph replays, outputs checked against the float64 reference), and the constants are restored. `--tree
 label=DIR` is the variant `label: tree=DIR`: DIR is another checkout's cuda_kernels/ (`git worktree add /tmp/main
@@ -21,9 +24,12 @@ for choosing constants on a GPU: the results files come from `python -m cupy_ops
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +37,7 @@ import torch
 
 from cupy_ops import _bench
 from cupy_ops._bench import harness
-from cupy_ops._runtime import Kernel
+from cupy_ops._runtime import Kernel, compiler
 from cupy_ops.ops import ops
 
 
@@ -43,17 +49,43 @@ class Variant(NamedTuple):
 
 def parse_variant(text: str) -> Variant:
     label, _, body = text.partition(":")
-    changes, root = {}, None
+    changes, root, edits = {}, None, []
     for item in filter(None, (part.strip() for part in body.split(";"))):
         target, _, expression = item.partition("=")
         if target.strip() == "tree":
             root = kernel_tree(expression.strip(), text)
             continue
+        if target.strip() == "edit":
+            edits.append(expression.strip())
+            continue
         module, _, name = target.strip().rpartition(".")
         # evaluated in the module's namespace, so a value can build on its names (KERNELS, Kernel, ...)
         namespace = dict(vars(importlib.import_module(module)))
         changes[module, name] = eval(expression, namespace)  # noqa: S307 - a developer's own command line
+    if edits:
+        root = edited_tree(root or str(compiler.kernel_dir()), edits, text)
     return Variant(label.strip(), changes, root)
+
+
+def edited_tree(folder: str, edits: list[str], text: str) -> str:
+    """A temporary copy of the cuda_kernels/ `folder` (removed at exit) with each `FILE|OLD|NEW` edit made: FILE's
+    one occurrence of OLD replaced by NEW (an OLD found zero or several times is refused: the edit would be
+    silent or ambiguous)."""
+    copy = Path(tempfile.mkdtemp(prefix="tune-tree-")) / "cuda_kernels"
+    atexit.register(shutil.rmtree, copy.parent, True)
+    shutil.copytree(folder, copy)
+    for edit in edits:
+        parts = edit.split("|")
+        if len(parts) != 3 or not parts[1]:
+            raise SystemExit(f"{text!r}: expected edit=FILE|OLD|NEW, got {edit!r}")
+        path = copy / parts[0]
+        if not path.is_file():
+            raise SystemExit(f"{text!r}: {parts[0]!r} is not a file of {folder}")
+        source = path.read_text()
+        if source.count(parts[1]) != 1:
+            raise SystemExit(f"{text!r}: {parts[1]!r} occurs {source.count(parts[1])} times in {parts[0]}, not once")
+        path.write_text(source.replace(parts[1], parts[2]))
+    return str(copy)
 
 
 def kernel_tree(folder: str, text: str) -> str:

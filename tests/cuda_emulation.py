@@ -179,7 +179,7 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask, int widt
   return emu::shuffle(v, (lane & ~(width - 1)) | ((lane ^ mask) & (width - 1)), false);
 }
 namespace emu {
-// f(sum or bits) over the 32 lanes' v in one meeting of the warp (lanes past the block give 0).
+// f(src, v) for each of the 32 lanes (src) and the v it gave, in one meeting of the warp (lanes past the block give 0).
 template <typename F> inline void warp_all(uint64_t v, F f) {
   const int t = linear_tid(), warp = t >> 5;
   cur->shfl[t] = v;

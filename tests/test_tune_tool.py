@@ -79,3 +79,33 @@ def test_a_tree_must_be_a_kernel_folder(tune, tmp_path):
     variant = tune.parse_variant(f"w1: tree={compiler.kernel_dir()}; cupy_ops.ops.top_k_per_row.MIN_WHOLE_STAGES=1")
     assert variant.root == str(compiler.kernel_dir().resolve())
     assert variant.changes == {("cupy_ops.ops.top_k_per_row", "MIN_WHOLE_STAGES"): 1}
+
+
+def test_an_edit_compiles_from_a_copy_with_one_text_replaced(tune):
+    """`edit=FILE|OLD|NEW`: the variant's kernels compile from a copy of the tree in which FILE's one OLD is NEW;
+    this checkout's file is untouched."""
+    header = compiler.kernel_dir() / "common" / "types.cuh"
+    old_text = "namespace cupy_ops {"
+    assert header.read_text().count(old_text) == 1
+    variant = tune.parse_variant(f"marked: edit=common/types.cuh|{old_text}|#define CUPY_OPS_EDIT_MARK 1\n{old_text}")
+    edited = Path(variant.root) / "common" / "types.cuh"
+    assert "CUPY_OPS_EDIT_MARK" in edited.read_text() and "CUPY_OPS_EDIT_MARK" not in header.read_text()
+    merge = next(k for k in ops()["merge_attn_states"].kernels)
+    base_key = merge.compile(90).key
+    old = tune.apply(variant)
+    try:
+        assert merge.compile(90).key != base_key
+    finally:
+        tune.restore(old)
+    assert merge.compile(90).key == base_key
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("common/types.cuh|no such text anywhere|x", "occurs 0 times"),
+    ("common/types.cuh|//|x", "occurs [2-9][0-9]* times"),  # several
+    ("common/no_such_file.cuh|a|b", "is not a file"),
+    ("common/types.cuh|only-two-parts", "expected edit=FILE|OLD|NEW"),
+])
+def test_an_edit_that_would_be_silent_or_ambiguous_is_refused(tune, edit, message):
+    with pytest.raises(SystemExit, match=message.replace("|", r"\|")):
+        tune.parse_variant(f"bad: edit={edit}")
