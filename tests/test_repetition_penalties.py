@@ -243,6 +243,19 @@ def test_rejected_before_anything_is_written(device, case_id, exception, argumen
     assert_bitwise_equal(logits, snapshot, "logits after a rejected call")
 
 
+def test_too_many_tokens_rejected():
+    """Warp chunks (32 tokens at the narrowest mask vector) are numbered in 31 bits (fast_divmod): 65536 rows of
+    2^20 tokens (2^31 chunks) are refused on meta tensors (validation only, nothing allocated); 32 tokens a row
+    fewer (one chunk a row) pass."""
+    rows, vocab = 1 << 16, 1 << 20
+    def args(vocab):
+        masks = [torch.empty(rows, vocab, dtype=torch.bool, device="meta") for _ in range(2)]
+        return (torch.empty(rows, vocab, device="meta"), *masks, torch.empty(rows, device="meta"))
+    with pytest.raises(ValueError, match=r"apply_repetition_penalties_: logits has 65536 x 1048576 tokens"):
+        cupy_ops.apply_repetition_penalties_(*args(vocab))
+    cupy_ops.apply_repetition_penalties_(*args(vocab - 32))
+
+
 # ---- GPU only -----------------------------------------------------------------------------------------------
 
 
