@@ -9,7 +9,8 @@ alignment of vector copies.
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
-topk_row are rewritten to per-block storage. Instantiations: (256|512|1024 threads) x (1|2|4 CTAs per cluster), and 256 x 8."""
+topk_row are rewritten to per-block storage. Instantiations: INSTANTIATIONS (threads, CTAs per cluster),
+REGISTER_INSTANTIATIONS and the two-pass kernel at T.TWO_PASS_THREADS."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from topk_utils import (
     DECODE,
     PERSISTENT,
     PREFILL,
+    PaddedOutput,
     assert_reference,
     decode_args,
     make_scores,
     persistent_args,
     prefill_args,
+    replace_arg,
 )
 
 from cupy_ops._runtime import LaunchConfig, compiler
@@ -75,7 +78,10 @@ struct EmuCopy { void* dst; const void* src; };
 inline thread_local std::deque<std::vector<EmuCopy>> emu_batches;
 inline thread_local std::vector<EmuCopy> emu_open;
 inline void async_copy16(void* dst, const void* src) {  // lands at the wait; garbage until then
-  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) { std::fprintf(stderr, "misaligned cp.async\n"); std::abort(); }
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) {
+    std::fprintf(stderr, "misaligned cp.async\n");
+    std::abort();
+  }
   std::memset(dst, 0xCD, 16);
   emu_open.push_back({dst, src});
 }
@@ -110,11 +116,13 @@ template <int T, int C, typename P, typename K> static int go(K kernel, const P*
 extern "C" int run_top_k_per_row(int threads, int cluster, int grid, long long dynamic, const TopKPerRowParams* p) {
   DISPATCH(top_k_per_row_kernel)
 }
-extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long dynamic, const PersistentTopKParams* p) {
+extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long dynamic,
+                                   const PersistentTopKParams* p) {
   DISPATCH(persistent_topk_kernel)
 }
 #define DISPATCH_TWO_PASS(KERNEL) \
-""" + "".join(f"  if (threads == {t}) return go<{t}, 1>(KERNEL<{t}>, p, grid, dynamic); \\\n" for t in T.TWO_PASS_THREADS) + r"""  return 2;
+""" + "".join(f"  if (threads == {t}) return go<{t}, 1>(KERNEL<{t}>, p, grid, dynamic); \\\n"
+              for t in T.TWO_PASS_THREADS) + r"""  return 2;
 extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynamic, const TopKPerRowParams* p) {
   DISPATCH_TWO_PASS(top_k_per_row_two_pass_kernel)
 }
@@ -143,7 +151,8 @@ def emulator(tmp_path_factory):
     """The emulation library, built from the current sources (about 3 s)."""
     source = compiler.kernel_dir()
     files = {"common/types.cuh": None, "common/cluster.cuh": CLUSTER_CUH, "common/async_copy.cuh": ASYNC_COPY_CUH,
-             "common/grid_dependency.cuh": None, "common/topk.cuh": None, "top_k_per_row.cu": None, "persistent_topk.cu": None}
+             "common/grid_dependency.cuh": None, "common/topk.cuh": None, "top_k_per_row.cu": None,
+             "persistent_topk.cu": None}
     for header in ("topk_row.cuh", "topk_two_pass.cuh", "topk_registers.cuh"):  # each row function's two shared
         # declarations
         core = (source / "common" / header).read_text()
@@ -281,12 +290,34 @@ DECODE_GEOMETRIES = [Geometry(512, shrink=True), Geometry(512, 4), Geometry(256,
 
 @pytest.mark.parametrize("geometry", DECODE_GEOMETRIES, ids=str)
 def test_decode_strided_rows(emulator, monkeypatch, geometry):
-    """Columns with stride 2 (element loads), next_n 2 with a sequence shorter than next_n, tied values."""
+    """Columns with stride 2 (element loads), next_n 2 with a sequence shorter than next_n, tied values; indices
+    rows 301 apart (odd: every row's output at another alignment), padding untouched."""
     gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster)
     buffer = make_scores("ties", 4, 2 * 9001, gen)
-    args = decode_args(buffer[:, ::2], 2, [9001, 1], 300)
+    output = PaddedOutput(4, 300, 301, "cpu")
+    args = output.into(DECODE, decode_args(buffer[:, ::2], 2, [9001, 1], 300))
     geometry.run(emulator, monkeypatch, DECODE, args)
     assert_reference(DECODE, args, what=f"decode {geometry}")
+    output.assert_padding_untouched(f"decode {geometry}")
+
+
+PREFILL_STRIDED_GEOMETRIES = [Geometry(256), Geometry(512, shrink=True), Geometry(512, 4),
+                              Geometry(512, registers=True)]
+
+
+@pytest.mark.parametrize("geometry", PREFILL_STRIDED_GEOMETRIES, ids=str)
+def test_prefill_strided_rows(emulator, monkeypatch, geometry):
+    """Columns with stride 2 from an odd offset (element loads from each window's start x stride1; no two-pass:
+    its plans want unit strides), unaligned starts, lengths W - 1, W - 1 (shrunk many times under the shrink
+    geometry) and k + 1: equal to the reference of the contiguous copy (stride0 = W, stride1 = 1), which never
+    sees the strides."""
+    gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster + 11)
+    width, k = 9001, 61
+    view = make_scores("randn", 3, 2 * width + 1, gen)[:, 1::2]
+    args = prefill_args(view, [1, 0, 7], [width, width - 1, 7 + k + 1], k)
+    geometry.run(emulator, monkeypatch, PREFILL, args)
+    dense = replace_arg(replace_arg(replace_arg(args, 0, view.contiguous()), 5, width), 6, 1)
+    assert_reference(PREFILL, dense, what=f"prefill stride1 = 2 {geometry}")
 
 
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
@@ -300,13 +331,50 @@ PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(51
 @pytest.mark.parametrize("kind", ["randn", "lowbits", "neginf"])
 def test_persistent_rows(emulator, monkeypatch, kind, geometry):
     """An odd row pitch (each row misaligned differently), lengths -1 / k / W + 17 / k + 1; low-bits ties and
-    -inf filling the last slots."""
+    -inf filling the last slots; output rows k + 3 apart (a row stride other than k), padding untouched."""
     gen = torch.Generator().manual_seed(geometry.threads * geometry.cluster)
     width, k = 9001, 64
     logits = make_scores(kind, 4, width + 2, gen)[:, :width]
-    args = persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3)
+    output = PaddedOutput(4, k, k + 3, "cpu")
+    args = output.into(PERSISTENT, persistent_args(logits, [-1, k, width + 17, k + 1], k, max_seq_len=width - 3))
     geometry.run(emulator, monkeypatch, PERSISTENT, args)
     assert_reference(PERSISTENT, args, what=f"persistent {kind} {geometry}")
+    output.assert_padding_untouched(f"persistent {kind} {geometry}")
+
+
+# Calls whose windows need the clamping or the L <= k path, at each kind of kernel: one CTA, a cluster of 8 (CTAs
+# with empty chunks), the row in registers and the two-pass kernel (plans give it such rows only under the GPU
+# tests' each_row_kernel, but nothing in it assumes wide rows).
+SMALL_GEOMETRIES = [Geometry(256), Geometry(256, 8), Geometry(256, registers=True), Geometry(256, list_cap=4096)]
+
+
+@pytest.mark.parametrize("geometry", SMALL_GEOMETRIES, ids=str)
+def test_rows_narrower_than_k(emulator, monkeypatch, geometry):
+    """Width 40, k 61: every window is shorter than k, so each row is its window's indices then the -1 tail, all
+    written over UNWRITTEN. Prefill [0, 40) (the whole row), [3, 20), [0, 0); decode with [1, 3] seq_lens, one per
+    row (next_n 3): 40, 17, 0; persistent with max_seq_len 25 (< k and < W) capping 40, then 12 and -1."""
+    gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster + 13)
+    width, k = 40, 61
+    logits = make_scores("ties", 3, width, gen)
+    calls = [(PREFILL, prefill_args(logits.clone(), [0, 3, 0], [40, 20, 0], k)),
+             (DECODE, decode_args(logits.clone(), 3, [[40, 17, 0]], k)),
+             (PERSISTENT, persistent_args(logits.clone(), [40, 12, -1], k, max_seq_len=25))]
+    for op, args in calls:
+        geometry.run(emulator, monkeypatch, op, args)
+        assert_reference(op, args, what=f"{op.name} width {width} < k {k} {geometry}")
+
+
+@pytest.mark.parametrize("geometry", SMALL_GEOMETRIES, ids=str)
+def test_prefill_windows_outside_the_row(emulator, monkeypatch, geometry):
+    """The documented clamping (start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W)), width 300, k 61:
+    starts -4 (window [0, 30)), W + 5 (empty), -1 with end W (the whole row, L > k), -7 with end 200 (L > k from a
+    clamped start); NaN outside each clamped window, so a read outside it would be selected."""
+    gen = torch.Generator().manual_seed(geometry.threads + geometry.cluster + 17)
+    width, k = 300, 61
+    logits = make_scores("randn", 4, width, gen)
+    args = prefill_args(logits, [-4, width + 5, -1, -7], [30, width + 9, width, 200], k)
+    geometry.run(emulator, monkeypatch, PREFILL, args)
+    assert_reference(PREFILL, args, what=f"prefill clamped windows {geometry}")
 
 
 # The sampled cutoff (common/topk.cuh: sample_cutoff) is exact whatever it is: a cutoff that lets fewer than k

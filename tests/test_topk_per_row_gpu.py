@@ -1,8 +1,9 @@
 """CUDA tests of top_k_per_row_prefill and top_k_per_row_decode (spec: sampler_ops.md 2.10 and 3): every result
 equals the reference exactly (our tie rule and ascending order) and, checked apart from it, torch.topk's value
-multiset; NaN poisons everything outside the windows. Shapes: k - 1 / k / k + 1 windows, unaligned starts,
-strided columns, low-bits / all-equal / +-inf / sorted scores, rows long enough for 16-CTA clusters and for the
-streaming shrink, CUDA-graph replay with changed windows, cuda:1, and vLLM's kernel where it is correct. Sizes stay
+multiset; NaN poisons everything outside the windows and every output slot starts UNWRITTEN. Shapes: k - 1 / k /
+k + 1 windows, unaligned starts, windows clamped to the row, rows narrower than k, strided columns, low-bits /
+all-equal / +-inf / sorted scores, rows long enough for 16-CTA clusters and for the streaming shrink, a padded
+output, CUDA-graph replay with changed windows, cuda:1, and vLLM's kernel where it is correct. Sizes stay
 small where they can: the file also runs under compute-sanitizer memcheck and racecheck."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from topk_utils import (
     DATA_KINDS,
     DECODE,
     PREFILL,
+    UNWRITTEN,
+    PaddedOutput,
     assert_contract,
     assert_reference,
     assert_vllm_agrees,
@@ -58,6 +61,24 @@ def test_prefill_any_k(k):
     width = 3 * k + 11
     starts, ends = _boundary_windows(width, k)
     _run(PREFILL, prefill_args(_scores("randn", len(starts), width, k), starts, ends, k), f"prefill k={k}")
+
+
+def test_rows_narrower_than_k():
+    """5 rows of 100 columns, k 2048: every window is shorter than k (the whole row, [3, 50), empty, a start clamped
+    from -4, the last column), so each row is its window's indices then ~2000 slots of -1; decode over the same
+    widths (seq_len 2049 and -3 clamp to 100 and 0)."""
+    width, k = 100, 2048
+    _run(PREFILL, prefill_args(_scores("ties", 5, width, 20), [0, 3, 0, -4, 99], [100, 50, 0, 30, 100], k),
+         "prefill width 100 < k")
+    _run(DECODE, decode_args(_scores("ties", 5, width, 21), 1, [100, 50, 0, 2049, -3], k), "decode width 100 < k")
+
+
+def test_prefill_windows_outside_the_row():
+    """start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W) (the op's docstring): starts -4 (window
+    [0, 30)), W + 5 (empty), -1 with end W (the whole row), -3000 with end 4000 (L > k from a clamped start)."""
+    width, k = 5000, 2048
+    args = prefill_args(_scores("randn", 4, width, 22), [-4, width + 5, -1, -3000], [30, width + 9, width, 4000], k)
+    _run(PREFILL, args, "prefill windows outside the row")
 
 
 def test_prefill_many_causal_rows():
@@ -120,12 +141,12 @@ def test_strided_columns():
 
 
 def test_unaligned_row_pitch():
-    """An odd row pitch: every row starts at another 16-byte phase; the output has a padded row stride too."""
+    """An odd row pitch: every row starts at another 16-byte phase; the output has a padded row stride too, whose
+    padding columns stay untouched."""
     logits = _scores("randn", 6, 10001, 7)[:, :9999]
-    args = decode_args(logits, 2, [9999, 5000, 4097], 4096)
-    indices = torch.empty(6, 4100, dtype=torch.int32, device="cuda")[:, :4096]
-    args = args[:3] + (indices,) + args[4:]
-    _run(DECODE, args, "decode odd pitch, padded output")
+    output = PaddedOutput(6, 4096, 4100, "cuda")
+    _run(DECODE, output.into(DECODE, decode_args(logits, 2, [9999, 5000, 4097], 4096)), "decode odd pitch")
+    output.assert_padding_untouched("decode odd pitch, padded output")
 
 
 def test_cuda_graph_replay_with_changed_windows():
@@ -147,6 +168,8 @@ def test_cuda_graph_replay_with_changed_windows():
         prefill[1].copy_(torch.randint(0, 100, (rows,), generator=gen, device="cuda", dtype=torch.int32))
         prefill[2].copy_(torch.randint(0, width + 100, (rows,), generator=gen, device="cuda", dtype=torch.int32))
         decode[2].copy_(torch.randint(-2, width + 50, (rows // 2,), generator=gen, device="cuda", dtype=torch.int32))
+        prefill[3].fill_(UNWRITTEN)  # so each replay must write every slot again
+        decode[3].fill_(UNWRITTEN)
         graph.replay()
         torch.cuda.synchronize()
         assert_reference(PREFILL, prefill, what=f"prefill replay {seed}")
@@ -168,7 +191,7 @@ def test_same_bits_every_call():
     DECODE.public(*args)
     first = args[3].clone()
     for _ in range(3):
-        args[3].fill_(-5)
+        args[3].fill_(UNWRITTEN)
         DECODE.public(*args)
         assert torch.equal(args[3], first)
 
@@ -207,7 +230,8 @@ def test_agrees_with_vllm_where_vllm_is_correct(vllm_ops, kind, k):
     width = 30000
     starts, ends = _boundary_windows(width, k)
     for op, args, call in (
-            (PREFILL, prefill_args(_scores(kind, 6, width, k), starts[:6], ends[:6], k), vllm_ops.top_k_per_row_prefill),
+            (PREFILL, prefill_args(_scores(kind, 6, width, k), starts[:6], ends[:6], k),
+             vllm_ops.top_k_per_row_prefill),
             (DECODE, decode_args(_scores(kind, 8, width, k + 1), 2, [width, k + 1, 3 * k, 17], k),
              vllm_ops.top_k_per_row_decode)):
         op.public(*args)

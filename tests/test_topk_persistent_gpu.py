@@ -1,9 +1,10 @@
 """CUDA tests of persistent_topk (spec: persistent_topk.md 12 and 15): exact equality with the reference (ties to the
-lowest index, ascending) plus torch.topk's value multiset, NaN (or 1e30, inf) past every length; lengths around
-k, 8192 and 32768, -1 / 0 / k / W / W + 17; tie-heavy, sorted, low-bits scores; padded and odd row pitches; rows
-on 16-CTA clusters and rows that stream and shrink; long, short, long rows; CUDA-graph replays with new lengths;
-a GPU busy with another kernel (no hang); cuda:1; and vLLM's kernel, equal up to tie order. Sizes stay small where
-they can: the file also runs under compute-sanitizer memcheck and racecheck."""
+lowest index, ascending) plus torch.topk's value multiset, NaN (or 1e30, inf) past every length, every output
+slot UNWRITTEN before the call; lengths around k, 8192 and 32768, -1 / 0 / k / W / W + 17; [B, next_n] lengths;
+max_seq_len and widths below k; tie-heavy, sorted, low-bits scores; padded and odd row pitches of the scores and of
+the output; rows on 16-CTA clusters and rows that stream and shrink; long, short, long rows; CUDA-graph replays
+with new lengths; a GPU busy with another kernel (no hang); cuda:1; and vLLM's kernel, equal up to tie order. Sizes
+stay small where they can: the file also runs under compute-sanitizer memcheck and racecheck."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 from helpers import gpu, requires_cuda, requires_two_gpus
 from topk_utils import (
     PERSISTENT,
+    UNWRITTEN,
+    PaddedOutput,
     assert_contract,
     assert_reference,
     assert_vllm_agrees,
@@ -55,11 +58,14 @@ def test_score_patterns_on_cluster_rows(kind):
 
 @pytest.mark.parametrize("pitch_extra", [256, 3, 1])
 def test_padded_and_odd_pitches(pitch_extra):
-    """DeepGEMM pads rows to 256 elements; odd pitches start each row at another 16-byte phase."""
-    width = 12000
+    """DeepGEMM pads rows to 256 elements; odd pitches start each row at another 16-byte phase. The output's rows
+    are k + pitch_extra apart (a row stride other than k), and its padding columns stay untouched."""
+    width, k = 12000, 2048
     logits = _scores("randn", 6, width, 2, pitch=width + pitch_extra)
-    _run(persistent_args(logits, [width, 3000, 5000, 8000, 11999, 12000], 2048, max_seq_len=width),
-         f"pitch W + {pitch_extra}")
+    output = PaddedOutput(6, k, k + pitch_extra, "cuda")
+    args = persistent_args(logits, [width, 3000, 5000, 8000, 11999, 12000], k, max_seq_len=width)
+    _run(output.into(PERSISTENT, args), f"pitch W + {pitch_extra}")
+    output.assert_padding_untouched(f"output pitch k + {pitch_extra}")
 
 
 @pytest.mark.parametrize("poison", [1e30, float("inf"), float("-inf")])
@@ -72,6 +78,21 @@ def test_max_seq_len_below_the_width():
     """max_seq_len caps every length (and the plan: fewer CTAs per row); padding past it is never read."""
     logits = _scores("randn", 4, 163840, 4)
     _run(persistent_args(logits, [163840, 30000, 12000, 100], 2048, max_seq_len=12000), "max_seq_len 12000")
+
+
+def test_rows_shorter_than_k():
+    """max_seq_len 300 < k 2048 on rows of 5000 (lengths around 300 and past W all clamp to at most 300), and rows
+    of 100 columns < k: each row is its L indices then the -1 tail, every slot written."""
+    k = 2048
+    _run(persistent_args(_scores("ties", 6, 5000, 23), [5000, 299, 300, 301, -1, 0], k, max_seq_len=300),
+         "max_seq_len 300 < k")
+    _run(persistent_args(_scores("randn", 4, 100, 24), [100, 50, 0, 101], k), "width 100 < k")
+
+
+def test_two_dimensional_lengths():
+    """lengths as [B, next_n] (vLLM's MTP decode), one element per row: row r's length is lengths.flat[r]."""
+    lengths = [[20000, 19999], [8193, 2049], [2048, -1]]
+    _run(persistent_args(_scores("lowbits", 6, 20000, 25), lengths, 2048), "[3, 2] lengths")
 
 
 @pytest.mark.parametrize("k", [1, 100, 4096])
@@ -118,7 +139,7 @@ def test_cuda_graph_replays_with_new_lengths():
         fresh = persistent_args(_scores("lowbits" if replay % 2 else "randn", rows, width, 8 + replay), lengths, k)
         args[0].copy_(fresh[0])
         args[1].copy_(fresh[1])
-        args[2].fill_(-5)
+        args[2].fill_(UNWRITTEN)
         graph.replay()
         torch.cuda.synchronize()
         assert_reference(PERSISTENT, args, what=f"replay {replay} lengths {lengths}")
@@ -165,7 +186,7 @@ def test_finishes_while_another_kernel_fills_the_gpu():
     side = torch.cuda.Stream()
     with cupy.cuda.ExternalStream(side.cuda_stream):
         busy((4 * sms,), (1024,), (np.int64(20_000_000), sink), shared_mem=100 * 1024)
-    args[2].fill_(-5)
+    args[2].fill_(UNWRITTEN)
     PERSISTENT.public(*args)
     done = torch.cuda.Event()
     done.record()

@@ -1,18 +1,18 @@
 """The top-k references (the ops' CPU kernels) against torch.topk and against the documented rules: windows and
 their clamping, the L <= k shortcut, the tie rule (lowest index), NaN and +-0 order, ascending output; and the CPU
-path of every op (check_call: poisoned output, then the reference). No GPU needed."""
+path of every op (every output slot poisoned, then the reference). No GPU needed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_call
 from topk_utils import (
     DATA_KINDS,
     DECODE,
     PERSISTENT,
     PREFILL,
     assert_contract,
+    assert_reference,
     decode_args,
     make_scores,
     persistent_args,
@@ -130,26 +130,29 @@ def test_nothing_outside_the_window_counts(poison):
     assert torch.equal(args[3], base[3])
 
 
-def test_strided_logits():
-    """Columns with stride 2 and an offset view: the same result as the contiguous copy."""
-    gen = torch.Generator().manual_seed(4)
-    buffer = make_scores("randn", 3, 2 * 150 + 1, gen)
-    view = buffer[:, 1::2]
-    args = prefill_args(view, [1, 0, 7], [150, 149, 100], 20, poison=None)
-    PREFILL.public(*args)
-    dense = prefill_args(view.contiguous(), [1, 0, 7], [150, 149, 100], 20, poison=None)
-    PREFILL.public(*dense)
-    assert torch.equal(args[3], dense[3])
+def test_persistent_two_dimensional_lengths():
+    """lengths as [B, next_n] (vLLM's MTP decode) with one element per row: row r's length is lengths.flat[r]
+    (checked against torch.topk's values too, so a misread layout fails even though the CPU kernel is the
+    reference); lengths around k, past max_seq_len and negative."""
+    logits = make_scores("ties", 6, 500, torch.Generator().manual_seed(6))
+    args = persistent_args(logits, [[500, 51], [50, 49], [-1, 1000]], 50, max_seq_len=480)
+    PERSISTENT.public(*args)
+    assert_reference(PERSISTENT, args, what="[3, 2] lengths")
+    assert_contract(PERSISTENT, args, what="[3, 2] lengths")
 
 
-@pytest.mark.parametrize("op_name", ["prefill", "decode", "persistent"])
-def test_cpu_kernel_writes_the_reference(op_name):
-    """The public function on CPU tensors (poisoned output) writes exactly the reference (check_call)."""
+@pytest.mark.parametrize("op", [PREFILL, DECODE, PERSISTENT], ids=lambda op: op.name)
+def test_cpu_kernel_writes_the_reference(op):
+    """The public function on CPU tensors (every output slot UNWRITTEN before) writes exactly the reference, and a
+    valid top-k by torch.topk's values."""
     gen = torch.Generator().manual_seed(5)
     logits = make_scores("ties", 6, 500, gen)
-    if op_name == "prefill":
-        check_call(PREFILL, prefill_args(logits, [0, 1, 2, 3, 4, 5], [500, 499, 300, 60, 5, 0], 50))
-    elif op_name == "decode":
-        check_call(DECODE, decode_args(logits, 3, [500, 52], 50))
+    if op is PREFILL:
+        args = prefill_args(logits, [0, 1, 2, 3, 4, 5], [500, 499, 300, 60, 5, 0], 50)
+    elif op is DECODE:
+        args = decode_args(logits, 3, [500, 52], 50)
     else:
-        check_call(PERSISTENT, persistent_args(logits, [500, 51, 50, 49, -1, 1000], 50, max_seq_len=480))
+        args = persistent_args(logits, [500, 51, 50, 49, -1, 1000], 50, max_seq_len=480)
+    op.public(*args)
+    assert_reference(op, args, what=f"{op.name} on the CPU")
+    assert_contract(op, args, what=f"{op.name} on the CPU")

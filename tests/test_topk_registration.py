@@ -6,7 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICES, compiled_matches_eager, opcheck
-from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, make_scores, persistent_args, prefill_args
+from topk_utils import DECODE, PREFILL, decode_args, make_scores, persistent_args, prefill_args
+
+from cupy_ops.ops import ops
+
+# vLLM's schemas as written in the specs (sampler_ops.md 2.1, persistent_topk.md 2.1 / its Schema row), typed out
+# here rather than read from the ops: the registered ops must match them argument for argument.
+VLLM_SCHEMAS = {
+    "top_k_per_row_prefill": "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, "
+                             "int numRows, int stride0, int stride1, int topK) -> ()",
+    "top_k_per_row_decode": "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, "
+                            "int numRows, int stride0, int stride1, int topK) -> ()",
+    "persistent_topk": "persistent_topk(Tensor logits, Tensor lengths, Tensor! output, Tensor workspace, int k, "
+                       "int max_seq_len) -> ()",
+}
 
 
 def _args(op, device, seed=0):
@@ -19,8 +32,7 @@ def _args(op, device, seed=0):
     return persistent_args(logits, [700, 65, 64, 63, -1, 900], 64, max_seq_len=690)
 
 
-OPS = [pytest.param(PREFILL, id="prefill"), pytest.param(DECODE, id="decode"),
-       pytest.param(PERSISTENT, id="persistent")]
+OPS = [pytest.param(ops()[name], id=name) for name in VLLM_SCHEMAS]  # the registry's ops of vLLM's names
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -35,11 +47,16 @@ def test_torch_compile_fullgraph(op, device):
     compiled_matches_eager(op, lambda: _args(op, device, seed=1))
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_registered_under_vllm_names(op):
-    schema = str(op.overload._schema)
-    assert schema.startswith(f"cupy_ops::{op.name}(")
-    # persistent_topk's workspace is read-only (never touched), exactly as in vLLM's schema
-    assert ("Tensor workspace," in schema) == (op is PERSISTENT)
-    assert op.written == [{"top_k_per_row_prefill": "indices", "top_k_per_row_decode": "indices",
-                           "persistent_topk": "output"}[op.name]]
+def _signature(schema) -> list[tuple[str, str, bool]]:
+    """(name, type, written) of each argument of a torch FunctionSchema."""
+    return [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+
+
+@pytest.mark.parametrize("name", VLLM_SCHEMAS)
+def test_registered_with_vllm_schema(name):
+    """torch.ops.cupy_ops.<name> exists and has vLLM's argument names, order, types and written arguments (the
+    output only: persistent_topk's workspace is read-only, as in vLLM's schema), and returns nothing."""
+    registered = getattr(torch.ops.cupy_ops, name).default._schema
+    vllm = torch._C.parse_schema(VLLM_SCHEMAS[name])
+    assert _signature(registered) == _signature(vllm)
+    assert len(registered.returns) == 0

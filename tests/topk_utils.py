@@ -1,5 +1,7 @@
 """Helpers shared by the top-k tests (top_k_per_row_prefill/decode, persistent_topk): score generators, argument
-builders with poisoned tails, and the output contract checked independently of our reference (torch.topk values).
+builders with poisoned tails and outputs (UNWRITTEN in every slot, so a slot the kernel skips fails the
+comparison), outputs with a padded row stride, and the output contract checked independently of our reference
+(torch.topk values).
 
 The contract (specs: sampler_ops.md 2.4, persistent_topk.md 3): per row with window length L and k slots,
 min(k, L) distinct indices in [0, L), then -1; the multiset of their values equals torch.topk's bit for bit (as
@@ -11,15 +13,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import GUARD, assert_untouched, strided
 
 from cupy_ops.ops import top_k_per_row
 from cupy_ops.ops.persistent_topk import OP as PERSISTENT
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace
 from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends, float_keys
 
-__all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "assert_contract", "assert_reference",
-           "assert_vllm_agrees", "decode_args", "each_row_kernel", "make_scores", "persistent_args", "prefill_args",
-           "vllm_agrees", "windows_of"]
+__all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "UNWRITTEN", "PaddedOutput", "assert_contract",
+           "assert_reference", "assert_vllm_agrees", "decode_args", "each_row_kernel", "make_scores",
+           "persistent_args", "prefill_args", "replace_arg", "vllm_agrees", "windows_of"]
+
+# The outputs' poison: never a legal output (indices are >= 0, absent slots -1), so every slot must be written.
+UNWRITTEN = -5
 
 
 @pytest.fixture(params=["buffer", "registers", "two-pass"])
@@ -88,14 +94,42 @@ def _poisoned(op, args: tuple, poison) -> tuple:
     return args
 
 
+def _unwritten(rows: int, k: int, device) -> torch.Tensor:
+    return torch.full((rows, k), UNWRITTEN, dtype=torch.int32, device=device)
+
+
+def replace_arg(args: tuple, position: int, value) -> tuple:
+    """`args` with the argument at `position` replaced by `value`."""
+    return args[:position] + (value,) + args[position + 1:]
+
+
+class PaddedOutput:
+    """An int32 [rows, k] output whose rows are `pitch` elements apart (pitch > k: a row stride other than k) in a
+    buffer with GUARD spare elements, all UNWRITTEN: the op must write every slot of the view (the reference
+    comparison) and nothing of the padding columns or the guard (`assert_padding_untouched`)."""
+
+    def __init__(self, rows: int, k: int, pitch: int, device):
+        self.view, self.buffer = strided((rows, k), (pitch, 1), 0, torch.int32, device)
+        self.buffer.fill_(UNWRITTEN)
+        self.snapshot = self.buffer.clone()
+
+    def into(self, op, args: tuple) -> tuple:
+        """`args` of `op` writing into this output."""
+        return replace_arg(args, op.arguments.index(op.written[0]), self.view)
+
+    def assert_padding_untouched(self, what: str) -> None:
+        assert_untouched(self.view, self.buffer, self.snapshot,
+                         f"{what}: padding columns or the {GUARD} guard elements")
+
+
 def prefill_args(logits, starts, ends, k, *, poison=float("nan")) -> tuple:
     """Positional args of top_k_per_row_prefill for `logits` [rows, W] (any view) and int lists/tensors starts/ends;
-    scores outside each (clamped) window are set to `poison` first (None: left alone)."""
+    scores outside each (clamped) window are set to `poison` first (None: left alone); indices all UNWRITTEN."""
     device = logits.device
     starts = torch.as_tensor(starts, dtype=torch.int32, device=device)
     ends = torch.as_tensor(ends, dtype=torch.int32, device=device)
     rows = logits.shape[0]
-    indices = torch.empty(rows, k, dtype=torch.int32, device=device)
+    indices = _unwritten(rows, k, device)
     return _poisoned(PREFILL, (logits, starts, ends, indices, rows, logits.stride(0), logits.stride(1), k), poison)
 
 
@@ -104,7 +138,7 @@ def decode_args(logits, next_n, seq_lens, k, *, poison=float("nan")) -> tuple:
     device = logits.device
     seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
     rows = logits.shape[0]
-    indices = torch.empty(rows, k, dtype=torch.int32, device=device)
+    indices = _unwritten(rows, k, device)
     return _poisoned(DECODE, (logits, next_n, seq_lens, indices, rows, logits.stride(0), logits.stride(1), k), poison)
 
 
@@ -114,7 +148,7 @@ def persistent_args(logits, lengths, k, max_seq_len=None, *, poison=float("nan")
     rows, width = logits.shape
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     max_seq_len = width if max_seq_len is None else max_seq_len
-    output = torch.empty(rows, k, dtype=torch.int32, device=device)
+    output = _unwritten(rows, k, device)
     workspace = persistent_topk_workspace(rows, width, k, device)
     return _poisoned(PERSISTENT, (logits, lengths, output, workspace, k, max_seq_len), poison)
 
