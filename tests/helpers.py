@@ -36,12 +36,14 @@ def synchronize(device) -> None:
 
 
 def poison_(t: torch.Tensor, *, finite: bool = False) -> torch.Tensor:
-    """Fill `t` with a value the op never writes: NaN (SENTINEL when finite=True; byte 0x7f for fp8; -1 for
-    integers)."""
+    """Fill `t` with a value the op never writes: NaN (SENTINEL when finite=True; byte 0x7f for fp8; the type's
+    least value for integers, as -1 is an index ops do write; True for bool)."""
     if t.dtype == FP8:
         t.view(torch.uint8).fill_(FP8_NAN_BYTE)
+    elif t.dtype == torch.bool:
+        t.fill_(True)
     elif not t.dtype.is_floating_point:
-        t.fill_(-1)
+        t.fill_(torch.iinfo(t.dtype).min)
     else:
         t.fill_(SENTINEL if finite else float("nan"))
     return t
