@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICES, compiled_matches_eager, gpu, opcheck, requires_cuda
-from selective_scan_utils import ARG, clone_args, run_and_check, with_args
+from selective_scan_utils import (ARG, assert_scan_close, bad_slots_call, check_bad_slots, check_padded_tokens,
+                                  check_strided_metadata, clone_args, large_bias_call, padded_varlen_call,
+                                  run_and_check, with_args)
 
 import cupy_ops
 from cupy_ops.ops.selective_scan_fwd import OP, selective_scan_fn
@@ -130,6 +132,52 @@ def test_strided_rows(device, offset):
     run_and_check(tuple(args))
 
 
+# ---- the docstring's promises: bad slots, padded varlen batches, the softplus threshold, strided metadata -------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("null", [-1, 0])
+@pytest.mark.parametrize("mode", ["short", "varlen", "cache"])
+def test_slots_outside_ssm_states(device, mode, null):
+    """Slots past ssm_states and negative ones that are not null_block_id (vLLM indexes out of bounds: hazard 5)
+    are neither read (zero initial state) nor written; in prefix-cache mode also initial_state_idx and
+    block_idx_last_scheduled_token outside the row. ssm_states lies between NaN slots (bad_slots_call)."""
+    args, bad = bad_slots_call(device, torch.bfloat16, mode, null, seed=32)
+    check_bad_slots(args, bad, what=f"{mode} null={null}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, lengths, start, total", [
+    (torch.bfloat16, [7, 9], 2, 20),          # one window: leading and trailing tokens beside the sequences
+    (torch.float32, [70, 150, 40], 30, 300),  # chunked rows (few channels): whole chunks of trailing tokens
+], ids=["one-window", "chunked"])
+def test_varlen_tokens_outside_query_start_loc(device, dtype, lengths, start, total):
+    """A CUDA-graph-padded varlen batch (query_start_loc[0] > 0, query_start_loc[b] < T): the tokens outside are
+    left alone, and their NaN inputs reach no sequence."""
+    check_padded_tokens(padded_varlen_call(device, dtype, lengths, start, total, seed=33))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, kw", [
+    (torch.bfloat16, dict(b=2, d=24, n=8, L=150)),          # chunk kernel
+    (torch.float32, dict(b=3, d=24, n=8, L=5)),             # short kernel (its own softplus call)
+    (torch.float16, dict(d=24, n=8, lengths=[30, 1, 90])),  # varlen
+], ids=["batched", "short", "varlen"])
+def test_softplus_threshold(device, dtype, kw):
+    """dt = delta + delta_bias past 20 is kept as is with delta_softplus (large_bias_call)."""
+    run_and_check(large_bias_call(device, dtype, seed=34, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kw", [dict(lengths=[40, 50, 70, 9], cache=True, cu_chunks=True, block_size=16, pad=3),
+                                dict(lengths=[40, 1, 0, 400], pad=1), dict(b=3, L=3, pad=1)],
+                         ids=["prefix-cache", "varlen", "short"])
+def test_strided_metadata_and_parameters(device, kw):
+    """Every metadata tensor, A, D, delta_bias and ssm_states with strides the plan forwards (qsl, ci, his,
+    block-index, cu/lci, A, D, delta_bias and state strides): strided_metadata_call."""
+    check_strided_metadata(call(device, torch.bfloat16, d=20, n=4, a_scale=0.05, seed=35, **kw))
+
+
 # ---- the reference against independent formulations -------------------------------------------------------------
 
 
@@ -223,16 +271,36 @@ def test_selective_scan_fn(device, varlen):
     ones = torch.ones(h0.shape[0], dtype=torch.bool, device=device)
     states = h0.clone()
     slots = torch.arange(h0.shape[0], dtype=torch.int32, device=device)
-    _, _, _, _, _, zz, st = selective_scan_fwd_ref(u, delta, A, Bg.contiguous(), Cg.contiguous(), D, z, None, True,
-                                                   qsl, slots, ones, states, -1, 0, compute_dtype=torch.float64)
-    torch.testing.assert_close(out, zz.float(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(last, st.float(), rtol=1e-4, atol=1e-4)
-    assert torch.equal(selective_scan_fn(u, delta, A, B, C, D, None, None, True, query_start_loc=qsl,
-                                         initial_state=h0), selective_scan_fn(u, delta, A, B, C, D, query_start_loc=qsl,
-                                                                              delta_softplus=True, initial_state=h0))
+    ref_args = (u, delta, A, Bg.contiguous(), Cg.contiguous(), D, z, None, True, qsl, slots, ones, states, -1, 0)
+    gold, ref32 = (selective_scan_fwd_ref(*ref_args, compute_dtype=cd) for cd in (torch.float64, torch.float32))
+    assert_scan_close(out, gold[5], ref32[5], "selective_scan_fn: out = y silu(z)")
+    assert_scan_close(last, gold[6], ref32[6], "selective_scan_fn: last state")
+    # The defaults (no z, no delta_bias, no last state), by keyword: out is y itself.
+    y = selective_scan_fn(u, delta, A, B, C, D, delta_softplus=True, query_start_loc=qsl, initial_state=h0)
+    assert_scan_close(y, gold[1], ref32[1], "selective_scan_fn without z: out = y")
 
 
 # ---- validation ----------------------------------------------------------------------------------------------
+
+
+def _limit_cases(args: tuple) -> list:
+    """Calls past the launch's limits, as meta tensors (validation only: no memory holds them): 2^31 tokens, 2^31
+    sequences, and d = 65535 x 16 + 1 channels (65536 blocks of 16 channels on grid.y)."""
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    L, b, d = 1 << 31, 1 << 31, 65535 * 16 + 1
+    return [
+        (dict(u=meta(2, 16, L), delta=meta(2, 16, L), z_=meta(2, 16, L), B=meta(2, 1, 4, L), C=meta(2, 1, 4, L)),
+         ValueError, "u", r"has 2 sequences of 2147483648 tokens; at most 2\^31 - 1"),
+        (dict(query_start_loc=meta(b + 1, dtype=torch.int32), u=meta(16, 10), delta=meta(16, 10), z_=meta(16, 10),
+              B=meta(1, 4, 10), C=meta(1, 4, 10), cache_indices=None, has_initial_state=None,
+              ssm_states=meta(b, 16, 4)),
+         ValueError, "u", r"has 2147483648 sequences of 10 tokens; at most 2\^31 - 1"),
+        (dict(A=meta(d, 4, dtype=torch.float32), u=meta(2, d, 10), delta=meta(2, d, 10), z_=meta(2, d, 10),
+              D_=meta(d, dtype=torch.float32), delta_bias_=meta(d, dtype=torch.float32), ssm_states=meta(6, d, 4)),
+         ValueError, "A", rf"has d = {d} channels; at most {65535 * 16}"),
+    ]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=(gpu, requires_cuda)), "meta"])
@@ -242,22 +310,58 @@ def test_rejects_before_any_launch(device):
     if device == "meta":
         args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
     snapshot = clone_args(args)
+    where = args[0].device
+
+    def i32(*values):
+        return torch.tensor(values, dtype=torch.int32, device=where)
+
+    A, B, C, st = (args[ARG[n]] for n in ("A", "B", "C", "ssm_states"))
+    # Prefix-cache mode on these batched tensors: rows of 2 slots, one block of 16 tokens each
+    cache = dict(block_idx_first_scheduled_token=i32(0, 0), block_idx_last_scheduled_token=i32(0, 0),
+                 initial_state_idx=i32(0, 0), cache_indices=i32(0, 1, 2, 3).view(2, 2), block_size=16)
     cases = [
-        (dict(A=args[ARG["A"]][:, :3]), ValueError, "B", r"must be \[b, g, n, L\] with n = 3"),
-        (dict(A=torch.zeros(16, 257, device=args[0].device)), ValueError, "A", r"at most 256"),
-        (dict(B=args[ARG["B"]].expand(2, 3, 4, 10), C=args[ARG["C"]].expand(2, 3, 4, 10)), ValueError, "B", r"has 3 groups, which must divide d = 16"),
+        (dict(A=A[:, :3]), ValueError, "B", r"must be \[b, g, n, L\] with n = 3"),
+        (dict(A=torch.zeros(16, 257, device=where)), ValueError, "A", r"at most 256"),
+        (dict(B=B.expand(2, 3, 4, 10), C=C.expand(2, 3, 4, 10)), ValueError, "B",
+         r"has 3 groups, which must divide d = 16"),
+        (dict(C=C.expand(2, 2, 4, 10)), ValueError, "C", r"must have B's shape"),
         (dict(delta=args[ARG["delta"]][:, :, :9]), ValueError, "delta", r"must have u's shape"),
-        (dict(ssm_states=args[ARG["ssm_states"]][0]), ValueError, "ssm_states", r"must be \[slots, d, n\]"),
-        (dict(ssm_states=args[ARG["ssm_states"]].to(torch.float16)), TypeError, "ssm_states", r"must be u's dtype"),
+        (dict(z_=args[ARG["z_"]][:, :8]), ValueError, "z_", r"must have u's shape"),
+        (dict(ssm_states=st[0]), ValueError, "ssm_states", r"must be \[slots, d, n\]"),
+        (dict(ssm_states=st.to(torch.float16)), TypeError, "ssm_states", r"must be u's dtype"),
         (dict(cache_indices=args[ARG["cache_indices"]].long()), TypeError, "cache_indices", r"must be int32"),
-        (dict(has_initial_state=args[ARG["has_initial_state"]].int()), TypeError, "has_initial_state", r"must be bool"),
-        (dict(has_initial_state=args[ARG["has_initial_state"]][:1]), ValueError, "has_initial_state", r"must be \[b\]"),
-        (dict(A=args[ARG["A"]].double()), TypeError, "A", r"must be float32"),
-        (dict(block_idx_first_scheduled_token=torch.zeros(2, dtype=torch.int32, device=args[0].device)),
-         ValueError, "block_idx_last_scheduled_token", r"is required in prefix-cache mode"),
-        (dict(cache_indices=None, ssm_states=args[ARG["ssm_states"]][:1]), ValueError, "ssm_states", r"needs b = 2"),
-        (dict(u=args[ARG["u"]].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "u", r"must have a contiguous last dimension"),
+        (dict(has_initial_state=args[ARG["has_initial_state"]].int()), TypeError, "has_initial_state",
+         r"must be bool"),
+        (dict(has_initial_state=args[ARG["has_initial_state"]][:1]), ValueError, "has_initial_state",
+         r"must be \[b\]"),
+        (dict(A=A.double()), TypeError, "A", r"must be float32"),
+        (dict(cache_indices=None, ssm_states=st[:1]), ValueError, "ssm_states", r"needs b = 2"),
+        (dict(u=args[ARG["u"]].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "u",
+         r"must have a contiguous last dimension"),
+        # cache_indices by mode: [b] in plain mode, [b, max_blocks] in prefix-cache mode
+        (dict(cache_indices=i32(0, 1).view(2, 1)), ValueError, "cache_indices", r"must be \[b\] = \[2\] \(plain"),
+        (dict(cache, cache_indices=i32(0, 1)), ValueError, "cache_indices", r"must be \[b, max_blocks\]"),
+        (dict(cache, cache_indices=i32(0, 1, 2).view(3, 1)), ValueError, "cache_indices",
+         r"must be \[b, max_blocks\] = \[2, max_blocks\]"),
+        # prefix-cache mode's required tensors (hazard 4) and its scalars and chunk tensors
+        (dict(block_idx_first_scheduled_token=i32(0, 0)), ValueError, "block_idx_last_scheduled_token",
+         r"is required in prefix-cache mode"),
+        (dict(cache, cache_indices=None), ValueError, "cache_indices", r"is required in prefix-cache mode"),
+        (dict(cache, initial_state_idx=None), ValueError, "initial_state_idx", r"is required in prefix-cache mode"),
+        (dict(cache, block_size=0), ValueError, "block_size", r"must be >= 1 in prefix-cache mode, got 0"),
+        (dict(cache, cu_chunk_seqlen=i32(0, 10, 20)), ValueError, "cu_chunk_seqlen",
+         r"and last_chunk_indices must be given together"),
+        (dict(cache, last_chunk_indices=i32(0, 1)), ValueError, "cu_chunk_seqlen",
+         r"and last_chunk_indices must be given together"),
+        (dict(cache, cu_chunk_seqlen=i32(0, 10, 20).view(1, 3), last_chunk_indices=i32(0, 1)), ValueError,
+         "cu_chunk_seqlen", r"must be 1-D \[chunks \+ 1\]"),
+        # varlen layouts
+        (dict(query_start_loc=i32(0, 5, 10).view(1, 3)), ValueError, "query_start_loc", r"must be 1-D \[b \+ 1\]"),
+        (dict(query_start_loc=i32()), ValueError, "query_start_loc", r"must be 1-D \[b \+ 1\], got shape"),
+        (dict(query_start_loc=i32(0, 5, 10)), ValueError, "u", r"must be \[d, T\] = \[16, T\] with query_start_loc"),
     ]
+    if device == "meta":
+        cases += _limit_cases(args)
     for change, error, arg, pattern in cases:
         with pytest.raises(error, match=rf"selective_scan_fwd: {arg} .*{pattern}"):
             cupy_ops.selective_scan_fwd(*with_args(args, **change))

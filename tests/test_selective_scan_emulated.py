@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from cuda_emulation import CUDA_FP_HEADERS, build, dispatch_driver, requires_gxx, run_plan, swap
-from selective_scan_utils import run_and_check
+from selective_scan_utils import (bad_slots_call, check_bad_slots, check_padded_tokens, check_strided_metadata,
+                                  large_bias_call, padded_varlen_call, run_and_check)
 
 from cupy_ops._runtime import Launch, compiler
 from cupy_ops.ops import selective_scan_fwd as S
@@ -61,8 +62,19 @@ def on_the_h200(monkeypatch):
     monkeypatch.setattr(S.launcher, "device_attribute", lambda device, name: {"sm_count": 132}[name])
 
 
+def entry(library):
+    """The op's plan run through the emulated kernels, called as the op is."""
+    return lambda *a: run_plan(library, S.OP, a)
+
+
 def check(library, args, what):
-    run_and_check(args, entry=lambda *a: run_plan(library, S.OP, a), what=what)
+    run_and_check(args, entry=entry(library), what=what)
+
+
+def chunked(args) -> bool:
+    """Whether the plan (for the H200) cuts rows into chunks: pass 1, the carry kernel, pass 2."""
+    return any(", true," in s.kernel.name_expression for s in S.OP.plan(S.OP.validate(args)[0])
+               if isinstance(s, Launch))
 
 
 # Odd n leaves fast windows a state alone after their pairs (n = 1: only that one); L = 300 leaves a partial last
@@ -111,3 +123,43 @@ def test_prefix_cache(emulator, on_the_h200, cu_chunks):
 
 def test_short(emulator, on_the_h200):
     check(emulator, random_call("cpu", torch.bfloat16, b=3, d=20, n=5, L=3, seed=70), "short")
+
+
+# The docstring's promises, on the calls the CPU and GPU tests make (selective_scan_utils). Slots outside ssm_states
+# and not null_block_id: never read (zero initial state), never written, in the short kernel (batched, L = 3), the
+# chunked varlen scan (pass 1 snapshots initial states) and prefix-cache mode (columns outside the row too).
+@pytest.mark.parametrize("null", [-1, 0])
+@pytest.mark.parametrize("mode", ["short", "varlen", "cache"])
+def test_slots_outside_ssm_states(emulator, on_the_h200, mode, null):
+    args, bad = bad_slots_call("cpu", torch.float32, mode, null, seed=32)
+    assert chunked(args) == (mode != "short")
+    check_bad_slots(args, bad, entry(emulator), f"{mode} null={null}")
+
+
+# A CUDA-graph-padded varlen batch: tokens before query_start_loc[0] and after query_start_loc[b] (NaN inputs) are
+# left alone and reach no sequence: inside one window, and over whole chunks of pass 1 and pass 2.
+@pytest.mark.parametrize("dtype, lengths, start, total, is_chunked", [
+    (torch.bfloat16, [7, 9], 2, 20, False),
+    (torch.bfloat16, [70, 150], 30, 300, True),
+], ids=["one-window", "chunked"])
+def test_varlen_tokens_outside_query_start_loc(emulator, on_the_h200, dtype, lengths, start, total, is_chunked):
+    args = padded_varlen_call("cpu", dtype, lengths, start, total, seed=33)
+    assert chunked(args) == is_chunked
+    check_padded_tokens(args, entry(emulator), f"padded varlen {lengths}")
+
+
+# dt past 20 kept as is with delta_softplus: the chunk kernel's load_inputs and the short kernel's own softplus.
+@pytest.mark.parametrize("kw", [dict(b=2, L=150), dict(b=3, L=5)], ids=["chunk", "short"])
+def test_softplus_threshold(emulator, on_the_h200, kw):
+    check(emulator, large_bias_call("cpu", torch.bfloat16, seed=34, d=20, n=4, **kw), "softplus threshold")
+
+
+# Every stride the plan forwards (metadata as x[::2], A transposed, D and delta_bias strided, ssm_states with last
+# stride 2): prefix-cache mode with cu_chunk_seqlen, chunked plain varlen (its last sequence spans whole 64-token
+# chunks, whose carries the carry kernel decays with A), short.
+@pytest.mark.parametrize("kw", [dict(lengths=[40, 50, 70, 9], cache=True, cu_chunks=True, block_size=16, pad=3),
+                                dict(lengths=[40, 1, 0, 400], pad=1), dict(b=3, L=3, pad=1)],
+                         ids=["prefix-cache", "varlen", "short"])
+def test_strided_metadata_and_parameters(emulator, on_the_h200, kw):
+    check_strided_metadata(random_call("cpu", torch.float32, d=20, n=4, a_scale=0.05, seed=35, **kw),
+                           entry(emulator), "strided metadata")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GUARD, assert_untouched, bits, gpu, requires_cuda, requires_two_gpus, synchronize
-from selective_scan_utils import ARG, OUTPUTS, clone_args, run_and_check, scan_problem, with_args
+from helpers import bits, gpu, requires_cuda, requires_two_gpus, synchronize
+from selective_scan_utils import ARG, OUTPUTS, clone_args, run_and_check, run_guarded, scan_problem, with_args
 
 import cupy_ops
 from cupy_ops._runtime import Launch, Scratch, launcher
@@ -56,14 +56,6 @@ def test_matches_vllm(case, vllm_ops):
 # ---- untouched memory ----------------------------------------------------------------------------------------
 
 
-def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A contiguous copy of `t` 3 elements into a NaN-filled buffer with GUARD spare elements after it."""
-    buffer = torch.full((t.numel() + 3 + GUARD,), float("nan"), dtype=t.dtype, device=t.device)
-    view = buffer[3:3 + t.numel()].view(t.shape)
-    view.copy_(t)
-    return view, buffer
-
-
 # Guards the sequence starts: a NaN or inf state of one varlen sequence must not reach the next (0 * NaN = NaN).
 @pytest.mark.gpu
 @requires_cuda
@@ -88,16 +80,9 @@ def test_padding_and_guards_untouched(mode):
     kw = {"batched": dict(b=3, L=300), "varlen": dict(lengths=[40, 130, 1, 9]),
           "cache": dict(lengths=[40, 100, 9], cache=True, block_size=16, cu_chunks=True),
           "short": dict(b=4, L=5), "chunked-varlen": dict(lengths=[700, 900, 600])}[mode]
-    args = list(random_call("cuda", torch.bfloat16, d=24, n=8, pad=1, null=0, seed=22, **kw))
-    buffers = {}
-    for name in ("delta", "z_", "ssm_states"):
-        args[ARG[name]], buffers[name] = _guarded(args[ARG[name]])
-    args = tuple(args)
-    snapshot = {name: buffers[name].clone() for name in buffers}
-    run_and_check(args, what=mode)
-    for name, buffer in buffers.items():
-        assert_untouched(args[ARG[name]], buffer, snapshot[name], f"{name} guard elements")
-    delta, z, states = (snapshot[n][3:3 + args[ARG[n]].numel()].view(args[ARG[n]].shape) for n in buffers)
+    args = random_call("cuda", torch.bfloat16, d=24, n=8, pad=1, null=0, seed=22, **kw)
+    args, before, _ = run_guarded(args, what=mode)  # the guard elements around delta, z and ssm_states
+    delta, z, states = (before[ARG[name]] for name in ("delta", "z_", "ssm_states"))
     qsl = args[ARG["query_start_loc"]]
     pad = (slice(None), slice(int(qsl[1]), int(qsl[2]))) if qsl is not None else (1,)
     assert torch.equal(bits(args[ARG["delta"]][pad]), bits(delta[pad])), "padding sequence's y was written"
