@@ -15,11 +15,11 @@ def test_keywords_positional_and_missing_arguments():
     out = torch.empty(3, 4)
     OP.public(out=out, x=x, scale=2.0)
     torch.testing.assert_close(out, x * 2)
-    with pytest.raises(TypeError, match=r"scaled_copy\(\) missing argument 'scale'"):
+    with pytest.raises(TypeError, match=r"^scaled_copy: missing argument 'scale'"):
         OP.public(out, x)
-    with pytest.raises(TypeError, match=r"unexpected or repeated arguments \['bias'\]"):
+    with pytest.raises(TypeError, match=r"^scaled_copy: got unexpected or repeated arguments \['bias'\]"):
         OP.public(out, x, 2.0, bias=1.0)
-    with pytest.raises(TypeError, match=r"takes 3 arguments, got 4"):
+    with pytest.raises(TypeError, match=r"^scaled_copy: takes 3 arguments, got 4"):
         OP.public(out, x, 2.0, 1.0)
 
 
@@ -75,6 +75,58 @@ def test_a_plan_may_only_launch_listed_kernels():
     call, infos = op.validate((torch.empty(4), torch.empty(4)))
     with pytest.raises(RuntimeError, match="does not list in `kernels`"):
         op._layout(call, infos, (torch.empty(4), torch.empty(4)))
+
+
+def _grid_plan(grid, rows=1):
+    return lambda c: [Launch(KERNELS[torch.float32], LaunchConfig(grid, (32, 1, 1)), PARAMS,
+                             dict(rows=rows, cols=4, out_stride=(4, 1), x_stride=(4, 1), scale=1.0))]
+
+
+@pytest.mark.parametrize("name, plan, message", [
+    ("huge_grid_x", _grid_plan((2**31, 1, 1)), r"huge_grid_x: the call needs a grid of \(2147483648, 1, 1\) blocks"),
+    ("huge_grid_y", _grid_plan((1, 65536, 1)), r"huge_grid_y: the call needs a grid of \(1, 65536, 1\) blocks"),
+    ("huge_field", _grid_plan((1, 1, 1), rows=2**63), r"huge_field: a value does not fit its kernel parameter"),
+])
+def test_a_plan_past_cuda_or_its_params_is_refused(name, plan, message):
+    """A safety net under the ops' own checks (which name the argument): a grid past CUDA's limits, or a value
+    past its params field's C type, is a ValueError naming the op, not a driver or struct error."""
+    op = _declare(f"{name}(Tensor! out, Tensor x) -> ()", [TensorArg("x", "in", ("n",)),
+                                                           TensorArg("out", "out", ("n",))], plan=plan)
+    call, infos = op.validate((torch.empty(4), torch.empty(4)))
+    with pytest.raises(ValueError, match=message):
+        op._layout(call, infos, (torch.empty(4), torch.empty(4)))
+
+
+def _lazily_negated(shape):
+    return torch.randn(shape, dtype=torch.complex64).conj().imag  # shows -imag, holds +imag
+
+
+@pytest.mark.parametrize("case, make_args, error, message", [
+    ("sparse x", lambda: (torch.empty(3, 4), torch.randn(3, 4).to_sparse(), 2.0), TypeError,
+     r"x is a torch.sparse_coo tensor; cupy_ops reads strided"),
+    ("negative-bit x", lambda: (torch.empty(3, 4), _lazily_negated((3, 4)), 2.0), TypeError,
+     r"x is a lazily negated or conjugated view"),
+    ("out requires grad", lambda: (torch.empty(3, 4, requires_grad=True), torch.randn(3, 4), 2.0), ValueError,
+     r"out requires grad, but the op writes it in place"),
+    ("expanded out on meta", lambda: (torch.empty(1, 4, device="meta").expand(3, 4), torch.empty(3, 4, device="meta"),
+                                      2.0), ValueError, r"out must not have elements that share memory"),
+    ("Parameter beside meta", lambda: (torch.nn.Parameter(torch.empty(3, 4), requires_grad=False),
+                                       torch.empty(3, 4, device="meta"), 2.0), ValueError, r"out is on cpu but x is on meta"),
+])
+def test_tensors_the_kernels_cannot_read_as_given_are_refused(case, make_args, error, message):
+    """Memory that does not hold what the tensor shows (sparse, the negative bit), an output autograd would have
+    to track, an expanded output (a layout question: meta tensors too), and an nn.Parameter, which is validated
+    as a plain tensor (through the dispatcher, one mixed with meta tensors reached the no-op fake kernel)."""
+    args = make_args()
+    with pytest.raises(error, match=rf"^scaled_copy: {message}"):
+        OP.public(*args)
+
+
+def test_a_parameter_is_a_plain_tensor():
+    out = torch.nn.Parameter(torch.empty(3, 4), requires_grad=False)
+    x = torch.randn(3, 4)
+    OP.public(out, x, 3.0)
+    torch.testing.assert_close(out.detach(), x * 3)
 
 
 def test_a_reference_must_return_a_tuple():

@@ -178,6 +178,18 @@ def test_strided_metadata_and_parameters(device, kw):
     check_strided_metadata(call(device, torch.bfloat16, d=20, n=4, a_scale=0.05, seed=35, **kw))
 
 
+def test_query_start_loc_past_the_tokens_is_clamped_on_the_cpu():
+    """query_start_loc past T breaks the caller's contract (wrong values, the docstring says, never an access
+    outside the tensors): the CPU kernel clamps the sequences to [0, T) instead of raising IndexError, and a
+    sequence inside T is computed as in a valid call."""
+    args = random_call("cpu", torch.float32, d=4, n=2, lengths=[1, 3, 0, 2], seed=36)
+    bad = with_args(clone_args(args), query_start_loc=torch.tensor([0, 1, 4, 4, 9], dtype=torch.int32))
+    good = clone_args(args)
+    cupy_ops.selective_scan_fwd(*bad)
+    cupy_ops.selective_scan_fwd(*good)
+    assert torch.equal(bad[ARG["delta"]][:, :1], good[ARG["delta"]][:, :1])
+
+
 # ---- the reference against independent formulations -------------------------------------------------------------
 
 
@@ -349,6 +361,11 @@ def test_rejects_before_any_launch(device):
         (dict(cache, cache_indices=None), ValueError, "cache_indices", r"is required in prefix-cache mode"),
         (dict(cache, initial_state_idx=None), ValueError, "initial_state_idx", r"is required in prefix-cache mode"),
         (dict(cache, block_size=0), ValueError, "block_size", r"must be >= 1 in prefix-cache mode, got 0"),
+        (dict(cache, block_size=2**63), ValueError, "block_size", r"= 9223372036854775808; at most 2\^31 - 1"),
+        (dict(null_block_id=2**31), ValueError, "null_block_id", r"= 2147483648 must fit int32"),
+        (dict(null_block_id=-2**31 - 1), ValueError, "null_block_id", r"= -2147483649 must fit int32"),
+        # its stride is read in plain mode too
+        (dict(cu_chunk_seqlen=i32(0)[0]), ValueError, "cu_chunk_seqlen", r"must be 1-D \[chunks \+ 1\], got shape \(\)"),
         (dict(cache, cu_chunk_seqlen=i32(0, 10, 20)), ValueError, "cu_chunk_seqlen",
          r"and last_chunk_indices must be given together"),
         (dict(cache, last_chunk_indices=i32(0, 1)), ValueError, "cu_chunk_seqlen",

@@ -73,7 +73,8 @@ PREFILL_CASES = [
 
 
 DECODE_CASES = [
-    ("next_n 0", 1, lambda a: 0, ValueError, r"next_n = 0 must be >= 1"),
+    ("next_n 0", 1, lambda a: 0, ValueError, r"next_n = 0 must be in \[1, 2\^31 - 1\]"),
+    ("next_n 2^31", 1, lambda a: 2**31, ValueError, r"next_n = 2147483648 must be in \[1, 2\^31 - 1\]"),  # int32
     ("short seq_lens", 2, lambda a: a[2][:1], ValueError, r"seqLens has 1 elements; expected at least 2"),
     ("3-D seq_lens", 2, lambda a: a[2].view(1, 1, 2), ValueError, r"seqLens must have 1 or 2 dimensions"),
     ("float seq_lens", 2, lambda a: a[2].float(), TypeError, r"seqLens must be int32"),
@@ -193,6 +194,19 @@ def test_width_limit_on_meta(op):
     op.public(*_meta_args(op, MAX_WIDTH))
     with pytest.raises(ValueError, match=rf"{op.name}: logits has {MAX_WIDTH + 1} columns; at most {MAX_WIDTH}"):
         op.public(*_meta_args(op, MAX_WIDTH + 1))
+
+
+@pytest.mark.parametrize("op", [PREFILL, DECODE, PERSISTENT], ids=lambda op: op.name)
+def test_row_limit_on_meta(op):
+    """2^31 - 1 rows at most (CUDA's grid.x; a row takes one CTA or more): one more is rejected."""
+    rows = 2**31
+    logits = torch.empty(rows, 1, device="meta")
+    ints = lambda *shape: torch.empty(*shape, dtype=torch.int32, device="meta")  # noqa: E731
+    args = {PREFILL: (logits, ints(rows), ints(rows), ints(rows, 1), rows, 1, 1, 1),
+            DECODE: (logits, 1, ints(rows), ints(rows, 1), rows, 1, 1, 1),
+            PERSISTENT: (logits, ints(rows), ints(rows, 1), torch.empty(0, dtype=torch.uint8, device="meta"), 1, 1)}
+    with pytest.raises(ValueError, match=rf"{op.name}: logits has {rows} rows; at most {rows - 1}"):
+        op.public(*args[op])
 
 
 def test_meta_tensors_validate_only():

@@ -93,6 +93,12 @@ def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
     if type(x) is torch.Tensor or isinstance(x, torch.Tensor):
         if kind is not None and kind is not torch.Tensor:
             raise TypeError(f"{op}: {arg} is a torch.Tensor but other arguments are CuPy arrays; use one kind")
+        if x.is_nested or x.layout != torch.strided:
+            raise TypeError(f"{op}: {arg} is a {'nested' if x.is_nested else x.layout} tensor; cupy_ops reads "
+                            "strided (dense) tensors")
+        if x.is_neg() or x.is_conj():  # its memory holds other values than it shows (x.conj().imag, say)
+            raise TypeError(f"{op}: {arg} is a lazily negated or conjugated view; call .resolve_neg() or "
+                            ".resolve_conj() first")
         device_type = x.device.type
         device = {"cuda": x.device.index, "cpu": CPU, "meta": META}.get(device_type)
         if device is None:

@@ -24,6 +24,7 @@ the data (lengths read on the device): a CUDA graph replays it with new data.
 from __future__ import annotations
 
 import operator
+import struct
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,6 +44,13 @@ _is_compiling = torch.compiler.is_compiling
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
 
 
+_MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's grid limits in blocks (x, y, z)
+# Tensor types the eager path validates and launches itself; other subclasses (fake, functional) go through the
+# dispatcher. An nn.Parameter is a plain tensor with a flag: through the dispatcher a Parameter mixed with meta
+# tensors would reach the no-op fake kernel and write nothing.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 # ---- the runtime's form of a plan ------------------------------------------------------------------------------
 
 
@@ -50,10 +58,10 @@ class _LaunchStep:
     __slots__ = ("launcher", "indices", "pointers", "tail", "pack_into")
 
     def __init__(self, step: Launch, device: int, pointer_index: Callable[[str], int]):
+        self.tail = step.params.pack(step.values)  # first: a value past its field fails before the driver is asked
         self.launcher = launcher.Launcher(step.kernel, device, step.config)
         self.indices = [pointer_index(f.source) for f in step.params.pointers]  # None: a null pointer
         self.pointers = _picker(self.indices)
-        self.tail = step.params.pack(step.values)
         self.pack_into = step.params.pack_into
 
     def run(self, pointers: list, stream: int) -> None:
@@ -89,10 +97,12 @@ class _Layout:
 
 def _layout_key(tensors: list, scalars: tuple, align: tuple) -> tuple:
     """The dict key of a CUDA call's layout. `is_contiguous() or stride()`: True, or the strides (contiguity
-    ignores the stride of a size-1 dim, which only ever multiplies index 0). Scalars carry their types: 1, 1.0
-    and True are equal in Python but not to validation."""
+    ignores the stride of a size-1 dim, which only ever multiplies index 0); requires_grad and the negative bit,
+    which validation refuses on some tensors. Scalars carry their types: 1, 1.0 and True are equal in Python but
+    not to validation."""
     return (tuple(None if type(t) is arrays._Absent else
-                  (type(t), t.shape, t.dtype, t.get_device(), t.is_contiguous() or t.stride()) for t in tensors),
+                  (type(t), t.shape, t.dtype, t.get_device(), t.is_contiguous() or t.stride(), t.requires_grad,
+                   t.is_neg()) for t in tensors),
             tuple((type(v), v) for v in scalars), align)
 
 
@@ -183,7 +193,7 @@ class Op:
         """Positional and keyword arguments as one positional tuple in schema order, defaults filled in (an
         optional argument without a default in the schema defaults to None, as in vLLM's Python wrappers)."""
         if len(args) > len(self.arguments):
-            raise TypeError(f"{self.name}() takes {len(self.arguments)} arguments, got {len(args)}")
+            raise TypeError(f"{self.name}: takes {len(self.arguments)} arguments, got {len(args)}")
         values = list(args)
         for name in self.arguments[len(args):]:
             if name in kwargs:
@@ -191,9 +201,9 @@ class Op:
             elif name in self.defaults or name in self.optional:
                 values.append(self.defaults.get(name))
             else:
-                raise TypeError(f"{self.name}() missing argument {name!r}")
+                raise TypeError(f"{self.name}: missing argument {name!r}")
         if kwargs:
-            raise TypeError(f"{self.name}() got unexpected or repeated arguments {sorted(kwargs)}")
+            raise TypeError(f"{self.name}: got unexpected or repeated arguments {sorted(kwargs)}")
         return tuple(values)
 
     def _public_function(self, doc: str | None) -> Callable:
@@ -277,7 +287,7 @@ class Op:
 
     def _run_validated(self, args: tuple, public: bool) -> None:
         first = next((args[i] for i, _ in self._tensor_slots if args[i] is not None), None)
-        if public and isinstance(first, torch.Tensor) and (type(first) is not torch.Tensor or _is_compiling()):
+        if public and isinstance(first, torch.Tensor) and (type(first) not in _PLAIN_TENSORS or _is_compiling()):
             # Fake or functional tensors (torch.export, make_fx), or a call while torch.compile compiles: the
             # registered op, which tracing understands through its fake kernel.
             self.overload(*args)
@@ -340,6 +350,10 @@ class Op:
         if unlisted:
             raise RuntimeError(f"{self.name}: plan launched {unlisted}, which the op does not list in `kernels` "
                                "(warm-up and the compile tests would miss it)")
+        for grid in {s.config.grid for s in steps if isinstance(s, Launch)}:  # a safety net: checks name arguments
+            if grid[0] > _MAX_GRID[0] or grid[1] > _MAX_GRID[1] or grid[2] > _MAX_GRID[2]:
+                raise ValueError(f"{self.name}: the call needs a grid of {grid} blocks, past CUDA's limits "
+                                 f"{_MAX_GRID}: the tensors are too large for one call")
         scratch = [s for s in steps if isinstance(s, Scratch) and s.nbytes > 0]
         slots = {name: k for k, name in enumerate(self.tensor_names)}
         slots.update({s.name: None for s in steps if isinstance(s, Scratch) and s.nbytes == 0})  # null pointers
@@ -351,11 +365,14 @@ class Op:
                                  "argument nor a scratch buffer")
             return slots[name]
 
-        runtime_steps = tuple(
-            _LaunchStep(s, call.device, pointer_index) if isinstance(s, Launch) else
-            _MemsetStep(s, call.device, pointer_index)
-            for s in steps if not isinstance(s, Scratch)
-            and not (isinstance(s, Launch) and s.config.blocks == 0) and not (isinstance(s, Memset) and s.nbytes == 0))
+        try:
+            runtime_steps = tuple(
+                _LaunchStep(s, call.device, pointer_index) if isinstance(s, Launch) else
+                _MemsetStep(s, call.device, pointer_index)
+                for s in steps if not isinstance(s, Scratch) and not (isinstance(s, Launch) and s.config.blocks == 0)
+                and not (isinstance(s, Memset) and s.nbytes == 0))
+        except struct.error as exc:  # a value past its params field's C type (a safety net: checks name arguments)
+            raise ValueError(f"{self.name}: a value does not fit its kernel parameter ({exc})") from None
         if any(isinstance(s, _MemsetStep) and s.index is None for s in runtime_steps):
             raise ValueError(f"{self.name}: a memset targets a 0-byte scratch buffer")
         # Same-view pairs may share memory exactly; every other written/other pair must not touch.

@@ -29,6 +29,9 @@ def validate(op, args: tuple) -> tuple[Call, list]:
             continue
         info[spec.name] = arrays.describe(value, name, spec.name, kind)
         kind = kind or (torch.Tensor if isinstance(value, torch.Tensor) else type(value))
+        if spec.name in op.writes and getattr(value, "requires_grad", False):
+            raise ValueError(f"{name}: {spec.name} requires grad, but the op writes it in place and has no backward "
+                             "(pass a tensor that does not require grad: .detach(), or torch.no_grad())")
     given = [(n, i) for n, i in info.items() if i is not None]
     device = given[0][1].device if given else arrays.CPU
     for arg, i in given:
@@ -59,8 +62,7 @@ def validate(op, args: tuple) -> tuple[Call, list]:
     call = Call(name, values, dims, device)
     if op.check is not None:
         op.check(call)
-    if device != arrays.META:  # meta tensors have no memory to overlap
-        _check_overlap(op, info)
+    _check_overlap(op, info, addresses=device != arrays.META)  # meta tensors: no memory for two to share
     return call, [info[n] for n in op.tensor_names]
 
 
@@ -100,11 +102,15 @@ def overlap_pairs(op):
                 yield w, other, other in may_alias[w] or w in may_alias[other]
 
 
-def _check_overlap(op, info: dict) -> None:
+def _check_overlap(op, info: dict, addresses: bool = True) -> None:
+    """Written tensors whose elements share memory (a layout question), then, with `addresses`, written tensors
+    that overlap another argument."""
     for arg in op.writes:
         i = info.get(arg)
         if i is not None and arrays.has_internal_overlap(i):
             raise ValueError(f"{op.name}: {arg} must not have elements that share memory (an expanded view?)")
+    if not addresses:
+        return
     for w, other, same_ok in overlap_pairs(op):
         a, b = info[w], info[other]
         if a is None or b is None or not arrays.spans_overlap(a, b):

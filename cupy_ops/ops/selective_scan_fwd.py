@@ -155,6 +155,10 @@ def check(c: Call) -> None:
         t = getattr(c, name)
         if t is not None and t.shape != (b,):
             c.reject(name, f"must be [b] = [{b}], got shape {t.shape}")
+    if c.cu_chunk_seqlen is not None and len(c.cu_chunk_seqlen.shape) != 1:  # (its stride is read in any mode)
+        c.reject("cu_chunk_seqlen", f"must be 1-D [chunks + 1], got shape {c.cu_chunk_seqlen.shape}")
+    if not -_INT32_MAX - 1 <= c.null_block_id <= _INT32_MAX:  # compared with int32 slots
+        c.reject("null_block_id", f"= {c.null_block_id} must fit int32 (cache slots are int32)")
     ci = c.cache_indices
     if c.block_idx_first_scheduled_token is not None:  # prefix-cache mode
         for name in ("cache_indices", "block_idx_last_scheduled_token", "initial_state_idx"):
@@ -165,10 +169,10 @@ def check(c: Call) -> None:
                      f"shape {ci.shape}")
         if c.block_size < 1:
             c.reject("block_size", f"must be >= 1 in prefix-cache mode, got {c.block_size}")
+        if c.block_size > _INT32_MAX:
+            c.reject("block_size", f"= {c.block_size}; at most 2^31 - 1 is supported")
         if (c.cu_chunk_seqlen is None) != (c.last_chunk_indices is None):
             c.reject("cu_chunk_seqlen", "and last_chunk_indices must be given together")
-        if c.cu_chunk_seqlen is not None and len(c.cu_chunk_seqlen.shape) != 1:
-            c.reject("cu_chunk_seqlen", f"must be 1-D [chunks + 1], got shape {c.cu_chunk_seqlen.shape}")
     elif ci is not None and ci.shape != (b,):
         c.reject("cache_indices", f"must be [b] = [{b}] (plain mode), got shape {ci.shape}")
     elif ci is None and st.shape[0] < b:

@@ -36,7 +36,8 @@ def _jobs(b, L, varlen, n_slots, null, block_size, qsl, ci, his, bif, bil, isi, 
 
     jobs = []
     for s in range(b):
-        start, end = (qsl[s], qsl[s + 1]) if varlen else (0, L)
+        # (query_start_loc past [0, L] breaks the caller's contract: clamped, so no index leaves the tensors)
+        start, end = (min(max(qsl[s], 0), L), min(max(qsl[s + 1], 0), L)) if varlen else (0, L)
         if end <= start:
             continue  # an empty sequence: nothing read or written
         init = bool(his[s]) if his is not None else False

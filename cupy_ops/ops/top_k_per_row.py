@@ -41,6 +41,7 @@ from .._runtime import params as P
 
 MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
 MAX_WIDTH = 2**31 - 8     # int32 indices; the kernel's slot arithmetic needs len + 6 < 2^31
+MAX_ROWS = 2**31 - 1      # rows (and next_n, an int32 field): CUDA's grid.x limit
 # (threads, cluster) instantiations, 64 registers each on sm_90: 256-thread CTAs (4 per SM) for chunks of up to
 # SMALL_CHUNK elements, alone or in clusters; 512-thread CTAs (2 per SM) for many longer rows; 1024-thread CTAs
 # (1 per SM) for few long rows, alone or in clusters.
@@ -449,6 +450,8 @@ def check_k_and_width(c: Call, k_name: str, out_name: str, width: int) -> None:
         c.reject(out_name, f"has {c.dims['k']} columns; expected {k_name} = {k}")
     if width > MAX_WIDTH:
         c.reject("logits", f"has {width} columns; at most {MAX_WIDTH} are supported (int32 indices)")
+    if c.dims["rows"] > MAX_ROWS:
+        c.reject("logits", f"has {c.dims['rows']} rows; at most {MAX_ROWS} are supported (one CTA or more a row)")
 
 
 def check_lengths(c: Call, name: str, count: int, dims: tuple = (1,)) -> None:
@@ -474,8 +477,8 @@ def check_prefill(c: Call) -> None:
 
 def check_decode(c: Call) -> None:
     _check_common(c)
-    if c.next_n < 1:
-        c.reject("next_n", f"= {c.next_n} must be >= 1")
+    if not 1 <= c.next_n <= MAX_ROWS:
+        c.reject("next_n", f"= {c.next_n} must be in [1, 2^31 - 1]")
     per_row = len(c.seqLens.shape) == 2 and c.seqLens.numel == c.numRows
     check_lengths(c, "seqLens", c.numRows if per_row else -(-c.numRows // c.next_n), dims=(1, 2))
 
