@@ -442,7 +442,8 @@ def _check_common(c: Call) -> None:
 
 
 def check_k_and_width(c: Call, k_name: str, out_name: str, width: int) -> None:
-    """k (argument `k_name`) in [1, MAX_K] and the output's column count; rows of at most MAX_WIDTH scores."""
+    """k (argument `k_name`) in [1, MAX_K] and the output's column count; at most MAX_ROWS rows of at most MAX_WIDTH
+    scores."""
     k = getattr(c, k_name)
     if not 1 <= k <= MAX_K:
         c.reject(k_name, f"= {k} must be in [1, {MAX_K}]")
