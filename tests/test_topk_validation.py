@@ -20,7 +20,7 @@ from topk_utils import (
 )
 
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace, workspace_bytes
-from cupy_ops.ops.top_k_per_row import MAX_WIDTH
+from cupy_ops.ops.top_k_per_row import MAX_ROWS, MAX_WIDTH
 
 ROWS, WIDTH, K = 4, 64, 8  # the valid base call of every case: 4 rows of 64 scores, k 8
 
@@ -177,36 +177,34 @@ def test_size_one_dimensions_accept_any_stride(device):
         assert_contract(PREFILL, args, what=what)
 
 
-def _meta_args(op, width):
-    """A one-row call of `op` over `width` columns on meta tensors (validation only: nothing is allocated)."""
-    logits = torch.empty(1, width, device="meta")
+def _meta_args(op, rows, width):
+    """A call of `op` over `rows` x `width` scores on meta tensors (validation only: nothing is allocated), k 1;
+    one length tensor serves as every int argument (inputs may share memory)."""
+    logits = torch.empty(rows, width, device="meta")
+    lengths = torch.empty(rows, dtype=torch.int32, device="meta")
     if op is PREFILL:
-        return prefill_args(logits, [0], [width], 8, poison=None)
+        return prefill_args(logits, lengths, lengths, 1, poison=None)
     if op is DECODE:
-        return decode_args(logits, 1, [width], 8, poison=None)
-    return persistent_args(logits, [width], 8, poison=None)
+        return decode_args(logits, 1, lengths, 1, poison=None)
+    return persistent_args(logits, lengths, 1, poison=None)
 
 
 @pytest.mark.parametrize("op", [PREFILL, DECODE, PERSISTENT], ids=lambda op: op.name)
 def test_width_limit_on_meta(op):
     """Rows of MAX_WIDTH scores (int32 indices; the kernels' slot arithmetic needs W + 6 < 2^31) are accepted, one
     more is rejected."""
-    op.public(*_meta_args(op, MAX_WIDTH))
+    op.public(*_meta_args(op, 1, MAX_WIDTH))
     with pytest.raises(ValueError, match=rf"{op.name}: logits has {MAX_WIDTH + 1} columns; at most {MAX_WIDTH}"):
-        op.public(*_meta_args(op, MAX_WIDTH + 1))
+        op.public(*_meta_args(op, 1, MAX_WIDTH + 1))
 
 
 @pytest.mark.parametrize("op", [PREFILL, DECODE, PERSISTENT], ids=lambda op: op.name)
 def test_row_limit_on_meta(op):
-    """2^31 - 1 rows at most (CUDA's grid.x; a row takes one CTA or more): one more is rejected."""
-    rows = 2**31
-    logits = torch.empty(rows, 1, device="meta")
-    ints = lambda *shape: torch.empty(*shape, dtype=torch.int32, device="meta")  # noqa: E731
-    args = {PREFILL: (logits, ints(rows), ints(rows), ints(rows, 1), rows, 1, 1, 1),
-            DECODE: (logits, 1, ints(rows), ints(rows, 1), rows, 1, 1, 1),
-            PERSISTENT: (logits, ints(rows), ints(rows, 1), torch.empty(0, dtype=torch.uint8, device="meta"), 1, 1)}
-    with pytest.raises(ValueError, match=rf"{op.name}: logits has {rows} rows; at most {rows - 1}"):
-        op.public(*args[op])
+    """MAX_ROWS = 2^31 - 1 rows at most (CUDA's grid.x; a row takes one CTA or more): accepted, one more is
+    rejected."""
+    op.public(*_meta_args(op, MAX_ROWS, 1))
+    with pytest.raises(ValueError, match=rf"{op.name}: logits has {MAX_ROWS + 1} rows; at most {MAX_ROWS}"):
+        op.public(*_meta_args(op, MAX_ROWS + 1, 1))
 
 
 def test_meta_tensors_validate_only():
