@@ -5,6 +5,8 @@ first: both must reject the same calls."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from merge_utils import DEVICES, FP8, assert_bitwise_equal, gpu, poison_, requires_cuda
@@ -126,8 +128,9 @@ CASES = [
 def _expect_rejection(a: dict, exception: type, argument: str) -> None:
     written = {k: a[k] for k in ("output", "output_lse") if isinstance(a[k], torch.Tensor)}
     snapshots = {k: t.clone() for k, t in written.items()}
-    with pytest.raises(exception, match=rf"merge_attn_states\b.*\b{argument}\b"):
+    with pytest.raises(exception, match=rf"merge_attn_states\b.*\b{argument}\b") as raised:
         cupy_ops.merge_attn_states(**a)
+    assert not re.search(r"torch\.[a-z]", str(raised.value)), "dtypes are named as in the schema (float16)"
     if any(t.is_cuda for t in written.values()):
         torch.cuda.synchronize()
     for name, t in written.items():

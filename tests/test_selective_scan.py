@@ -304,11 +304,11 @@ def _limit_cases(args: tuple) -> list:
     L, b, d = 1 << 31, 1 << 31, 65535 * 16 + 1
     return [
         (dict(u=meta(2, 16, L), delta=meta(2, 16, L), z_=meta(2, 16, L), B=meta(2, 1, 4, L), C=meta(2, 1, 4, L)),
-         ValueError, "u", r"has 2 sequences of 2147483648 tokens; at most 2\^31 - 1"),
+         ValueError, "u", r"has 2147483648 tokens a sequence; at most 2\^31 - 1"),
         (dict(query_start_loc=meta(b + 1, dtype=torch.int32), u=meta(16, 10), delta=meta(16, 10), z_=meta(16, 10),
               B=meta(1, 4, 10), C=meta(1, 4, 10), cache_indices=None, has_initial_state=None,
               ssm_states=meta(b, 16, 4)),
-         ValueError, "u", r"has 2147483648 sequences of 10 tokens; at most 2\^31 - 1"),
+         ValueError, "query_start_loc", r"gives 2147483648 sequences; at most 2\^31 - 1"),
         (dict(A=meta(d, 4, dtype=torch.float32), u=meta(2, d, 10), delta=meta(2, d, 10), z_=meta(2, d, 10),
               D_=meta(d, dtype=torch.float32), delta_bias_=meta(d, dtype=torch.float32), ssm_states=meta(6, d, 4)),
          ValueError, "A", rf"has d = {d} channels; at most {65535 * 16}"),

@@ -161,10 +161,16 @@ def _nvrtc_library():
 def nvrtc_version() -> tuple[int, int]:
     lib = _nvrtc_library()
     if lib is None:
-        return tuple(_nvrtc().getVersion())
+        return _cupy_nvrtc_version()
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     return major.value, minor.value
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_nvrtc_version() -> tuple[int, int]:
+    """The NVRTC CuPy compiles with (it may load another library than cuda-pathfinder finds)."""
+    return tuple(_nvrtc().getVersion())
 
 
 @functools.lru_cache(maxsize=1)
@@ -289,7 +295,7 @@ def _program_image(nvrtc, prog: int, native: bool) -> bytes:
     CuPy compiled with (same version: a program handle means nothing to another library); else CuPy's image is
     mended: a cubin padded to the extent its ELF header gives, a PTX text given its NUL."""
     lib = _nvrtc_library()
-    if lib is None or nvrtc_version() != tuple(nvrtc.getVersion()):
+    if lib is None or nvrtc_version() != _cupy_nvrtc_version():
         image = nvrtc.getCUBIN(prog) if native else nvrtc.getPTX(prog)
         if isinstance(image, str):
             image = image.encode()

@@ -70,9 +70,9 @@ def _check_dtype(name: str, spec: TensorArg, dtype, info: dict) -> None:
     entries = (spec.dtypes,) if isinstance(spec.dtypes, str) else spec.dtypes
     accepted = [info[d].dtype if isinstance(d, str) and info[d] is not None else d for d in entries]
     if dtype not in accepted:
-        names = [f"{d}'s dtype ({_dtype_name(a)})" if isinstance(d, str) else _dtype_name(d)
+        names = [f"{d}'s dtype ({dtype_name(a)})" if isinstance(d, str) else dtype_name(d)
                  for d, a in zip(entries, accepted)]
-        raise TypeError(f"{name}: {spec.name} must be {_or(names)}, got {_dtype_name(dtype)}")
+        raise TypeError(f"{name}: {spec.name} must be {_or(names)}, got {dtype_name(dtype)}")
 
 
 def _check_shape(name: str, spec: TensorArg, shape: tuple, dims: dict, bound_by: dict) -> None:
@@ -124,7 +124,7 @@ def same_layout(a: arrays.ArrayInfo, b: arrays.ArrayInfo) -> bool:
     return a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, fast_divmod
+from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, dtype_name, fast_divmod
 from .._runtime import params as P
 
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,12 +66,13 @@ def check(c: Call) -> None:
     fp8 = c.output_scale is not None
     if fp8:
         if c.output.dtype != FP8_DTYPE:
-            c.reject("output", f"must be float8_e4m3fn when output_scale is given, got {c.output.dtype}", TypeError)
+            c.reject("output", f"must be float8_e4m3fn when output_scale is given, got {dtype_name(c.output.dtype)}",
+                     TypeError)
         if c.output_scale.numel != 1 or len(c.output_scale.shape) > 1:
             c.reject("output_scale", f"must hold one element, got shape {c.output_scale.shape}")
     elif c.output.dtype != c.prefix_output.dtype:
-        c.reject("output", f"dtype {c.output.dtype} must equal prefix_output's {c.prefix_output.dtype} (or be "
-                 "float8_e4m3fn with output_scale)", TypeError)
+        c.reject("output", f"dtype {dtype_name(c.output.dtype)} must equal prefix_output's "
+                 f"{dtype_name(c.prefix_output.dtype)} (or be float8_e4m3fn with output_scale)", TypeError)
     p = c.prefill_tokens_with_context
     if p is not None and not 0 <= p <= c.dims["n"]:
         c.reject("prefill_tokens_with_context", f"= {p} is outside [0, num_tokens = {c.dims['n']}]")

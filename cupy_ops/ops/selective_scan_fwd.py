@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, Scratch, TensorArg, launcher
+from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, Scratch, TensorArg, dtype_name, launcher
 from .._runtime import params as P
 from .selective_scan_ref import selective_scan_fn as _selective_scan_fn
 from .selective_scan_ref import selective_scan_fwd_ref
@@ -149,7 +149,7 @@ def check(c: Call) -> None:
     if len(st.shape) != 3 or st.shape[1:] != (d, n):
         c.reject("ssm_states", f"must be [slots, d, n] = [slots, {d}, {n}], got shape {st.shape}")
     if st.dtype not in (c.u.dtype, torch.float32):
-        c.reject("ssm_states", f"must be u's dtype {c.u.dtype} or float32, got {st.dtype}", TypeError)
+        c.reject("ssm_states", f"must be u's dtype {dtype_name(c.u.dtype)} or float32, got {dtype_name(st.dtype)}", TypeError)
     for name in ("has_initial_state", "block_idx_first_scheduled_token", "block_idx_last_scheduled_token",
                  "initial_state_idx", "last_chunk_indices"):
         t = getattr(c, name)
@@ -178,8 +178,10 @@ def check(c: Call) -> None:
     elif ci is None and st.shape[0] < b:
         c.reject("ssm_states", f"has {st.shape[0]} slots; without cache_indices sequence s uses slot s, so it "
                  f"needs b = {b}")
-    if tokens > _INT32_MAX or b > _INT32_MAX:
-        c.reject("u", f"has {b} sequences of {tokens} tokens; at most 2^31 - 1 of each are supported")
+    if b > _INT32_MAX:
+        c.reject("query_start_loc" if varlen else "u", f"gives {b} sequences; at most 2^31 - 1 are supported")
+    if tokens > _INT32_MAX:
+        c.reject("u", f"has {tokens} tokens {'in all' if varlen else 'a sequence'}; at most 2^31 - 1 are supported")
     if -(-d // CHANNELS_PER_BLOCK) > 65535:
         c.reject("A", f"has d = {d} channels; at most {65535 * CHANNELS_PER_BLOCK} are supported")
 
