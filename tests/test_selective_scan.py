@@ -18,6 +18,7 @@ from selective_scan_utils import (ARG, assert_scan_close, bad_slots_call, check_
                                   run_and_check, with_args)
 
 import cupy_ops
+from cupy_ops._runtime import launcher
 from cupy_ops.ops.selective_scan_fwd import OP, selective_scan_fn
 from cupy_ops.ops.selective_scan_ref import random_call, selective_scan_fwd_ref
 
@@ -386,6 +387,27 @@ def test_rejects_before_any_launch(device):
         for got, want in zip(args, snapshot):
             if isinstance(got, torch.Tensor):
                 assert torch.equal(got, want), "an argument changed although the call was rejected"
+
+
+def test_short_calls_past_the_one_dimensional_grid_use_the_chunk_kernel(monkeypatch):
+    """b x ceil(d / 8) short-kernel blocks past 2^31 - 1 (grid.x's limit) go to the chunk kernel, whose grid is b x
+    ceil(d / 16); meta tensors, planned for a 132-SM GPU."""
+    monkeypatch.setattr(launcher, "device_attribute", lambda device, attr: {"sm_count": 132}[attr])
+
+    def kernels(b):
+        args = call("cpu", torch.bfloat16, b=1, d=64, n=4, L=4, seed=20)
+        sizes = dict(u=(b, 64, 4), delta=(b, 64, 4), z_=(b, 64, 4), B=(b, 1, 4, 4), C=(b, 1, 4, 4),
+                     ssm_states=(b, 64, 4), cache_indices=None, has_initial_state=None)
+        meta = {name: None if size is None else torch.empty(size, dtype=args[ARG[name]].dtype, device="meta")
+                for name, size in sizes.items()}
+        c, _ = OP.validate(with_args(tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args),
+                                     **meta))
+        return [(step.kernel.name_expression, step.config.grid) for step in OP.plan(c) if hasattr(step, "kernel")]
+
+    (short,) = kernels(1 << 20)
+    assert "short" in short[0] and short[1] == ((1 << 20) * 8, 1, 1)
+    (chunk,) = kernels(1 << 28)  # 2^31 short blocks
+    assert "short" not in chunk[0] and chunk[1] == (1 << 28, 4, 1)
 
 
 def test_rejects_an_output_overlapping_an_input():

@@ -240,8 +240,10 @@ def plan(c: Call) -> list:
         vec_ok=_vector_ok(c, varlen), chunked=False, chunk_tokens=tokens, chunks_per_row=1, num_chunks=b,
         stage_bc=STAGE_BC and group_size % CHANNELS_PER_BLOCK == 0,
     )
-    if not varlen and not cache_mode and tokens <= SHORT_MAX_LEN:
-        blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
+    blocks = b * -(-d // SHORT_CHANNELS_PER_BLOCK)
+    # The short kernel's grid is one-dimensional; past CUDA's 2^31 - 1 blocks the chunk kernel (grid b x d / 16)
+    # takes the call.
+    if not varlen and not cache_mode and tokens <= SHORT_MAX_LEN and blocks <= _INT32_MAX:
         return [NO_SCRATCH, Launch(KERNELS["short", dtype], LaunchConfig((blocks, 1, 1), (THREADS, 1, 1)), PARAMS,
                                    values)]
     window = LANES * (ITEM_BYTES // c.u.itemsize)
