@@ -40,7 +40,8 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
-  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row), p.output + row * p.out_stride,
+  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
+                                   [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
                                    p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample);
 }
 

@@ -25,7 +25,18 @@ struct TopKPerRowParams {
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
+  int reverse;           // rows run in reverse launch order (row_of)
 };
+
+// The row of CTA blockIdx.x (CLUSTER CTAs a row). The GPU starts CTAs roughly in launch order, so the last rows
+// launched set the call's tail; causal prefill rows grow with the row index, and launching them last-first starts
+// the longest ones first and ends on the shortest (longest-first scheduling), where first-first ends a call on a
+// wave of the longest rows.
+template <int CLUSTER>
+__device__ __forceinline__ int row_of(const TopKPerRowParams& p) {
+  const int launched = static_cast<int>(blockIdx.x / CLUSTER);
+  return p.reverse ? static_cast<int>(gridDim.x / CLUSTER) - 1 - launched : launched;
+}
 
 // Prefill: [clamp(start, 0, W), clamp(end, start, W)). Decode: [0, clamp(end, 0, W)) with end = seq_lens[row] when
 // per_row, else seq_lens[row / next_n] - next_n + row % next_n + 1 (query row % next_n of its sequence).
@@ -48,7 +59,7 @@ __device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int r
 
 template <int THREADS, int CLUSTER>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
-  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  const int row = row_of<CLUSTER>(p);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
@@ -60,11 +71,11 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
 // the sampled read's target (0: two reads). Plans launch it only for unit column strides.
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
-  const int row = static_cast<int>(blockIdx.x);
+  const int row = row_of<1>(p);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
-                                   p.indices + row * p.out_stride, p.k, p.cap,
+                                   [&] { return p.indices + row_of<1>(p) * p.out_stride; }, p.k, p.cap,
                                    static_cast<int>((p.num_cols + 31) / 32), p.sample);
 }
 
@@ -73,7 +84,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k
 // sample are unused).
 template <int THREADS, int CLUSTER, int SLOTS>
 __global__ void __launch_bounds__(THREADS, 1) top_k_per_row_registers_kernel(const TopKPerRowParams p) {
-  const int row = static_cast<int>(blockIdx.x / CLUSTER);
+  const int row = static_cast<int>(blockIdx.x / CLUSTER);  // (every CTA is resident at once: no row_of)
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row_registers<THREADS, CLUSTER, SLOTS>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,

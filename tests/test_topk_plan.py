@@ -263,6 +263,23 @@ def test_decode_per_row_flag(fake_gpu):
     assert _plan(DECODE, decode_args(logits, 2, [[50], [60]], 8))[0].values["per_row"] == 0
 
 
+def test_prefill_rows_run_last_first_only_when_ctas_wait(fake_gpu):
+    """REVERSE_PREFILL_ROWS: a prefill grid larger than the SMs (132) runs its rows last-first; one that fits, and
+    decode, keep launch order."""
+    fake_gpu("H200")
+
+    def reverse(op, rows):
+        logits = torch.randn(rows, 1000)
+        args = (prefill_args(logits, [0] * rows, [1000] * rows, 64, poison=None) if op is PREFILL
+                else decode_args(logits, 1, [1000] * rows, 64, poison=None))
+        (launch,) = _plan(op, args)
+        return launch.config.grid[0] > 132, launch.values["reverse"]
+
+    assert reverse(PREFILL, 300) == (True, 1)
+    assert reverse(PREFILL, 100) == (False, 0)
+    assert reverse(DECODE, 300) == (True, 0)
+
+
 def test_no_rows_no_launch(fake_gpu):
     fake_gpu("H200")
     assert _plan(PREFILL, prefill_args(torch.randn(0, 10), [], [], 4, poison=None)) == []

@@ -255,7 +255,7 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
 #pragma unroll
             for (int e = 0; e < 4; ++e) q[e] = v >> e & 1u ? float_key(x[4 * u + e]) : 0u;
             *reinterpret_cast<uint4*>(keys + p) = make_uint4(q[0], q[1], q[2], q[3]);
-            if (stage > 0) *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
+            *reinterpret_cast<int4*>(idx + p) = make_int4(i0, i0 + 1, i0 + 2, i0 + 3);
 #pragma unroll
             for (int e = 0; e < 4; ++e) atomicAdd(&sh.fine[q[e] >> 21], 1u);
             valid &= ~(0xfu << (4 * u));  // stored: not for the filtering below

@@ -157,11 +157,12 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 // eq[words], list keys[cap], list columns[cap], staged[k]. The host guarantees words >= ceil(len / 32), 1 <= cap,
 // k <= 4096, len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
 // planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact: it only tunes).
-template <int THREADS>
-__device__ void topk_row_two_pass(const float* base, int len, int* out, int k, int cap, int words, int sample) {
+template <int THREADS, typename Out>
+__device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
   if (len <= k) {  // every index, then -1
+    int* out = out_row();
     for (int j = threadIdx.x; j < k; j += THREADS) out[j] = j < len ? j : -1;
     return;
   }
@@ -272,6 +273,7 @@ __device__ void topk_row_two_pass(const float* base, int len, int* out, int k, i
     }
   }
   __syncthreads();
+  int* out = out_row();
   for (int j = threadIdx.x; j < k; j += THREADS) out[j] = staged[j];
 }
 
