@@ -34,7 +34,7 @@ from topk_utils import (
     replace_arg,
 )
 
-from cupy_ops._runtime import LaunchConfig, compiler
+from cupy_ops._runtime import LaunchConfig, compiler, launcher
 from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
 
@@ -175,6 +175,9 @@ def emulator(tmp_path_factory):
     return build(tmp_path_factory.mktemp("topk_emulator"), files, DRIVER)
 
 
+EMULATED_SMS = 4
+
+
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
             registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
@@ -209,6 +212,9 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
 
     monkeypatch.setattr(module, "plan_rows", plan_rows)
+    # A GPU of EMULATED_SMS SMs for the plan's other questions: prefill grids larger than that run their rows
+    # last-first (row_of), so most cases here take that order and the few-row ones launch order.
+    monkeypatch.setattr(launcher, "device_attribute", lambda device, attr: {"sm_count": EMULATED_SMS}[attr])
     call, _ = op.validate(args)
     (launch,) = op.plan(call)
     pointers = [args[op.arguments.index(f.source)].data_ptr() for f in launch.params.pointers]
