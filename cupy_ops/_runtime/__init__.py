@@ -11,6 +11,6 @@ from .validation import dtype_name
 __all__ = [
     "ArrayInfo", "Call", "CompileError", "Kernel", "Launch", "LaunchConfig", "Memset", "Op", "PtxasReport",
     "Scratch", "TensorArg", "TensorInfo", "cache_dir", "compile_kernel", "compiler", "describe", "device_arch",
-    "device_attribute", "dtype_name", "fast_divmod", "is_cupy_array", "kernel_dir", "launcher", "memset_async", "occupancy",
-    "params", "ptxas_report", "registry",
+    "device_attribute", "dtype_name", "fast_divmod", "is_cupy_array", "kernel_dir", "launcher", "memset_async",
+    "occupancy", "params", "ptxas_report", "registry",
 ]
