@@ -23,9 +23,7 @@ GPUS = {  # sm_count, opt-in shared memory per block, per SM, arch
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """fake_gpu(name, max_cluster=16): the driver's answers for that GPU; clusters above max_cluster do not fit; NVRTC
-    13 (the two-pass kernel's sampled read compiled in)."""
-    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0))
+    """fake_gpu(name, max_cluster=16): the driver's answers for that GPU; clusters above max_cluster do not fit."""
 
     def use(name, max_cluster=16):
         sms, optin, per_sm, arch = GPUS[name]
@@ -130,17 +128,17 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 
-def test_nvrtc_12_builds_read_twice(fake_gpu, monkeypatch):
-    """NVRTC 12 builds compile the sampled read out (kSampledRead): no two-pass plan samples, and the two reads take
-    only calls of more rows than SMs."""
+def test_without_the_sampled_read_two_reads_take_only_more_rows_than_sms(fake_gpu, monkeypatch):
+    """TWO_PASS_SAMPLED off: no two-pass plan samples, and the two reads take only calls of more rows than SMs (the
+    sampled read also takes 128 x 131072). Plans do not depend on the NVRTC major: CUDA 12 and 13 builds both compile
+    the sampled read."""
     fake_gpu("H200")
-    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (12, 9))
+    monkeypatch.setattr(T, "TWO_PASS_SAMPLED", False)
     rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
     assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
     assert all(rows[shape].sample == 0 for shape in two_pass)
-    assert "__CUDACC_VER_MAJOR__ < 13\nconstexpr bool kSampledRead = false;" in (
-        compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
+    assert "__CUDACC_VER_MAJOR__" not in (compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
 
 
 def test_the_sampled_read_needs_room_in_the_list(fake_gpu):

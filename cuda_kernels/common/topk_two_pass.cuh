@@ -32,16 +32,6 @@ namespace topk {
 
 constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using any: 64 KB in flight per 1024 threads
 
-// The sampled read is compiled with NVRTC 13 and later only: NVRTC 12.9's ptxas spilled 32-36 bytes of the
-// top_k_per_row instantiations for sm_90 with it (at their 64 registers; loading 2 or 1 slots a step instead
-// moved the spills to other instantiations). CUDA 12 builds read such rows twice, exact and slower (plans know:
-// top_k_per_row.py's two_pass_sampled). The H200 runs are NVRTC 13.
-#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ < 13
-constexpr bool kSampledRead = false;
-#else
-constexpr bool kSampledRead = true;
-#endif
-
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
 // (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
 // loaded before any is used; the cut first and last slots element by element.
@@ -185,7 +175,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     else if (m == pivot) set_bit(eq, i);
   };
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
-  if (kSampledRead && sample > 0 && len >= max(4 * sample, 4 * kSample)) {
+  if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
     const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, compiler, launcher
+from .._runtime import Call, Kernel, Launch, LaunchConfig, Op, TensorArg, launcher
 from .._runtime import params as P
 
 MAX_K = 4096              # the staging buffer (k entries) and one group must fit next to the buffer
@@ -104,8 +104,8 @@ MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries i
 # 30.4). With it the kernel also wins at 128 rows, so it takes calls of more rows than half the SMs: persistent 128 x
 # 131072 34.3 -> 30.4 (topk_row -> sampled), decode 31.9 against 36.3; at 64 rows (more than a quarter of the SMs)
 # decode 64 x 65536 k 512 gained (19.8 -> 18.7) but persistent 64 x 20000 k 512 (11.2 -> 13.3) and prefill 64 x 65536
-# k 2048 (20.0 -> 21.1) lost. Without it (TWO_PASS_SAMPLED off, or NVRTC 12: two_pass_sampled) the two reads take only
-# calls of more rows than SMs (TWO_PASS_ROWS_PER_SM_TWO_READS).
+# k 2048 (20.0 -> 21.1) lost. Without it (TWO_PASS_SAMPLED off) the two reads take only calls of more rows than SMs
+# (TWO_PASS_ROWS_PER_SM_TWO_READS).
 TWO_PASS_ROWS_PER_SM = 0.5
 TWO_PASS_ROWS_PER_SM_TWO_READS = 1
 TWO_PASS_WIDTH_PER_K = 16
@@ -258,18 +258,12 @@ def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | N
     return None
 
 
-def two_pass_sampled() -> bool:
-    """Whether the two-pass kernel tries its sampled read: TWO_PASS_SAMPLED, with NVRTC 13 or later (NVRTC 12 builds
-    compile it out: common/topk_two_pass.cuh's kSampledRead)."""
-    return TWO_PASS_SAMPLED and compiler.nvrtc_version()[0] >= 13
-
-
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
     threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more), 512 up to 65536,
     1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072); bitmaps of ceil(width / 32)
     words (`sel`, `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8
-    bytes an entry); its sampled read's target where two_pass_sampled() and the list holds TWO_PASS_LIST_PER_SAMPLE
+    bytes an entry); its sampled read's target where TWO_PASS_SAMPLED and the list holds TWO_PASS_LIST_PER_SAMPLE
     x it."""
     small = width <= SMALL_CHUNK or (width <= TWO_PASS_SMALL_WIDTH and rows >= 4 * sms)
     threads = 1024 if rows <= sms or width > 65536 else 256 if small else 512
@@ -280,7 +274,7 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
         return None
     # The sampled read only where the list has room to spare: a list it overflows costs that read and the two reads
     # after it (rows of ~500K and more).
-    sample = two_pass_sample_target(width, k) if two_pass_sampled() else 0
+    sample = two_pass_sample_target(width, k) if TWO_PASS_SAMPLED else 0
     if TWO_PASS_LIST_PER_SAMPLE * sample > cap:
         sample = 0
     return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
@@ -310,7 +304,7 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
-    rows_per_sm = TWO_PASS_ROWS_PER_SM if two_pass_sampled() else TWO_PASS_ROWS_PER_SM_TWO_READS
+    rows_per_sm = TWO_PASS_ROWS_PER_SM if TWO_PASS_SAMPLED else TWO_PASS_ROWS_PER_SM_TWO_READS
     two_pass = contiguous and rows > rows_per_sm * sms and width >= TWO_PASS_WIDTH_PER_K * k
     row = two_pass_plan(rows, width, k, sms, optin, per_sm) if two_pass else None
     dependent = DEPENDENT_LAUNCH and launcher.device_arch(device) >= 90
@@ -417,12 +411,12 @@ def row_kernels(filename: str, kernel: str, two_pass_spills: dict | None = None)
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
 
 
-# NVRTC 13.0 (the H200 image's) spills in this file's two-pass kernels at sm_90 (32-36 bytes stored, 56-64 loaded);
-# 13.5 and 12.9 do not. Kept: the spill-free variant (the row window through a non-inlined call: 0 spills on all
-# three) was slower there (H200, 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but vLLM's
-# kernel measured the same in both: prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0 against
-# 366.7, decode 128 x 131072 33.0 against 31.2).
-TWO_PASS_KNOWN_SPILLS = {((13, 0), 90): 64}
+# NVRTC 13.0 (the H200 image's) and 12.9 spill in this file's two-pass kernels at sm_90, alike (28 bytes stored, 40-60
+# loaded; persistent_topk.cu's and 13.5's none). Kept: the spill-free variant (the row window through a non-inlined
+# call: 0 spills) was slower with 13.0 (H200, 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but
+# vLLM's kernel measured the same in both: prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0
+# against 366.7, decode 128 x 131072 33.0 against 31.2).
+TWO_PASS_KNOWN_SPILLS = {((13, 0), 90): 64, ((12, 9), 90): 64}
 KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel",
                       TWO_PASS_KNOWN_SPILLS)  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
