@@ -94,15 +94,16 @@ def test_check_accepts_only_the_known_spills(monkeypatch, capsys):
     assert "PASS" not in nvrtc_rows().values()
 
 
-def test_known_spills_are_top_k_per_row_two_pass_at_nvrtc_13_0(monkeypatch):
+def test_known_spills_are_top_k_per_row_two_pass_at_nvrtc_13_0_and_12_9(monkeypatch):
     """Only top_k_per_row's two-pass kernels declare a spill (persistent_topk's share their source code but not
-    their spill), and only NVRTC 13.0 at sm_90 allows it."""
+    their spill), and only NVRTC 13.0 and 12.9 (the same instructions) at sm_90 allow it."""
     from cupy_ops.ops import ops
 
     kernels = {k.name_expression: k for op in ops().values() for k in op.kernels}
     marked = {name for name, k in kernels.items() if k.known_spills}
     assert marked == {f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>" for t in (256, 512, 1024)}
     kernel = kernels["cupy_ops::top_k_per_row_two_pass_kernel<256>"]
-    for version, arch, allowed in (((13, 0, 0), 90, 64), ((13, 0, 0), 80, 0), ((13, 5, 0), 90, 0), ((12, 9, 0), 90, 0)):
+    for version, arch, allowed in (((13, 0, 0), 90, 64), ((13, 0, 0), 80, 0), ((13, 5, 0), 90, 0), ((12, 9, 0), 90, 64),
+                                   ((12, 8, 0), 90, 0)):
         monkeypatch.setattr(compiler, "nvrtc_version", lambda v=version: v)
         assert kernel.spill_allowance(arch) == allowed, (version, arch)

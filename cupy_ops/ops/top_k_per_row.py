@@ -411,8 +411,9 @@ def row_kernels(filename: str, kernel: str, two_pass_spills: dict | None = None)
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
 
 
-# NVRTC 13.0 (the H200 image's) and 12.9 spill in this file's two-pass kernels at sm_90, alike (28 bytes stored, 40-60
-# loaded; persistent_topk.cu's and 13.5's none). Kept: the spill-free variant (the row window through a non-inlined
+# NVRTC 13.0 (the H200 image's) spills in this file's two-pass kernels at sm_90 (28 bytes stored, 40-60 loaded;
+# persistent_topk.cu's and 13.5's none), and so does 12.9: its sm_90 code for all six two-pass kernels is 13.0's,
+# instruction for instruction but alignment NOPs (nvdisasm, 2026-12-05). Kept: the spill-free variant (the row window through a non-inlined
 # call: 0 spills) was slower with 13.0 (H200, 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but
 # vLLM's kernel measured the same in both: prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0
 # against 366.7, decode 128 x 131072 33.0 against 31.2).
