@@ -58,12 +58,17 @@ def instructions(listing: str) -> list[str]:
 
 def dump(path: str, root: str | None, arch: int) -> None:
     kernels = {k.name_expression: k for op in ops().values() for k in op.kernels}
-    result = {}
+    result, failed = {}, []
     for name, kernel in sorted(kernels.items()):
-        compiled = compiler.compile_kernel(kernel.source, name, arch, root=Path(root) if root else kernel.root)
+        try:  # another tree may lack an instantiation this checkout's ops list: `diff` reports it missing
+            compiled = compiler.compile_kernel(kernel.source, name, arch, root=Path(root) if root else kernel.root)
+        except compiler.CompileError:
+            failed.append(name)
+            continue
         result[name] = instructions(disassemble(compiled.image))
     Path(path).write_text(json.dumps({"nvrtc": list(compiler.nvrtc_version()), "arch": arch, "kernels": result}))
-    print(f"{len(result)} kernels, NVRTC {'.'.join(map(str, compiler.nvrtc_version()))}, sm_{arch}: {path}")
+    print(f"{len(result)} kernels, NVRTC {'.'.join(map(str, compiler.nvrtc_version()))}, sm_{arch}: {path}"
+          + (f" ({len(failed)} did not compile there)" if failed else ""))
 
 
 def compare(a: dict, b: dict) -> dict:
