@@ -199,8 +199,19 @@ def test_whole_chunks_that_fit_the_slots_take_registers(fake_gpu):
     rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
     registers = {shape: (row.threads, row.cluster) for shape, row in rows.items() if row.registers}
     assert registers == {(1, 8192, 2048): (1024, 1), (4, 163840, 2048): (1024, 16), (1, 163840, 2048): (1024, 16),
-                         (4, 65536, 1024): (256, 16), (64, 20000, 512): (1024, 2), (2, 300000, 4096): (1024, 16),
+                         (4, 65536, 1024): (256, 16), (64, 20000, 512): (1024, 1), (2, 300000, 4096): (1024, 16),
                          (1, 1, 1): (1024, 1), (3, 100, 4096): (1024, 1), (7, 0, 16): (1024, 1)}
+
+
+def test_rows_one_register_cta_holds_stay_whole(fake_gpu, monkeypatch):
+    """Rows past MIN_SPLIT_WIDTH that one 1024-thread register CTA holds (20477 scores) stay whole while the grid fits
+    the SMs; one score more, or WHOLE_REGISTER_ROWS off, and they split as before."""
+    fake_gpu("H200")
+    assert T.MIN_SPLIT_WIDTH < 20000
+    assert _plan_rows(64, 20477, 512)[2][:2] == (1024, 1) and _plan_rows(1, 20000, 2048)[2][:2] == (1024, 1)
+    assert _plan_rows(64, 20478, 512)[2].cluster == 2
+    monkeypatch.setattr(T, "WHOLE_REGISTER_ROWS", False)
+    assert _plan_rows(64, 20000, 512)[2][:3] == (1024, 2, 0)
 
 
 def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):

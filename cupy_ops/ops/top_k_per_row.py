@@ -73,6 +73,13 @@ MIN_CHUNK = 4096          # elements per CTA below which more CTAs per row cost 
 # 256-thread CTAs (MIN_CHUNK 1024) 7.3: too little to split; persistent 64 x 20000 k 512 in one 1024-thread CTA a
 # row (MIN_SPLIT_WIDTH 32768) 12.4 us, as in pairs).
 MIN_SPLIT_WIDTH = 16384
+# But a row that one 1024-thread register CTA holds (up to 20477 scores: REGISTER_SLOTS[1024] x 1024 slots, less
+# the alignment slack) stays whole where the grid fits the SMs: a pair's cluster barriers cost more than half the
+# row's loads save. A/B in one run each (the same plan as MIN_SPLIT_WIDTH 32768 there), persistent 64 x 20000 k 512
+# against pairs: H200 9.4 -> 9.2 us (session 26), 9.7 -> 9.4 (session 28); H100 10.7 -> 9.7 (session 29; vLLM's
+# kernel 8.98 there); no other case of the suites changes. Other few-row calls of rows 16384-20477 wide are
+# unmeasured. (Wider rows keep pairs of register CTAs: one CTA would have to buffer them in shared memory.)
+WHOLE_REGISTER_ROWS = True
 # Clusters grow while the doubled grid fits the SMs (one CTA an SM). Two CTAs an SM (H200, 2026-12-02, with
 # 512-thread cluster instantiations added: bench/tune.py) made 32 x 163840 k 2048 whole chunks in 8 x 512 threads:
 # 42.3 -> 37.8 us; but 128 x 131072 streaming in 2 x 512: 34.2 -> 44.6, decode 64 x 65536 k 512 in 4 x 256: 20.1 ->
@@ -297,7 +304,7 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
     2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
-    least MIN_SPLIT_WIDTH wide; a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
+    least MIN_SPLIT_WIDTH wide, unless one register CTA holds it (WHOLE_REGISTER_ROWS); a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
     occupancies tried, the row-in-registers kernel first where the grid fits the SMs and a whole chunk fits its
     slots. But calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where
     its plan fits and the rows are `contiguous` (unit column stride)."""
@@ -312,7 +319,9 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
         return kernels.two_pass[row.threads], LaunchConfig((rows, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                                                            dependent=dependent), row
     cluster = 1
-    if launcher.device_arch(device) >= 90:
+    # A row one CTA holds in its registers stays whole (WHOLE_REGISTER_ROWS).
+    whole_row = WHOLE_REGISTER_ROWS and rows <= sms and register_plan(width, k, 1024, 1) is not None
+    if launcher.device_arch(device) >= 90 and not whole_row:
         while (cluster < MAX_CLUSTER and rows * cluster * 2 <= sms
                and width >= cluster * 2 * MIN_CHUNK and width >= MIN_SPLIT_WIDTH):
             cluster *= 2
