@@ -94,16 +94,21 @@ def test_check_accepts_only_the_known_spills(monkeypatch, capsys):
     assert "PASS" not in nvrtc_rows().values()
 
 
-def test_known_spills_are_top_k_per_row_two_pass_at_nvrtc_13_0_and_12_9(monkeypatch):
-    """Only top_k_per_row's two-pass kernels declare a spill (persistent_topk's share their source code but not
-    their spill), and only NVRTC 13.0 and 12.9 (the same instructions) at sm_90 allow it."""
+def test_known_spills_are_two_pass_kernels_at_sm_90(monkeypatch):
+    """Only two-pass kernels declare spills: top_k_per_row's three and persistent_topk's 256- and 512-thread ones, at
+    sm_90 only, for the NVRTC releases that make them (13.0 and 12.9, the same instructions; 13.5 in one)."""
     from cupy_ops.ops import ops
 
     kernels = {k.name_expression: k for op in ops().values() for k in op.kernels}
     marked = {name for name, k in kernels.items() if k.known_spills}
-    assert marked == {f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>" for t in (256, 512, 1024)}
-    kernel = kernels["cupy_ops::top_k_per_row_two_pass_kernel<256>"]
-    for version, arch, allowed in (((13, 0, 0), 90, 64), ((13, 0, 0), 80, 0), ((13, 5, 0), 90, 0), ((12, 9, 0), 90, 64),
-                                   ((12, 8, 0), 90, 0)):
-        monkeypatch.setattr(compiler, "nvrtc_version", lambda v=version: v)
-        assert kernel.spill_allowance(arch) == allowed, (version, arch)
+    assert marked == {*(f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>" for t in (256, 512, 1024)),
+                      *(f"cupy_ops::persistent_topk_two_pass_kernel<{t}>" for t in (256, 512))}
+    cases = {"top_k_per_row_two_pass_kernel<256>": {((13, 0, 0), 90): 64, ((12, 9, 0), 90): 64},
+             "top_k_per_row_two_pass_kernel<1024>": {((13, 0, 0), 90): 64, ((12, 9, 0), 90): 64, ((13, 5, 0), 90): 12},
+             "persistent_topk_two_pass_kernel<512>": {((13, 0, 0), 90): 12, ((12, 9, 0), 90): 12}}
+    for name, allowed in cases.items():
+        for version in ((13, 0, 0), (13, 5, 0), (12, 9, 0), (12, 8, 0)):
+            monkeypatch.setattr(compiler, "nvrtc_version", lambda v=version: v)
+            for arch in (80, 90):
+                expected = allowed.get((version, arch), 0)
+                assert kernels[f"cupy_ops::{name}"].spill_allowance(arch) == expected, (name, version, arch)

@@ -77,8 +77,9 @@ __device__ __forceinline__ float pick16(const float (&v)[16], int e) {
 // The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
 // caller then reads the row twice). kTwoPassUnroll slots a thread loaded before any is used, as for_each_element,
-// but every thread of the CTA runs the same trips (the appends are warp-wide): one passing element a lane per step,
-// one shared atomic a warp for their places. (Appending a warp's passing elements unrolled, places from one warp
+// but every thread of the CTA runs the same trips (the places are warp-wide): one warp scan and one shared atomic a
+// warp for their places, then each lane appends its own (1024-thread CTAs: one passing element a lane per step of a
+// ballot loop, one shared atomic a step). (Appending a warp's passing elements unrolled, places from one warp
 // scan, where a lane passes more than two, was slower although the steps were 33% of the instructions of the 8192
 // x 32768 prefill, ncu: H200, 370.7 -> 389.4 us there, 2048 x 16384 k 512 63.0 -> 68.1, persistent 128 x 131072
 // 29.8 -> 32.6.)
@@ -122,22 +123,42 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       pass |= static_cast<uint32_t>(by_value ? !(x[j] < floor_value) : float_key(x[j]) >= cutoff) << j;
     }
     pass &= valid;
-    for (;;) {
-      const uint32_t active = __ballot_sync(kFullMask, pass != 0u);
-      if (active == 0u) break;
-      const int leader = __ffs(active) - 1;
-      uint32_t place = 0;
-      if (lane == leader) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(active)));
-      place = __shfl_sync(kFullMask, place, leader) + __popc(active & ((1u << lane) - 1u));
-      if (pass != 0u) {
-        const int e = __ffs(pass) - 1;
-        pass &= pass - 1u;
-        const uint32_t key = float_key(pick16(x, e));
-        if (place < static_cast<uint32_t>(cap)) {
-          list_keys[place] = key;
-          list_columns[place] = 4 * (first + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+    auto append = [&](int e, uint32_t place) {
+      const uint32_t key = float_key(pick16(x, e));
+      if (place < static_cast<uint32_t>(cap)) {
+        list_keys[place] = key;
+        list_columns[place] = 4 * (first + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
+      }
+      atomicAdd(&sh.fine[key >> 21], 1u);
+    };
+    if constexpr (THREADS < 1024) {
+      // Places from one warp scan of the lanes' passing counts and one shared atomic a warp; then each lane appends
+      // its own passing elements, with no warp collective inside the loop (~48 instructions a step of the lane
+      // with the most, against ~82 for a step of the ballot loop below: sm_90 code, NVRTC 13.0). H100, A/B in one
+      // run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384 k 512 62.0 -> 61.0,
+      // persistent 256 x 32768 k 512 20.3 -> 19.95; but 128 x 131072 k 2048 (1024 threads) 34.45 -> 34.95.
+      const uint32_t count = __popc(pass);
+      const uint32_t inclusive = warp_inclusive_sum(count);
+      const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
+      uint32_t base = 0;
+      if (lane == 31 && warp_total != 0u) base = atomicAdd(&sh.appended, warp_total);
+      uint32_t place = __shfl_sync(kFullMask, base, 31) + inclusive - count;
+      for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
+    } else {
+      // 1024-thread CTAs (one an SM, calls of rows that fit the SMs) keep the ballot loop: the lane loop was slower
+      // there (above).
+      for (;;) {
+        const uint32_t active = __ballot_sync(kFullMask, pass != 0u);
+        if (active == 0u) break;
+        const int leader = __ffs(active) - 1;
+        uint32_t place = 0;
+        if (lane == leader) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(active)));
+        place = __shfl_sync(kFullMask, place, leader) + __popc(active & ((1u << lane) - 1u));
+        if (pass != 0u) {
+          const int e = __ffs(pass) - 1;
+          pass &= pass - 1u;
+          append(e, place);
         }
-        atomicAdd(&sh.fine[key >> 21], 1u);
       }
     }
   }

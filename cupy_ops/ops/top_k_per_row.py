@@ -303,11 +303,11 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
               contiguous: bool = True) -> tuple[Kernel, LaunchConfig, RowPlan]:
     """Kernel, launch configuration and shared memory for `rows` rows of at most `width` elements (host scalars
     only, so a CUDA graph replays it with any lengths). On sm_90 a row gets a cluster of up to 16 CTAs while
-    2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at
-    least MIN_SPLIT_WIDTH wide, unless one register CTA holds it (WHOLE_REGISTER_ROWS); a cluster shape the GPU cannot hold is halved; CTA_SHAPES lists the CTA sizes and
-    occupancies tried, the row-in-registers kernel first where the grid fits the SMs and a whole chunk fits its
-    slots. But calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K) take the two-pass kernel where
-    its plan fits and the rows are `contiguous` (unit column stride)."""
+    2 x rows x cluster fits the SMs, each CTA keeps >= MIN_CHUNK elements and the row is at least MIN_SPLIT_WIDTH
+    wide, unless one register CTA holds it (WHOLE_REGISTER_ROWS); a cluster shape the GPU cannot hold is halved;
+    CTA_SHAPES lists the CTA sizes and occupancies tried, the row-in-registers kernel first where the grid fits the
+    SMs and a whole chunk fits its slots. But calls of many wide rows (TWO_PASS_ROWS_PER_SM, TWO_PASS_WIDTH_PER_K)
+    take the two-pass kernel where its plan fits and the rows are `contiguous` (unit column stride)."""
     sms = launcher.device_attribute(device, "sm_count")
     optin = launcher.device_attribute(device, "max_shared_memory_per_block_optin")
     per_sm = launcher.device_attribute(device, "max_shared_memory_per_sm")
@@ -411,22 +411,24 @@ def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0,
 
 def row_kernels(filename: str, kernel: str, two_pass_spills: dict | None = None) -> RowKernels:
     """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers;
-    `two_pass_spills`: the two-pass kernels' known spills (Kernel.known_spills)."""
+    `two_pass_spills`: threads -> that two-pass kernel's known spills (Kernel.known_spills)."""
     return RowKernels(
         {(t, c): Kernel(filename, f"cupy_ops::{kernel}<{t}, {c}>") for t, c in INSTANTIATIONS},
         {t: Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_two_pass_kernel')}<{t}>",
-                   known_spills=two_pass_spills) for t in TWO_PASS_THREADS},
+                   known_spills=(two_pass_spills or {}).get(t)) for t in TWO_PASS_THREADS},
         {(t, c): Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_registers_kernel')}<{t}, {c}, "
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
 
 
-# NVRTC 13.0 (the H200 image's) spills in this file's two-pass kernels at sm_90 (28 bytes stored, 40-60 loaded;
-# persistent_topk.cu's and 13.5's none), and so does 12.9: its sm_90 code for all six two-pass kernels is 13.0's,
-# instruction for instruction but alignment NOPs (nvdisasm, 2026-12-05). Kept: the spill-free variant (the row window through a non-inlined
-# call: 0 spills) was slower with 13.0 (H200, 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but
-# vLLM's kernel measured the same in both: prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0
-# against 366.7, decode 128 x 131072 33.0 against 31.2).
-TWO_PASS_KNOWN_SPILLS = {((13, 0), 90): 64, ((12, 9), 90): 64}
+# Spills ptxas makes in this file's two-pass kernels at sm_90, kept. NVRTC 13.0 (the H200 image's) and 12.9 (the same
+# instructions, alignment NOPs aside: bench/sass.py, 2026-12-05): 28-32 bytes stored, 40-64 loaded; 13.5: 4 and 12 in
+# the 1024-thread one. The spill-free variant (the row window through a non-inlined call) was slower with 13.0 (H200,
+# 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but vLLM's kernel measured the same in both:
+# prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0 against 366.7, decode 128 x 131072 33.0
+# against 31.2); the 256- and 512-thread ones' lane-loop appends (common/topk_two_pass.cuh) add 4 bytes stored.
+TWO_PASS_KNOWN_SPILLS = {256: {((13, 0), 90): 64, ((12, 9), 90): 64},
+                         512: {((13, 0), 90): 64, ((12, 9), 90): 64},
+                         1024: {((13, 0), 90): 64, ((12, 9), 90): 64, ((13, 5), 90): 12}}
 KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel",
                       TWO_PASS_KNOWN_SPILLS)  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
