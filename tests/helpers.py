@@ -7,6 +7,9 @@ Imported by the test modules (pytest puts tests/ on sys.path); fixtures live in 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,8 +29,17 @@ FP8_NAN_BYTE = 0x7F  # NaN in e4m3fn
 GUARD = 7            # poisoned elements after every buffer: a write just past the last element lands there
 
 __all__ = ["DEVICES", "FP8", "GUARD", "HAS_CUDA", "SENTINEL", "TOLERANCE", "assert_bitwise_equal", "assert_close",
-           "assert_untouched", "bits", "check_call", "compiled_matches_eager", "gpu", "opcheck", "poison_",
+           "assert_untouched", "bench_script", "bits", "check_call", "compiled_matches_eager", "gpu", "opcheck", "poison_",
            "requires_cuda", "requires_two_gpus", "strided", "synchronize"]
+
+
+def bench_script(name: str):
+    """bench/<name>.py (a developer's script, not a package module), loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def synchronize(device) -> None:

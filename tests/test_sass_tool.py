@@ -4,10 +4,8 @@ attributes each instruction to the source line above it."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import bench_script
 
 LISTING = """\
         .text.kernel:
@@ -23,11 +21,7 @@ LISTING = """\
 
 @pytest.fixture(scope="module")
 def sass():
-    path = Path(__file__).resolve().parents[1] / "bench" / "sass.py"
-    spec = importlib.util.spec_from_file_location("sass", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("sass")
 
 
 def test_instructions_drop_addresses_and_comments(sass):

@@ -4,11 +4,11 @@ cuda_kernels/ folder, and everything is restored afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers import bench_script
 
 from cupy_ops._runtime import compiler
 from cupy_ops.ops import ops
@@ -18,11 +18,7 @@ from cupy_ops.ops import top_k_per_row as T
 
 @pytest.fixture(scope="module")
 def tune():
-    path = Path(__file__).resolve().parents[1] / "bench" / "tune.py"
-    spec = importlib.util.spec_from_file_location("tune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("tune")
 
 
 def test_a_variant_sets_constants_and_restores_them(tune):
