@@ -109,9 +109,7 @@ def source_lines(listing: str) -> collections.Counter:
 
 
 def lines(source: str, name: str, root: str | None, arch: int) -> None:
-    os.environ["CUPY_OPS_NVRTC_OPTIONS"] = " ".join(filter(None, [os.environ.get("CUPY_OPS_NVRTC_OPTIONS"),
-                                                                  "-lineinfo"]))
-    compiled = compiler.compile_kernel(source, name, arch, root=Path(root) if root else None)
+    compiled = compiler.compile_kernel(source, name, arch, options=("-lineinfo",), root=Path(root) if root else None)
     counts = source_lines(disassemble(compiled.image, line_info=True))
     for (file, line), n in sorted(counts.items()):
         print(f"{file}:{line} {n}")
