@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from cupy_ops._runtime import compiler
-from cupy_ops.ops import ops
+from cupy_ops.ops import kernels
 
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+([^;]*)")  # an instruction ends at its ";"
 _ANNOTATION = re.compile(r"\(\*.*?\*\)")  # nvdisasm's (*"SpillRefill"*) and the like, before the ";"
@@ -57,9 +57,9 @@ def instructions(listing: str) -> list[str]:
 
 
 def dump(path: str, root: str | None, arch: int) -> None:
-    kernels = {k.name_expression: k for op in ops().values() for k in op.kernels}
+    by_name = {k.name_expression: k for k in kernels()}
     result, failed = {}, []
-    for name, kernel in sorted(kernels.items()):
+    for name, kernel in sorted(by_name.items()):
         try:  # another tree may lack an instantiation this checkout's ops list: `diff` reports it missing
             compiled = compiler.compile_kernel(kernel.source, name, arch, root=Path(root) if root else kernel.root)
         except compiler.CompileError:

@@ -38,7 +38,7 @@ import torch
 from cupy_ops import _bench
 from cupy_ops._bench import harness
 from cupy_ops._runtime import Kernel, compiler
-from cupy_ops.ops import ops
+from cupy_ops.ops import kernels, ops
 
 
 class Variant(NamedTuple):
@@ -126,7 +126,7 @@ def apply(variant: Variant) -> dict:
         old[op] = op.kernels
         op.kernels = tuple(dict.fromkeys(op.kernels + added))
     if variant.root is not None:
-        for kernel in dict.fromkeys(k for op in ops().values() for k in op.kernels):
+        for kernel in kernels():
             old[kernel] = kernel.root
             kernel.reroot(variant.root)
     return old

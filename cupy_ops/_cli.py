@@ -13,7 +13,7 @@ import torch
 
 import cupy_ops
 from cupy_ops._runtime import compiler, launcher
-from cupy_ops.ops import ops
+from cupy_ops.ops import kernels, ops
 
 # The oldest arch the kernels target (bf16 and fp8 conversions, cp.async): sm_80.
 MIN_ARCH = 80
@@ -94,12 +94,6 @@ def _selected_ops(names: list[str] | None) -> dict:
     return every if not names else {name: every[name] for name in names}
 
 
-def _instantiations(names: list[str] | None = None) -> list[launcher.Kernel]:
-    """Every kernel of every op (or of the ops named), once (ops may share kernels)."""
-    unique = {(k.source, k.name_expression, k.root): k for op in _selected_ops(names).values() for k in op.kernels}
-    return list(unique.values())
-
-
 def _progress(done: int, total: int, started: float, label: str) -> None:
     if not sys.stderr.isatty():
         return  # a log file gets the summary line only
@@ -137,18 +131,18 @@ def cmd_warmup(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     target, native = compiler.supported_arch(arch)
-    kernels = _instantiations()
+    every = kernels()
     started, compiled = time.time(), 0
-    for done, kernel in enumerate(kernels):
-        _progress(done, len(kernels), started, kernel.name_expression)
+    for done, kernel in enumerate(every):
+        _progress(done, len(every), started, kernel.name_expression)
         before = compiler.compile_count()
         compiler.compile_kernel(kernel.source, kernel.name_expression, target, native=native, root=kernel.root)
         compiled += compiler.compile_count() - before
-    _progress(len(kernels), len(kernels), started, "done")
+    _progress(len(every), len(every), started, "done")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
-    print(f"{len(kernels)} kernels for sm_{target}{'' if native else ' (PTX)'}: {compiled} compiled, "
-          f"{len(kernels) - compiled} already in the cache, in {time.time() - started:.1f}s; cache: {_cache_summary()}")
+    print(f"{len(every)} kernels for sm_{target}{'' if native else ' (PTX)'}: {compiled} compiled, "
+          f"{len(every) - compiled} already in the cache, in {time.time() - started:.1f}s; cache: {_cache_summary()}")
     return 0
 
 
@@ -180,7 +174,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = _check_rows("cuda" if gpu else "cpu", args.op)
     if not gpu and problem is None:
         for arch in (80, 90):
-            for kernel in _instantiations(args.op):
+            for kernel in kernels(args.op or None):
                 try:
                     report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch, root=kernel.root)
                     passed = kernel.spills_allowed(report)

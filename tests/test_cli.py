@@ -97,10 +97,10 @@ def test_check_accepts_only_the_known_spills(monkeypatch, capsys):
 def test_known_spills_are_two_pass_kernels_at_sm_90(monkeypatch):
     """Only two-pass kernels declare spills: top_k_per_row's three and persistent_topk's 256- and 512-thread ones, at
     sm_90 only, for the NVRTC releases that make them (13.0 and 12.9, the same instructions; 13.5 in one)."""
-    from cupy_ops.ops import ops
+    from cupy_ops.ops import kernels
 
-    kernels = {k.name_expression: k for op in ops().values() for k in op.kernels}
-    marked = {name for name, k in kernels.items() if k.known_spills}
+    by_name = {k.name_expression: k for k in kernels()}
+    marked = {name for name, k in by_name.items() if k.known_spills}
     assert marked == {*(f"cupy_ops::top_k_per_row_two_pass_kernel<{t}>" for t in (256, 512, 1024)),
                       *(f"cupy_ops::persistent_topk_two_pass_kernel<{t}>" for t in (256, 512))}
     cases = {"top_k_per_row_two_pass_kernel<256>": {((13, 0, 0), 90): 64, ((12, 9, 0), 90): 64},
@@ -111,4 +111,4 @@ def test_known_spills_are_two_pass_kernels_at_sm_90(monkeypatch):
             monkeypatch.setattr(compiler, "nvrtc_version", lambda v=version: v)
             for arch in (80, 90):
                 expected = allowed.get((version, arch), 0)
-                assert kernels[f"cupy_ops::{name}"].spill_allowance(arch) == expected, (name, version, arch)
+                assert by_name[f"cupy_ops::{name}"].spill_allowance(arch) == expected, (name, version, arch)

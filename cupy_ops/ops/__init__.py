@@ -21,9 +21,17 @@ def ops() -> dict[str, Op]:
     return dict(sorted(found.items()))
 
 
+def kernels(names=None) -> list:
+    """Every kernel the ops list (all of them, or those `names` give), once each: top_k_per_row_prefill and
+    top_k_per_row_decode share theirs."""
+    every = ops()
+    selected = every.values() if names is None else (every[name] for name in names)
+    return list(dict.fromkeys(k for op in selected for k in op.kernels))
+
+
 def reference(name: str):
     """The pure-torch reference of op `name`: `<name>_ref` in its module."""
     return ops()[name].reference
 
 
-__all__ = ["NAMESPACE", "ops", "reference"]
+__all__ = ["NAMESPACE", "kernels", "ops", "reference"]
