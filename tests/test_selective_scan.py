@@ -91,6 +91,21 @@ def test_cache_indices_and_null_block(device, null, init):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("null", [0, 2])
+def test_null_block_id_is_unused_without_cache_indices(device, null):
+    """No cache_indices: sequence s reads and writes slot s even when s == null_block_id (the padding rule needs
+    cache_indices; vLLM's kernel tests cache_indices first): outputs and states bit-equal to null_block_id -1's,
+    sequence `null`'s final state written, and both match the float64 reference."""
+    args = call(device, torch.float32, b=3, d=16, n=8, L=40, init=1.0, cache_indices=False, seed=9)
+    runs = [clone_args(with_args(args, null_block_id=n)) for n in (-1, null)]
+    for run in runs:
+        run_and_check(run, what=f"null_block_id {run[ARG['null_block_id']]}")
+    for name in ("delta", "z_", "ssm_states"):
+        assert torch.equal(runs[0][ARG[name]], runs[1][ARG[name]]), name
+    assert not torch.equal(runs[1][ARG["ssm_states"]][null], args[ARG["ssm_states"]][null])  # its final state
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_no_cache_indices(device):
     """Sequence s uses slot s; slots past b are untouched."""
     run_and_check(call(device, torch.float32, b=3, d=16, n=4, L=50, cache_indices=False, seed=9))

@@ -18,7 +18,8 @@ running position starts at block_idx_first_scheduled_token[s] * block_size, the 
 tokens, or cu_chunk_seqlen's chunks, a partial first chunk filling an already started block) but the last goes to
 cache_indices[s, (position after the chunk - 1) // block_size], and the final state to
 cache_indices[s, block_idx_last_scheduled_token[s]]. A sequence whose (initial-state) slot is null_block_id is
-padding: none of its outputs or states is read or written.
+padding: none of its outputs or states is read or written. Without cache_indices null_block_id is unused (as vLLM:
+sequence s reads and writes slot s even when s == null_block_id; the kernel gets -1, which no slot equals).
 
 Same schema, argument order and in-place outputs as vLLM 0.33 (`torch.ops._C.selective_scan_fwd`), except where
 vLLM's kernel is wrong (the spec's hazards):
@@ -226,7 +227,7 @@ def plan(c: Call) -> list:
     group_size = d // c.B.shape[-3]  # channels sharing one B/C group
     values = dict(
         batch=b, dim=d, dstate=n, seqlen=tokens, group_size=group_size, num_slots=c.ssm_states.shape[0],
-        max_blocks=ci.shape[1] if cache_mode else 1, null_block_id=c.null_block_id,
+        max_blocks=ci.shape[1] if cache_mode else 1, null_block_id=c.null_block_id if ci is not None else -1,
         block_size=c.block_size if cache_mode else 1,
         cu_len=c.cu_chunk_seqlen.shape[0] if cache_mode and c.cu_chunk_seqlen is not None else 0,
         u_stride=_row_strides(c.u, varlen, 2), delta_stride=_row_strides(c.delta, varlen, 2),

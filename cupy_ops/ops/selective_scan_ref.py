@@ -31,6 +31,9 @@ def _tolist(t):
 def _jobs(b, L, varlen, n_slots, null, block_size, qsl, ci, his, bif, bil, isi, cu, lci):
     """Per non-padding, non-empty sequence: (s, start, end, initial slot or None, final slot or None,
     {position in the sequence: slot} of the prefix-cache chunk states)."""
+    if ci is None:
+        null = -1  # no cache_indices: sequence s uses slot s, whatever null_block_id is (the spec's padding rule)
+
     def ok(slot):
         return 0 <= slot < n_slots and slot != null
 
