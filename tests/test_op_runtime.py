@@ -23,6 +23,17 @@ def test_keywords_positional_and_missing_arguments():
         OP.public(out, x, 2.0, 1.0)
 
 
+def test_outputs_get_no_autograd_history_on_the_cpu():
+    """The CPU path copies the reference's result into the outputs without recording it (the kernels write raw
+    memory): an input that requires grad leaves the output a plain tensor, on every path."""
+    x = torch.randn(3, 4, requires_grad=True)
+    for call in (OP.public, torch.ops.cupy_ops_example.scaled_copy):
+        out = torch.empty(3, 4)
+        call(out, x, 2.0)
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, x.detach() * 2)
+
+
 def test_meta_tensors_are_validated_and_nothing_is_computed():
     """The one rule for meta tensors outside torch.compile: all on meta is validation only (as torch's meta
     kernels); meta mixed with another device is the usual device error."""

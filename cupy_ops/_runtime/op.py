@@ -312,6 +312,10 @@ class Op:
                 self._remember(layout, tensors)
 
     def _run_reference(self, args: tuple) -> None:
+        with torch.no_grad():  # as the kernels, which write raw memory: outputs get no autograd history
+            self._write_reference(args)
+
+    def _write_reference(self, args: tuple) -> None:
         results = self.reference(*args)
         written = [n for n in self.arguments if n in self.written]
         if not isinstance(results, (tuple, list)):
