@@ -292,3 +292,26 @@ def test_prefill_rows_run_last_first_only_when_ctas_wait(fake_gpu):
 def test_no_rows_no_launch(fake_gpu):
     fake_gpu("H200")
     assert _plan(PREFILL, prefill_args(torch.randn(0, 10), [], [], 4, poison=None)) == []
+
+
+@pytest.mark.parametrize("op", [PREFILL, PERSISTENT], ids=lambda op: op.name)
+def test_k_past_a_small_gpu_s_shared_memory_names_the_op_and_argument(monkeypatch, op):
+    """GPUs with 99 KB of shared memory a block (sm_86 / sm_89, not in GPUS) stream long rows up to k = 2496: past
+    that the op rejects its k argument by name before any launch (narrow rows, whole in the buffer, take any k)."""
+    values = {"sm_count": 84, "max_shared_memory_per_block_optin": 101376, "max_shared_memory_per_sm": 102400}
+    monkeypatch.setattr(launcher, "device_attribute", lambda device, attr: values[attr])
+    monkeypatch.setattr(launcher, "device_arch", lambda device: 86)
+
+    def args(width, k):
+        logits = torch.randn(2, width)
+        return prefill_args(logits, [0, 0], [width] * 2, k) if op is PREFILL else persistent_args(logits, [width] * 2, k)
+
+    for k, width in ((2496, 40000), (4096, 8000)):
+        call, _ = op.validate(args(width, k))
+        assert op.plan(call)
+    call, _ = op.validate(args(40000, 2497))
+    k_name = "topK" if op is PREFILL else "k"
+    with pytest.raises(ValueError, match=rf"^{op.name}: {k_name} = 2497 needs more shared memory per block than "
+                                         r"the 101376 bytes this GPU allows for rows 40000 wide"):
+        op.plan(call)
+

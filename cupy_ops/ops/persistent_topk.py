@@ -27,7 +27,7 @@ import torch
 
 from .._runtime import Call, Launch, Op, TensorArg
 from .._runtime import params as P
-from .top_k_per_row import check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
+from .top_k_per_row import NoRowPlan, check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
 
 # The 256- and 512-thread two-pass kernels spill 12 bytes stored, 8 loaded at sm_90 with NVRTC 13.0 and 12.9 (in
 # the select's bin search, not the read) since their lane-loop appends (common/topk_two_pass.cuh), which measured
@@ -74,7 +74,10 @@ def plan(c: Call) -> list:
     if rows == 0:
         return []
     max_len = max_length(c.max_seq_len, c.dims["width"])
-    kernel, config, row = plan_rows(KERNELS, c.device, rows, max_len, c.k)
+    try:
+        kernel, config, row = plan_rows(KERNELS, c.device, rows, max_len, c.k)
+    except NoRowPlan as exc:
+        c.reject("k", str(exc))
     return [Launch(kernel, config, PARAMS,
                    {"stride0": c.logits.strides[0], "out_stride": c.output.strides[0], "max_len": max_len, "k": c.k,
                     "cap": row.cap, "stage": row.stage, "stages": row.stages,

@@ -15,7 +15,9 @@ Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), 
 - windows are clamped to the row: start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W) (prefill), end =
   clamp(end_r, 0, W) (decode), so rowEnd < rowStart or seq_len < next_n give empty rows (all -1) and nothing is read
   outside the row; indices stay relative to the clamped start;
-- any topK in 1..4096, any rowStart alignment, any stride1 (16-byte loads where the row is contiguous);
+- any topK in 1..4096 (GPUs with 99 KB of shared memory a block, sm_86 / sm_89: up to 2496 for rows wider than
+  ~8K scores, else a ValueError naming topK: NoRowPlan), any rowStart alignment, any stride1 (16-byte loads where
+  the row is contiguous);
 - numRows, stride0 and stride1 are checked against logits (numRows == logits.size(0) == indices.size(0); the
   strides equal logits' where that dimension has more than one element), and indices may have any row stride.
 The GPU algorithm (common/topk_row.cuh) reads every score once, at any length: a CTA buffers keys in shared memory
@@ -287,6 +289,12 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
+class NoRowPlan(ValueError):
+    """No CTA shape holds k's staged outputs and buffer in this GPU's shared memory: GPUs with 99 KB a block (sm_86,
+    sm_89) take rows wider than their whole-chunk buffer (~8K scores) only up to k = 2496; 163 KB (A100) and 227 KB
+    (H100, H200) every k up to MAX_K. The ops reject their k argument with this message."""
+
+
 class RowKernels(NamedTuple):
     """An op's row kernels: `buffer[threads, cluster]` (topk_row), `two_pass[threads]`, `registers[threads,
     cluster]` (topk_row_registers)."""
@@ -335,7 +343,8 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
                                                                              (True, shapes.streaming))
                                                for t, n in candidates)]), None)
         if row is None:
-            raise ValueError(f"k = {k} needs more shared memory per block than the {optin} bytes this GPU allows")
+            raise NoRowPlan(f"= {k} needs more shared memory per block than the {optin} bytes this GPU allows "
+                            f"for rows {width} wide")
         by_shape = kernels.registers if row.registers else kernels.buffer
         if (row.threads, cluster) not in by_shape:  # 512-thread CTAs are instantiated without clusters
             cluster //= 2
@@ -501,7 +510,10 @@ def _plan(c: Call, decode: bool) -> list:
     if rows == 0:
         return []
     contiguous = c.logits.strides[1] == 1 or cols <= 1
-    kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK, contiguous)
+    try:
+        kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK, contiguous)
+    except NoRowPlan as exc:
+        c.reject("topK", str(exc))
     per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
     waits = config.grid[0] > launcher.device_attribute(c.device, "sm_count")  # some CTAs wait for a slot
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
