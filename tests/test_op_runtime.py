@@ -34,6 +34,26 @@ def test_outputs_get_no_autograd_history_on_the_cpu():
         torch.testing.assert_close(out, x.detach() * 2)
 
 
+@pytest.mark.parametrize("out_part, x_part, overlaps", [
+    ((slice(None), slice(0, 4)), (slice(None), slice(4, 8)), False),    # a row's halves (xz.chunk(2, dim=1))
+    ((slice(None), slice(0, None, 2)), (slice(None), slice(1, None, 2)), False),  # interleaved columns
+    ((slice(None), slice(0, 4)), (slice(None), slice(2, 6)), True),     # columns 2 and 3 in both
+    ((slice(0, 2), slice(0, 4)), (slice(1, 3), slice(4, 8)), False),    # rows overlap, columns do not
+])
+def test_views_of_one_buffer_overlap_only_when_they_share_an_element(out_part, x_part, overlaps):
+    """Written tensors are checked element by element against the others (spans of interleaved views overlap
+    although no element is shared)."""
+    buffer = torch.randn(4, 8)
+    out, x = buffer[out_part], buffer[x_part]
+    if overlaps:
+        with pytest.raises(ValueError, match=r"^scaled_copy: out partially overlaps x in memory"):
+            OP.public(out, x, 2.0)
+        return
+    want = x * 2
+    OP.public(out, x, 2.0)
+    torch.testing.assert_close(out, want)
+
+
 def test_meta_tensors_are_validated_and_nothing_is_computed():
     """The one rule for meta tensors outside torch.compile: all on meta is validation only (as torch's meta
     kernels); meta mixed with another device is the usual device error."""

@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["CPU", "META", "ArrayInfo", "absent", "byte_extent", "describe", "device_name", "has_internal_overlap",
-           "is_cupy_array", "memory_span", "metadata_guard", "spans_overlap"]
+__all__ = ["CPU", "META", "ArrayInfo", "absent", "byte_extent", "describe", "device_name", "elements_overlap",
+           "has_internal_overlap", "is_cupy_array", "memory_span", "metadata_guard", "spans_overlap"]
 
 # CuPy dtype name -> torch dtype (bfloat16 and float8_e4m3fn arrive through ml_dtypes, e.g. via DLPack).
 _CUPY_DTYPES = {
@@ -143,6 +143,35 @@ def spans_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
     a0, a1 = memory_span(a)
     b0, b1 = memory_span(b)
     return a0 < b1 and b0 < a1
+
+
+class _LayoutOnly:
+    """A NumPy array interface with `info`'s address, shape and strides: NumPy reads no memory through it."""
+
+    def __init__(self, info: ArrayInfo):
+        self.__array_interface__ = {"data": (info.ptr, False), "shape": tuple(info.shape), "version": 3,
+                                    "strides": tuple(s * info.itemsize for s in info.strides),
+                                    "typestr": f"|V{info.itemsize}"}
+
+
+# Bound on the work of NumPy's exact overlap test (a small integer program: a few steps per dimension for the
+# layouts views make); past it the pair counts as overlapping.
+_OVERLAP_MAX_WORK = 100_000
+
+
+def elements_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
+    """True when an element of `a` and one of `b` share a byte. Spans that overlap are decided exactly (NumPy's
+    `shares_memory` on the layouts), so disjoint interleaved views of one buffer, such as the halves of
+    `xz.chunk(2, dim=1)` or a tensor's columns and its last column, do not overlap."""
+    if 0 in a.shape or 0 in b.shape or not spans_overlap(a, b):
+        return False
+    import numpy
+
+    try:
+        return bool(numpy.shares_memory(numpy.asarray(_LayoutOnly(a)), numpy.asarray(_LayoutOnly(b)),
+                                        max_work=_OVERLAP_MAX_WORK))
+    except numpy.exceptions.TooHardError:
+        return True
 
 
 def has_internal_overlap(info: ArrayInfo) -> bool:

@@ -113,7 +113,7 @@ def _check_overlap(op, info: dict, addresses: bool = True) -> None:
         return
     for w, other, same_ok in overlap_pairs(op):
         a, b = info[w], info[other]
-        if a is None or b is None or not arrays.spans_overlap(a, b):
+        if a is None or b is None or not arrays.elements_overlap(a, b):
             continue
         if same_ok and a.ptr == b.ptr and same_layout(a, b):
             continue
