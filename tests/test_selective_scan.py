@@ -306,6 +306,27 @@ def test_selective_scan_fn(device, varlen):
     # The defaults (no z, no delta_bias, no last state), by keyword: out is y itself.
     y = selective_scan_fn(u, delta, A, B, C, D, delta_softplus=True, query_start_loc=qsl, initial_state=h0)
     assert_scan_close(y, gold[1], ref32[1], "selective_scan_fn without z: out = y")
+    # u, B and C whose last dimension is not of unit stride (columns of a transposed buffer) are copied first.
+    u_t, bc_t = u.mT.contiguous().mT, bc.mT.contiguous().mT
+    y_t = selective_scan_fn(u_t, delta, A, bc_t[..., :n, :], bc_t[..., n:, :], D, delta_softplus=True,
+                            query_start_loc=qsl, initial_state=h0)
+    assert torch.equal(y_t, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selective_scan_fn_under_torch_compile(device):
+    """selective_scan_fn in a fullgraph torch.compile (no graph break) gives an eager call's bits, with B and C
+    views of one projection and with one tensor as both (eager copies a later input that shares memory with an
+    earlier one; a compiled graph's functionalized op gets copies of what it writes)."""
+    g = torch.Generator(device="cpu").manual_seed(23)
+    u, delta = (torch.randn(2, 16, 40, generator=g).to(device) for _ in range(2))
+    A = -torch.rand(16, 4, generator=g).to(device) - 0.5
+    bc = torch.randn(2, 8, 40, generator=g).to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: selective_scan_fn(*args, return_last_state=True), fullgraph=True)
+    for B, C in ((bc[:, :4], bc[:, 4:]), (bc[:, :4], bc[:, :4])):
+        for got, want in zip(compiled(u, delta, A, B, C), selective_scan_fn(u, delta, A, B, C, return_last_state=True)):
+            assert torch.equal(got, want)
 
 
 # ---- validation ----------------------------------------------------------------------------------------------

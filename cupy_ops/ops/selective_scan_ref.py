@@ -146,6 +146,11 @@ def selective_scan_fwd_ref(u, delta, A, B, C, D_=None, z_=None, delta_bias_=None
 def _private(tensors: list) -> list:
     """Copies of the tensors that share memory with an earlier one: the op's schema marks u, A, B and C as
     written, so they may not overlap any other argument (views of one projection often do)."""
+    if torch.compiler.is_compiling():
+        # A storage's address cannot be traced: copy every one but the first (the small A, B, C, D, ...). Left
+        # shared, B and C as one tensor gave a compiled graph a wrong out (the functionalized op's copies of two
+        # aliased written arguments; torch 2.11, CPU).
+        return [tensors[0], *(None if t is None else t.clone() for t in tensors[1:])]
     seen, out = set(), []
     for t in tensors:
         if t is not None:
@@ -169,6 +174,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     from .selective_scan_fwd import selective_scan_fwd
 
     varlen = query_start_loc is not None
+    # The kernel reads rows of unit stride (as mamba_ssm, which makes these contiguous where that stride is not 1).
+    u, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, B, C))
     if B.dim() == (2 if varlen else 3):
         B = B.unsqueeze(-3)  # one group
     if C.dim() == (2 if varlen else 3):
