@@ -352,6 +352,13 @@ def _limit_cases(args: tuple) -> list:
     ]
 
 
+def test_ssm_states_dtype_message_names_each_dtype_once():
+    args = call("cpu", torch.float32, b=2, d=16, n=4, L=10, seed=18)
+    st = args[ARG["ssm_states"]]
+    with pytest.raises(TypeError, match=r"^selective_scan_fwd: ssm_states must be float32, got float16$"):
+        OP.public(*with_args(args, ssm_states=st.to(torch.float16)))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=(gpu, requires_cuda)), "meta"])
 def test_rejects_before_any_launch(device):
     dev = "cpu" if device == "meta" else device

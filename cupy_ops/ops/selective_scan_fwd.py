@@ -150,8 +150,8 @@ def check(c: Call) -> None:
     if len(st.shape) != 3 or st.shape[1:] != (d, n):
         c.reject("ssm_states", f"must be [slots, d, n] = [slots, {d}, {n}], got shape {st.shape}")
     if st.dtype not in (c.u.dtype, torch.float32):
-        c.reject("ssm_states", f"must be u's dtype {dtype_name(c.u.dtype)} or float32, got {dtype_name(st.dtype)}",
-                 TypeError)
+        wanted = "float32" if c.u.dtype == torch.float32 else f"u's dtype ({dtype_name(c.u.dtype)}) or float32"
+        c.reject("ssm_states", f"must be {wanted}, got {dtype_name(st.dtype)}", TypeError)
     for name in ("has_initial_state", "block_idx_first_scheduled_token", "block_idx_last_scheduled_token",
                  "initial_state_idx", "last_chunk_indices"):
         t = getattr(c, name)
