@@ -33,7 +33,7 @@ def test_report_of_a_kernel_compiled_before(fresh_cache):
     cache of its own where a CUDA driver is installed, and a hit there printed no report (the H200 machine, NVRTC
     13.0). Our caches are emptied in between, so the report's compile reaches NVRTC again. (Without a driver NVRTC
     caches nothing: on CPU-only machines this passes either way.)"""
-    _, kernel = INSTANTIATIONS[0]
+    kernel = INSTANTIATIONS[0]
     compiler.compile_kernel(kernel.source, kernel.name_expression, 90, root=kernel.root)
     compiler.clear_memory_cache()
     for entry in fresh_cache.iterdir():
