@@ -87,12 +87,14 @@ def _corrupt(blob: bytes, how: str, other_entry: bytes) -> bytes:
         "non-utf8-header": lambda: with_header(b"\xff\xfe\xfd"),
         "header-length-past-the-end": lambda: magic + struct.pack("<I", 2**32 - 1) + blob[start:],
         "entry-of-another-key": lambda: other_entry,
+        "changed-lowered-name": lambda: with_header(json.dumps({**fields, "lowered_name": fields["lowered_name"][:-1]
+                                                                + "X"}).encode()),
     }[how]()
 
 
 CORRUPTIONS = ["empty", "truncated-in-magic", "truncated-in-header", "truncated-image", "flipped-image-byte",
                "wrong-magic", "garbage-json", "json-not-an-object", "missing-field", "non-utf8-header",
-               "header-length-past-the-end", "entry-of-another-key"]
+               "header-length-past-the-end", "entry-of-another-key", "changed-lowered-name"]
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -114,6 +116,12 @@ def test_corrupt_entry_is_recompiled_and_rewritten(fresh_cache, nvrtc_calls, how
     assert (again.key, again.lowered_name) == (entry.key, entry.lowered_name) and again.image
     assert compiler._read_entry(entry.key) == again
     assert _entries(fresh_cache) == sorted([path.name, f"{other.key}.bin"])
+
+
+def test_entries_are_readable_by_other_users(fresh_cache):
+    """0644, not mkstemp's 0600: a cache filled by one user (say while building an image) serves the others."""
+    entry = compiler.compile_kernel(SOURCE, NAME, ARCH)
+    assert (fresh_cache / f"{entry.key}.bin").stat().st_mode & 0o777 == 0o644
 
 
 def test_concurrent_first_calls_compile_once(fresh_cache, nvrtc_calls):

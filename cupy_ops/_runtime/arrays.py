@@ -104,6 +104,12 @@ def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
         if device is None:
             raise TypeError(f"{op}: {arg} is on {x.device}; cupy_ops runs on CUDA tensors (and its references on "
                             "CPU tensors)")
+        if device != META and x.numel():
+            low, high = byte_extent(x.shape, x.stride(), x.element_size())
+            start, held = x.storage_offset() * x.element_size(), x.untyped_storage().nbytes()
+            if start + low < 0 or start + high > held:
+                raise ValueError(f"{op}: {arg} reaches past its storage ({held} bytes): a freed or shrunk storage "
+                                 "(resize_(0), FSDP) holds none of what the tensor shows")
         return ArrayInfo(0 if device == META else x.data_ptr(), x.dtype, tuple(x.shape), x.stride(), device,
                          x.element_size())
     if is_cupy_array(x):

@@ -353,27 +353,31 @@ def _read_entry(key: str) -> CompiledKernel | None:
         start = len(_CACHE_MAGIC) + 4
         header = json.loads(blob[start:start + header_len].decode())
         image = blob[start + header_len:]
-        if header["key"] != key or hashlib.sha256(image).hexdigest() != header["sha256"]:
+        if header["key"] != key or _entry_digest(header, image) != header["sha256"]:
             return None
         return CompiledKernel(key, header["name_expression"], header["lowered_name"], image, header["log"])
     except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError):
         return None
 
 
+def _entry_digest(header: dict, image: bytes) -> str:
+    """sha256 of what an entry returns: the image and the header's names and log (a damaged lowered name would
+    load no kernel)."""
+    fields = json.dumps([header["name_expression"], header["lowered_name"], header["log"]]).encode()
+    return hashlib.sha256(fields + b"\0" + image).hexdigest()
+
+
 def _write_entry(entry: CompiledKernel) -> None:
-    header = json.dumps({
-        "key": entry.key,
-        "name_expression": entry.name_expression,
-        "lowered_name": entry.lowered_name,
-        "sha256": hashlib.sha256(entry.image).hexdigest(),
-        "log": entry.log,
-    }).encode()
+    fields = {"key": entry.key, "name_expression": entry.name_expression, "lowered_name": entry.lowered_name,
+              "log": entry.log}
+    header = json.dumps({**fields, "sha256": _entry_digest(fields, entry.image)}).encode()
     blob = _CACHE_MAGIC + struct.pack("<I", len(header)) + header + entry.image
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".bin")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a cache warmed by one user (an image build) from others
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, _entry_path(entry.key))  # atomic: readers see the old file or the whole new one

@@ -60,8 +60,8 @@ def recent_call_source(op, layout, match: Callable[..., bool], current_device: C
         elif isinstance(value, bool):
             test = f"{name} is not {value}"
         else:
-            names[f"value_{name}"] = value
-            test = f"{name}.__class__ is not {type(value).__name__} or {name} != value_{name}"
+            names[f"value_{name}"], names[f"type_{name}"] = value, type(value)  # an int subclass too (IntEnum)
+            test = f"{name}.__class__ is not type_{name} or {name} != value_{name}"
         lines += [f"    if {test}:", "        return False"]
     lines += ["    try:", f"        if not match({', '.join(present)}):", "            return False",
               "    except TypeError:  # not torch tensors", "        return False"]
@@ -70,13 +70,17 @@ def recent_call_source(op, layout, match: Callable[..., bool], current_device: C
         pointer[k] = f"p{k}" if given else "0"
         if given:
             lines.append(f"    p{k} = {name}.data_ptr()")
+    if layout.sized:  # a null pointer: a freed storage (full validation refuses it)
+        lines += [f"    if not ({' and '.join(pointer[k] for k in layout.sized)}):", "        return False"]
     aligned = [f"{pointer[k]} & 15 != {a}" for k, a in zip(op._aligned, layout.align) if layout.given[k]]
     if aligned:
         lines += [f"    if {' or '.join(aligned)}:", "        return False"]
-    for i, j, size_i, size_j, same_view in layout.overlaps:
+    for i, j, size_i, size_j, same_view, disjoint in layout.overlaps:
         test = f"{pointer[i]} < {pointer[j]} + {size_j} and {pointer[j]} < {pointer[i]} + {size_i}"
         if same_view:
             test += f" and {pointer[i]} != {pointer[j]}"
+        if disjoint is not None:
+            test += f" and {pointer[j]} - {pointer[i]} != {disjoint}"
         lines += [f"    if {test}:  # {op.tensor_names[i]} vs {op.tensor_names[j]}", "        return False"]
     lines += [f"    if current_device() != {layout.device}:", "        return False"]
     all_pointers = ", ".join(pointer[k] for k in range(len(op.tensor_names)))

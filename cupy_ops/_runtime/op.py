@@ -81,17 +81,22 @@ class _MemsetStep:
 class _Layout:
     """A validated CUDA layout: its launch steps, and what each call with it still checks."""
 
-    __slots__ = ("match", "scalars", "scalar_types", "align", "device", "given", "scratch", "steps", "overlaps",
-                 "recent_call")
+    __slots__ = ("match", "scalars", "scalar_types", "align", "device", "given", "sized", "scratch", "steps",
+                 "overlaps", "recent_call")
 
-    def __init__(self, scalars, align, device, given, scratch, steps, overlaps, match=None):
+    def __init__(self, scalars, align, device, given, sized, scratch, steps, overlaps, match=None):
         self.scalars, self.scalar_types = scalars, tuple(map(type, scalars))
         self.align, self.device = align, device
         self.given = given          # per tensor argument (schema order): given, or an absent optional one
+        self.sized = sized          # indices of the given tensors with elements: a null pointer there is a freed
+                                    # storage (FSDP's resize_(0)), left to the full check
         self.recent_call = None     # fastpath.recent_call, written when the layout first becomes the recent one
         self.scratch = scratch      # bytes per scratch buffer, in the order of their pointer slots
         self.steps = steps
-        self.overlaps = overlaps    # (i, j, extent i, extent j, same-view allowed) for each pair to check
+        # (i, j, extent i, extent j, same-view allowed, disjoint offset) for each pair to check; disjoint offset:
+        # pointer j - pointer i where the two layouts' spans overlap but no element is shared (proven by the full
+        # check: views of one buffer, e.g. the halves of xz.chunk(2, dim=1)), else None
+        self.overlaps = overlaps
         self.match = match          # metadata guard of the tensors that made it, or None
 
 
@@ -231,10 +236,10 @@ class Op:
             pointers = None if layout is None else list(map(_data_ptr, tensors))
         except (AttributeError, TypeError, RuntimeError):  # not torch tensors, or fake ones: validate
             layout = None
-        if layout is not None:
-            for i, j, size_i, size_j, same_view in layout.overlaps:
+        if layout is not None and all(pointers[k] for k in layout.sized):
+            for i, j, size_i, size_j, same_view, disjoint in layout.overlaps:
                 a, b = pointers[i], pointers[j]
-                if a < b + size_j and b < a + size_i and not (same_view and a == b):
+                if a < b + size_j and b < a + size_i and not (same_view and a == b) and b - a != disjoint:
                     break  # overlapping memory: the full check explains, or allows, it
             else:
                 self._launch(layout, pointers)
@@ -382,12 +387,14 @@ class Op:
         # Same-view pairs may share memory exactly; every other written/other pair must not touch.
         extents = [0 if i is None else arrays.byte_extent(i.shape, i.strides, i.itemsize)[1] for i in infos]
         overlaps = tuple((slots[w], slots[o], extents[slots[w]], extents[slots[o]],
-                          same_ok and validation.same_layout(infos[slots[w]], infos[slots[o]]))
+                          same_ok and validation.same_layout(infos[slots[w]], infos[slots[o]]),
+                          _disjoint_offset(infos[slots[w]], infos[slots[o]]))
                          for w, o, same_ok in validation.overlap_pairs(self)
                          if extents[slots[w]] and extents[slots[o]])
         align = tuple(0 if infos[i] is None else infos[i].ptr & 15 for i in self._aligned)
         return _Layout(self._scalars(args), align, call.device, tuple(i is not None for i in infos),
-                       tuple(s.nbytes for s in scratch), runtime_steps, overlaps)
+                       tuple(k for k, extent in enumerate(extents) if extent), tuple(s.nbytes for s in scratch),
+                       runtime_steps, overlaps)
 
     def instantiations(self) -> list[Kernel]:
         return list(self.kernels)
@@ -439,6 +446,12 @@ class _CupyBuffer:
 
 def _no_op_fake(*args, **kwargs) -> None:
     return None
+
+
+def _disjoint_offset(a: arrays.ArrayInfo, b: arrays.ArrayInfo) -> int | None:
+    """b's pointer minus a's when their spans overlap in a call that validation passed (so no element is shared, or
+    b is a's same view), else None: any call of the layout at that offset shares no element either."""
+    return b.ptr - a.ptr if arrays.spans_overlap(a, b) else None
 
 
 def _no_recent_call(*args) -> bool:
