@@ -36,6 +36,15 @@ def poison(*tensors: torch.Tensor | None) -> None:
             t.view(torch.uint8).fill_(0xFF)
 
 
+def outputs_to_poison(op, args: tuple) -> list[torch.Tensor]:
+    """The op's outputs (written, not read) that share no storage with an argument it reads: an output given as an
+    input too (an in-place call, where the schema allows it) keeps its values."""
+    read = [a for n, a in zip(op.arguments, args) if isinstance(a, torch.Tensor) and n not in op.outputs]
+    storages = {(a.device, a.untyped_storage().data_ptr()) for a in read}
+    outputs = (args[op.arguments.index(n)] for n in op.outputs)
+    return [t for t in outputs if t is not None and (t.device, t.untyped_storage().data_ptr()) not in storages]
+
+
 def first_differences(bad: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, count: int = 5) -> str:
     """"<n> of <total> elements differ; first at (i, j): got x, expected y; ..." for a boolean mask `bad`."""
     where = [tuple(i) for i in bad.nonzero()[:count].tolist()]
@@ -79,11 +88,11 @@ def compare_written(op, args: tuple, expected: tuple) -> str | None:
 
 
 def check_example(op, args: tuple) -> str | None:
-    """Poison the op's outputs (written, not read), run the op, compare every written argument with the float64
-    reference (op.compare, else `compare_written`); None when they agree."""
+    """Poison the op's outputs (written, not read; `outputs_to_poison`), run the op, compare every written argument
+    with the float64 reference (op.compare, else `compare_written`); None when they agree."""
     written = [args[op.arguments.index(n)] for n in op.written]
     expected = op.reference(*args, compute_dtype=torch.float64)
-    poison(*(args[op.arguments.index(n)] for n in op.outputs))
+    poison(*outputs_to_poison(op, args))
     op.public(*args)
     if any(isinstance(t, torch.Tensor) and t.is_cuda for t in written):
         torch.cuda.synchronize()

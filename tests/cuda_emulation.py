@@ -143,6 +143,9 @@ template <typename T> inline void emu_store(T* p, const T& v) {
 }
 using std::isinf;  // CUDA's math functions are global
 using std::isnan;
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }  // CUDA's is within 2 ulp: compare with tolerance
+inline float __expf(float x) { return std::exp(x); }  // the fast intrinsics, as the C library computes them
+inline float __logf(float x) { return std::log(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }

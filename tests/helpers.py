@@ -100,13 +100,11 @@ def assert_untouched(view: torch.Tensor, buffer: torch.Tensor, snapshot: torch.T
 
 
 def check_call(op, args: tuple, entry=None) -> None:
-    """Poison the op's outputs, call it (`entry`, default the public function), and compare every written
-    argument with the float64 reference (op.compare or testing.compare_written)."""
+    """Poison the op's outputs (but one given as an input too), call it (`entry`, default the public function),
+    and compare every written argument with the float64 reference (op.compare or testing.compare_written)."""
     expected = op.reference(*args, compute_dtype=torch.float64)
-    for name in op.outputs:
-        value = args[op.arguments.index(name)]
-        if value is not None:
-            poison_(value)
+    for value in testing.outputs_to_poison(op, args):
+        poison_(value)
     (entry or op.public)(*args)
     for name in op.written:
         value = args[op.arguments.index(name)]

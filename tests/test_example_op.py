@@ -8,6 +8,8 @@ import torch
 from example_op.scaled_copy import OP
 from helpers import DEVICES, check_call, compiled_matches_eager, gpu, opcheck, requires_cuda
 
+from cupy_ops import testing
+
 
 def _args(device, dtype=torch.float16, transposed=True, rows=37, cols=19, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
@@ -21,6 +23,15 @@ def _args(device, dtype=torch.float16, transposed=True, rows=37, cols=19, seed=0
 @pytest.mark.parametrize("shape", [(37, 19), (1, 1), (0, 5), (70000, 3)], ids=str)  # odd, one, empty, > 65535 rows
 def test_matches_reference(device, dtype, shape):
     check_call(OP, _args(device, dtype, rows=shape[0], cols=shape[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_in_place_call_through_the_checking_helpers(device):
+    """out given as x too (an in-place call): the helpers poison outputs but not one the op reads."""
+    x = _args(device, transposed=False)[1]
+    check_call(OP, (x, x, 0.75))
+    assert testing.check_example(OP, (x, x.clone(), 0.75)) is None
+    assert testing.check_example(OP, (x, x, 0.75)) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
