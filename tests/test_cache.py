@@ -190,6 +190,32 @@ def test_key_follows_the_content_of_every_included_file(kernel_copy, edited):
     assert _key() != before
 
 
+def test_key_follows_headers_as_nvrtc_finds_them(tmp_path, kernel_copy):
+    """An include in <> under a kernel tree is keyed; a quoted include resolves beside its includer first (a tree's
+    own copy of a header the package's header includes is not what NVRTC opens); a toolkit header or one inside
+    #if 0, found in no tree, is NVRTC's and breaks nothing. No NVRTC call: the source tree's digest only."""
+    tree = tmp_path / "tree"
+    (tree / "common").mkdir(parents=True)
+    (tree / "probe.cu").write_text('#include <common/angle.cuh>\n#include "cuda_fp16.h"\n#if 0\n#include "gone.cuh"\n'
+                                   '#endif\n#include "common/fast_divmod.cuh"\n')
+    (tree / "common" / "angle.cuh").write_text("// one\n")
+    (tree / "common" / "types.cuh").write_text("// the tree's copy: fast_divmod.cuh includes the package's\n")
+
+    def digest():
+        compiler.clear_memory_cache()  # the digests are cached per process
+        return compiler._source_tree("probe.cu", tree)[1]
+
+    before = digest()
+    (tree / "common" / "angle.cuh").write_text("// two\n")
+    assert digest() != before
+    before = digest()
+    (tree / "common" / "types.cuh").write_text("// edited, still not opened\n")
+    assert digest() == before
+    package_types = kernel_copy / "common" / "types.cuh"
+    package_types.write_text(package_types.read_text() + "\n// edited\n")
+    assert digest() != before
+
+
 def test_edited_header_is_compiled_from_the_new_content(kernel_copy, nvrtc_calls):
     """After compiling once, a header edit makes the next call compile again, from the edited text."""
     compiler.compile_kernel(SOURCE, NAME, ARCH)

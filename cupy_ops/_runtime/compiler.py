@@ -46,7 +46,7 @@ __all__ = [
 BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v", "-default-device")
 
 _CACHE_MAGIC = b"CUPYOPS\x03"  # \x03: PTX with its NUL; \x02: whole cubins (_program_image); \x01 lack a byte
-_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*([<"])([^">]+)[">]', re.MULTILINE)
 
 
 class CompileError(RuntimeError):
@@ -202,24 +202,32 @@ def supported_arch(device_arch: int) -> tuple[int, bool]:
 
 @functools.lru_cache(maxsize=None)
 def _source_tree(filename: str, root: Path | None = None) -> tuple[str, str]:
-    """(source text, sha256 over the .cu and every header it includes, recursively): `filename` and its
-    relative includes under `root` (default: cuda_kernels/), `common/...` from cuda_kernels/."""
-    root = kernel_dir() if root is None else Path(root)
+    """(source text, sha256 over the .cu and every header NVRTC opens from the kernel trees). Includes resolve as
+    NVRTC resolves them: a quoted one first beside the file that includes it, then (quoted or <>) in -I order,
+    `root` then cuda_kernels/. One found in neither (a toolkit header such as cuda_fp16.h, or one inside #if 0)
+    is NVRTC's to find and is not hashed; an include through a macro (`#include NAME`) is not followed (no kernel
+    here has one)."""
+    base = kernel_dir()
+    search = [base] if root is None or Path(root) == base else [Path(root), base]
+    main = next(d / filename for d in (*search, base) if (d / filename).is_file() or d == base)
     digest = hashlib.sha256()
     seen: set[str] = set()
-    pending = [filename]
+    pending = [str(main)]
     while pending:
-        name = pending.pop()
-        if name in seen:
+        path = pending.pop()
+        if path in seen:
             continue
-        seen.add(name)
-        path = root / name if (root / name).is_file() else kernel_dir() / name
-        text = path.read_text()
+        seen.add(path)
+        text = Path(path).read_text()
+        name = next((os.path.relpath(path, d) for d in search if Path(path).is_relative_to(d)), path)
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
-        for inc in _INCLUDE_RE.findall(text):
-            rel = os.path.normpath(os.path.join(os.path.dirname(name), inc))
-            pending.append(rel if (root / rel).is_file() or (kernel_dir() / rel).is_file() else inc)
-    return (root / filename).read_text(), digest.hexdigest()
+        for quote, inc in _INCLUDE_RE.findall(text):
+            beside = [os.path.normpath(os.path.join(os.path.dirname(path), inc))] if quote == '"' else []
+            found = next((c for c in (*beside, *(os.path.normpath(d / inc) for d in search)) if os.path.isfile(c)),
+                         None)
+            if found is not None:
+                pending.append(found)
+    return main.read_text(), digest.hexdigest()
 
 
 def _package_version() -> str:
