@@ -107,9 +107,9 @@ def _arch_error(arch: int) -> str | None:
     supported = compiler._nvrtc_archs()
     if arch < MIN_ARCH:
         return f"--arch {arch}: cupy_ops kernels need sm_{MIN_ARCH} or newer (bf16 and fp8 conversions)"
-    if supported and arch not in supported:
+    if supported and arch not in supported and arch < max(supported):  # newer GPUs get PTX, as at run time
         return (f"--arch {arch}: this NVRTC ({'.'.join(map(str, compiler.nvrtc_version()))}) compiles for "
-                f"{', '.join(f'sm_{a}' for a in supported if a >= MIN_ARCH)}")
+                f"{', '.join(f'sm_{a}' for a in supported if a >= MIN_ARCH)} (and PTX for newer GPUs)")
     return None
 
 

@@ -21,10 +21,18 @@ def test_info_lists_every_op_and_is_consistent_about_nvrtc(capsys):
     assert not ("not found" in nvrtc_line and "compile checks work" in gpu_line)
 
 
-@pytest.mark.parametrize("arch, message", [(70, "need sm_80 or newer"), (999, "compiles for sm_80")])
+@pytest.mark.parametrize("arch, message", [(70, "need sm_80 or newer"), (91, "compiles for sm_80")])
 def test_warmup_refuses_an_arch_it_cannot_serve(capsys, arch, message):
     assert _cli.main(["warmup", "--arch", str(arch)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_warmup_takes_a_gpu_newer_than_nvrtc_as_the_runtime_does():
+    """Past the newest arch NVRTC lists, the runtime runs PTX for that one (the driver compiles it): warmup fills
+    the cache for such a GPU too, instead of refusing it."""
+    newest = max(compiler._nvrtc_archs())
+    assert _cli._arch_error(newest + 10) is None
+    assert compiler.supported_arch(newest + 10) == (newest, False)
 
 
 def test_warmup_says_what_it_compiled_and_what_was_cached(capsys, fresh_cache):
