@@ -106,7 +106,11 @@ def describe(x: object, op: str, arg: str, kind: type | None) -> ArrayInfo:
                             "CPU tensors)")
         if device != META and x.numel():
             low, high = byte_extent(x.shape, x.stride(), x.element_size())
-            start, held = x.storage_offset() * x.element_size(), x.untyped_storage().nbytes()
+            start = x.storage_offset() * x.element_size()
+            try:
+                held = x.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):  # a subclass without a storage of its own: nothing to check
+                held = start + high
             if start + low < 0 or start + high > held:
                 raise ValueError(f"{op}: {arg} reaches past its storage ({held} bytes): a freed or shrunk storage "
                                  "(resize_(0), FSDP) holds none of what the tensor shows")
