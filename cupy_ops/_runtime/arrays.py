@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy
 import torch
 
 __all__ = ["CPU", "META", "ArrayInfo", "absent", "byte_extent", "describe", "device_name", "elements_overlap",
@@ -175,8 +176,6 @@ def elements_overlap(a: ArrayInfo, b: ArrayInfo) -> bool:
     `xz.chunk(2, dim=1)` or a tensor's columns and its last column, do not overlap."""
     if 0 in a.shape or 0 in b.shape or not spans_overlap(a, b):
         return False
-    import numpy
-
     try:
         return bool(numpy.shares_memory(numpy.asarray(_LayoutOnly(a)), numpy.asarray(_LayoutOnly(b)),
                                         max_work=_OVERLAP_MAX_WORK))

@@ -209,7 +209,7 @@ def _source_tree(filename: str, root: Path | None = None) -> tuple[str, str]:
     here has one)."""
     base = kernel_dir()
     search = [base] if root is None or Path(root) == base else [Path(root), base]
-    main = next(d / filename for d in (*search, base) if (d / filename).is_file() or d == base)
+    main = next((d / filename for d in search if (d / filename).is_file()), base / filename)
     digest = hashlib.sha256()
     seen: set[str] = set()
     pending = [str(main)]
