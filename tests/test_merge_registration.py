@@ -79,6 +79,30 @@ def test_torch_compile_fullgraph_matches_eager(device, fp8):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_with_the_optional_arguments_left_out(device):
+    """The README's compiled call: six arguments, the optional ones left out (the schema gives the prefill count
+    no default, so the public function fills it in, also while compiling), positionally and by keyword."""
+    torch._dynamo.reset()
+
+    def six(out, out_lse, p, pl, s, sl):
+        cupy_ops.merge_attn_states(out, out_lse, p, pl, s, sl)
+
+    def keywords(out, out_lse, p, pl, s, sl):
+        cupy_ops.merge_attn_states(output=out, output_lse=out_lse, prefix_output=p, prefix_lse=pl, suffix_output=s,
+                                   suffix_lse=sl)
+
+    case = make_case(10, 2, 16, torch.bfloat16, device, seed=3)
+    inputs = (case.prefix_output, case.prefix_lse, case.suffix_output, case.suffix_lse)
+    want = _merged(*inputs, None, None)
+    for call in (six, keywords):
+        out, out_lse = torch.full_like(want[0], float("nan")), torch.full_like(want[1], float("nan"))
+        torch.compile(call, fullgraph=True)(out, out_lse, *inputs)
+        synchronize(device)
+        assert_bitwise_equal(out, want[0], f"output of {call.__name__}")
+        assert_bitwise_equal(out_lse, want[1], f"output_lse of {call.__name__}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_keyword_call_in_vllm_wrapper_order(device):
     """vLLM's Python wrapper passes (output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, ...):
     with keywords, that order works here too, through the public function and the registered op."""

@@ -1,11 +1,12 @@
 """The recent layout's call, written out as straight-line Python once per layout.
 
 A call like the last validated one (same tensor metadata, same optional tensors given, same scalars, same
-pointer alignment) must cost no more host time than vLLM's own C++ op. On the H200 VM (2026-12-01) that op took
-7.9 µs, the driver's cuLaunchKernelEx alone 3.9 µs, and the runtime's generic loops over tensors, alignments and
-overlap pairs brought a merge call to 10.0 µs. So for the recent layout the runtime writes one function with
-those loops unrolled and every per-layout number a constant; for merge_attn_states with output_lse given and no
-output_scale it reads:
+pointer alignment) must cost no more host time than vLLM's own C++ op. On the H200 VM (2026-12-01, one run) that
+op took 7.9 µs, the driver's cuLaunchKernelEx alone 3.9 µs, and the runtime's generic loops over tensors, alignments
+and overlap pairs brought a merge call to 10.0 µs (the VM drifts by µs between runs: a later run that day,
+bench/results/h200-eager-breakdown.json, medians 13.0, 5.6 and 12.3 µs, the unrolled call included). So for the
+recent layout the runtime writes one function with those loops unrolled and every per-layout number a constant; for
+merge_attn_states with output_lse given and no output_scale it reads:
 
     def recent_call(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse,
                     prefill_tokens_with_context, output_scale):
@@ -27,7 +28,8 @@ output_scale it reads:
         ...
         if current_device() != 0:
             return False
-        launch_0(raw_stream(0), pack_0, (p0, p1, p2, p3, p4, p5, 0, tail_0))
+        stream = raw_stream(0)
+        launch_0(stream, pack_0, (p0, p1, p2, p3, p4, p5, 0, tail_0))
         return True
 
 It returns False, having launched nothing, for any call it does not cover; the runtime then takes its general

@@ -5,8 +5,9 @@ Kernels are compiled by `compiler.py` and loaded into the device's primary conte
 share. Every call here goes straight to libcuda through ctypes, so a warm disk cache never imports CuPy
 (100-180 ms) on the caller's path. One launch is `cuLaunchKernelEx` with a `LaunchConfig` (3-D grid and block,
 dynamic shared memory, thread-block cluster) and a single by-value params struct that the runtime packs with
-`struct`. (CuPy's Cython binding of cuLaunchKernel measured 7.47 against ctypes' 7.15 us per merge call on the
-H100: not worth a second binding and the background import it needed.)
+`struct`. (CuPy's Cython binding of cuLaunchKernel: 4.84 against ctypes' cuLaunchKernelEx 5.56 us a prepacked
+launch, H200 VM medians, bench/results/h200-eager-breakdown.json; whole merge calls on an H100 7.47 against 7.15:
+under the 1 us that would justify a second binding and the CuPy import it needs on the caller's path.)
 
 Capture-safety: nothing here allocates device memory or synchronizes, and every launch and memset names its
 stream, so both are recorded into a CUDA graph under `torch.cuda.graph` (or CuPy stream capture).

@@ -13,9 +13,9 @@ validated call into launch steps (`Launch`, `Memset`, `Scratch`), and a pure-tor
   op and the argument.
 - **cached**: a CUDA call whose layout (every tensor's type, dtype, device, shape and strides, the scalar
   arguments and the 16-byte alignment of pointers the plan reads) passed validation before skips validation
-  and planning. A call like the last such one runs `fastpath.recent_call`, straight-line code written for that
-  layout around dynamo's C++ metadata guard (`arrays.metadata_guard`); other calls build a dict key. Pointers
-  are read and overlap is checked on every call.
+  and planning. A call like one of the two most recent such ones runs `fastpath.recent_call`, straight-line code
+  written for that layout around dynamo's C++ metadata guard (`arrays.metadata_guard`); other calls build a dict
+  key. Pointers are read and overlap is checked on every call.
 
 Scalar arguments are part of the layout, so a plan (grid, params) may depend on them; a plan never depends on
 the data (lengths read on the device): a CUDA graph replays it with new data.
@@ -215,10 +215,10 @@ class Op:
         op, overload, nargs = self, self.overload, len(self.arguments)
 
         def public(*args, **kwargs):
-            if _is_dynamo_compiling():
-                return overload(*args, **kwargs)
             if kwargs or len(args) != nargs:
-                args = op.bind(args, kwargs)
+                args = op.bind(args, kwargs)  # also while compiling: the schema has no default for some optionals
+            if _is_dynamo_compiling():
+                return overload(*args)
             if not op._recent_call(*args) and not op._previous_call(*args):
                 op._run(args, True)
 
