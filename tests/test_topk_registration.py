@@ -10,12 +10,13 @@ from topk_utils import DECODE, PREFILL, decode_args, make_scores, persistent_arg
 
 from cupy_ops.ops import ops
 
-# vLLM's schemas as written in the specs (sampler_ops.md 2.1, persistent_topk.md 2.1 / its Schema row), typed out
-# here rather than read from the ops: the registered ops must match them argument for argument.
+# vLLM's schemas as in the specs (sampler_ops.md 2.1, persistent_topk.md 2.1 / its Schema row; decode's third argument
+# is seq_lens, as vLLM 0.33's binary registers it: test_vllm_schemas.py reads them from there on a GPU machine), typed
+# out here rather than read from the ops: the registered ops must match them argument for argument.
 VLLM_SCHEMAS = {
     "top_k_per_row_prefill": "top_k_per_row_prefill(Tensor logits, Tensor rowStarts, Tensor rowEnds, Tensor! indices, "
                              "int numRows, int stride0, int stride1, int topK) -> ()",
-    "top_k_per_row_decode": "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, "
+    "top_k_per_row_decode": "top_k_per_row_decode(Tensor logits, int next_n, Tensor seq_lens, Tensor! indices, "
                             "int numRows, int stride0, int stride1, int topK) -> ()",
     "persistent_topk": "persistent_topk(Tensor logits, Tensor lengths, Tensor! output, Tensor workspace, int k, "
                        "int max_seq_len) -> ()",

@@ -30,7 +30,7 @@ def _prefill(device):
 
 
 def _decode(device):
-    """next_n 2 over two sequences: seqLens has ROWS / 2 elements."""
+    """next_n 2 over two sequences: seq_lens has ROWS / 2 elements."""
     return decode_args(torch.randn(ROWS, WIDTH, device=device), 2, [WIDTH] * (ROWS // 2), K, poison=None)
 
 
@@ -75,17 +75,17 @@ PREFILL_CASES = [
 DECODE_CASES = [
     ("next_n 0", 1, lambda a: 0, ValueError, r"next_n = 0 must be in \[1, 2\^31 - 1\]"),
     ("next_n 2^31", 1, lambda a: 2**31, ValueError, r"next_n = 2147483648 must be in \[1, 2\^31 - 1\]"),  # int32
-    ("short seq_lens", 2, lambda a: a[2][:1], ValueError, r"seqLens has 1 elements; expected at least 2"),
-    ("3-D seq_lens", 2, lambda a: a[2].view(1, 1, 2), ValueError, r"seqLens must have 1 or 2 dimensions"),
-    ("float seq_lens", 2, lambda a: a[2].float(), TypeError, r"seqLens must be int32"),
+    ("short seq_lens", 2, lambda a: a[2][:1], ValueError, r"seq_lens has 1 elements; expected at least 2"),
+    ("3-D seq_lens", 2, lambda a: a[2].view(1, 1, 2), ValueError, r"seq_lens must have 1 or 2 dimensions"),
+    ("float seq_lens", 2, lambda a: a[2].float(), TypeError, r"seq_lens must be int32"),
     # [B, next_n] with one length a row, but every other column of a wider buffer
     ("strided 2-D seq_lens", 2, lambda a: _ints(a, 2, 4)[:, ::2], ValueError,
-     r"seqLens must be contiguous, got strides \(4, 2\)"),
+     r"seq_lens must be contiguous, got strides \(4, 2\)"),
     ("numRows", 4, lambda a: 5, ValueError, r"numRows = 5 must equal logits.size\(0\) = 4"),
     ("stride0", 5, lambda a: 63, ValueError, r"stride0 = 63 must equal logits.stride\(0\) = 64"),
     ("stride1", 6, lambda a: 2, ValueError, r"stride1 = 2 must equal logits.stride\(1\) = 1"),
     ("topK against indices", 7, lambda a: 9, ValueError, r"indices has 8 columns; expected topK = 9"),
-    ("seqLens inside indices", 2, lambda a: a[3].view(-1)[:2], ValueError, r"indices overlaps seqLens in memory"),
+    ("seq_lens inside indices", 2, lambda a: a[3].view(-1)[:2], ValueError, r"indices overlaps seq_lens in memory"),
     ("expanded indices", 3, lambda a: a[3][:1].expand(4, 8), ValueError,
      r"indices must not have elements that share memory"),
 ]

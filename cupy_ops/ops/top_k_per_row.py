@@ -4,8 +4,8 @@ window, relative to the window's start. Spec: ../shared/specs/sampler_ops.md sec
     indices[r, :] = the topK columns of logits[r, start_r : start_r + L_r] with the largest values, minus start_r,
                     in ascending order; when L_r <= topK: 0, 1, ..., L_r - 1, then -1.
 
-prefill: window [rowStarts[r], rowEnds[r]). decode: window [0, end_r) with end_r = seqLens[r] when seqLens is 2-D
-with numRows elements, else seqLens.flat[r // next_n] - next_n + r % next_n + 1 (query r % next_n of its sequence).
+prefill: window [rowStarts[r], rowEnds[r]). decode: window [0, end_r) with end_r = seq_lens[r] when seq_lens is 2-D
+with numRows elements, else seq_lens.flat[r // next_n] - next_n + r % next_n + 1 (query r % next_n of its sequence).
 
 Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), and beyond it:
 - deterministic: values are ranked by an order-preserving key in which -0 == +0 and every NaN ranks above +inf
@@ -409,10 +409,10 @@ def top_k_per_row_prefill_ref(logits, rowStarts, rowEnds, indices, numRows, stri
     return (select_rows_ref(logits[:numRows], start, length, topK),)
 
 
-def top_k_per_row_decode_ref(logits, next_n, seqLens, indices, numRows, stride0, stride1, topK, *,
+def top_k_per_row_decode_ref(logits, next_n, seq_lens, indices, numRows, stride0, stride1, topK, *,
                              compute_dtype=torch.float32):
     """(new indices [numRows, topK] int32,): the op's result (exact; compute_dtype is unused)."""
-    length = decode_ends(seqLens, next_n, numRows).clamp(0, logits.shape[1])
+    length = decode_ends(seq_lens, next_n, numRows).clamp(0, logits.shape[1])
     return (select_rows_ref(logits[:numRows], torch.zeros_like(length), length, topK),)
 
 
@@ -446,9 +446,9 @@ PARAMS = P.CStruct("TopKPerRowParams", [
     P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.i32("decode"), P.i32("next_n"),
     P.i32("per_row"), P.i32("reverse"),
 ])
-# decode has no rowStarts/rowEnds: both pointers take seqLens (the kernel reads `ends` only).
+# decode has no rowStarts/rowEnds: both pointers take seq_lens (the kernel reads `ends` only).
 DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
-    P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "seqLens"), P.ptr("ends", "seqLens"), *PARAMS.fields[4:]])
+    P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "seq_lens"), P.ptr("ends", "seq_lens"), *PARAMS.fields[4:]])
 
 
 def _check_common(c: Call) -> None:
@@ -501,8 +501,8 @@ def check_decode(c: Call) -> None:
     _check_common(c)
     if not 1 <= c.next_n <= MAX_ROWS:
         c.reject("next_n", f"= {c.next_n} must be in [1, 2^31 - 1]")
-    per_row = len(c.seqLens.shape) == 2 and c.seqLens.numel == c.numRows
-    check_lengths(c, "seqLens", c.numRows if per_row else -(-c.numRows // c.next_n), dims=(1, 2))
+    per_row = len(c.seq_lens.shape) == 2 and c.seq_lens.numel == c.numRows
+    check_lengths(c, "seq_lens", c.numRows if per_row else -(-c.numRows // c.next_n), dims=(1, 2))
 
 
 def _plan(c: Call, decode: bool) -> list:
@@ -514,7 +514,7 @@ def _plan(c: Call, decode: bool) -> list:
         kernel, config, row = plan_rows(KERNELS, c.device, rows, cols, c.topK, contiguous)
     except NoRowPlan as exc:
         c.reject("topK", str(exc))
-    per_row = decode and len(c.seqLens.shape) == 2 and c.seqLens.numel == rows
+    per_row = decode and len(c.seq_lens.shape) == 2 and c.seq_lens.numel == rows
     waits = config.grid[0] > launcher.device_attribute(c.device, "sm_count")  # some CTAs wait for a slot
     values = {"num_cols": cols, "stride0": c.logits.strides[0], "stride1": c.logits.strides[1],
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
@@ -572,9 +572,9 @@ PREFILL = Op(
     kernels=KERNELS.all(), params=PARAMS, check=check_prefill, plan=plan_prefill,
     reference=top_k_per_row_prefill_ref, examples=examples_prefill, doc=__doc__)
 DECODE = Op(
-    "top_k_per_row_decode(Tensor logits, int next_n, Tensor seqLens, Tensor! indices, int numRows, int stride0, "
+    "top_k_per_row_decode(Tensor logits, int next_n, Tensor seq_lens, Tensor! indices, int numRows, int stride0, "
     "int stride1, int topK) -> ()",
-    tensors=[_LOGITS, TensorArg("seqLens", "in", None, _I32), _INDICES],
+    tensors=[_LOGITS, TensorArg("seq_lens", "in", None, _I32), _INDICES],
     kernels=KERNELS.all(), params=DECODE_PARAMS, check=check_decode, plan=plan_decode,
     reference=top_k_per_row_decode_ref, examples=examples_decode, doc=__doc__)
 top_k_per_row_prefill = PREFILL.public
