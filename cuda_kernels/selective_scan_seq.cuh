@@ -92,27 +92,35 @@ __device__ Seq find_seq(const SelectiveScanParams& p, int64_t t, int64_t batched
 }
 
 // Prefix-cache mode: the slot that gets the state after token `pos` of the sequence when a chunk other than
-// the last ends there (block_size chunks, or cu_chunk_seqlen's), else kNone.
+// the last ends there (block_size chunks, or cu_chunk_seqlen's), else kNone. A store that a later store of the
+// sequence overwrites is not made (kNone): vLLM stores chunk by chunk in order, so the later state is what the slot
+// holds, but here chunks of one sequence may be scanned by different CUDA blocks in any order. Later stores: the
+// next chunk end in the same block column (cu_chunk_seqlen chunks shorter than block_size), and the final state
+// (block_idx_last_scheduled_token's column, or the same slot). Different columns holding one slot (a block table
+// that repeats a block) are the caller's error: such stores land in any order.
 __device__ int store_point(const SelectiveScanParams& p, const Seq& q, int64_t pos) {
-  if (pos + 1 >= q.end - q.start) return kNone;  // the last token: the final state
-  bool chunk_end;
+  const int64_t len = q.end - q.start;
+  if (pos + 1 >= len) return kNone;  // the last token: the final state
+  int64_t next = -1;  // the position of the sequence's next chunk end, if it is not the last token
   if (p.cu_chunk_seqlen == nullptr) {
-    chunk_end = (pos + 1) % p.block_size == 0;
+    if ((pos + 1) % p.block_size != 0) return kNone;
   } else {
-    const int64_t want = ld(p.cu_chunk_seqlen, q.cu_first, p.cu_stride) + pos + 1;
-    int64_t lo = int64_t(q.cu_first) + 1, hi = q.cu_last;  // ends of chunks cu_first .. cu_last - 1
-    chunk_end = false;
-    while (lo <= hi && !chunk_end) {
+    const int64_t first = ld(p.cu_chunk_seqlen, q.cu_first, p.cu_stride), want = first + pos + 1;
+    int64_t lo = int64_t(q.cu_first) + 1, hi = q.cu_last, found = -1;  // ends of chunks cu_first .. cu_last - 1
+    while (lo <= hi && found < 0) {
       const int64_t mid = (lo + hi) >> 1, v = ld(p.cu_chunk_seqlen, mid, p.cu_stride);
-      chunk_end = v == want;
-      if (v < want) lo = mid + 1; else hi = mid - 1;
+      if (v == want) found = mid;
+      else if (v < want) lo = mid + 1;
+      else hi = mid - 1;
     }
+    if (found < 0) return kNone;
+    if (found < q.cu_last) next = ld(p.cu_chunk_seqlen, found + 1, p.cu_stride) - first - 1;
   }
-  if (!chunk_end) return kNone;
   const int64_t col = (q.pos0 + pos) / p.block_size;
   if (col < 0 || col >= p.max_blocks) return kNone;
+  if (next > pos && next + 1 < len && (q.pos0 + next) / p.block_size == col) return kNone;
   const int64_t slot = ld(p.cache_indices + q.row * p.ci_stride[0], col, p.ci_stride[1]);
-  return slot_ok(p, slot) ? static_cast<int>(slot) : kNone;
+  return slot_ok(p, slot) && slot != q.fin ? static_cast<int>(slot) : kNone;
 }
 
 // ---- states ------------------------------------------------------------------------------------------------

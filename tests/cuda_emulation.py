@@ -4,8 +4,10 @@ timeout instead of hanging), shuffles (any width), ballots, shared atomics, `__l
 gridDim/blockDim, thread-block clusters (x), and a failed case for a misaligned vector load or store. Used by
 test_topk_emulated.py, test_selective_scan_emulated.py, test_repetition_penalties_emulated.py and
 test_merge_emulated.py, which add what is particular to their kernels (cp.async, cluster shared memory; exp2 and
-prefetch instructions; shared memory declarations). What it does not model: timing, warp divergence beyond the
-shuffles' meeting points, memory-model subtleties, reads outside a tensor.
+prefetch instructions; shared memory declarations). Blocks run one after another (a cluster's together), first-first
+or last-first (`run_plan(reverse_blocks=True)`): two blocks that write one place in an order CUDA does not fix show
+as results that differ between the two. What it does not model: timing, warp divergence beyond the shuffles'
+meeting points, memory-model subtleties, reads outside a tensor.
 
 Also here: `CUDA_FP_HEADERS` (cuda_fp16.h, cuda_bf16.h and cuda_fp8.h as the GPU rounds, for common/dtypes.cuh),
 `checked_vec_cuh`, a driver that launches kernels by name expression (`dispatch_driver`) and `run_plan`, which runs
@@ -57,6 +59,7 @@ namespace emu {
 struct Deadlock {};
 inline std::atomic<bool> aborted{false};
 inline std::atomic<bool> overrun{false};  // the two-pass emission wrote more than k outputs
+inline bool reverse_blocks = false;       // run a grid's blocks (clusters) last-first: CUDA orders none
 inline std::atomic<bool> misaligned{false};  // a load through a pointer not aligned to its type (a GPU fault)
 // A split cluster barrier misused (a wait with no arrive before it, a second arrive or a cluster_sync while one is
 // pending, a thread ending with one pending) or a read of the shared memory of a CTA whose threads have all ended.
@@ -215,8 +218,10 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
   misaligned = false;
   gdim = {unsigned(grid_x), unsigned(grid_y), 1};
   bdim = {unsigned(threads), unsigned(block_y), 1};
-  for (int cy = 0; cy < grid_y && !aborted; ++cy)
-  for (int c0 = 0; c0 < grid_x && !aborted; c0 += cluster) {
+  const int clusters = (grid_x + cluster - 1) / cluster;
+  for (int iy = 0; iy < grid_y && !aborted; ++iy)
+  for (int ix = 0; ix < clusters && !aborted; ++ix) {
+    const int cy = reverse_blocks ? grid_y - 1 - iy : iy, c0 = cluster * (reverse_blocks ? clusters - 1 - ix : ix);
     Barrier cluster_bar(n * cluster);
     Cluster cl{&cluster_bar, {}};
     std::vector<Block> blocks(cluster);
@@ -253,6 +258,7 @@ template <typename F> int launch(F kernel, int grid_x, int threads, int cluster,
   return aborted ? 1 : overrun ? 3 : misuse ? 4 : misaligned ? 5 : 0;
 }
 }  // namespace emu
+extern "C" void emu_reverse_blocks(int on) { emu::reverse_blocks = on != 0; }
 """
 
 
@@ -368,11 +374,14 @@ def dispatch_driver(source: str, params: str, kernels, *, static_bytes: int = 0)
             f"const {params}* p) {{\n" + cases + "  return 2;\n}\n")
 
 
-def run_plan(library, op, args, *, expect=None) -> None:
+def run_plan(library, op, args, *, expect=None, reverse_blocks=False) -> None:
     """`op` on CPU tensors `args`, in place, through the emulated kernels (a dispatch_driver library) of its own
     plan: every Launch (1-D or 2-D blocks and grids, no clusters) and Memset in order; Scratch buffers hold 0xFF
     bytes (uninitialised on the GPU: a kernel must not read what it has not written). `expect`: the Kernels the
-    plan must launch, in order (checked before any launch)."""
+    plan must launch, in order (checked before any launch). `reverse_blocks`: each grid's blocks run last-first
+    (the emulation runs them one after another, first-first by default: a result that depends on the order of
+    blocks shows as a difference between the two)."""
+    library.emu_reverse_blocks(int(reverse_blocks))
     call, _ = op.validate(args)
     steps = op.plan(call)
     if expect is not None:

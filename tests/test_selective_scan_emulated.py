@@ -121,6 +121,19 @@ def test_prefix_cache(emulator, on_the_h200, cu_chunks):
                                 cu_chunks=cu_chunks, seed=60), "prefix-cache")
 
 
+# cu_chunk_seqlen chunks of 24 tokens in 64-token blocks: several chunk ends store to one block's slot, and the
+# last store of each sequence (the final state) may share it. vLLM stores chunk by chunk in order; the chunked plan
+# scans a sequence's chunks in different CUDA blocks, so the slots must not depend on the order blocks run in
+# (the emulation runs them first-first or last-first).
+@pytest.mark.parametrize("reverse", [False, True], ids=["first-first", "last-first"])
+def test_prefix_cache_stores_do_not_depend_on_block_order(emulator, on_the_h200, reverse):
+    args = random_call("cpu", torch.float32, d=16, n=3, lengths=[300, 40, 250], block_size=64, cache=True,
+                       cu_chunks=True, max_chunk=24, a_scale=0.02, seed=61)
+    assert chunked(args)
+    run_and_check(args, entry=lambda *a: run_plan(emulator, S.OP, a, reverse_blocks=reverse),
+                  what=f"prefix-cache, short chunks, blocks {'last' if reverse else 'first'}-first")
+
+
 def test_short(emulator, on_the_h200):
     check(emulator, random_call("cpu", torch.bfloat16, b=3, d=20, n=5, L=3, seed=70), "short")
 

@@ -17,9 +17,12 @@ given; cache_indices [b, max_blocks]): the initial state comes from cache_indice
 running position starts at block_idx_first_scheduled_token[s] * block_size, the state after each chunk (block_size
 tokens, or cu_chunk_seqlen's chunks, a partial first chunk filling an already started block) but the last goes to
 cache_indices[s, (position after the chunk - 1) // block_size], and the final state to
-cache_indices[s, block_idx_last_scheduled_token[s]]. A sequence whose (initial-state) slot is null_block_id is
-padding: none of its outputs or states is read or written. Without cache_indices null_block_id is unused (as vLLM:
-sequence s reads and writes slot s even when s == null_block_id; the kernel gets -1, which no slot equals).
+cache_indices[s, block_idx_last_scheduled_token[s]], in that order: a slot stored more than once (cu_chunk_seqlen
+chunks shorter than block_size end in one block; the final state's column) holds the last state stored there, as
+in vLLM, although the chunked plan scans a sequence's chunks in parallel (a store that a later one overwrites is
+not made). A sequence whose (initial-state) slot is null_block_id is padding: none of its outputs or states is read
+or written. Without cache_indices null_block_id is unused (as vLLM: sequence s reads and writes slot s even when
+s == null_block_id; the kernel gets -1, which no slot equals).
 
 Same schema, argument order and in-place outputs as vLLM 0.33 (`torch.ops._C.selective_scan_fwd`), except where
 vLLM's kernel is wrong (the spec's hazards):
@@ -38,8 +41,9 @@ vLLM's kernel is wrong (the spec's hazards):
 Also: empty sequences read and write nothing (as vLLM); any length (> 65535 included) and strides of the batch and
 channel dims; tokens of varlen calls outside [query_start_loc[0], query_start_loc[b]) are left alone.
 Caller's contract (device data is never read on the host): query_start_loc is non-decreasing and within T,
-cu_chunk_seqlen's chunks of each sequence sum to its length, and sequences use distinct slots. Breaking it gives
-wrong values but never an access out of bounds. In plain mode block_size and the prefix-cache tensors are ignored.
+cu_chunk_seqlen's chunks of each sequence sum to its length, sequences use distinct slots, and a prefix-cache row of
+cache_indices names a slot in one column only (a block table). Breaking it gives wrong values but never an access
+out of bounds. In plain mode block_size and the prefix-cache tensors are ignored.
 """
 
 from __future__ import annotations

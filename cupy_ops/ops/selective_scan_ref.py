@@ -198,12 +198,13 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 def random_call(device, dtype=torch.bfloat16, *, b=None, d=16, n=8, L=None, lengths=None, g=1, pad=None,
                 init=0.5, z=True, D=True, bias=True, softplus=True, state_dtype=None, null=-1, block_size=16,
-                cache=False, cu_chunks=False, cache_indices=True, a_scale=1.0, seed=0) -> tuple:
+                cache=False, cu_chunks=False, max_chunk=None, cache_indices=True, a_scale=1.0, seed=0) -> tuple:
     """Positional arguments of one valid call with random values. Batched ([b, d, L]) when `lengths` is None, else
     varlen with those sequence lengths. `pad`: index of a padding sequence (its slot is `null`); `init`: the
     fraction of sequences with an initial state. Prefix-cache mode when `cache`: each sequence resumes after a
     random number of computed tokens (block-aligned unless `cu_chunks`, which also passes cu_chunk_seqlen and
-    last_chunk_indices as vLLM's scheduler builds them). A = -exp(N(0, 1) / 2) * a_scale."""
+    last_chunk_indices as vLLM's scheduler builds them; `max_chunk`: chunks of at most that many tokens, several
+    to a block, which vLLM's scheduler does not build but the op takes). A = -exp(N(0, 1) / 2) * a_scale."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
 
@@ -256,7 +257,7 @@ def random_call(device, dtype=torch.bfloat16, *, b=None, d=16, n=8, L=None, leng
             rows.append([pool.pop() for _ in range(max_blocks)])
             pos, left = ctx[s], lens[s]
             while left > 0:  # vLLM's chunks: the rest of a started block, then whole blocks
-                take = min(left, block_size - pos % block_size)
+                take = min(left, block_size - pos % block_size, max_chunk or left)
                 chunks.append(chunks[-1] + take)
                 pos, left = pos + take, left - take
             lci.append(len(chunks) - 2)
