@@ -116,6 +116,15 @@ def test_long(case):
     run_and_check(random_call("cuda", kw.pop("dtype"), seed=23, **kw), what=case)
 
 
+# cu_chunk_seqlen chunks of 24 tokens in 64-token blocks (test_selective_scan_emulated.py has the why): several
+# stores to one slot, made by different CUDA blocks of the chunked plan; the slot must hold the last one.
+@pytest.mark.gpu
+@requires_cuda
+def test_prefix_cache_chunks_shorter_than_a_block():
+    run_and_check(random_call("cuda", torch.float32, d=16, n=3, lengths=[300, 40, 250], block_size=64, cache=True,
+                              cu_chunks=True, max_chunk=24, a_scale=0.02, seed=61), what="prefix-cache short chunks")
+
+
 # ---- CUDA graphs, CuPy, another device -------------------------------------------------------------------------
 
 
