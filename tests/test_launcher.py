@@ -22,16 +22,18 @@ PARAMS = struct.Struct("<2Q")
 CONFIG = struct.Struct("<7I4xQQI")
 # CUlaunchAttribute: id, padding, then the 64-byte value union (clusterDim x, y, z first; or one int).
 ATTRIBUTE = struct.Struct("<I4x3I52x")
-INVALID_VALUE, INVALID_CONTEXT, FUNCTION = 1, 201, 0xF00D
+INVALID_VALUE, INVALID_CONTEXT, INVALID_HANDLE, FUNCTION = 1, 201, 400, 0xF00D
 
 
 class FakeDriver:
-    """Just enough of libcuda: a per-thread current context, function attributes, cuLaunchKernelEx and
-    cuMemsetD8Async recording what they were given, or failing as the driver would."""
+    """Just enough of libcuda: a per-thread current context (and a stack of pushed ones), function attributes,
+    cuLaunchKernelEx and cuMemsetD8Async recording what they were given, or failing as the driver would (FUNCTION
+    and the streams belong to device 0's context, 0xC0)."""
 
     def __init__(self):
         self.local = threading.local()
         self.launches, self.set_current, self.attributes, self.memsets = [], [], [], []
+        self.pushed = []
         self.refused = 0  # launches refused for want of a current context (compute-sanitizer counts each one)
         self.fail_with = None
 
@@ -45,9 +47,12 @@ class FakeDriver:
         return 0
 
     def cuCtxPushCurrent_v2(self, context):  # noqa: N802
+        self.pushed.append(getattr(self.local, "context", None))
+        self.local.context = context.value
         return 0
 
     def cuCtxPopCurrent_v2(self, out):  # noqa: N802
+        self.local.context = self.pushed.pop() if self.pushed else None
         return 0
 
     def cuFuncSetAttribute(self, function, attribute, value):  # noqa: N802
@@ -62,6 +67,8 @@ class FakeDriver:
         return 1
 
     def cuMemsetD8Async(self, pointer, value, nbytes, stream):  # noqa: N802
+        if getattr(self.local, "context", 0xC0) not in (None, 0xC0):  # the stream is device 0's
+            return INVALID_HANDLE
         self.memsets.append((pointer.value, value.value, nbytes.value, stream.value))
         return 0
 
@@ -71,6 +78,8 @@ class FakeDriver:
         if getattr(self.local, "context", None) is None:
             self.refused += 1
             return INVALID_CONTEXT
+        if self.local.context != 0xC0:  # another device's context: not this function's
+            return INVALID_HANDLE
         time.sleep(0)  # let other threads run here, as the real call releases the GIL in the driver
         params = ctypes.string_at(kernel_params[0], PARAMS.size)
         fields = CONFIG.unpack_from(config)
@@ -192,3 +201,22 @@ def test_a_context_released_later_is_made_current_again(driver):
     driver.local.context = None  # other code popped this thread's context
     launcher_.launch(0x5EA, PARAMS.pack_into, (3, 4))
     assert driver.refused == 1 and len(driver.launches) == 2
+
+
+def test_another_devices_context_current_is_pushed_over_for_the_launch(driver):
+    """torch can report device 0 as current while device 1's context is current in the thread (a device index it
+    set lazily): the failed launch and memset are retried with device 0's context pushed, and the thread's
+    context is left as it was."""
+    driver.local.context = 0xC1
+    _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
+    launcher.memset_async(0x1000, 0, 64, 0x5EA, 0)
+    assert len(driver.launches) == 1 and driver.memsets == [(0x1000, 0, 64, 0x5EA)]
+    assert driver.local.context == 0xC1 and driver.pushed == [] and driver.set_current == []
+
+
+def test_an_error_in_the_right_context_is_raised_without_a_retry(driver):
+    driver.local.context = 0xC0
+    driver.fail_with = INVALID_HANDLE
+    with pytest.raises(launcher.DriverError, match="CUresult 400"):
+        _launch(LaunchConfig((1, 1, 1), (32, 1, 1)))
+    assert driver.pushed == [] and driver.set_current == []

@@ -15,6 +15,7 @@ stream, so both are recorded into a CUDA graph under `torch.cuda.graph` (or CuPy
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import struct
@@ -26,7 +27,6 @@ from . import compiler
 __all__ = ["DriverError", "Kernel", "LaunchConfig", "Launcher", "device_arch", "device_attribute",
            "fast_divmod", "memset_async", "occupancy", "max_active_clusters"]
 
-_CUDA_ERROR_INVALID_CONTEXT = 201
 
 # cuDeviceGetAttribute ids (cuda.h, CUdevice_attribute)
 _DEVICE_ATTRIBUTES = {
@@ -311,11 +311,9 @@ class Launcher:
             config = self._config(stream)
         code = _cu_launch_kernel_ex(config, self.function, buffers.argv, None)
         if code:
-            if code != _CUDA_ERROR_INVALID_CONTEXT:
-                raise DriverError(code, f"kernel launch ({self.config})")
-            _make_context_current(self.device)  # other code released this thread's context since
-            _check_cu(_cu_launch_kernel_ex(self._config(stream), self.function, buffers.argv, None),
-                      f"kernel launch ({self.config})")
+            with _context_to_retry_in(self.device, code, f"kernel launch ({self.config})"):
+                _check_cu(_cu_launch_kernel_ex(self._config(stream), self.function, buffers.argv, None),
+                          f"kernel launch ({self.config})")
 
     def max_active_clusters(self) -> int:
         """Clusters of this launch's shape that can be resident at once on the whole GPU (cluster launches only)."""
@@ -346,13 +344,33 @@ class _Buffers(threading.local):
 _buffers = _Buffers()
 
 
+def _current_context() -> int | None:
+    current = ctypes.c_void_p()
+    _check_cu(_libcuda().cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    return current.value
+
+
 def _make_context_current(device: int) -> None:
     """Make `device`'s primary context current in this thread if none is, as the CUDA runtime does on a
     thread's first call."""
-    lib, current = _libcuda(), ctypes.c_void_p()
-    _check_cu(lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
-    if not current.value:
-        _check_cu(lib.cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
+    if not _current_context():
+        _check_cu(_libcuda().cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
+
+
+def _context_to_retry_in(device: int, code: int, what: str):
+    """After a driver call for `device` failed with `code` (the driver's current context is only read then, so
+    calls that succeed cost nothing): a context manager to retry it in, or DriverError(code) when the context was
+    not the reason. No context current in this thread (other code released it): the device's primary context is
+    made current, as the CUDA runtime does. Another device's current: the call is retried with the device's pushed
+    (torch reports device d as current while a device index it set lazily left another device's context current
+    in the thread, e.g. after a first `torch.empty(device="cuda:1")`, until torch's next device switch)."""
+    current = _current_context()
+    if not current:
+        _check_cu(_libcuda().cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
+        return contextlib.nullcontext()
+    if current != _primary_context(device).value:
+        return _ContextPushed(device)
+    raise DriverError(code, what)
 
 
 def occupancy(kernel: Kernel, device: int, threads_per_block: int, shared_bytes: int = 0) -> int:
@@ -379,8 +397,7 @@ def memset_async(pointer: int, value: int, nbytes: int, stream: int, device: int
     lib = _libcuda()
     code = lib.cuMemsetD8Async(ctypes.c_uint64(pointer), ctypes.c_ubyte(value), ctypes.c_size_t(nbytes),
                                ctypes.c_void_p(stream))
-    if code == _CUDA_ERROR_INVALID_CONTEXT:
-        _make_context_current(device)
-        code = lib.cuMemsetD8Async(ctypes.c_uint64(pointer), ctypes.c_ubyte(value), ctypes.c_size_t(nbytes),
-                                   ctypes.c_void_p(stream))
-    _check_cu(code, "cuMemsetD8Async")
+    if code:
+        with _context_to_retry_in(device, code, "cuMemsetD8Async"):
+            _check_cu(lib.cuMemsetD8Async(ctypes.c_uint64(pointer), ctypes.c_ubyte(value), ctypes.c_size_t(nbytes),
+                                          ctypes.c_void_p(stream)), "cuMemsetD8Async")

@@ -265,13 +265,15 @@ class Op:
     def _make_recent(self, layout: _Layout, tensors: list) -> None:
         if layout.match is None:
             return  # no guard on this torch: every call takes the dict
-        if layout.recent_call is None:
+        # Read once: another thread's _lookup may reset layout.recent_call to None meanwhile (free-threaded Python).
+        recent_call = layout.recent_call
+        if recent_call is None:
             given = [t for t, g in zip(tensors, layout.given) if g]  # recent_call checks which are given itself
-            layout.recent_call = fastpath.recent_call(self, layout, _metadata_matcher(given), _current_device,
-                                                      _current_raw_stream)
-        if layout.recent_call is not self._recent_call:
+            recent_call = layout.recent_call = fastpath.recent_call(self, layout, _metadata_matcher(given),
+                                                                    _current_device, _current_raw_stream)
+        if recent_call is not self._recent_call:
             self._previous_call = self._recent_call
-        self._recent, self._recent_call = layout, layout.recent_call
+        self._recent, self._recent_call = layout, recent_call
 
     def _launch(self, layout: _Layout, pointers: list, stream: int | None = None, cupy: bool = False) -> None:
         """Run the layout's steps on `stream` (default: torch's current stream on the layout's device)."""
