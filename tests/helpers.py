@@ -115,6 +115,13 @@ def check_call(op, args: tuple, entry=None) -> None:
         pytest.fail(f"{op.name}: {problem}", pytrace=False)
 
 
+def schema_arguments(schema) -> list[tuple]:
+    """(name, type, written, default or None) of each argument of a torch FunctionSchema: what a drop-in's schema
+    must share with vLLM's."""
+    return [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write,
+             repr(a.default_value) if a.has_default_value() else None) for a in schema.arguments]
+
+
 def opcheck(op, args: tuple) -> None:
     """torch.library.opcheck of the registered op: schema (mutations declared), autograd registration, fake
     tensors and AOT dispatch. test_schema compares outputs with torch.allclose, which torch does not implement

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, compiled_matches_eager, opcheck
+from helpers import DEVICES, compiled_matches_eager, opcheck, schema_arguments
 from topk_utils import DECODE, PREFILL, decode_args, make_scores, persistent_args, prefill_args
 
 from cupy_ops.ops import ops
@@ -48,16 +48,11 @@ def test_torch_compile_fullgraph(op, device):
     compiled_matches_eager(op, lambda: _args(op, device, seed=1))
 
 
-def _signature(schema) -> list[tuple[str, str, bool]]:
-    """(name, type, written) of each argument of a torch FunctionSchema."""
-    return [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
-
-
 @pytest.mark.parametrize("name", VLLM_SCHEMAS)
 def test_registered_with_vllm_schema(name):
     """torch.ops.cupy_ops.<name> exists and has vLLM's argument names, order, types and written arguments (the
     output only: persistent_topk's workspace is read-only, as in vLLM's schema), and returns nothing."""
     registered = getattr(torch.ops.cupy_ops, name).default._schema
     vllm = torch._C.parse_schema(VLLM_SCHEMAS[name])
-    assert _signature(registered) == _signature(vllm)
+    assert schema_arguments(registered) == schema_arguments(vllm)
     assert len(registered.returns) == 0

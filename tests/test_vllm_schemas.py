@@ -6,6 +6,7 @@ schemas out from the specs; this one reads them from vLLM's binary."""
 from __future__ import annotations
 
 import pytest
+from helpers import schema_arguments
 
 from cupy_ops.ops import ops
 
@@ -14,17 +15,11 @@ DELIBERATE = {("merge_attn_states", "prefill_tokens_with_context"):
               "int? rather than int!?: an alias annotation on an int breaks functionalization (merge_attn_states.py)"}
 
 
-def _arguments(schema) -> list[tuple]:
-    """(name, type, written, default) of each argument of a torch FunctionSchema."""
-    return [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write,
-             repr(a.default_value) if a.has_default_value() else None) for a in schema.arguments]
-
-
 @pytest.mark.parametrize("name", list(ops()))
 def test_schema_equals_vllms(name, vllm_ops):
     ours = ops()[name].overload._schema
     theirs = getattr(vllm_ops, name).default._schema
-    mine, vllm = _arguments(ours), _arguments(theirs)
+    mine, vllm = schema_arguments(ours), schema_arguments(theirs)
     assert [a[0] for a in mine] == [a[0] for a in vllm], f"{name}: argument names or order differ"
     for a, b in zip(mine, vllm):
         if (name, a[0]) not in DELIBERATE:
