@@ -132,8 +132,9 @@ def test_memset_and_launch_in_a_cuda_graph():
 
 def test_a_fresh_warm_cache_process_takes_new_shapes_from_its_first_call(tmp_path):
     """A new process whose kernels are all on disk calls merge_attn_states with a new shape each time for 2.5 s
-    from its first call: every call succeeds (CuPy was imported in a background thread here before, and calls
-    that met its half-built module failed), and none imports CuPy."""
+    from its first call, and at least 20 times: every call succeeds (CuPy was imported in a background thread
+    here before, and calls that met its half-built module failed), and none imports CuPy. (A count as well as a
+    time: under compute-sanitizer the first call alone took the 2.5 s.)"""
     env = dict(os.environ, CUPY_OPS_CACHE_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     script = textwrap.dedent("""
         import sys, time, torch, cupy_ops
@@ -146,7 +147,7 @@ def test_a_fresh_warm_cache_process_takes_new_shapes_from_its_first_call(tmp_pat
                 call(n)
         else:
             failures, calls, start, n = 0, 0, time.perf_counter(), 40
-            while time.perf_counter() - start < 2.5:
+            while time.perf_counter() - start < 2.5 or calls < 20:
                 n += 1
                 try:
                     call(n)
@@ -162,5 +163,5 @@ def test_a_fresh_warm_cache_process_takes_new_shapes_from_its_first_call(tmp_pat
                           timeout=600)
     assert done.returncode == 0, done.stderr
     calls, failures, cupy_imported = done.stdout.split()
-    assert int(calls) > 10 and int(failures) == 0, done.stderr
+    assert int(calls) >= 20 and int(failures) == 0, done.stderr
     assert cupy_imported == "False"
