@@ -106,3 +106,32 @@ def test_an_edit_compiles_from_a_copy_with_one_text_replaced(tune):
 def test_an_edit_that_would_be_silent_or_ambiguous_is_refused(tune, edit, message):
     with pytest.raises(SystemExit, match=message.replace("|", r"\|")):
         tune.parse_variant(f"bad: edit={edit}")
+
+
+@pytest.fixture(scope="module")
+def phase_trees():
+    return bench_script("phase_trees")
+
+
+def test_every_phase_cut_applies_to_the_sources(phase_trees):
+    """bench/phase_trees.py's cuts each find their anchors exactly once in this checkout's kernels and change only
+    the file they name (a source change that moves an anchor fails here, not on the GPU machine)."""
+    for label, edits in phase_trees.CUTS.items():
+        texts = phase_trees.cut_sources(label)
+        assert set(texts) == {edit.file for edit in edits}, label
+        for file, text in texts.items():
+            assert text != (phase_trees.KERNELS / file).read_text() and "return; }" in text, label
+
+
+def _cut_kernel(label: str) -> str:
+    """A kernel the cut changes: the two-pass kernel, or the register kernel in a cluster (its cuts sync it)."""
+    return ("cupy_ops::persistent_topk_two_pass_kernel<1024>" if label.startswith("tp_")
+            else "cupy_ops::persistent_topk_registers_kernel<1024, 2, 5>")
+
+
+@pytest.mark.parametrize("label", bench_script("phase_trees").CUTS)
+def test_every_phase_cut_compiles(phase_trees, label, tmp_path):
+    kernel = next(k for k in every_kernel() if k.name_expression == _cut_kernel(label))
+    tree = phase_trees.write_tree(label, tmp_path)
+    report = compiler.ptxas_report(kernel.source, kernel.name_expression, 90, root=str(tree))
+    assert report.registers > 0, report.log
