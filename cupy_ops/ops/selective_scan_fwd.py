@@ -43,7 +43,7 @@ channel dims; tokens of varlen calls outside [query_start_loc[0], query_start_lo
 Caller's contract (device data is never read on the host): query_start_loc is non-decreasing and within T,
 cu_chunk_seqlen's chunks of each sequence sum to its length, sequences use distinct slots, and a prefix-cache row of
 cache_indices names a slot in one column only (a block table). Breaking it gives wrong values but never an access
-out of bounds. In plain mode block_size and the prefix-cache tensors are ignored.
+out of bounds. In plain mode block_size and the prefix-cache tensors are ignored (their shapes are still checked).
 """
 
 from __future__ import annotations
