@@ -191,3 +191,19 @@ def test_a_schema_written_argument_the_kernel_only_reads_may_overlap_inputs():
     op.validate((x, x, torch.empty(4)))
     with pytest.raises(ValueError, match="reads_marked: out overlaps a in memory"):
         op.validate((x, torch.randn(4), x))
+
+
+def test_a_gpu_older_than_sm_80_is_refused_before_anything_compiles(int_scalar_op, monkeypatch):
+    """Tensors on a GPU of compute capability below 8.0 get a ValueError naming the op and the tensor, not an NVRTC
+    error at the first compile (the top-k kernels use sm_80 instructions). Faked on the CPU: the tensor reads as
+    cuda:0's, and cuda:0 as a T4 (7.5)."""
+    from cupy_ops._runtime import arrays, launcher, validation
+
+    describe = arrays.describe
+    monkeypatch.setattr(arrays, "describe", lambda *a: describe(*a)._replace(device=0))
+    monkeypatch.setattr(launcher, "device_arch", lambda device: 75)
+    with pytest.raises(ValueError, match=r"scalars_i: out is on cuda:0, a GPU of compute capability 7\.5; "
+                                         r"cupy_ops needs 8\.0 or newer"):
+        int_scalar_op.validate((torch.empty(2), 1))
+    monkeypatch.setattr(launcher, "device_arch", lambda device: 80)
+    assert int_scalar_op.validate((torch.empty(2), 1))[0].device == 0

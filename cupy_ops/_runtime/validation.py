@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import arrays
+from . import arrays, launcher
 from .records import Call, TensorArg, TensorInfo
 
 __all__ = ["overlap_pairs", "same_layout", "validate"]
@@ -38,6 +38,8 @@ def validate(op, args: tuple) -> tuple[Call, list]:
         if i.device != device:
             raise ValueError(f"{name}: {arg} is on {arrays.device_name(i.device)} but {given[0][0]} is on "
                              f"{arrays.device_name(device)}; all tensors must be on one device")
+    if device >= 0:
+        _check_arch(name, given[0][0], device)
     dims: dict[str, int] = {}
     bound_by: dict[str, str] = {}
     for spec in op.tensor_args:
@@ -122,6 +124,18 @@ def _check_overlap(op, info: dict, addresses: bool = True) -> None:
 
 def same_layout(a: arrays.ArrayInfo, b: arrays.ArrayInfo) -> bool:
     return a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+
+
+# The oldest compute capability served: CI compiles every kernel for sm_80 and sm_90, and the top-k kernels use
+# sm_80 instructions (__reduce_add_sync), so an older GPU would meet an NVRTC error at its first call instead.
+MIN_ARCH = 80
+
+
+def _check_arch(op: str, arg: str, device: int) -> None:
+    arch = launcher.device_arch(device)
+    if arch < MIN_ARCH:
+        raise ValueError(f"{op}: {arg} is on cuda:{device}, a GPU of compute capability {arch // 10}.{arch % 10}; "
+                         f"cupy_ops needs {MIN_ARCH // 10}.{MIN_ARCH % 10} or newer (A100, A10, L4, H100 and later)")
 
 
 def dtype_name(dtype) -> str:
