@@ -197,7 +197,7 @@ def test_a_gpu_older_than_sm_80_is_refused_before_anything_compiles(int_scalar_o
     """Tensors on a GPU of compute capability below 8.0 get a ValueError naming the op and the tensor, not an NVRTC
     error at the first compile (the top-k kernels use sm_80 instructions). Faked on the CPU: the tensor reads as
     cuda:0's, and cuda:0 as a T4 (7.5)."""
-    from cupy_ops._runtime import arrays, launcher, validation
+    from cupy_ops._runtime import arrays, launcher
 
     describe = arrays.describe
     monkeypatch.setattr(arrays, "describe", lambda *a: describe(*a)._replace(device=0))
