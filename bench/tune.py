@@ -10,13 +10,15 @@ A variant is `label: module.NAME=python-expression; ...` (`base`: no change; exp
 with `tree=DIR` as one of its items where its kernels compile from DIR, and `edit=FILE|OLD|NEW` items where they
 compile from a copy of that tree (or of this checkout's) in which FILE (a path under cuda_kernels/) has its one
 occurrence of the text OLD replaced by NEW: a kernel's constant A/B'd without carrying a tree, e.g.
-`stages1: edit=common/topk.cuh|constexpr int kX = 2|constexpr int kX = 1`. Its constants are set, every op's cached
-layouts are forgotten (plans read the constants), the cases are timed like `python -m cupy_ops bench` times them
-(CUDA-graph replays, outputs checked against the float64 reference), and the constants are restored. `--tree
-label=DIR` is the variant `label: tree=DIR`: DIR is another checkout's cuda_kernels/ (`git worktree add /tmp/main
-main`, or `git archive main cuda_kernels | tar -x -C DIR`): kernel sources A/B in one run, on one GPU's clocks.
-`--rounds N` times the variants N times, interleaved, so drift shows as a difference between rounds rather than
-between variants.
+`stages1: edit=common/topk.cuh|constexpr int kX = 2|constexpr int kX = 1`; a `cut=NAME` item makes the edits of
+bench/phase_trees.py's cut NAME (a top-k kernel that returns after a phase), and `--cuts PREFIX` adds the variant
+`NAME: cut=NAME` for each cut whose name starts with PREFIX (a phase breakdown in one run). Its constants are set,
+every op's cached layouts are forgotten (plans read the constants), the cases are timed like
+`python -m cupy_ops bench` times them (CUDA-graph replays, outputs checked against the float64 reference), and the
+constants are restored. `--tree label=DIR` is the variant `label: tree=DIR`: DIR is another checkout's cuda_kernels/
+(`git worktree add /tmp/main main`, or `git archive main cuda_kernels | tar -x -C DIR`): kernel sources A/B in one
+run, on one GPU's clocks. `--rounds N` times the variants N times, interleaved, so drift shows as a difference
+between rounds rather than between variants.
 `--profile` runs each selected case once, warm, between cudaProfilerStart and cudaProfilerStop. A developer's tool
 for choosing constants on a GPU: the results files come from `python -m cupy_ops bench`.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -56,7 +59,16 @@ def parse_variant(text: str) -> Variant:
             root = kernel_tree(expression.strip(), text)
             continue
         if target.strip() == "edit":
-            edits.append(expression.strip())
+            parts = expression.strip().split("|")
+            if len(parts) != 3 or not parts[1]:
+                raise SystemExit(f"{text!r}: expected edit=FILE|OLD|NEW, got {expression.strip()!r}")
+            edits.append(tuple(parts))
+            continue
+        if target.strip() == "cut":
+            cuts, name = phase_cuts(), expression.strip()
+            if name not in cuts:
+                raise SystemExit(f"{text!r}: no cut {name!r} (bench/phase_trees.py has {', '.join(cuts)})")
+            edits += cuts[name]
             continue
         module, _, name = target.strip().rpartition(".")
         # evaluated in the module's namespace, so a value can build on its names (KERNELS, Kernel, ...)
@@ -67,25 +79,30 @@ def parse_variant(text: str) -> Variant:
     return Variant(label.strip(), changes, root)
 
 
-def edited_tree(folder: str, edits: list[str], text: str) -> str:
-    """A temporary copy of the cuda_kernels/ `folder` (removed at exit) with each `FILE|OLD|NEW` edit made: FILE's
-    one occurrence of OLD replaced by NEW (an OLD found zero or several times is refused: the edit would be
-    silent or ambiguous)."""
+def edited_tree(folder: str, edits: list[tuple[str, str, str]], text: str) -> str:
+    """A temporary copy of the cuda_kernels/ `folder` (removed at exit) with each (FILE, OLD, NEW) edit made in
+    turn: FILE's one occurrence of OLD replaced by NEW (an OLD found zero or several times is refused: the edit
+    would be silent or ambiguous)."""
     copy = Path(tempfile.mkdtemp(prefix="tune-tree-")) / "cuda_kernels"
     atexit.register(shutil.rmtree, copy.parent, True)
     shutil.copytree(folder, copy)
-    for edit in edits:
-        parts = edit.split("|")
-        if len(parts) != 3 or not parts[1]:
-            raise SystemExit(f"{text!r}: expected edit=FILE|OLD|NEW, got {edit!r}")
-        path = copy / parts[0]
+    for file, old, new in edits:
+        path = copy / file
         if not path.is_file():
-            raise SystemExit(f"{text!r}: {parts[0]!r} is not a file of {folder}")
+            raise SystemExit(f"{text!r}: {file!r} is not a file of {folder}")
         source = path.read_text()
-        if source.count(parts[1]) != 1:
-            raise SystemExit(f"{text!r}: {parts[1]!r} occurs {source.count(parts[1])} times in {parts[0]}, not once")
-        path.write_text(source.replace(parts[1], parts[2]))
+        if source.count(old) != 1:
+            raise SystemExit(f"{text!r}: {old!r} occurs {source.count(old)} times in {file}, not once")
+        path.write_text(source.replace(old, new))
     return str(copy)
+
+
+def phase_cuts() -> dict:
+    """bench/phase_trees.py's CUTS (loaded by path: this script also runs as a module outside bench/)."""
+    spec = importlib.util.spec_from_file_location("phase_trees", Path(__file__).with_name("phase_trees.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CUTS
 
 
 def kernel_tree(folder: str, text: str) -> str:
@@ -150,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="substring of the case names to run (repeatable)")
     parser.add_argument("--variant", action="append", default=[], help="label: module.NAME=value; ...")
     parser.add_argument("--tree", action="append", default=[], help="label=DIR: kernels from another cuda_kernels/")
+    parser.add_argument("--cuts", help="one variant for each phase cut whose name starts with this (tp_, rg_)")
     parser.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="one warm call per case inside profiler start/stop")
@@ -158,6 +176,8 @@ def main(argv=None) -> int:
     suite = _bench.SUITES[args.op]
     cases = [c for c in suite.cases(False) if not args.case or any(s in f"{c.name} {c.dtype_name}" for s in args.case)]
     variants = [parse_variant(v) for v in args.variant] + [parse_tree(t) for t in args.tree]
+    if args.cuts:
+        variants += [parse_variant(f"{name}: cut={name}") for name in phase_cuts() if name.startswith(args.cuts)]
     rows = []
     for round_, variant in ((r, v) for r in range(args.rounds) for v in variants or [Variant("base", {})]):
         old = apply(variant)

@@ -108,30 +108,26 @@ def test_an_edit_that_would_be_silent_or_ambiguous_is_refused(tune, edit, messag
         tune.parse_variant(f"bad: edit={edit}")
 
 
-@pytest.fixture(scope="module")
-def phase_trees():
-    return bench_script("phase_trees")
+
+CUTS = bench_script("phase_trees").CUTS
 
 
-def test_every_phase_cut_applies_to_the_sources(phase_trees):
-    """bench/phase_trees.py's cuts each find their anchors exactly once in this checkout's kernels and change only
-    the file they name (a source change that moves an anchor fails here, not on the GPU machine)."""
-    for label, edits in phase_trees.CUTS.items():
-        texts = phase_trees.cut_sources(label)
-        assert set(texts) == {edit.file for edit in edits}, label
-        for file, text in texts.items():
-            assert text != (phase_trees.KERNELS / file).read_text() and "return; }" in text, label
-
-
-def _cut_kernel(label: str) -> str:
-    """A kernel the cut changes: the two-pass kernel, or the register kernel in a cluster (its cuts sync it)."""
-    return ("cupy_ops::persistent_topk_two_pass_kernel<1024>" if label.startswith("tp_")
+@pytest.mark.parametrize("label", CUTS)
+def test_every_phase_cut_applies_to_the_sources_and_compiles(tune, label):
+    """`cut=NAME` makes bench/phase_trees.py's edits of that cut (each anchor found exactly once: a source change
+    that moves one fails here, not on the GPU machine), and the kernel it cuts compiles: the two-pass kernel, or the
+    register kernel in a cluster (its cuts sync it)."""
+    variant = tune.parse_variant(f"{label}: cut={label}")
+    for edit in CUTS[label]:
+        edited = (Path(variant.root) / edit.file).read_text()
+        assert edit.new in edited and edited != (compiler.kernel_dir() / edit.file).read_text(), label
+    name = ("cupy_ops::persistent_topk_two_pass_kernel<1024>" if label.startswith("tp_")
             else "cupy_ops::persistent_topk_registers_kernel<1024, 2, 5>")
-
-
-@pytest.mark.parametrize("label", bench_script("phase_trees").CUTS)
-def test_every_phase_cut_compiles(phase_trees, label, tmp_path):
-    kernel = next(k for k in every_kernel() if k.name_expression == _cut_kernel(label))
-    tree = phase_trees.write_tree(label, tmp_path)
-    report = compiler.ptxas_report(kernel.source, kernel.name_expression, 90, root=str(tree))
+    kernel = next(k for k in every_kernel() if k.name_expression == name)
+    report = compiler.ptxas_report(kernel.source, kernel.name_expression, 90, root=variant.root)
     assert report.registers > 0, report.log
+
+
+def test_an_unknown_phase_cut_is_refused(tune):
+    with pytest.raises(SystemExit, match="no cut 'tp_nothing'"):
+        tune.parse_variant("bad: cut=tp_nothing")
