@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -115,11 +116,17 @@ def check_call(op, args: tuple, entry=None) -> None:
         pytest.fail(f"{op.name}: {problem}", pytrace=False)
 
 
-def schema_arguments(schema) -> list[tuple]:
-    """(name, type, written, default or None) of each argument of a torch FunctionSchema: what a drop-in's schema
-    must share with vLLM's."""
-    return [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write,
-             repr(a.default_value) if a.has_default_value() else None) for a in schema.arguments]
+class SchemaArgument(NamedTuple):
+    name: str
+    type: str
+    written: bool
+    default: str | None  # repr of the default value, None without one
+
+
+def schema_arguments(schema) -> list[SchemaArgument]:
+    """Each argument of a torch FunctionSchema as what a drop-in's schema must share with vLLM's."""
+    return [SchemaArgument(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write,
+                           repr(a.default_value) if a.has_default_value() else None) for a in schema.arguments]
 
 
 def opcheck(op, args: tuple) -> None:

@@ -20,8 +20,8 @@ def test_schema_equals_vllms(name, vllm_ops):
     ours = ops()[name].overload._schema
     theirs = getattr(vllm_ops, name).default._schema
     mine, vllm = schema_arguments(ours), schema_arguments(theirs)
-    assert [a[0] for a in mine] == [a[0] for a in vllm], f"{name}: argument names or order differ"
+    assert [a.name for a in mine] == [a.name for a in vllm], f"{name}: argument names or order differ"
     for a, b in zip(mine, vllm):
-        if (name, a[0]) not in DELIBERATE:
-            assert a == b, f"{name}: argument {a[0]} is {a[1:]}, vLLM's {b[1:]}"
+        if (name, a.name) not in DELIBERATE:
+            assert a == b, f"{name}: argument {a.name} is {a}, vLLM's {b}"
     assert len(ours.returns) == len(theirs.returns) == 0
