@@ -3,6 +3,7 @@ declaration errors, and what a plan may launch. Validation and caching on real o
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from example_op.scaled_copy import KERNELS, OP, PARAMS
@@ -179,6 +180,16 @@ def int_scalar_op():
 def test_scalar_types_are_checked(int_scalar_op, value, error):
     with pytest.raises(TypeError, match=f"scalars_i: k {error}"):
         int_scalar_op.public(torch.empty(2), value)
+
+
+def test_numpy_scalars_pass_as_torch_ops_takes_them():
+    """np.int64 and np.float32 (numbers.Integral / numbers.Real) are accepted for int and float arguments, as
+    Python's, and reach check and plan as Python int and float."""
+    op = _declare("scalars_np(Tensor! out, int k, float s) -> ()", [TensorArg("out", "out")])
+    call, _ = op.validate((torch.empty(2), np.int64(3), np.float32(0.5)))
+    assert (call.k, call.s) == (3, 0.5) and type(call.k) is int and type(call.s) is float
+    with pytest.raises(TypeError, match="scalars_np: k must be an int, got float64"):
+        op.validate((torch.empty(2), np.float64(3.0), 0.5))
 
 
 def test_a_schema_written_argument_the_kernel_only_reads_may_overlap_inputs():

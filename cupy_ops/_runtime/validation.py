@@ -4,6 +4,7 @@ a ValueError or TypeError naming the op and the argument."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -151,12 +152,14 @@ def _check_scalar(op: str, name: str, value, type_name: str, optional: bool):
         if optional:
             return None
         raise TypeError(f"{op}: {name} must be {type_name}, got None")
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    # NumPy's integer and float scalars pass, as torch.ops takes them (numbers.Integral / numbers.Real); bool is an
+    # int to Python but not to the schema.
+    ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
           "bool": lambda v: isinstance(v, bool)}.get(type_name)
     if ok is None:
         raise TypeError(f"{op}: {name} has schema type {type_name}, which cupy_ops does not validate yet")
     if not ok(value):
         raise TypeError(f"{op}: {name} must be {'an' if type_name == 'int' else 'a'} {type_name}"
                         f"{' or None' if optional else ''}, got {type(value).__name__}")
-    return value
+    return {"int": int, "float": float, "bool": bool}[type_name](value)
