@@ -12,8 +12,8 @@ MISMATCH). In phase order:
   tp_sample (the sampled cutoff), tp_stream (the sampled read with nothing listed), tp_list (the read and its
   appends), tp_select (the select on the list), tp_mark (its marking of the bitmaps), tp_scans (the emission's two
   block scans; the rest is staging and the output write);
-- register kernel (common/topk_registers.cuh): rg_empty (launch and exit), rg_hist (the read and the 11-bit
-  histogram), rg_round0 (select round 0), rg_select (the refine rounds), rg_scan (the emission's block scan).
+- register kernel (common/topk_registers.cuh): rg_empty (launch and exit), rg_read (the read), rg_hist (and the
+  11-bit histogram), rg_round0 (select round 0), rg_select (the refine rounds), rg_scan (the emission's block scan).
 
 tests/test_tune_tool.py checks that every cut still applies to the sources and compiles.
 """
@@ -51,6 +51,8 @@ _HISTOGRAM = ("        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21]
 _ROUND0 = "  select_round0<THREADS, CLUSTER>(static_cast<uint32_t>(k), true, sh);\n"
 _CUTOFF = "    const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);\n"
 _SLOT = "  int slot = static_cast<int>(block_exclusive_sum<THREADS>(count, total, sh, parity));\n"
+_READ_SUM = ("  float read_sum = 0.0f;\n#pragma unroll\n"
+             "  for (int j = 0; j < 4 * SLOTS; ++j) read_sum += valid >> j & 1u ? x[j] : 0.0f;\n")
 _BEFORE = "  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);\n"
 
 CUTS: dict[str, list[Edit]] = {
@@ -62,6 +64,7 @@ CUTS: dict[str, list[Edit]] = {
     "tp_mark": [before(TWO_PASS, "  if (!listed) {\n    for_each_element", _exit("take", when="listed && len > 0"))],
     "tp_scans": [after(TWO_PASS, _SLOT, _exit("slot"))],
     "rg_empty": [before(REGISTERS, "  const bool contiguous = stride == 1;\n", _exit("len", "out[0]"))],
+    "rg_read": [before(REGISTERS, "  clear_fine<THREADS>(sh);\n", _READ_SUM + _exit("read_sum", "out[0]"))],
     "rg_hist": [after(REGISTERS, _HISTOGRAM, _exit("sh.fine[5]", "out[0]"))],
     "rg_round0": [after(REGISTERS, _ROUND0, _exit("sh.found[0]", "out[0]", cluster=True))],
     "rg_select": [after(REGISTERS, "  }, true, sh, pivot, mask, rem);\n", _exit("pivot", "out[0]", cluster=True))],
