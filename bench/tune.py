@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import importlib
 import importlib.util
 import json
@@ -97,6 +98,7 @@ def edited_tree(folder: str, edits: list[tuple[str, str, str]], text: str) -> st
     return str(copy)
 
 
+@functools.cache
 def phase_cuts() -> dict:
     """bench/phase_trees.py's CUTS (loaded by path: this script also runs as a module outside bench/)."""
     spec = importlib.util.spec_from_file_location("phase_trees", Path(__file__).with_name("phase_trees.py"))

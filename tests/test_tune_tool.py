@@ -108,7 +108,6 @@ def test_an_edit_that_would_be_silent_or_ambiguous_is_refused(tune, edit, messag
         tune.parse_variant(f"bad: edit={edit}")
 
 
-
 CUTS = bench_script("phase_trees").CUTS
 
 

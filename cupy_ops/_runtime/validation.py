@@ -147,19 +147,21 @@ def _or(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+# Schema scalar type -> (the values accepted, the Python type check and plan see). NumPy's integer and float scalars
+# pass, as torch.ops takes them (numbers.Integral / numbers.Real); bool is an int to Python but not to the schema.
+_SCALAR_KINDS = {"int": (numbers.Integral, int), "float": (numbers.Real, float), "bool": (bool, bool)}
+
+
 def _check_scalar(op: str, name: str, value, type_name: str, optional: bool):
     if value is None:
         if optional:
             return None
         raise TypeError(f"{op}: {name} must be {type_name}, got None")
-    # NumPy's integer and float scalars pass, as torch.ops takes them (numbers.Integral / numbers.Real); bool is an
-    # int to Python but not to the schema.
-    ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool)}.get(type_name)
-    if ok is None:
+    kind = _SCALAR_KINDS.get(type_name)
+    if kind is None:
         raise TypeError(f"{op}: {name} has schema type {type_name}, which cupy_ops does not validate yet")
-    if not ok(value):
+    accepted, python_type = kind
+    if not isinstance(value, accepted) or (python_type is not bool and isinstance(value, bool)):
         raise TypeError(f"{op}: {name} must be {'an' if type_name == 'int' else 'a'} {type_name}"
                         f"{' or None' if optional else ''}, got {type(value).__name__}")
-    return {"int": int, "float": float, "bool": bool}[type_name](value)
+    return python_type(value)
