@@ -366,7 +366,7 @@ def _context_to_retry_in(device: int, code: int, what: str):
     in the thread, e.g. after a first `torch.empty(device="cuda:1")`, until torch's next device switch)."""
     current = _current_context()
     if not current:
-        _check_cu(_libcuda().cuCtxSetCurrent(_primary_context(device)), "cuCtxSetCurrent")
+        _make_context_current(device)
         return contextlib.nullcontext()
     if current != _primary_context(device).value:
         return _ContextPushed(device)
