@@ -307,9 +307,10 @@ struct RoundCount {
   }
 };
 
-// Rounds 1-3 after select_round0, over the keys each_key(f) passes to f(key) (each thread its share; keys outside
-// B may be passed too: they match no round's prefix).
-template <int THREADS, int CLUSTER, typename EachKey>
+// Rounds 1 to LAST_ROUND (3: the exact key) after select_round0, over the keys each_key(f) passes to f(key) (each
+// thread its share; keys outside B may be passed too: they match no round's prefix). Stopped earlier, the pivot is
+// the lowest key of the last round's bin.
+template <int THREADS, int CLUSTER, int LAST_ROUND = 3, typename EachKey>
 __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32_t& pivot, uint32_t& mask,
                               uint32_t& rem) {
   const bool in_cluster = CLUSTER > 1 && cluster;
@@ -318,8 +319,8 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
   rem = sh.found[1];
   if (rem != sh.found[2]) {  // else every entry of the bin is in: the lower bits cannot matter (uniform)
     // Rounds 1-3: 8 bits each, shifts 13, 5 and 0, over the entries that match the bits fixed so far.
-#pragma unroll 1
-    for (int round = 1; round < 4; ++round) {
+#pragma unroll
+    for (int round = 1; round <= LAST_ROUND; ++round) {
       const int shift = max(0, 21 - 8 * round);
       uint32_t* hist = sh.hist[round & 1];
       each_key(RoundCount{prefix, mask, shift, hist});
@@ -378,6 +379,9 @@ __device__ __forceinline__ CtaChunk cta_chunk(const float* base, bool contiguous
 
 // ---- a sampled cutoff ----
 
+// Refine rounds of the sampled cutoff's select: 1 stops at the lowest key of the rank-R sample's 19-bit bin, a
+// cutoff a relative ~2^-10 below the rank-R key (any cutoff is exact; a lower one lists a few more keys).
+constexpr int kSampleRounds = 1;
 constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
 constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
 
@@ -422,7 +426,7 @@ __device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int 
   const uint32_t rank = static_cast<uint32_t>(min(max(wanted, int64_t{1}), int64_t{kSample}));
   uint32_t pivot, mask, rem;
   select_round0<THREADS, 1>(rank, false, sh);
-  select_refine<THREADS, 1>([&](auto f) {
+  select_refine<THREADS, 1, kSampleRounds>([&](auto f) {
 #pragma unroll
     for (int u = 0; u < kPer; ++u) f(key[u]);
   }, false, sh, pivot, mask, rem);

@@ -25,12 +25,16 @@
 // 63.7M). Packing the sel bits of 8 lanes into words with shuffles instead of atomics was slower on every shape (56
 // vs 50 us at 128 x 131072).
 #pragma once
+#include "async_copy.cuh"
 #include "topk.cuh"
 
 namespace cupy_ops {
 namespace topk {
 
 constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using any: 64 KB in flight per 1024 threads
+// Bytes a thread asks L2 to fetch from the row's start while its CTA finds the sampled cutoff (no read of the row is
+// in flight then; the sampled read then starts from L2).
+constexpr int kTwoPassPrefetch = 128;
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
 // (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
@@ -199,6 +203,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
+    prefetch_l2<THREADS>(base, min(int64_t{4} * len, int64_t{kTwoPassPrefetch} * THREADS));
     const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);
     __syncthreads();  // sh.fine is clear again
     list_above<THREADS>(base, len, cutoff, list_keys, list_columns, cap, sh);
