@@ -31,11 +31,7 @@ from .._runtime import Call, Launch, Op, TensorArg
 from .._runtime import params as P
 from .top_k_per_row import NoRowPlan, check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
 
-# The 256- and 512-thread two-pass kernels spill 12 bytes stored, 8 loaded at sm_90 with NVRTC 13.0 and 12.9 (in
-# the select's bin search, not the read) since their lane-loop appends (common/topk_two_pass.cuh), which measured
-# faster with the spill (H100, A/B in one run: 256 x 32768 k 512 20.3 -> 19.95 us); 13.5 and the 1024-thread one none.
-TWO_PASS_KNOWN_SPILLS = {t: {((13, 0), 90): 12, ((12, 9), 90): 12} for t in (256, 512)}
-KERNELS = row_kernels("persistent_topk.cu", "persistent_topk_kernel", TWO_PASS_KNOWN_SPILLS)
+KERNELS = row_kernels("persistent_topk.cu", "persistent_topk_kernel")
 PARAMS = P.CStruct("PersistentTopKParams", [
     P.ptr("output"), P.ptr("logits"), P.ptr("lengths"),
     P.i64("stride0"), P.i64("out_stride"), P.i64("max_len"),

@@ -50,8 +50,9 @@ MAX_ROWS = 2**31 - 1      # rows (and next_n, an int32 field): CUDA's grid.x lim
 INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
 TWO_PASS_THREADS = (256, 512, 1024)  # the two-pass kernel's instantiations (one CTA a row)
 # The row-in-registers kernel (common/topk_registers.cuh) takes the whole chunks of calls whose grid fits the SMs,
-# up to REGISTER_SLOTS[threads] x threads 16-byte slots a CTA (one CTA an SM: 1024 threads hold 5 slots in their
-# 64 registers, 256 and 512 threads 6 in 71; NVRTC 13, no spills on sm_80 or sm_90). H200, against the buffer
+# up to REGISTER_SLOTS[threads] x threads 16-byte slots a CTA (one CTA an SM: 1024 threads hold 5 slots in 56 of
+# their 64 registers, 256 and 512 threads 6 in 56-64; NVRTC 13.0, sm_90, no spills on sm_80 or sm_90; 61 and 71-80
+# before session 34 unrolled the select's rounds, whose A/B is in docs/performance-log.md). H200, against the buffer
 # kernel (bench/tune.py, one run, us; 256 and 512 threads at 64 registers): decode 1 x 8192 6.5 vs
 # 7.5, 1 x 163840 12.5 vs 13.9, persistent 4 x 163840 12.8 vs 14.2, 4 x 65536 11.3 vs 11.8, 64 x 20000 11.5 vs
 # 12.5, 8 x 262144 27.2 vs 29.2; but calls of more CTAs than SMs, which it took in 512-thread CTAs (two an SM;
@@ -418,28 +419,17 @@ def top_k_per_row_decode_ref(logits, next_n, seq_lens, indices, numRows, stride0
 
 # ---- the ops --------------------------------------------------------------------------------------------------------
 
-def row_kernels(filename: str, kernel: str, two_pass_spills: dict | None = None) -> RowKernels:
-    """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers;
-    `two_pass_spills`: threads -> that two-pass kernel's known spills (Kernel.known_spills)."""
+def row_kernels(filename: str, kernel: str) -> RowKernels:
+    """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers."""
     return RowKernels(
         {(t, c): Kernel(filename, f"cupy_ops::{kernel}<{t}, {c}>") for t, c in INSTANTIATIONS},
-        {t: Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_two_pass_kernel')}<{t}>",
-                   known_spills=(two_pass_spills or {}).get(t)) for t in TWO_PASS_THREADS},
+        {t: Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_two_pass_kernel')}<{t}>")
+         for t in TWO_PASS_THREADS},
         {(t, c): Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_registers_kernel')}<{t}, {c}, "
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
 
 
-# Spills ptxas makes in this file's two-pass kernels at sm_90, kept. NVRTC 13.0 (the H200 image's) and 12.9 (the same
-# instructions, alignment NOPs aside: bench/sass.py, 2026-12-05): 28-32 bytes stored, 40-64 loaded; 13.5: 4 and 12 in
-# the 1024-thread one. The spill-free variant (the row window through a non-inlined call) was slower with 13.0 (H200,
-# 2026-12-04, bench/results/h200-device-checks.json; not one A/B call, but vLLM's kernel measured the same in both:
-# prefill 2048 x 16384 k 512 66.3 against 63.1 us, 8192 x 32768 380.0 against 366.7, decode 128 x 131072 33.0
-# against 31.2); the 256- and 512-thread ones' lane-loop appends (common/topk_two_pass.cuh) add 4 bytes stored.
-TWO_PASS_KNOWN_SPILLS = {256: {((13, 0), 90): 64, ((12, 9), 90): 64},
-                         512: {((13, 0), 90): 64, ((12, 9), 90): 64},
-                         1024: {((13, 0), 90): 64, ((12, 9), 90): 64, ((13, 5), 90): 12}}
-KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel",
-                      TWO_PASS_KNOWN_SPILLS)  # what prefill and decode may launch
+KERNELS = row_kernels("top_k_per_row.cu", "top_k_per_row_kernel")  # what prefill and decode may launch
 PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
