@@ -313,6 +313,7 @@ struct RoundCount {
 template <int THREADS, int CLUSTER, int LAST_ROUND = 3, typename EachKey>
 __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32_t& pivot, uint32_t& mask,
                               uint32_t& rem) {
+  static_assert(LAST_ROUND >= 1 && LAST_ROUND <= 3, "refine rounds 1 to 3 fix key bits 20-0");
   const bool in_cluster = CLUSTER > 1 && cluster;
   uint32_t prefix = sh.found[0] << 21;
   mask = 0xffe00000u;
@@ -321,8 +322,9 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
     // Rounds 1-3: 8 bits each, shifts 13, 5 and 0, over the entries that match the bits fixed so far. Unrolled, so
     // each round's shift and mask are constants: with the rounds in a loop NVRTC 12.9 and 13.0 spilled 28-32 bytes in
     // the two-pass kernels and the register kernels took 61-80 registers (now 56-64, no spills). H100, A/B in one
-    // run (session 34, with kTwoPassPrefetch): prefill 8192 x 32768 375.4 -> 340.4 us, 4096 x 8192 67.2 -> 64.8,
-    // persistent 64 x 20000 9.7 -> 9.3, 8 x 4096 5.0 -> 4.6; only decode 16 x 32768 k 1024 slower, 11.2 -> 11.4.
+    // run (session 34, both with kTwoPassPrefetch and kSampleRounds 1): prefill 8192 x 32768 370.0 -> 340.4 us,
+    // 4096 x 8192 67.3 -> 64.8, persistent 64 x 20000 9.7 -> 9.3, 8 x 4096 5.0 -> 4.6; slower only decode
+    // 16 x 32768 k 1024, 11.2 -> 11.4, and 32 x 163840, 29.4 -> 29.7.
 #pragma unroll
     for (int round = 1; round <= LAST_ROUND; ++round) {
       const int shift = max(0, 21 - 8 * round);
@@ -384,8 +386,9 @@ __device__ __forceinline__ CtaChunk cta_chunk(const float* base, bool contiguous
 // ---- a sampled cutoff ----
 
 // Refine rounds of the sampled cutoff's select: 1 stops at the lowest key of the rank-R sample's 19-bit bin, a
-// cutoff a relative ~2^-10 below the rank-R key (any cutoff is exact; a lower one lists a few more keys). 3 measured
-// the same within 1 us on every top-k case (H100, session 34); 1 is what the kept kernels were measured with.
+// cutoff a relative ~2^-10 below the rank-R key (any cutoff is exact; a lower one lists a few more keys). H100,
+// session 34, before the unrolled rounds: 3 measured the same within 0.2 us on five cases, 1.1 us faster at prefill
+// 8192 x 32768 and 1.2 at persistent 32 x 163840; 1 is what the kept kernels were measured with (not A/B'd there).
 constexpr int kSampleRounds = 1;
 constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
 constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes
@@ -409,8 +412,9 @@ __device__ __forceinline__ void load_sample(const float* base, int64_t stride, i
   }
 }
 
-// A key that about `target` of the chunk [lo, hi) reach: the rank-R key of the kSample sampled values (load_sample),
-// R = ceil(target x kSample / (hi - lo)), found by the select's rounds on the sample. topk_row's stream then
+// A key that about `target` of the chunk [lo, hi) reach: about the rank-R key of the kSample sampled values
+// (load_sample), R = ceil(target x kSample / (hi - lo)): the lowest key of its bin after kSampleRounds of the select's
+// refine rounds on the sample. topk_row's stream then
 // appends only keys >= it from the start, so a long chunk costs neither a full buffer's select nor the appends of
 // its early groups (128 x 131072, k 2048: ~2 shrinks a row without it); topk_row_two_pass lists only them. The
 // cutoff may let fewer than k through (an unlucky sample, or data whose runs mislead it): the kernels then read the
@@ -437,7 +441,7 @@ __device__ uint32_t sample_cutoff(const float (&values)[kSample / THREADS], int 
   }, false, sh, pivot, mask, rem);
   // select_round0 read sh.fine before its last barrier, select_refine does not read it
   clear_fine<THREADS>(sh);
-  return pivot;  // the rank-R key, or the lowest key of its bin when the select took that bin whole
+  return pivot;  // the rank-R key with the bits below the last round run cleared: the lowest key of its bin
 }
 
 // ---- a cutoff as a float compare ----

@@ -35,7 +35,8 @@ constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using 
 // Bytes a thread asks L2 to fetch from the row's start while its CTA finds the sampled cutoff (no read of the row is
 // in flight then; the sampled read then starts from L2): 32 KB for a 256-thread CTA. H100, A/B in one run (session
 // 34, unrolled select): prefill 8192 x 32768 347.1 -> 340.4 us, persistent 128 x 131072 34.4 -> 33.7, 256 x 32768
-// 19.6 -> 19.2, but prefill 2048 x 16384 57.8 -> 58.4; 256 bytes: 2048 x 16384 63.3, 256 x 32768 20.5.
+// 19.6 -> 19.2, but prefill 2048 x 16384 57.8 -> 58.4; 256 bytes (before the unrolled select): 2048 x 16384 63.3
+// against 61.5, 256 x 32768 20.5 against 19.7.
 constexpr int kTwoPassPrefetch = 128;
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
