@@ -9,9 +9,11 @@ whole kernel in one run, the cuts give cumulative µs a phase; their outputs are
 MISMATCH). In phase order:
 
 - two-pass kernel (common/topk_two_pass.cuh; rows of the prefill too short to sample run whole in every cut):
-  tp_sample (the sampled cutoff), tp_stream (the sampled read with nothing listed), tp_list (the read and its
-  appends), tp_select (the select on the list), tp_mark (its marking of the bitmaps), tp_scans (the emission's two
-  block scans; the rest is staging and the output write);
+  tp_sample (the sampled cutoff), tp_stream (the sampled read with nothing listed: valid only where the read is
+  staged by cp.async, as NVRTC 13.0 moves plain loads whose elements cannot pass into the branch never taken: H100,
+  session 35, 0.4 us past tp_sample for 60 MB), tp_list (the read and its appends), tp_select (the select on the
+  list), tp_mark (its marking of the bitmaps), tp_scans (the emission's block scan; the rest is staging and the
+  output write);
 - register kernel (common/topk_registers.cuh): rg_empty (launch and exit), rg_read (the read), rg_hist (and the
   11-bit histogram), rg_round0 (select round 0), rg_select (the refine rounds), rg_scan (the emission's block scan).
 
@@ -45,12 +47,13 @@ def _exit(value: str, out: str = "out_row()[0]", cluster: bool = False, when: st
     return f"  if ({when}) {{ if (threadIdx.x == 0) {out} = static_cast<int>({value});{sync} return; }}\n"
 
 
-_LISTED = "    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, cap, sh);\n    __syncthreads();\n"
+_LISTED = ("    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);\n"
+           "    __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)\n")
 _HISTOGRAM = ("        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21], 1u);\n      }\n    }\n  }\n"
               "  __syncthreads();\n")
 _ROUND0 = "  select_round0<THREADS, CLUSTER>(static_cast<uint32_t>(k), true, sh);\n"
 _CUTOFF = "    const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);\n"
-_SLOT = "  int slot = static_cast<int>(block_exclusive_sum<THREADS>(count, total, sh, parity));\n"
+_SLOT = "  int slot = static_cast<int>(above_before + min(equal_before, take));\n"
 _READ_SUM = ("  float read_sum = 0.0f;\n#pragma unroll\n"
              "  for (int j = 0; j < 4 * SLOTS; ++j) read_sum += valid >> j & 1u ? x[j] : 0.0f;\n")
 _BEFORE = "  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);\n"

@@ -18,7 +18,7 @@ struct PersistentTopKParams {
   int k;                 // 1..4096
   int cap;               // buffer entries per CTA (common/topk_row.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
-  int stages;            // groups of the copy ring (1..3)
+  int stages;            // groups of the copy ring (1..3); the two-pass kernel's: 1 stages its sampled read
   int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
 };
 
@@ -35,14 +35,14 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
 }
 
 // One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
-// the sampled read's target (0: two reads).
+// the sampled read's target (0: two reads), stages 1 where that read stages its next batch in shared memory.
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
                                    [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
-                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample);
+                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample, p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

@@ -20,7 +20,7 @@ struct TopKPerRowParams {
   int k;                 // 1..4096
   int cap;               // buffer entries per CTA (common/topk_row.cuh: topk_row), or the two-pass kernel's list
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
-  int stages;            // groups of the copy ring (1..3)
+  int stages;            // groups of the copy ring (1..3); the two-pass kernel's: 1 stages its sampled read
   int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>())
 }
 
 // One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
-// the sampled read's target (0: two reads). Plans launch it only for unit column strides.
+// the sampled read's target (0: two reads), stages 1 where that read stages its next batch in shared memory. Plans
+// launch it only for unit column strides.
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
   const int row = row_of<1>(p);
@@ -76,7 +77,8 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    [&] { return p.indices + row_of<1>(p) * p.out_stride; }, p.k, p.cap,
-                                   static_cast<int>((p.num_cols + 31) / 32), p.sample);
+                                   static_cast<int>((p.num_cols + 31) / 32), p.sample,
+                                   p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

@@ -154,7 +154,7 @@ def emulator(tmp_path_factory):
     files = {"common/types.cuh": None, "common/cluster.cuh": CLUSTER_CUH, "common/async_copy.cuh": ASYNC_COPY_CUH,
              "common/grid_dependency.cuh": None, "common/topk.cuh": None, "top_k_per_row.cu": None,
              "persistent_topk.cu": None}
-    for header in ("topk_row.cuh", "topk_two_pass.cuh", "topk_registers.cuh"):  # each row function's two shared
+    for header in ("topk_row.cuh", "topk_two_pass.cuh", "topk_registers.cuh"):  # each row function's shared
         # declarations
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
@@ -171,7 +171,9 @@ def emulator(tmp_path_factory):
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
                                 "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
                                 "emu::cur->static_bytes);", core)
-        assert shared == dynamic == 1, f"{header}'s shared declarations changed: update the emulation"
+        # (the register kernel has no dynamic shared memory: its threads store their outputs themselves)
+        expected = (1, 0 if header == "topk_registers.cuh" else 1)
+        assert (shared, dynamic) == expected, f"{header}'s shared declarations changed: update the emulation"
         files[f"common/{header}"] = core
     return build(tmp_path_factory.mktemp("topk_emulator"), files, DRIVER)
 
@@ -180,14 +182,15 @@ EMULATED_SMS = 4
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
-            registers=False, slots=None):
+            ring=False, registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
     a list of that many entries (a small one overflows: the sampled read falls back to two reads, whose select reads
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
-    registers: the row-in-registers kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread
+    ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
+    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread
     (default: the plans' T.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
     if registers:
@@ -202,7 +205,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words, staged = -(-width // 32), 4 * k
-            row = T.RowPlan(threads, 1, 0, list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True,
+            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True,
                             sample=T.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
@@ -246,19 +249,22 @@ class Geometry(NamedTuple):
     sample: int | None = None
     registers: bool = False
     slots: int | None = None
+    ring: bool = False  # two-pass: list_cap is the sampled read's list beside its ring
 
     def __str__(self):
         if self.list_cap is not None:
             sample = "" if self.sample is None else f"-sample{self.sample}"
-            return f"two-pass-{self.threads}-list{self.list_cap}{sample}"
+            return f"two-pass-{self.threads}-list{self.list_cap}{sample}{'-ring' if self.ring else ''}"
         if self.registers:
             return f"registers-{self.threads}x{self.cluster}{'' if self.slots is None else f'-slots{self.slots}'}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
         return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
+        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
-                list_cap=self.list_cap, sample=self.sample, registers=self.registers, slots=self.slots)
+                list_cap=list_cap, sample=self.sample, ring=self.ring, registers=self.registers,
+                slots=self.slots)
 
 
 # A shrink needs a chunk above k + 8 x threads: widths ~9000 with small k give one to a dozen (ascending scores
@@ -267,13 +273,16 @@ class Geometry(NamedTuple):
 # with a list of 2048-4096 entries (and at 1024 threads, the plans' for rows that fit the SMs, among the sampled
 # cases below): rows of 8192 and more take its sampled read (the plan's target, ~280 survivors), the others (and
 # sample=0) two reads, whose list holds the k-th largest's bin; and with one of 8 entries that none can fit (the
-# sampled read overflows it, then the select and the marking read the row again). Streaming
+# sampled read overflows it, then the select and the marking read the row again); `ring`: the sampled read stages
+# its next batch in shared memory beside a list of that many entries (as the plans' 512- and 1024-thread CTAs do;
+# among the sampled cases: a list it overflows, whose two reads then have the ring's entries too). Streaming
 # buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
 # sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
-                      Geometry(512, list_cap=4096, sample=0), Geometry(256, list_cap=8), Geometry(512, registers=True),
+                      Geometry(512, list_cap=4096, sample=0), Geometry(256, list_cap=8),
+                      Geometry(512, list_cap=2048, ring=True), Geometry(512, registers=True),
                       Geometry(256, 4, registers=True),
                       Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
@@ -329,7 +338,8 @@ def test_prefill_strided_rows(emulator, monkeypatch, geometry):
 
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
-                         Geometry(256, list_cap=8), Geometry(512, shrink=True, sample=1),
+                         Geometry(256, list_cap=8), Geometry(256, list_cap=2048, ring=True),
+                         Geometry(512, shrink=True, sample=1),
                          Geometry(512, registers=True), Geometry(256, 4, registers=True),
                          Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
@@ -417,6 +427,10 @@ SAMPLED_CASES = {
     "two-pass-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048), False),
     "two-pass-late-nan-inf": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=2048), False),
     "two-pass-list-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200), True),
+    "two-pass-ring-exactly-k": SampledCase("descending", 171, Geometry(256, list_cap=2048, sample=276, ring=True),
+                                           False),
+    "two-pass-ring-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048, ring=True), False),
+    "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200, ring=True), True),
 }
 
 

@@ -62,6 +62,9 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         else:
             target = T.two_pass_sample_target(width, k)
             assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
+        # the sampled read's ring (stages 1) takes the list's last entries: what is left still holds its target
+        ring_room = T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads)
+        assert row.stages == int(row.sample > 0 and ring_room) and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
@@ -71,10 +74,10 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
     assert row.cluster == 1 or arch >= 90
-    if row.registers:  # a whole chunk in the threads' slots; k staged outputs
+    if row.registers:  # a whole chunk in the threads' slots; no dynamic shared memory
         assert kernel is T.KERNELS.registers[row.threads, row.cluster]
         assert T.chunk_bound(width, row.cluster) <= 4 * T.REGISTER_SLOTS[row.threads] * row.threads
-        assert row.shared_bytes == config.shared_bytes == 4 * k and row.shared_bytes + T.STATIC_SMEM <= optin
+        assert row.shared_bytes == config.shared_bytes == 0
         return
     assert kernel is T.KERNELS.buffer[row.threads, row.cluster]
     assert 1 <= row.stages <= 3 and row.cap % 4 == 0
@@ -125,6 +128,9 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     assert rows[256, 32768, 512].threads == 512  # one wave: a row's latency, not the queue, sets the time
     assert rows[128, 131072, 2048].threads == 1024
     assert all(rows[shape].sample > 0 for shape in two_pass)
+    # the sampled read stages its next batch where the list has room beside the ring (not in 4 x 256 threads an SM)
+    assert {shape for shape in two_pass if rows[shape].stages} == {(128, 131072, 2048), (256, 32768, 512),
+                                                                     (1000, 20000, 1)}
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 

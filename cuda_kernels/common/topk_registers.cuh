@@ -12,8 +12,7 @@
 // 2. the select (topk.cuh) with rounds over registers;
 // 3. index order is thread order: one block scan of each thread's counts above / equal to the pivot places its
 //    outputs (in a cluster, cluster_emission continues the slots from the lower-ranked CTAs); a thread visits
-//    only its taken keys (bitmasks from the count), stages them in shared memory (k entries), and the CTA stores
-//    them coalesced.
+//    only its taken keys (bitmasks from the count) and stores them to its consecutive output slots.
 // Elements outside the CTA's chunk [lo, hi) are key-0 fillers, below every real key (>= key(-inf) = 0x007fffff,
 // whose bin, 3, no filler's bin matches): never counted, never selected.
 #pragma once
@@ -29,7 +28,7 @@ __device__ __forceinline__ uint32_t popcount(uint64_t bits) { return __popcll(bi
 __device__ __forceinline__ int lowest_bit(uint32_t bits) { return __ffs(bits) - 1; }
 __device__ __forceinline__ int lowest_bit(uint64_t bits) { return __ffsll(bits) - 1; }
 
-// Dynamic shared memory: the k staged outputs. The host guarantees len <= 2^31 - 8 and that CTA `rank`'s chunk
+// No dynamic shared memory. The host guarantees len <= 2^31 - 8 and that CTA `rank`'s chunk
 // of ceil(ceil((len + a) / 4) / CLUSTER) slots is at most SLOTS x THREADS (so counts fit 16 bits: SLOTS x THREADS
 // x 4 < 65536).
 template <int THREADS, int CLUSTER, int SLOTS>
@@ -37,7 +36,6 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   static_assert(4 * SLOTS <= 64 && 4 * SLOTS * THREADS < 65536, "valid bits in 64, counts in 16 bits");
   using bits_t = typename pick_type<(4 * SLOTS > 32), uint64_t, uint32_t>::type;
   __shared__ Shared sh;
-  extern __shared__ uint4 topk_dynamic_smem[];
   const int rank = static_cast<int>(cluster_rank<CLUSTER>());
   if (len <= k) {
     write_short_row<THREADS, CLUSTER>(len, out, k, rank);
@@ -113,22 +111,22 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   // Fillers (key 0) are below every pivot (a real key's bin, >= 3): no valid-bit test needed. Bit j of
   // above_bits / equal_bits: key j is above / equal to the pivot, so the emission visits only the taken keys
   // (k of the row's L; at 64 x 20000, k 512, a loop over every key was ~15% of the instructions, ncu).
-  bits_t above_bits = 0, equal_bits = 0;
+  // Two compares a key, no mask: key & mask > pivot <=> key > top, and key & mask >= pivot <=> key >= pivot (the
+  // pivot's bits under the mask are zero).
+  const uint32_t top = pivot | ~mask;  // the largest key equal to the pivot under the mask
+  bits_t above_bits = 0, at_least = 0;
 #pragma unroll
   for (int j = 0; j < 4 * SLOTS; ++j) {
     if (j >= 4 * per_thread) break;
-    const uint32_t m = key[j] & mask;
-    above_bits |= static_cast<bits_t>(m > pivot) << j;
-    equal_bits |= static_cast<bits_t>(m == pivot) << j;
+    above_bits |= static_cast<bits_t>(key[j] > top) << j;
+    at_least |= static_cast<bits_t>(key[j] >= pivot) << j;
   }
+  const bits_t equal_bits = at_least & ~above_bits;
   const uint32_t above = popcount(above_bits), equal = popcount(equal_bits);
   uint32_t parity = 0, total;
   const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
   int first, take;
   cluster_emission<CLUSTER>(rem, sh, first, take);
-  // This CTA's output run out[first .. first + count), staged in shared memory.
-  const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
-  int* staged = reinterpret_cast<int*>(topk_dynamic_smem);
   // Ties go to the lowest indices: this thread takes the first take - tied of its pivot-equal keys, tied being
   // the CTA's pivot-equal keys before this thread's.
   const int tied = static_cast<int>(before >> 16);
@@ -139,11 +137,11 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     taken |= lowest;
     rest ^= lowest;
   }
-  // Index order is bit order: the slot is the entries taken before this thread plus those of its lower bits.
-  int slot = static_cast<int>(before & 0xffffu) + min(tied, take);
-  for (; taken != 0; taken &= taken - 1) staged[slot++] = 4 * first_slot - a + lowest_bit(taken);
-  __syncthreads();
-  for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];
+  // Index order is bit order: the slot is the entries taken before this thread plus those of its lower bits. Stored
+  // straight from here: a thread's outputs are consecutive slots, so a warp's stores cover a few sectors (staging
+  // them in shared memory for coalesced stores cost a barrier; the two-pass kernel keeps its staging, see there).
+  int slot = first + static_cast<int>(before & 0xffffu) + min(tied, take);
+  for (; taken != 0; taken &= taken - 1) out[slot++] = 4 * first_slot - a + lowest_bit(taken);
   if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 

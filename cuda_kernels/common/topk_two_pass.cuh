@@ -9,8 +9,9 @@
 // 3. Rounds 1-3 of the select over the list give the pivot; list entries above it set their `sel` bit, those equal
 //    to it their `eq` bit. When B holds more entries than the list (tie-heavy or low-entropy rows), the rounds and
 //    this marking read the row again instead: exact, slower.
-// 4. Emission: the first rem `eq` bits in column order join `sel` (a block scan of popcounts), then a second scan
-//    gives each thread's first output slot; the k columns are staged in shared memory and stored coalesced.
+// 4. Emission: one block scan of each thread's `sel` and `eq` popcounts gives its first output slot and which of
+//    its eq bits are among the first rem in column order; the k columns are staged in shared memory and stored
+//    coalesced.
 // A long row (`sample` > 0, as topk_row's streaming chunks) first tries one read instead of steps 1-2: a cutoff
 // sampled from the row (topk.cuh: sample_cutoff) lets ~`sample` elements onto the list, in any order, with the
 // histogram of their keys; when k to cap of them made it, steps 3-4 run on the list alone (every element off it is
@@ -81,18 +82,33 @@ __device__ __forceinline__ float pick16(const float (&v)[16], int e) {
   return e & 4 ? cd : ab;
 }
 
+// cp.async copies of the whole slots of the batch of kTwoPassUnroll x THREADS slots from slot `first` (as
+// list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: one batch in flight while
+// list_above appends the one before it (a thread reads back only its own slots: no barrier). An empty batch past
+// the row's end still commits, so every thread's waits count alike.
+template <int THREADS>
+__device__ __forceinline__ void stage_batch(const float* base, int len, int first, const float4* ring) {
+  const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
+#pragma unroll
+  for (int u = 0; u < kTwoPassUnroll; ++u) {
+    const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
+    if (i0 >= 0 && i0 + 4 <= len) async_copy16(const_cast<float4*>(&ring[u * THREADS + threadIdx.x]), base + i0);
+  }
+  async_commit();
+}
+
 // The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
-// caller then reads the row twice). kTwoPassUnroll slots a thread loaded before any is used, as for_each_element,
-// but every thread of the CTA runs the same trips (the places are warp-wide): one warp scan and one shared atomic a
-// warp for their places, then each lane appends its own (1024-thread CTAs: one passing element a lane per step of a
-// ballot loop, one shared atomic a step). (Appending a warp's passing elements unrolled, places from one warp
+// caller then reads the row twice). kTwoPassUnroll slots a thread loaded before any is used, as for_each_element
+// (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the CTA runs the
+// same trips (the places are warp-wide): one warp scan and one shared atomic a warp for their places, then each
+// lane appends its own. (Appending a warp's passing elements unrolled, places from one warp
 // scan, where a lane passes more than two, was slower although the steps were 33% of the instructions of the 8192
 // x 32768 prefill, ncu: H200, 370.7 -> 389.4 us there, 2048 x 16384 k 512 63.0 -> 68.1, persistent 128 x 131072
 // 29.8 -> 32.6.)
 template <int THREADS>
 __device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
-                                           int* list_columns, int cap, Shared& sh) {
+                                           int* list_columns, int cap, Shared& sh, const float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
   static_assert(4 * kTwoPassUnroll == 16, "pick16 picks among a thread's loaded elements");
@@ -103,11 +119,13 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
   for (int first = 0; first < slots; first += kTwoPassUnroll * THREADS) {
     float x[4 * kTwoPassUnroll];
     uint32_t valid = 0;
+    if (ring != nullptr) async_wait(0);  // this batch's copies (stage_batch), this thread's own
 #pragma unroll
     for (int u = 0; u < kTwoPassUnroll; ++u) {
       const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
       if (i0 >= 0 && i0 + 4 <= len) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(base + i0));
+        const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x]
+                                         : __ldg(reinterpret_cast<const float4*>(base + i0));
         x[4 * u] = v.x;
         x[4 * u + 1] = v.y;
         x[4 * u + 2] = v.z;
@@ -130,6 +148,9 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       pass |= static_cast<uint32_t>(by_value ? !(x[j] < floor_value) : float_key(x[j]) >= cutoff) << j;
     }
     pass &= valid;
+    // The next batch's copies go out now that every x is read (the ring's slots are free again): they land while
+    // this batch is appended.
+    if (ring != nullptr) stage_batch<THREADS>(base, len, first + kTwoPassUnroll * THREADS, ring);
     auto append = [&](int e, uint32_t place) {
       const uint32_t key = float_key(pick16(x, e));
       if (place < static_cast<uint32_t>(cap)) {
@@ -138,45 +159,32 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       }
       atomicAdd(&sh.fine[key >> 21], 1u);
     };
-    if constexpr (THREADS < 1024) {
-      // Places from one warp scan of the lanes' passing counts and one shared atomic a warp; then each lane appends
-      // its own passing elements, with no warp collective inside the loop (~48 instructions a step of the lane
-      // with the most, against ~82 for a step of the ballot loop below: sm_90 code, NVRTC 13.0). H100, A/B in one
-      // run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384 k 512 62.0 -> 61.0,
-      // persistent 256 x 32768 k 512 20.3 -> 19.95; but 128 x 131072 k 2048 (1024 threads) 34.45 -> 34.95.
-      const uint32_t count = __popc(pass);
-      const uint32_t inclusive = warp_inclusive_sum(count);
-      const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
-      uint32_t base = 0;
-      if (lane == 31 && warp_total != 0u) base = atomicAdd(&sh.appended, warp_total);
-      uint32_t place = __shfl_sync(kFullMask, base, 31) + inclusive - count;
-      for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
-    } else {
-      // 1024-thread CTAs (one an SM, calls of rows that fit the SMs) keep the ballot loop: the lane loop was slower
-      // there (above).
-      for (;;) {
-        const uint32_t active = __ballot_sync(kFullMask, pass != 0u);
-        if (active == 0u) break;
-        const int leader = __ffs(active) - 1;
-        uint32_t place = 0;
-        if (lane == leader) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(active)));
-        place = __shfl_sync(kFullMask, place, leader) + __popc(active & ((1u << lane) - 1u));
-        if (pass != 0u) {
-          const int e = __ffs(pass) - 1;
-          pass &= pass - 1u;
-          append(e, place);
-        }
-      }
-    }
+    // Places from one warp scan of the lanes' passing counts and one shared atomic a warp; then each lane appends its
+    // own passing elements, with no warp collective inside the loop (~48 instructions a step of the lane with the
+    // most, against ~82 for a step of a ballot loop, one element a lane and a shared atomic a step: sm_90 code,
+    // NVRTC 13.0). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384
+    // k 512 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024 threads) 34.45 ->
+    // 34.95 then, but 32.65 -> 32.1 with the unrolled select, the staged read and the one-scan emission (session 35).
+    const uint32_t count = __popc(pass);
+    const uint32_t inclusive = warp_inclusive_sum(count);
+    const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
+    uint32_t warp_first = 0;
+    if (lane == 31 && warp_total != 0u) warp_first = atomicAdd(&sh.appended, warp_total);
+    uint32_t place = __shfl_sync(kFullMask, warp_first, 31) + inclusive - count;
+    for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
   }
 }
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
-// eq[words], list keys[cap], list columns[cap], staged[k]. The host guarantees words >= ceil(len / 32), 1 <= cap,
-// k <= 4096, len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
+// eq[words], list keys[cap], list columns[cap], staged[k]. `stages` 1: the sampled read stages its next batch of
+// slots in the list columns' last 16 x THREADS x kTwoPassUnroll bytes (16-byte aligned; stage_batch), and its list
+// stops before them (the two reads after an unlucky sample have the whole list); 0: it loads into registers. The
+// host guarantees words >= ceil(len / 32), 1 <= cap < 65536 (with stages 1: cap > 4 x THREADS x kTwoPassUnroll +
+// 3), k <= 4096, len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
 // planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact: it only tunes).
 template <int THREADS, typename Out>
-__device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample) {
+__device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
+                                  int stages) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
   if (len <= k) {  // every index, then -1
@@ -203,16 +211,26 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     else if (m == pivot) set_bit(eq, i);
   };
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
+  bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
+    const float4* ring = nullptr;  // list_above's staged batch (uniform)
+    int sample_cap = cap;          // the list's entries in the sampled read
+    if (stages > 0) {
+      const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
+      ring = reinterpret_cast<const float4*>(end) - kTwoPassUnroll * THREADS;
+      sample_cap = static_cast<int>(reinterpret_cast<const int*>(ring) - list_columns);
+    }
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
+    // The row's first batch lands while the cutoff is found (the ring: nothing reads it before list_above).
+    if (ring != nullptr) stage_batch<THREADS>(base, len, 0, ring);
     prefetch_l2<THREADS>(base, min(int64_t{4} * len, int64_t{kTwoPassPrefetch} * THREADS));
     const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);
     __syncthreads();  // sh.fine is clear again
-    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, cap, sh);
-    __syncthreads();
+    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);
+    __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)
     const uint32_t n = sh.appended;
-    listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(cap);
+    listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(sample_cap);
     if (listed) {  // the list holds every element >= the k-th largest key: select and mark on it alone
       select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
       select_refine<THREADS, 1>([&](auto f) {
@@ -254,6 +272,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
         }, false, sh, pivot, mask, rem);
         for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) mark(list_keys[j], list_columns[j]);
       } else {  // the list overflowed: each round and the marking read the row again
+        eq_in_list = false;
         select_refine<THREADS, 1>([&](auto f) {
           for_each_element<THREADS>(base, len, [&](uint32_t key, int) { f(key); });
         }, false, sh, pivot, mask, rem);
@@ -266,29 +285,36 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     }
   }
 
-  // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order.
+  // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order. It writes its sel
+  // bits and, of its eq bits, those among the row's first `take` in column order, from one block scan of both
+  // counts packed in 16 bits each (sel bits < k; eq bits are list entries, fewer than cap < 65536), or two where the
+  // list overflowed (the marking read the row: eq bits up to len).
   const int per = (used + THREADS - 1) / THREADS;
   const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
-  uint32_t parity = 0, total;
-  if (take != 0) {  // uniform
-    uint32_t equal = 0;
-    for (int w = w0; w < w1; ++w) equal += __popc(eq[w]);
-    uint32_t before = block_exclusive_sum<THREADS>(equal, total, sh, parity);
-    for (int w = w0; w < w1 && before < take; ++w) {
-      uint32_t e = eq[w], m = sel[w];
-      for (; e != 0 && before < take; ++before) {
-        m |= e & (0u - e);  // the lowest remaining eq bit
-        e &= e - 1u;
-      }
-      sel[w] = m;
-    }
-  }
-  uint32_t count = 0;
-  for (int w = w0; w < w1; ++w) count += __popc(sel[w]);
-  int slot = static_cast<int>(block_exclusive_sum<THREADS>(count, total, sh, parity));
+  uint32_t above = 0, equal = 0;
   for (int w = w0; w < w1; ++w) {
-    for (uint32_t m = sel[w]; m != 0; m &= m - 1u, ++slot) {
-      if (slot < k) staged[slot] = 32 * w + __ffs(m) - 1;  // (exactly k bits are set: the guard is for safety)
+    above += __popc(sel[w]);
+    if (take != 0) equal += __popc(eq[w]);  // (uniform)
+  }
+  uint32_t parity = 0, total, above_before, equal_before;
+  if (eq_in_list) {
+    const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
+    above_before = before & 0xffffu;
+    equal_before = before >> 16;
+  } else {
+    equal_before = block_exclusive_sum<THREADS>(equal, total, sh, parity);
+    above_before = block_exclusive_sum<THREADS>(above, total, sh, parity);
+  }
+  uint32_t ties = take > equal_before ? min(take - equal_before, equal) : 0u;  // this thread's eq bits taken
+  int slot = static_cast<int>(above_before + min(equal_before, take));
+  for (int w = w0; w < w1; ++w) {
+    uint32_t m = sel[w];
+    for (uint32_t e = ties != 0u ? eq[w] : 0u; e != 0u && ties != 0u; --ties) {
+      m |= e & (0u - e);  // the lowest remaining eq bit
+      e &= e - 1u;
+    }
+    for (; m != 0; m &= m - 1u, ++slot) {
+      if (slot < k) staged[slot] = 32 * w + __ffs(m) - 1;  // (exactly k bits are taken: the guard is for safety)
     }
   }
   __syncthreads();

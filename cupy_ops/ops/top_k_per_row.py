@@ -148,6 +148,13 @@ TWO_PASS_SAMPLE_SIGMAS = 3
 # kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%.
 TWO_PASS_SMALL_WIDTH = 32768
 TWO_PASS_LIST_PER_SAMPLE = 1.2
+# The sampled read stages its next batch of slots (16 bytes x 4 a thread) in shared memory with cp.async while it
+# appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
+# TWO_PASS_LIST_PER_SAMPLE x the target beside that ring: the CTAs with a whole SM or half of one (1024 and 512
+# threads); the loads in registers kept one batch in flight per warp only until its appends began. The ring takes
+# the list's last TWO_PASS_RING_ENTRIES(threads) entries in that read (its two reads after an unlucky sample have
+# the whole list).
+TWO_PASS_RING = True
 # Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
 # the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
 # (lengths in no order), and so do grids that fit the SMs at once (nothing waits for a slot). H200, A/B in one run
@@ -189,9 +196,10 @@ class RowPlan(NamedTuple):
     per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
     else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
     memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
-    its list's entries (stages = stage = 0). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
+    its list's entries (stage = 0; stages = 1 where its sampled read stages its next batch in shared memory, the
+    list's last entries: TWO_PASS_RING). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
     in the two-pass kernel's one-read try (0: none). `registers`: a CTA holds its whole chunk in registers
-    (common/topk_registers.cuh; shared memory: the k staged outputs)."""
+    (common/topk_registers.cuh; no dynamic shared memory)."""
 
     threads: int
     cluster: int
@@ -262,9 +270,9 @@ def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: i
 
 def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | None:
     """The row-in-registers CTA for chunks of rows of at most `width`, or None when a chunk exceeds its slots (or
-    REGISTER_ROWS is off): k staged outputs in shared memory."""
+    REGISTER_ROWS is off): no dynamic shared memory (its threads store their outputs themselves)."""
     if REGISTER_ROWS and chunk_bound(width, cluster) // 4 <= REGISTER_SLOTS[threads] * threads:
-        return RowPlan(threads, cluster, 0, 0, 0, 4 * k, registers=True)
+        return RowPlan(threads, cluster, 0, 0, 0, 0, registers=True)
     return None
 
 
@@ -279,15 +287,21 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     threads = 1024 if rows <= sms or width > 65536 else 256 if small else 512
     budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
     fixed = 8 * -(-width // 32) + 4 * k
-    cap = (budget - fixed) // 8
+    cap = min((budget - fixed) // 8, MAX_CAP)  # (eq bits of list entries are counted in 16 bits)
     if cap < MIN_LIST:
         return None
     # The sampled read only where the list has room to spare: a list it overflows costs that read and the two reads
     # after it (rows of ~500K and more).
     sample = two_pass_sample_target(width, k) if TWO_PASS_SAMPLED else 0
+    ring = TWO_PASS_RING and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads)
     if TWO_PASS_LIST_PER_SAMPLE * sample > cap:
         sample = 0
-    return RowPlan(threads, 1, 0, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
+    return RowPlan(threads, 1, int(sample > 0 and ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
+
+
+def two_pass_ring_entries(threads: int) -> int:
+    """List entries the sampled read's ring takes (stages = 1): 16 bytes x 4 slots a thread, 16-byte aligned."""
+    return 16 * threads + 3
 
 
 class NoRowPlan(ValueError):
