@@ -5,14 +5,14 @@
 // topk_row (topk_row.cuh) streams a chunk through a copy ring into a buffer of keys in shared memory, then each
 // radix round re-reads the buffer, and the emission reads it twice more (counts by thread run, then the writes):
 // at 64 x 20000 (k 512, one 1024-thread CTA a row) ncu counted ~1570 instructions a warp, a quarter of them in
-// those two emission passes, and ~20% in the stream. Here lane l of warp w holds n <= SLOTS slots of its CTA's
-// chunk, 32 n w + l, 32 n w + 32 + l, ... (16 bytes, 4 scores each; slot s holds elements 4s - a .. 4s - a + 3,
+// those two emission passes, and ~20% in the stream. Here thread t holds a run of n <= SLOTS consecutive slots of
+// its CTA's chunk, t x n .. t x n + n - 1 (16 bytes, 4 scores each; slot s holds elements 4s - a .. 4s - a + 3,
 // a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so:
 // 1. one read of global memory (the SLOTS loads of a thread in flight together) and the 11-bit histogram;
 // 2. the select (topk.cuh) with rounds over registers;
-// 3. index order is (warp, slot, lane) order: warp scans of each slot's counts above / equal to the pivot and one
-//    block scan of the warps' totals place a thread's outputs (in a cluster, cluster_emission continues the slots
-//    from the lower-ranked CTAs); a thread visits only its taken keys (bitmasks from the count) and stores them.
+// 3. index order is thread order: one block scan of each thread's counts above / equal to the pivot places its
+//    outputs (in a cluster, cluster_emission continues the slots from the lower-ranked CTAs); a thread visits
+//    only its taken keys (bitmasks from the count) and stores them to its consecutive output slots.
 // Elements outside the CTA's chunk [lo, hi) are key-0 fillers, below every real key (>= key(-inf) = 0x007fffff,
 // whose bin, 3, no filler's bin matches): never counted, never selected.
 #pragma once
@@ -45,22 +45,18 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   const CtaChunk chunk = cta_chunk<CLUSTER>(base, contiguous, len, rank);
   const int a = chunk.a, s_lo = chunk.s_lo, s_hi = chunk.s_hi, lo = chunk.lo, hi = chunk.hi;
   // Slots a thread: as few as the chunk needs (uniform over the CTA, so the unrolled loops below branch past the
-  // unused ones). Warp w holds the run of 32 x per_thread slots from s_lo + 32 x per_thread x w, its lane l slots
-  // l, 32 + l, 64 + l, ... of it: each load instruction of a warp reads 512 contiguous bytes, and warp order is
-  // still column order (a run of consecutive slots a thread made a warp's load span 20 cache lines at 5 slots a
-  // thread: H100, one run, read 3.6 -> 3.2 us at persistent 64 x 20000).
+  // unused ones), thread t's run starting at slot s_lo + t x per_thread.
   const int per_thread = (s_hi - s_lo + THREADS - 1) / THREADS;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int first_slot = s_lo + 32 * per_thread * (static_cast<int>(threadIdx.x) >> 5) + lane;  // slot u: + 32 u
+  const int first_slot = s_lo + static_cast<int>(threadIdx.x) * per_thread;
 
   // Every load in flight before any is used; the barrier that orders clear_fine before the histogram waits for
   // none of them.
   float x[4 * SLOTS];
-  bits_t valid = 0;  // bit 4 u + e: element 4 (first_slot + 32 u) - a + e lies in [lo, hi)
+  bits_t valid = 0;  // bit j: element 4 first_slot - a + j lies in [lo, hi)
 #pragma unroll
   for (int u = 0; u < SLOTS; ++u) {
     if (u >= per_thread) break;
-    const int i0 = 4 * (first_slot + 32 * u) - a;
+    const int i0 = 4 * (first_slot + u) - a;
     if (contiguous && i0 >= lo && i0 + 4 <= hi) {
       const float4 v = __ldg(reinterpret_cast<const float4*>(base + i0));
       x[4 * u] = v.x;
@@ -126,52 +122,26 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     at_least |= static_cast<bits_t>(key[j] >= pivot) << j;
   }
   const bits_t equal_bits = at_least & ~above_bits;
-  // Column order is (warp, slot u, lane, element): a thread's outputs of slot u follow the taken entries of the warps
-  // before it, of the warp's slots before u and of the lanes before it in slot u. Per slot, above | equal << 8 (at
-  // most 4 each, 128 in a warp), two slots a warp scan; the warps' totals (above | equal << 16) in a block scan.
-  uint32_t run[SLOTS];  // entries of the warp before this lane's slot u, above | equal << 16 (at most 768 each)
-  uint32_t warp_total = 0;  // the warp's, above | equal << 16
-#pragma unroll
-  for (int u = 0; u < SLOTS; u += 2) {
-    if (u >= per_thread) break;
-    uint32_t v = 0;
-#pragma unroll
-    for (int h = 0; h < 2 && u + h < SLOTS; ++h) {
-      const uint32_t above4 = static_cast<uint32_t>(above_bits >> (4 * (u + h))) & 0xfu;
-      const uint32_t equal4 = static_cast<uint32_t>(equal_bits >> (4 * (u + h))) & 0xfu;
-      v |= static_cast<uint32_t>(__popc(above4) | __popc(equal4) << 8) << (16 * h);
-    }
-    const uint32_t inclusive = warp_inclusive_sum(v);
-    const uint32_t lanes_before = inclusive - v, slot_totals = __shfl_sync(kFullMask, inclusive, 31);
-    auto widen = [](uint32_t c) { return (c & 0xffu) | (c & 0xff00u) << 8; };  // 8-bit fields -> 16-bit ones
-#pragma unroll
-    for (int h = 0; h < 2 && u + h < SLOTS; ++h) {
-      run[u + h] = warp_total + widen(lanes_before >> (16 * h));
-      warp_total += widen(slot_totals >> (16 * h));
-    }
-  }
-  uint32_t parity = 0, total;  // (the block scan sums lane 31's value a warp: the warp's totals)
-  const uint32_t warps_before = block_exclusive_sum<THREADS>(lane == 31 ? warp_total : 0u, total, sh, parity);
+  const uint32_t above = popcount(above_bits), equal = popcount(equal_bits);
+  uint32_t parity = 0, total;
+  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);
   int first, take;
   cluster_emission<CLUSTER>(rem, sh, first, take);
-  // Ties go to the lowest indices: of slot u's pivot-equal keys this thread takes the first take - tied, tied being
-  // the pivot-equal keys before them. Stored straight from here: a lane's outputs of a slot are consecutive output
-  // slots (staging them in shared memory for coalesced stores cost a barrier; the two-pass kernel keeps its staging,
-  // see there).
-#pragma unroll
-  for (int u = 0; u < SLOTS; ++u) {
-    if (u >= per_thread) break;
-    const uint32_t before = warps_before + run[u];  // above | equal << 16, in column order
-    const int tied = static_cast<int>(before >> 16);
-    uint32_t taken = static_cast<uint32_t>(above_bits >> (4 * u)) & 0xfu;
-    uint32_t rest = static_cast<uint32_t>(equal_bits >> (4 * u)) & 0xfu;
-    for (int ties = min(max(take - tied, 0), 4); ties > 0 && rest != 0u; --ties) {
-      taken |= rest & (0u - rest);
-      rest &= rest - 1u;
-    }
-    int slot = first + static_cast<int>(before & 0xffffu) + min(tied, take);
-    for (; taken != 0u; taken &= taken - 1u) out[slot++] = 4 * (first_slot + 32 * u) - a + lowest_bit(taken);
+  // Ties go to the lowest indices: this thread takes the first take - tied of its pivot-equal keys, tied being
+  // the CTA's pivot-equal keys before this thread's.
+  const int tied = static_cast<int>(before >> 16);
+  int ties_taken = min(max(take - tied, 0), static_cast<int>(equal));
+  bits_t taken = above_bits;
+  for (bits_t rest = equal_bits; ties_taken > 0; --ties_taken) {
+    const bits_t lowest = rest & (~rest + 1);
+    taken |= lowest;
+    rest ^= lowest;
   }
+  // Index order is bit order: the slot is the entries taken before this thread plus those of its lower bits. Stored
+  // straight from here: a thread's outputs are consecutive slots, so a warp's stores cover a few sectors (staging
+  // them in shared memory for coalesced stores cost a barrier; the two-pass kernel keeps its staging, see there).
+  int slot = first + static_cast<int>(before & 0xffffu) + min(tied, take);
+  for (; taken != 0; taken &= taken - 1) out[slot++] = 4 * first_slot - a + lowest_bit(taken);
   if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here
 }
 
