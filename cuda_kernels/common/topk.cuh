@@ -388,7 +388,8 @@ __device__ __forceinline__ CtaChunk cta_chunk(const float* base, bool contiguous
 // Refine rounds of the sampled cutoff's select: 1 stops at the lowest key of the rank-R sample's 19-bit bin, a
 // cutoff a relative ~2^-10 below the rank-R key (any cutoff is exact; a lower one lists a few more keys). H100,
 // session 34, before the unrolled rounds: 3 measured the same within 0.2 us on five cases, 1.1 us faster at prefill
-// 8192 x 32768 and 1.2 at persistent 32 x 163840; 1 is what the kept kernels were measured with (not A/B'd there).
+// 8192 x 32768 and 1.2 at persistent 32 x 163840; with them (session 35, A/B in one run) 3 was equal or slower:
+// 8192 x 32768 340.4 -> 341.2, 0.1-0.2 us at 128 x 131072, 256 x 32768, 32 x 163840 and 2048 x 16384.
 constexpr int kSampleRounds = 1;
 constexpr int kSample = 2048;  // keys a CTA samples from its chunk (2-8 a thread)
 constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 loads share 128 bytes

@@ -7,7 +7,10 @@
 // at 64 x 20000 (k 512, one 1024-thread CTA a row) ncu counted ~1570 instructions a warp, a quarter of them in
 // those two emission passes, and ~20% in the stream. Here thread t holds a run of n <= SLOTS consecutive slots of
 // its CTA's chunk, t x n .. t x n + n - 1 (16 bytes, 4 scores each; slot s holds elements 4s - a .. 4s - a + 3,
-// a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so:
+// a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so (a warp's load then spans
+// 20 cache lines at 5 slots a thread; warp-coalesced slots, lane l of warp w holding 32 n w + 32 u + l, read 64 x
+// 20000 in 3.2 us against 3.6, H100, but the per-slot warp scans that order their outputs cost more: 9.0 -> 10.0 us
+// for the call, session 35):
 // 1. one read of global memory (the SLOTS loads of a thread in flight together) and the 11-bit histogram;
 // 2. the select (topk.cuh) with rounds over registers;
 // 3. index order is thread order: one block scan of each thread's counts above / equal to the pivot places its
@@ -112,7 +115,8 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
   // above_bits / equal_bits: key j is above / equal to the pivot, so the emission visits only the taken keys
   // (k of the row's L; at 64 x 20000, k 512, a loop over every key was ~15% of the instructions, ncu).
   // Two compares a key, no mask: key & mask > pivot <=> key > top, and key & mask >= pivot <=> key >= pivot (the
-  // pivot's bits under the mask are zero).
+  // pivot's bits under the mask are zero). H100, A/B in one run (session 35): persistent 64 x 20000 9.3 -> 9.1 us,
+  // decode 16 x 32768 11.3 -> 11.2, 1 x 8192 5.9 -> 5.8.
   const uint32_t top = pivot | ~mask;  // the largest key equal to the pivot under the mask
   bits_t above_bits = 0, at_least = 0;
 #pragma unroll
@@ -138,8 +142,10 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     rest ^= lowest;
   }
   // Index order is bit order: the slot is the entries taken before this thread plus those of its lower bits. Stored
-  // straight from here: a thread's outputs are consecutive slots, so a warp's stores cover a few sectors (staging
-  // them in shared memory for coalesced stores cost a barrier; the two-pass kernel keeps its staging, see there).
+  // straight from here: a thread's outputs are consecutive slots, so a warp's stores cover a few sectors. H100, A/B
+  // in one run (session 35) against staging them for coalesced stores (a barrier): persistent 64 x 20000 9.3 -> 9.1
+  // us, 1 x 163840 10.9 -> 10.8, 4 x 163840 11.6 -> 11.5, decode 16 x 32768 11.3 -> 11.2; 8 x 4096 4.6 -> 4.7. (The
+  // two-pass kernel keeps its staging: see there.)
   int slot = first + static_cast<int>(before & 0xffffu) + min(tied, take);
   for (; taken != 0; taken &= taken - 1) out[slot++] = 4 * first_slot - a + lowest_bit(taken);
   if constexpr (CLUSTER > 1) cluster_wait();  // arrived in cluster_emission; others read our shared memory until here

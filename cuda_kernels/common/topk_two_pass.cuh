@@ -85,7 +85,8 @@ __device__ __forceinline__ float pick16(const float (&v)[16], int e) {
 // cp.async copies of the whole slots of the batch of kTwoPassUnroll x THREADS slots from slot `first` (as
 // list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: one batch in flight while
 // list_above appends the one before it (a thread reads back only its own slots: no barrier). An empty batch past
-// the row's end still commits, so every thread's waits count alike.
+// the row's end still commits, so every thread's waits count alike. (Where the plans give a ring, stages = 1, and
+// what it gains: top_k_per_row.py, TWO_PASS_RING.)
 template <int THREADS>
 __device__ __forceinline__ void stage_batch(const float* base, int len, int first, const float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
@@ -288,7 +289,11 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order. It writes its sel
   // bits and, of its eq bits, those among the row's first `take` in column order, from one block scan of both
   // counts packed in 16 bits each (sel bits < k; eq bits are list entries, fewer than cap < 65536), or two where the
-  // list overflowed (the marking read the row: eq bits up to len).
+  // list overflowed (the marking read the row: eq bits up to len). H100, A/B in one run (session 35), against a scan
+  // of the eq counts, the eq bits merged into sel, then a scan of the sel counts: prefill 8192 x 32768 337.7 -> 330.5
+  // us, 2048 x 16384 k 512 57.9 -> 55.8, persistent 256 x 32768 19.0 -> 18.4, 128 x 131072 33.3 -> 32.6. Staged
+  // in shared memory, then stored coalesced: stores straight from here cost the 8192 x 32768 prefill 331.6 -> 364.4
+  // (the register kernel's gain from them: topk_registers.cuh).
   const int per = (used + THREADS - 1) / THREADS;
   const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
   uint32_t above = 0, equal = 0;

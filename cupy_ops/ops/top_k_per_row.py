@@ -150,10 +150,11 @@ TWO_PASS_SMALL_WIDTH = 32768
 TWO_PASS_LIST_PER_SAMPLE = 1.2
 # The sampled read stages its next batch of slots (16 bytes x 4 a thread) in shared memory with cp.async while it
 # appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
-# TWO_PASS_LIST_PER_SAMPLE x the target beside that ring: the CTAs with a whole SM or half of one (1024 and 512
-# threads); the loads in registers kept one batch in flight per warp only until its appends began. The ring takes
-# the list's last TWO_PASS_RING_ENTRIES(threads) entries in that read (its two reads after an unlucky sample have
-# the whole list).
+# TWO_PASS_LIST_PER_SAMPLE x the target beside that ring (two_pass_ring_entries: the list's last entries in that
+# read; its two reads after an unlucky sample have the whole list): in the suites the 1024- and 512-thread CTAs
+# (128 x 131072, 256 x 32768), not four 256-thread CTAs an SM (the prefill's). H100, A/B in one run each (session
+# 35; the read with nothing listed ran at ~93% of copy bandwidth, the appends added 3.7 us): 128 x 131072 k 2048
+# 32.6 -> 32.3 us and 32.1 -> 31.8-31.9 (persistent and decode alike), 256 x 32768 k 512 18.4 either way.
 TWO_PASS_RING = True
 # Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
 # the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
