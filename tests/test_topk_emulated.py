@@ -190,8 +190,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
     ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
-    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread
-    (default: the plans' T.REGISTER_SLOTS)."""
+    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers kernel (its
+    plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans' T.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
     if registers:
         slots = T.REGISTER_SLOTS[threads] if slots is None else slots
@@ -274,8 +274,9 @@ class Geometry(NamedTuple):
 # cases below): rows of 8192 and more take its sampled read (the plan's target, ~280 survivors), the others (and
 # sample=0) two reads, whose list holds the k-th largest's bin; and with one of 8 entries that none can fit (the
 # sampled read overflows it, then the select and the marking read the row again); `ring`: the sampled read stages
-# its next batch in shared memory beside a list of that many entries (as the plans' 512- and 1024-thread CTAs do;
-# among the sampled cases: a list it overflows, whose two reads then have the ring's entries too). Streaming
+# its next batch in shared memory beside a list of that many entries (as the plans do where the list has room; among
+# the sampled cases: a list it overflows, whose two reads then have the ring's entries too, and 1024 threads over
+# ascending rows of 16500, whose top k lie in the second batch of 4096 slots). Streaming
 # buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
 # sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
@@ -431,6 +432,8 @@ SAMPLED_CASES = {
                                            False),
     "two-pass-ring-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048, ring=True), False),
     "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200, ring=True), True),
+    "two-pass-ring-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=True),
+                                                  False),
 }
 
 
@@ -441,7 +444,7 @@ def test_sampled_cutoff(emulator, monkeypatch, case):
     re-reads randn rows)."""
     kind, k, geometry, reread = SAMPLED_CASES[case]
     gen = torch.Generator().manual_seed(7)
-    width = 16500 if kind == "randn-16500" else 9001
+    width = 16500 if kind.endswith("-16500") else 9001
     logits = make_scores("randn" if "nan" in kind else kind.split("-")[0], 4, width + 2, gen)
     if kind == "nan-every-20":
         logits[:, ::20] = float("nan")

@@ -7,15 +7,15 @@
 // at 64 x 20000 (k 512, one 1024-thread CTA a row) ncu counted ~1570 instructions a warp, a quarter of them in
 // those two emission passes, and ~20% in the stream. Here thread t holds a run of n <= SLOTS consecutive slots of
 // its CTA's chunk, t x n .. t x n + n - 1 (16 bytes, 4 scores each; slot s holds elements 4s - a .. 4s - a + 3,
-// a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so (a warp's load then spans
-// 20 cache lines at 5 slots a thread; warp-coalesced slots, lane l of warp w holding 32 n w + 32 u + l, read 64 x
-// 20000 in 3.2 us against 3.6, H100, but the per-slot warp scans that order their outputs cost more: 9.0 -> 10.0 us
-// for the call, session 35):
+// a = the row start's offset in 4-byte units, as in topk_row), as keys in registers, so:
 // 1. one read of global memory (the SLOTS loads of a thread in flight together) and the 11-bit histogram;
 // 2. the select (topk.cuh) with rounds over registers;
 // 3. index order is thread order: one block scan of each thread's counts above / equal to the pivot places its
 //    outputs (in a cluster, cluster_emission continues the slots from the lower-ranked CTAs); a thread visits
 //    only its taken keys (bitmasks from the count) and stores them to its consecutive output slots.
+// A warp's load spans 20 cache lines at 5 slots a thread. Warp-coalesced slots (lane l of warp w holding 32 n w +
+// 32 u + l) read persistent 64 x 20000 in 3.2 us against 3.6 (H100, session 35), but the per-slot warp scans that
+// put their outputs in column order cost more: 9.0 -> 10.0 us for the call (docs/performance-log.md).
 // Elements outside the CTA's chunk [lo, hi) are key-0 fillers, below every real key (>= key(-inf) = 0x007fffff,
 // whose bin, 3, no filler's bin matches): never counted, never selected.
 #pragma once

@@ -9,9 +9,9 @@
 // 3. Rounds 1-3 of the select over the list give the pivot; list entries above it set their `sel` bit, those equal
 //    to it their `eq` bit. When B holds more entries than the list (tie-heavy or low-entropy rows), the rounds and
 //    this marking read the row again instead: exact, slower.
-// 4. Emission: one block scan of each thread's `sel` and `eq` popcounts gives its first output slot and which of
-//    its eq bits are among the first rem in column order; the k columns are staged in shared memory and stored
-//    coalesced.
+// 4. Emission: one block scan of each thread's `sel` and `eq` popcounts (two where the list overflowed) gives its
+//    first output slot and which of its eq bits are among the first rem in column order; the k columns are staged
+//    in shared memory and stored coalesced.
 // A long row (`sample` > 0, as topk_row's streaming chunks) first tries one read instead of steps 1-2: a cutoff
 // sampled from the row (topk.cuh: sample_cutoff) lets ~`sample` elements onto the list, in any order, with the
 // histogram of their keys; when k to cap of them made it, steps 3-4 run on the list alone (every element off it is
@@ -88,12 +88,12 @@ __device__ __forceinline__ float pick16(const float (&v)[16], int e) {
 // the row's end still commits, so every thread's waits count alike. (Where the plans give a ring, stages = 1, and
 // what it gains: top_k_per_row.py, TWO_PASS_RING.)
 template <int THREADS>
-__device__ __forceinline__ void stage_batch(const float* base, int len, int first, const float4* ring) {
+__device__ __forceinline__ void stage_batch(const float* base, int len, int first, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
 #pragma unroll
   for (int u = 0; u < kTwoPassUnroll; ++u) {
     const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
-    if (i0 >= 0 && i0 + 4 <= len) async_copy16(const_cast<float4*>(&ring[u * THREADS + threadIdx.x]), base + i0);
+    if (i0 >= 0 && i0 + 4 <= len) async_copy16(&ring[u * THREADS + threadIdx.x], base + i0);
   }
   async_commit();
 }
@@ -109,7 +109,7 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // 29.8 -> 32.6.)
 template <int THREADS>
 __device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
-                                           int* list_columns, int cap, Shared& sh, const float4* ring) {
+                                           int* list_columns, int cap, Shared& sh, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
   static_assert(4 * kTwoPassUnroll == 16, "pick16 picks among a thread's loaded elements");
@@ -165,7 +165,8 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     // most, against ~82 for a step of a ballot loop, one element a lane and a shared atomic a step: sm_90 code,
     // NVRTC 13.0). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384
     // k 512 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024 threads) 34.45 ->
-    // 34.95 then, but 32.65 -> 32.1 with the unrolled select, the staged read and the one-scan emission (session 35).
+    // 34.95 then, but 32.6-32.7 -> 32.1-32.2 with the unrolled select, the staged read and the one-scan emission
+    // (session 35).
     const uint32_t count = __popc(pass);
     const uint32_t inclusive = warp_inclusive_sum(count);
     const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
@@ -181,8 +182,9 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 // slots in the list columns' last 16 x THREADS x kTwoPassUnroll bytes (16-byte aligned; stage_batch), and its list
 // stops before them (the two reads after an unlucky sample have the whole list); 0: it loads into registers. The
 // host guarantees words >= ceil(len / 32), 1 <= cap < 65536 (with stages 1: cap > 4 x THREADS x kTwoPassUnroll +
-// 3), k <= 4096, len < 2^31 - 16 x THREADS (for_each_element's slot arithmetic; the bitmaps in shared memory keep
-// planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact: it only tunes).
+// 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of stage_batch's batch past
+// the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact:
+// it only tunes).
 template <int THREADS, typename Out>
 __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
                                   int stages) {
@@ -214,12 +216,12 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
   bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
-    const float4* ring = nullptr;  // list_above's staged batch (uniform)
+    float4* ring = nullptr;  // list_above's staged batch (uniform)
     int sample_cap = cap;          // the list's entries in the sampled read
     if (stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
-      ring = reinterpret_cast<const float4*>(end) - kTwoPassUnroll * THREADS;
-      sample_cap = static_cast<int>(reinterpret_cast<const int*>(ring) - list_columns);
+      ring = reinterpret_cast<float4*>(end) - kTwoPassUnroll * THREADS;
+      sample_cap = static_cast<int>(reinterpret_cast<int*>(ring) - list_columns);
     }
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
@@ -288,12 +290,12 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
 
   // Emission: thread t owns bitmap words [w0, w1), contiguous, so thread order is column order. It writes its sel
   // bits and, of its eq bits, those among the row's first `take` in column order, from one block scan of both
-  // counts packed in 16 bits each (sel bits < k; eq bits are list entries, fewer than cap < 65536), or two where the
+  // counts packed in 16 bits each (sel bits <= k; eq bits are list entries, fewer than cap < 65536), or two where the
   // list overflowed (the marking read the row: eq bits up to len). H100, A/B in one run (session 35), against a scan
-  // of the eq counts, the eq bits merged into sel, then a scan of the sel counts: prefill 8192 x 32768 337.7 -> 330.5
-  // us, 2048 x 16384 k 512 57.9 -> 55.8, persistent 256 x 32768 19.0 -> 18.4, 128 x 131072 33.3 -> 32.6. Staged
-  // in shared memory, then stored coalesced: stores straight from here cost the 8192 x 32768 prefill 331.6 -> 364.4
-  // (the register kernel's gain from them: topk_registers.cuh).
+  // of the eq counts, the eq bits merged into sel, then a scan of the sel counts: prefill 8192 x 32768 337.6-337.7 ->
+  // 330.5-330.6 us, 2048 x 16384 k 512 57.9 -> 55.8-55.9, persistent 256 x 32768 19.0 -> 18.4, 128 x 131072
+  // 33.2-33.5 -> 32.6. Staged in shared memory, then stored coalesced: stores straight from here cost the 8192 x 32768
+  // prefill 331.5-331.6 -> 364.3-364.5 (the register kernel's gain from them: topk_registers.cuh).
   const int per = (used + THREADS - 1) / THREADS;
   const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
   uint32_t above = 0, equal = 0;

@@ -154,7 +154,8 @@ TWO_PASS_LIST_PER_SAMPLE = 1.2
 # read; its two reads after an unlucky sample have the whole list): in the suites the 1024- and 512-thread CTAs
 # (128 x 131072, 256 x 32768), not four 256-thread CTAs an SM (the prefill's). H100, A/B in one run each (session
 # 35; the read with nothing listed ran at ~93% of copy bandwidth, the appends added 3.7 us): 128 x 131072 k 2048
-# 32.6 -> 32.3 us and 32.1 -> 31.8-31.9 (persistent and decode alike), 256 x 32768 k 512 18.4 either way.
+# 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9 (persistent, decode; one round), 256 x 32768 k 512
+# 18.4 either way.
 TWO_PASS_RING = True
 # Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
 # the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
