@@ -217,7 +217,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float4* ring = nullptr;  // list_above's staged batch (uniform)
-    int sample_cap = cap;          // the list's entries in the sampled read
+    int sample_cap = cap;    // the list's entries in the sampled read
     if (stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
       ring = reinterpret_cast<float4*>(end) - kTwoPassUnroll * THREADS;
