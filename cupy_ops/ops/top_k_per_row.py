@@ -295,10 +295,10 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     # The sampled read only where the list has room to spare: a list it overflows costs that read and the two reads
     # after it (rows of ~500K and more).
     sample = two_pass_sample_target(width, k) if TWO_PASS_SAMPLED else 0
-    ring = TWO_PASS_RING and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads)
     if TWO_PASS_LIST_PER_SAMPLE * sample > cap:
         sample = 0
-    return RowPlan(threads, 1, int(sample > 0 and ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
+    ring = TWO_PASS_RING and sample > 0 and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads)
+    return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
 def two_pass_ring_entries(threads: int) -> int:
