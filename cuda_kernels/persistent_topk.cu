@@ -26,18 +26,19 @@ __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row
   return static_cast<int>(min(max(static_cast<int64_t>(p.lengths[row]), int64_t{0}), p.max_len));
 }
 
-template <int THREADS, int CLUSTER>
-__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) persistent_topk_kernel(const PersistentTopKParams p) {
+// WHOLE: whole chunks only (top_k_per_row.cu's kernel says why).
+template <int THREADS, int CLUSTER, bool WHOLE = false>
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER, WHOLE>()) persistent_topk_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x / CLUSTER);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
-  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0, 1, row_length(p, row), p.output + row * p.out_stride,
-                                   p.k, p.cap, p.stage, p.stages, p.sample);
+  topk::topk_row<THREADS, CLUSTER, WHOLE>(p.logits + row * p.stride0, 1, row_length(p, row),
+                                          p.output + row * p.out_stride, p.k, p.cap, p.stage, p.stages, p.sample);
 }
 
 // One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
 // the sampled read's target (0: two reads), stages 1 where that read stages its next batch in shared memory.
 template <int THREADS>
-__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
+__global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),

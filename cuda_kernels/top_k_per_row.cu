@@ -57,21 +57,23 @@ __device__ __forceinline__ RowWindow row_window(const TopKPerRowParams& p, int r
   return {start, end - start};
 }
 
-template <int THREADS, int CLUSTER>
-__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER>()) top_k_per_row_kernel(const TopKPerRowParams p) {
+// WHOLE: plans give only whole chunks (stage = 0): the streaming path is left out (40 registers, not 64: five
+// 256-thread CTAs an SM, kWholeCtas256).
+template <int THREADS, int CLUSTER, bool WHOLE = false>
+__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER, WHOLE>()) top_k_per_row_kernel(const TopKPerRowParams p) {
   const int row = row_of<CLUSTER>(p);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
-  topk::topk_row<THREADS, CLUSTER>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
-                                   static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap, p.stage,
-                                   p.stages, p.sample);
+  topk::topk_row<THREADS, CLUSTER, WHOLE>(p.logits + row * p.stride0 + w.start * p.stride1, p.stride1,
+                                          static_cast<int>(w.length), p.indices + row * p.out_stride, p.k, p.cap,
+                                          p.stage, p.stages, p.sample);
 }
 
 // One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
 // the sampled read's target (0: two reads), stages 1 where that read stages its next batch in shared memory. Plans
 // launch it only for unit column strides.
 template <int THREADS>
-__global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, 1>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
+__global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>()) top_k_per_row_two_pass_kernel(const TopKPerRowParams p) {
   const int row = row_of<1>(p);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);

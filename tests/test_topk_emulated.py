@@ -9,7 +9,8 @@ alignment of vector copies.
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
-topk_row are rewritten to per-block storage. Instantiations: INSTANTIATIONS (threads, CTAs per cluster),
+topk_row are rewritten to per-block storage. Instantiations: INSTANTIATIONS (threads, CTAs per cluster), the
+whole-chunk kernel at T.WHOLE_INSTANTIATIONS (whole chunks of those shapes run it, as the plans launch it),
 REGISTER_INSTANTIATIONS and the two-pass kernel at T.TWO_PASS_THREADS."""
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long
                                    const PersistentTopKParams* p) {
   DISPATCH(persistent_topk_kernel)
 }
+#define DISPATCH_WHOLE(KERNEL) \
+""" + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}, true>, p, grid, "
+              "dynamic); \\\n" for t, c in T.WHOLE_INSTANTIATIONS) + r"""  return 2;
+extern "C" int run_top_k_per_row_whole(int threads, int cluster, int grid, long long dynamic,
+                                       const TopKPerRowParams* p) {
+  DISPATCH_WHOLE(top_k_per_row_kernel)
+}
+extern "C" int run_persistent_topk_whole(int threads, int cluster, int grid, long long dynamic,
+                                         const PersistentTopKParams* p) {
+  DISPATCH_WHOLE(persistent_topk_kernel)
+}
 #define DISPATCH_TWO_PASS(KERNEL) \
 """ + "".join(f"  if (threads == {t}) return go<{t}, 1>(KERNEL<{t}>, p, grid, dynamic); \\\n"
               for t in T.TWO_PASS_THREADS) + r"""  return 2;
@@ -204,11 +216,11 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
-            words, staged = -(-width // 32), 4 * k
-            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + staged + 8 * list_cap, two_pass=True,
+            words = -(-width // 32)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
+            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
                             sample=T.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
-        row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=False)
+        row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
         if shrink:
             cap = -(-(k + 8 * threads) // 4) * 4
             row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k),
@@ -231,6 +243,9 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     elif registers:
         run = library.run_persistent_topk_registers if op is PERSISTENT else library.run_top_k_per_row_registers
         status = run(threads, cluster, slots, grid, dynamic, params)
+    elif not shrink and (threads, cluster) in T.WHOLE_INSTANTIATIONS:  # as the plans: the whole-chunk kernel
+        run = library.run_persistent_topk_whole if op is PERSISTENT else library.run_top_k_per_row_whole
+        status = run(threads, cluster, grid, dynamic, params)
     else:
         run = library.run_persistent_topk if op is PERSISTENT else library.run_top_k_per_row
         status = run(threads, cluster, grid, dynamic, params)
@@ -261,6 +276,7 @@ class Geometry(NamedTuple):
         return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
+        assert not self.ring or self.threads >= T.TWO_PASS_RING_THREADS, "smaller CTAs compile no ring"
         list_cap = self.list_cap + T.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
                 list_cap=list_cap, sample=self.sample, ring=self.ring, registers=self.registers,
@@ -339,7 +355,7 @@ def test_prefill_strided_rows(emulator, monkeypatch, geometry):
 
 PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
-                         Geometry(256, list_cap=8), Geometry(256, list_cap=2048, ring=True),
+                         Geometry(256, list_cap=8), Geometry(512, list_cap=2048, ring=True),
                          Geometry(512, shrink=True, sample=1),
                          Geometry(512, registers=True), Geometry(256, 4, registers=True),
                          Geometry(256, registers=True, slots=WIDE_SLOTS)]
@@ -428,10 +444,10 @@ SAMPLED_CASES = {
     "two-pass-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048), False),
     "two-pass-late-nan-inf": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=2048), False),
     "two-pass-list-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200), True),
-    "two-pass-ring-exactly-k": SampledCase("descending", 171, Geometry(256, list_cap=2048, sample=276, ring=True),
+    "two-pass-ring-exactly-k": SampledCase("descending", 171, Geometry(512, list_cap=2048, sample=276, ring=True),
                                            False),
     "two-pass-ring-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048, ring=True), False),
-    "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200, ring=True), True),
+    "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=200, ring=True), True),
     "two-pass-ring-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=True),
                                                   False),
 }

@@ -52,7 +52,7 @@ def _plan_rows(rows, width, k):
 def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width, k):
     sms, optin, per_sm, arch = fake_gpu(gpu)
     kernel, config, row = _plan_rows(rows, width, k)
-    if row.two_pass:  # bitmaps of ceil(width / 32) words, k staged outputs, the list; 1024 threads per SM
+    if row.two_pass:  # bitmaps of ceil(width / 32) words and the list (k staged outputs over it)
         assert rows > sms / 2 and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
         # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
         # and a list of TWO_PASS_LIST_PER_SAMPLE x the target
@@ -62,14 +62,17 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         else:
             target = T.two_pass_sample_target(width, k)
             assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
-        # the sampled read's ring (stages 1) takes the list's last entries: what is left still holds its target
+        # the sampled read's ring (stages 1, CTAs of 512 threads or more) takes the list's last entries: what is left
+        # still holds its target
         ring_room = T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads)
-        assert row.stages == int(row.sample > 0 and ring_room) and row.cap < 65536  # (eq counts: 16 bits)
+        ring = row.sample > 0 and ring_room and row.threads >= T.TWO_PASS_RING_THREADS
+        assert row.stages == int(ring) and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
-        assert row.cap >= T.MIN_LIST and row.shared_bytes == config.shared_bytes
-        assert row.shared_bytes == 8 * -(-width // 32) + 4 * k + 8 * row.cap
+        assert row.cap >= T.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
+        assert row.shared_bytes == 8 * -(-width // 32) + 8 * row.cap
         assert row.shared_bytes + T.STATIC_SMEM <= optin
-        assert 1024 // row.threads * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm
+        ctas = T.TWO_PASS_CTAS[row.threads]
+        assert ctas * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm and ctas * row.threads <= 2048
         return
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
@@ -79,15 +82,17 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         assert T.chunk_bound(width, row.cluster) <= 4 * T.REGISTER_SLOTS[row.threads] * row.threads
         assert row.shared_bytes == config.shared_bytes == 0
         return
-    assert kernel is T.KERNELS.buffer[row.threads, row.cluster]
-    assert 1 <= row.stages <= 3 and row.cap % 4 == 0
+    # whole chunks take the kernel without the streaming path where it is instantiated (five 256-thread CTAs an SM)
+    whole_kernel = row.stage == 0 and (row.threads, row.cluster) in T.WHOLE_INSTANTIATIONS
+    assert kernel is (T.KERNELS.whole if whole_kernel else T.KERNELS.buffer)[row.threads, row.cluster]
+    assert row.cap % 4 == 0
     assert row.shared_bytes + T.STATIC_SMEM <= optin and row.shared_bytes == config.shared_bytes
     assert row.cap <= T.MAX_CAP  # counts packed in 16 bits
-    assert 32 * row.threads * row.stages >= 4 * k  # the ring stages the output
-    if row.stage == 0:  # the whole chunk is buffered, keys only: no shrink can happen
-        assert row.cap >= T.chunk_bound(width, row.cluster)
-        assert row.shared_bytes == 32 * row.threads * row.stages + 4 * row.cap
-    else:  # after a shrink to k entries, one group of 8 x threads elements fits
+    if row.stage == 0:  # the whole chunk is buffered, keys only: no shrink can happen, no ring
+        assert row.cap >= T.chunk_bound(width, row.cluster) and row.stages == 0
+        assert row.shared_bytes == 4 * row.cap
+    else:  # after a shrink to k entries, one group of 8 x threads elements fits; the ring stages the output
+        assert 1 <= row.stages <= 3 and 32 * row.threads * row.stages >= 4 * k
         assert row.stage == k and row.cap >= k + 8 * row.threads
         assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
     chunk = T.chunk_bound(width, row.cluster)
@@ -102,7 +107,7 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         assert row.threads == 256
     if rows * row.cluster > sms:  # many CTAs: at least two per SM where 228 KB per SM allow it (not k = 4096)
         assert row.threads in (256, 512)
-        resident = 3 if row.threads == 256 else 2  # 256-thread CTAs are planned at four or three per SM
+        resident = 3 if row.threads == 256 else 2  # 256-thread CTAs are planned at five, four or three an SM
         assert resident * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
 
 
@@ -113,6 +118,19 @@ def test_cluster_sizes_on_h200(fake_gpu):
     # 32 x 163840: whole 40960-element chunks in 4 CTAs would have a one-stage ring (MIN_WHOLE_STAGES): pairs stream
     assert cluster[32, 163840, 2048] == 2 and cluster[64, 65536, 512] == 2 and cluster[1, 8192, 2048] == 1
     assert cluster[128, 131072, 2048] == 1 and cluster[4096, 8192, 2048] == 1 and cluster[256, 32768, 512] == 1
+
+
+def test_five_256_thread_ctas_an_sm_where_their_shared_memory_fits(fake_gpu):
+    """On an H200 the 4096 x 8192 prefill's whole chunks (no ring) and 8192 x 32768's two-pass CTAs, whose list
+    still holds its sampled read's target, fit a fifth of the SM each; the whole chunks take the kernel compiled
+    without the streaming path (40 registers: five fit)."""
+    sms, optin, per_sm, arch = fake_gpu("H200")
+    for shape, two_pass in (((4096, 8192, 2048), False), ((8192, 32768, 2048), True)):
+        kernel, config, row = _plan_rows(*shape)
+        assert row.threads == 256 and row.two_pass == two_pass
+        assert 5 * (config.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm
+        assert kernel is (T.KERNELS.two_pass[256] if two_pass else T.KERNELS.whole[256, 1])
+        assert row.sample > 0 or not two_pass
 
 
 def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
@@ -128,9 +146,8 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     assert rows[256, 32768, 512].threads == 512  # one wave: a row's latency, not the queue, sets the time
     assert rows[128, 131072, 2048].threads == 1024
     assert all(rows[shape].sample > 0 for shape in two_pass)
-    # the sampled read stages its next batch where the list has room beside the ring (not in 4 x 256 threads an SM)
-    assert {shape for shape in two_pass if rows[shape].stages} == {(128, 131072, 2048), (256, 32768, 512),
-                                                                     (1000, 20000, 1)}
+    # the sampled read stages its next batch where the list has room beside the ring (not in 5 x 256 threads an SM)
+    assert {shape for shape in two_pass if rows[shape].stages} == {(128, 131072, 2048), (256, 32768, 512)}
     assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 

@@ -20,9 +20,17 @@ namespace cupy_ops {
 namespace topk {
 
 // CTAs per SM the register budget must allow: 64 registers a thread (a 256-thread CTA in a cluster, one per SM,
-// may take 128: at 64 it spilled 4-8 bytes).
-template <int THREADS, int CLUSTER>
-constexpr int min_blocks() { return THREADS == 256 && CLUSTER > 1 ? 2 : 1024 / THREADS; }
+// may take 128: at 64 it spilled 4-8 bytes). But 48 for five 256-thread CTAs an SM where the host plans them
+// (CTA_SHAPES, TWO_PASS_CTAS): topk_row compiled for whole chunks only (WHOLE: 40 registers, its streaming path
+// left out) and the two-pass kernel.
+constexpr int kWholeCtas256 = 5;
+constexpr int kTwoPassCtas256 = 5;
+template <int THREADS, int CLUSTER, bool WHOLE = false>
+constexpr int min_blocks() {
+  return THREADS == 256 && CLUSTER > 1 ? 2 : THREADS == 256 && WHOLE ? kWholeCtas256 : 1024 / THREADS;
+}
+template <int THREADS>
+constexpr int two_pass_min_blocks() { return THREADS == 256 ? kTwoPassCtas256 : 1024 / THREADS; }
 
 // float_key(NaN): one above key(+inf) = 0xff800000, so NaN ranks above +inf and every NaN ties with every other.
 constexpr uint32_t kNanKey = 0xff800001u;

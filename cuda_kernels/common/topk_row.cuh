@@ -21,8 +21,9 @@
 //    histograms are summed through distributed shared memory, one cluster barrier per round.
 // 4. Emit: every entry above pivot and the first rem pivot-equal ones (in a cluster, the lower-ranked CTAs'
 //    counts, summed while the select reads their histograms, place a CTA's run) goes to its rank in index order:
-//    staged in shared memory, then copied out with coalesced stores (a thread's contiguous run of entries would
-//    otherwise store one 4-byte word per lane and L2 transaction: 2048 of them per row).
+//    compacted in place (a whole chunk) or staged in the ring (a streaming one), then copied out with coalesced
+//    stores (a thread's contiguous run of entries would otherwise store one 4-byte word per lane and L2
+//    transaction: 2048 of them per row).
 // While a CTA's whole chunk fits its buffer (stage = 0: no shrink can happen) an entry's column is implicit, its
 // buffer position plus the chunk's first column, so the buffer holds keys only (4 bytes per element, not 8).
 #pragma once
@@ -100,11 +101,13 @@ __device__ __forceinline__ float pick8(const float (&v)[8], int e) {
 
 // Dynamic shared memory, in this order: the copy ring (stages x 2 x THREADS float4), keys[cap], then, when a
 // chunk can exceed cap (stage = k), idx[cap] and the staging keys[stage] and idx[stage]; when stage == 0 columns
-// are implicit (nothing after keys). The host guarantees: cap >= k + 8 * THREADS when stage > 0 (a group fits
-// after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3,
-// len <= 2^31 - 8, and 0 <= sample <= 2^26 (so 4 * sample fits; any value is exact, it only tunes). The ring
-// (>= 16 KB) also stages the output (<= k <= 4096 entries).
-template <int THREADS, int CLUSTER>
+// are implicit (nothing after keys) and the ring is unused (stages may be 0: the chunk is copied straight into
+// keys, and the emission compacts in place). The host guarantees: cap >= k + 8 * THREADS when stage > 0 (a group
+// fits after a shrink), cap >= every chunk when stage == 0, cap < 65536 (packed counts), 1 <= stages <= 3 when
+// stage > 0, len <= 2^31 - 8, and 0 <= sample <= 2^26 (so 4 * sample fits; any value is exact, it only tunes).
+// With stage > 0 the ring (>= 16 KB) also stages the output (<= k <= 4096 entries). WHOLE: compiled for whole
+// chunks only (the host gives stage = 0), without the streaming path.
+template <int THREADS, int CLUSTER, bool WHOLE = false>
 __device__ void topk_row(const float* base, int64_t stride, int len, int* out, int k, int cap, int stage,
                          int stages, int sample) {
   __shared__ Shared sh;
@@ -152,7 +155,8 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   };
   uint32_t parity = 0;
   int n = 0;
-  if (stage == 0) {
+  const bool whole_chunk = WHOLE || stage == 0;  // (WHOLE: the host plans only whole chunks, stage = 0)
+  if (whole_chunk) {
     // The whole chunk fits the buffer (the host's cap >= 4 x the chunk's slots, chunk_bound: up to 3 elements of
     // misalignment included): every whole slot is copied straight to its entries 4 (s - s_lo) .. + 3, all of the
     // chunk's copies in flight at once (one wait, not one a group through the ring), then turned into keys in place by
@@ -320,29 +324,68 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
   uint32_t pivot, mask, rem, total;
   select_pivot<THREADS, CLUSTER>(keys, n, k, true, sh, pivot, mask, rem);
   const int column0 = 4 * s_lo - a;  // the column of buffer entry 0 while columns are implicit
-  auto column = [&](int i) { return stage > 0 ? idx[i] : column0 + i; };
   int first, take;
-  if (stage == 0 && rem == sh.found[2]) {  // uniform: a whole chunk, and every pivot-equal entry is taken
-    // Then an entry is taken iff key >= pivot (pivot's bits below the mask are 0; the buffer's fillers, key 0, are
-    // below every pivot), so no rank among the pivot-equal ones is needed and one pass emits: each warp compacts its
-    // run's taken columns, in index order, into the front of its own run, then copies them out after the other warps'
-    // counts place it. A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512 contiguous
+  if (whole_chunk) {
+    // A whole chunk: one pass emits, each warp compacting its run's taken columns, in index order, into the front of
+    // its own run, then copying them out after the other warps' counts place it (no staging area: whole chunks need
+    // no ring). A step of a warp: lane l's four entries i = step + 4 l .. + 3 (one 16-byte load, 512 contiguous
     // bytes a warp: no bank conflict); their taken ones go to the places the lanes' counts give (a prefix from four
-    // ballots), each at or before its own entry: so over entries of this step that lower lanes have read (a __syncwarp
-    // orders those reads before the stores) and never past the step. A whole chunk's n is a multiple of 4 (its cut end
-    // slots hold key-0 fillers), as are the runs: a lane's four entries are all in its run or none. (Only whole chunks:
-    // a streaming buffer's n is any count, and entries past it are stale.) H200, against the count and write passes:
-    // prefill 4096 x 8192 77.4 -> 65.0 us, 1024 x 8192 29.5 -> 25.0, 64 x 65536 k 2048 18.0 -> 16.4.
+    // ballots), each at or before its own entry: so over entries of this step that lower lanes have read (a
+    // __syncwarp orders those reads before the stores) and never past the step. A whole chunk's n is a multiple of 4
+    // (its cut end slots hold key-0 fillers, below every pivot), as are the runs: a lane's four entries are all in
+    // its run or none. An entry is taken iff key >= pivot (pivot's bits below the mask are 0) when every
+    // pivot-equal entry is (rem is the final bin's count: the usual case); else the rounds ran to the exact key
+    // (mask ~0) and a pass first turns the pivot-equal entries past the first rem of the row into fillers. H200,
+    // against count and write passes (the all-taken case): prefill 4096 x 8192 77.4 -> 65.0 us, 1024 x 8192 29.5 ->
+    // 25.0, 64 x 65536 k 2048 18.0 -> 16.4.
     constexpr int kWarps = THREADS / 32;
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int per_warp = (n + 128 * kWarps - 1) / (128 * kWarps) * 128;
     const int begin = min(n, warp * per_warp), end = min(n, begin + per_warp);
     const uint32_t lower_lanes = (1u << lane) - 1u;
+    const bool all_equal = rem == sh.found[2];  // uniform
+    auto step_keys = [&](int i) {
+      return i < end ? *reinterpret_cast<const uint4*>(keys + i) : make_uint4(0u, 0u, 0u, 0u);
+    };
+    if (!all_equal) {
+      // The pivot-equal entries past the first `take` of this CTA's (cluster_emission: rem less the lower-ranked
+      // CTAs' ones) become fillers (key 0, below the pivot), so the compaction takes exactly the entries >= pivot. A
+      // warp's rank starts after the lower warps' ones, a lane's after the lower lanes' of the step (a warp scan).
+      uint32_t equal = 0;
+      for (int step = begin; step < end; step += 128) {
+        const uint4 q = step_keys(step + 4 * lane);
+        equal += (q.x == pivot) + (q.y == pivot) + (q.z == pivot) + (q.w == pivot);
+      }
+      equal = __reduce_add_sync(kFullMask, equal);
+      if (lane == 0) sh.warp_count[warp] = equal;
+      __syncthreads();  // (also publishes the cluster select's sh.lower for cluster_emission)
+      // this CTA's pivot-equal entries before the warp's (a block scan here made ptxas spill 28 bytes at 48 registers)
+      int rank = static_cast<int>(__reduce_add_sync(kFullMask, lane < warp ? sh.warp_count[lane] : 0u));
+      cluster_emission<CLUSTER>(rem, sh, first, take);
+      __syncthreads();  // every warp has read sh.warp_count before the compaction rewrites it
+      for (int step = begin; step < end; step += 128) {  // uniform over the warp
+        const int i = step + 4 * lane;
+        const uint4 q = step_keys(i);
+        const uint32_t e = (q.x == pivot) | (q.y == pivot) << 1 | (q.z == pivot) << 2 | (q.w == pivot) << 3;
+        const uint32_t n_equal = __popc(e), inclusive = warp_inclusive_sum(n_equal);
+        const int keep = take - rank - static_cast<int>(inclusive - n_equal);  // this lane's first `keep` stay
+        uint32_t drop = e;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (j < keep) drop &= drop - 1u;  // the lowest remaining one stays
+        }
+        if (drop & 1u) keys[i] = 0u;
+        if (drop & 2u) keys[i + 1] = 0u;
+        if (drop & 4u) keys[i + 2] = 0u;
+        if (drop & 8u) keys[i + 3] = 0u;
+        rank += static_cast<int>(__shfl_sync(kFullMask, inclusive, 31));
+      }
+    }
     int* taken = reinterpret_cast<int*>(keys) + begin;
     int count = 0;
     for (int step = begin; step < end; step += 128) {  // uniform over the warp
       const int i = step + 4 * lane;
-      const uint4 q = i < end ? *reinterpret_cast<const uint4*>(keys + i) : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 q = step_keys(i);
       const bool t0 = q.x >= pivot, t1 = q.y >= pivot, t2 = q.z >= pivot, t3 = q.w >= pivot;
       const uint32_t b0 = __ballot_sync(kFullMask, t0), b1 = __ballot_sync(kFullMask, t1),
                      b2 = __ballot_sync(kFullMask, t2), b3 = __ballot_sync(kFullMask, t3);
@@ -358,17 +401,18 @@ __device__ void topk_row(const float* base, int64_t stride, int len, int* out, i
     }
     if (lane == 0) sh.warp_count[warp] = static_cast<uint32_t>(count);
     __syncthreads();  // also publishes the cluster select's sh.lower for cluster_emission
-    cluster_emission<CLUSTER>(rem, sh, first, take);
+    if (all_equal) cluster_emission<CLUSTER>(rem, sh, first, take);
     first += static_cast<int>(__reduce_add_sync(kFullMask, lane < warp ? sh.warp_count[lane] : 0u));
     for (int j = lane; j < count; j += 32) out[first + j] = taken[j];
   } else {
     const uint32_t before = count_split<THREADS>(keys, n, pivot, mask, total, sh, parity);
     cluster_emission<CLUSTER>(rem, sh, first, take);
-    // This CTA's output run out[first .. first + count), staged in the ring (every copy has landed and been read).
+    // A streaming buffer (columns in idx): this CTA's output run out[first .. first + count), staged in the ring
+    // (every copy has landed and been read).
     const int count = static_cast<int>(total & 0xffffu) + min(max(take, 0), static_cast<int>(total >> 16));
     int* staged = reinterpret_cast<int*>(ring);
     write_selected<THREADS>(keys, n, pivot, mask, before, first, take, [&](int slot, int i) {
-      staged[slot - first] = column(i);
+      staged[slot - first] = idx[i];
     });
     __syncthreads();
     for (int j = threadIdx.x; j < count; j += THREADS) out[first + j] = staged[j];

@@ -39,24 +39,28 @@ constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using 
 // 19.6 -> 19.2, but prefill 2048 x 16384 57.8 -> 58.4; 256 bytes (before the unrolled select): 2048 x 16384 63.3
 // against 61.5, 256 x 32768 20.5 against 19.7.
 constexpr int kTwoPassPrefetch = 128;
+// CTAs of fewer threads never stage their sampled read (the host gives them stages = 0: five 256-thread CTAs an SM
+// leave their list no room for the ring), so it is compiled out of them: with it, at the 48 registers of five an SM,
+// ptxas spilled 32-40 bytes (NVRTC 12.9 and 13.0), without it none.
+constexpr int kTwoPassRingThreads = 512;
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
 // (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
 // loaded before any is used; the cut first and last slots element by element.
-template <int THREADS, typename F>
+template <int THREADS, int UNROLL = kTwoPassUnroll, typename F>
 __device__ __forceinline__ void for_each_element(const float* base, int len, F f) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
 #pragma unroll 1
-  for (int s0 = threadIdx.x; s0 < slots; s0 += kTwoPassUnroll * THREADS) {
-    float4 v[kTwoPassUnroll];
+  for (int s0 = threadIdx.x; s0 < slots; s0 += UNROLL * THREADS) {
+    float4 v[UNROLL];
 #pragma unroll
-    for (int u = 0; u < kTwoPassUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int i0 = 4 * (s0 + u * THREADS) - a;
       if (i0 >= 0 && i0 + 4 <= len) v[u] = __ldg(reinterpret_cast<const float4*>(base + i0));
     }
 #pragma unroll
-    for (int u = 0; u < kTwoPassUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int i0 = 4 * (s0 + u * THREADS) - a;
       if (i0 >= 0 && i0 + 4 <= len) {
         f(float_key(v[u].x), i0);
@@ -178,13 +182,14 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 }
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
-// eq[words], list keys[cap], list columns[cap], staged[k]. `stages` 1: the sampled read stages its next batch of
-// slots in the list columns' last 16 x THREADS x kTwoPassUnroll bytes (16-byte aligned; stage_batch), and its list
-// stops before them (the two reads after an unlucky sample have the whole list); 0: it loads into registers. The
-// host guarantees words >= ceil(len / 32), 1 <= cap < 65536 (with stages 1: cap > 4 x THREADS x kTwoPassUnroll +
-// 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of stage_batch's batch past
-// the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample <= 2^26 (any value is exact:
-// it only tunes).
+// eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
+// marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
+// sampled read stages its next batch of slots in the list columns' last 16 x THREADS x kTwoPassUnroll bytes (16-byte
+// aligned; stage_batch), and its list stops before them (the two reads after an unlucky sample have the whole list); 0:
+// it loads into registers. The host guarantees words >= ceil(len / 32), 1 <= cap < 65536 (with stages 1: cap > 4 x
+// THREADS x kTwoPassUnroll + 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of
+// stage_batch's batch past the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample <=
+// 2^26 (any value is exact: it only tunes).
 template <int THREADS, typename Out>
 __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
                                   int stages) {
@@ -199,7 +204,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   uint32_t* eq = sel + words;
   uint32_t* list_keys = eq + words;
   int* list_columns = reinterpret_cast<int*>(list_keys + cap);
-  int* staged = list_columns + cap;
+  int* staged = reinterpret_cast<int*>(list_keys);  // (the emission's: over the list, after its last use)
   const int used = (len + 31) >> 5;  // bitmap words of this row
   clear_fine<THREADS>(sh);
   for (int w = threadIdx.x; w < used; w += THREADS) sel[w] = eq[w] = 0u;
@@ -218,7 +223,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float4* ring = nullptr;  // list_above's staged batch (uniform)
     int sample_cap = cap;    // the list's entries in the sampled read
-    if (stages > 0) {
+    if (THREADS >= kTwoPassRingThreads && stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
       ring = reinterpret_cast<float4*>(end) - kTwoPassUnroll * THREADS;
       sample_cap = static_cast<int>(reinterpret_cast<int*>(ring) - list_columns);
@@ -249,12 +254,12 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     __syncthreads();
   }
   if (!listed) {
-    for_each_element<THREADS>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
+    for_each_element<THREADS, 2>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
     __syncthreads();
     select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
     const uint32_t bin = sh.found[0];
     const bool whole = sh.found[1] == sh.found[2];  // every entry of B is in: no list, no eq bits
-    for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+    for_each_element<THREADS, 2>(base, len, [&](uint32_t key, int i) {
       const uint32_t b = key >> 21;
       if (b > bin || (whole && b == bin)) {
         set_bit(sel, i);
@@ -277,9 +282,9 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
       } else {  // the list overflowed: each round and the marking read the row again
         eq_in_list = false;
         select_refine<THREADS, 1>([&](auto f) {
-          for_each_element<THREADS>(base, len, [&](uint32_t key, int) { f(key); });
+          for_each_element<THREADS, 1>(base, len, [&](uint32_t key, int) { f(key); });
         }, false, sh, pivot, mask, rem);
-        for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
+        for_each_element<THREADS, 1>(base, len, [&](uint32_t key, int i) {
           if ((key >> 21) == bin) mark(key, i);
         });
       }

@@ -49,6 +49,9 @@ MAX_ROWS = 2**31 - 1      # rows (and next_n, an int32 field): CUDA's grid.x lim
 # (1 per SM) for few long rows, alone or in clusters.
 INSTANTIATIONS = tuple((t, c) for t in (256, 512, 1024) for c in (1, 2, 4, 8, 16) if t != 512 or c == 1)
 TWO_PASS_THREADS = (256, 512, 1024)  # the two-pass kernel's instantiations (one CTA a row)
+# topk_row compiled for whole chunks only (WHOLE: no streaming path, 40 registers) where CTA_SHAPES plans five CTAs
+# of 256 threads an SM, which the general kernel's 64 registers do not allow (common/topk.cuh: kWholeCtas256).
+WHOLE_INSTANTIATIONS = ((256, 1),)
 # The row-in-registers kernel (common/topk_registers.cuh) takes the whole chunks of calls whose grid fits the SMs,
 # up to REGISTER_SLOTS[threads] x threads 16-byte slots a CTA (one CTA an SM: 1024 threads hold 5 slots in 56 of
 # their 64 registers, 256 and 512 threads 6 in 56-64; NVRTC 13.0, sm_90, no spills on sm_80 or sm_90; 61 and 71-80
@@ -147,16 +150,25 @@ TWO_PASS_SAMPLE_SIGMAS = 3
 # rows, 18.7 -> 24.2 (a row's 256 threads, not 512). ncu of the 512-thread prefill: 300M warp instructions (vLLM's
 # kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%.
 TWO_PASS_SMALL_WIDTH = 32768
-TWO_PASS_LIST_PER_SAMPLE = 1.2
+TWO_PASS_LIST_PER_SAMPLE = 1.15
+# The two-pass CTAs an SM, by CTA size: the shared memory each plans for (the 256-thread kernel's register bound is
+# common/topk.cuh's kTwoPassCtas256, which must allow as many). Five 256-thread CTAs (48 registers, not 64; the
+# list at TWO_PASS_LIST_PER_SAMPLE 1.15 of the target, not 1.2, so that 8192 x 32768's fits their shared memory):
+# H100, A/B in one run (session 36), against four: prefill 8192 x 32768 k 2048 330.8 -> 319.6 us with 80-byte
+# spills (NVRTC 13.0), 331.0 -> 315.5 with 40 (the re-reads of an overflowed list one slot a thread at a time);
+# 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS).
+TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
 # The sampled read stages its next batch of slots (16 bytes x 4 a thread) in shared memory with cp.async while it
 # appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
 # TWO_PASS_LIST_PER_SAMPLE x the target beside that ring (two_pass_ring_entries: the list's last entries in that
-# read; its two reads after an unlucky sample have the whole list): in the suites the 1024- and 512-thread CTAs
-# (128 x 131072, 256 x 32768), not four 256-thread CTAs an SM (the prefill's). H100, A/B in one run each (session
+# read; its two reads after an unlucky sample have the whole list), in CTAs of TWO_PASS_RING_THREADS or more: in the
+# suites the 1024- and 512-thread CTAs (128 x 131072, 256 x 32768; at four 256-thread CTAs an SM it cost 2048 x 16384
+# k 512 55.8-55.9 -> 56.2-56.3 us, session 36, and five leave it no room). H100, A/B in one run each (session
 # 35; the read with nothing listed ran at ~93% of copy bandwidth, the appends added 3.7 us): 128 x 131072 k 2048
 # 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9 (persistent, decode; one round), 256 x 32768 k 512
 # 18.4 either way.
 TWO_PASS_RING = True
+TWO_PASS_RING_THREADS = 512  # common/topk_two_pass.cuh: kTwoPassRingThreads (smaller CTAs compile no ring)
 # Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
 # the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
 # (lengths in no order), and so do grids that fit the SMs at once (nothing waits for a slot). H200, A/B in one run
@@ -175,11 +187,13 @@ class CtaShapes(NamedTuple):
     streaming: tuple
 
 
-# Keyed by (the grid exceeds the SMs, the chunk is small: see SMALL_CHUNK). Many rows: 256-thread CTAs, four or
-# three per SM, where the whole chunk fits their share of shared memory, else two 512-thread CTAs per SM. Few
+# Keyed by (the grid exceeds the SMs, the chunk is small: see SMALL_CHUNK). Many rows: 256-thread CTAs, five, four
+# or three per SM, where the whole chunk fits their share of shared memory, else two 512-thread CTAs per SM. Few
 # rows: one CTA per SM, of 256 threads for small chunks, else 1024 (512 when k leaves no room for 1024 threads'
-# group).
-CTA_SHAPES = {(True, True): CtaShapes(((256, 4), (256, 3), (512, 2)), ((512, 2),)),
+# group). Five an SM take the whole-chunk kernel's 40 registers (WHOLE_INSTANTIATIONS; whole chunks have no ring
+# since session 36, so an 8192-wide row's keys, 32 KB, fit a fifth of the SM). H100, A/B in one run (session 36),
+# against four: prefill 4096 x 8192 k 2048 64.6-64.9 -> 59.5-59.6 us, persistent 1024 x 8192 25.9 -> 25.4.
+CTA_SHAPES = {(True, True): CtaShapes(((256, 5), (256, 4), (256, 3), (512, 2)), ((512, 2),)),
               (True, False): CtaShapes(((512, 2),), ((512, 2),)),
               (False, True): CtaShapes(((256, 1),), ((1024, 1), (512, 1))),
               (False, False): CtaShapes(((1024, 1), (512, 1)), ((1024, 1), (512, 1)))}
@@ -194,10 +208,10 @@ _F32, _I32 = (torch.float32,), (torch.int32,)
 
 
 class RowPlan(NamedTuple):
-    """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a copy ring of `stages` groups (32 bytes
-    per thread each) and a buffer of `cap` entries: keys only (4 bytes each) when the whole chunk fits (stage = 0),
-    else keys and columns (8 bytes) plus a staging area of `stage` = k entries; `shared_bytes` of dynamic shared
-    memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
+    """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a buffer of `cap` entries: keys only (4
+    bytes each) when the whole chunk fits (stage = 0, stages = 0: no ring), else keys and columns (8 bytes) plus a
+    staging area of `stage` = k entries and a copy ring of `stages` groups (32 bytes a thread each);
+    `shared_bytes` of dynamic shared memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
     its list's entries (stage = 0; stages = 1 where its sampled read stages its next batch in shared memory, the
     list's last entries: TWO_PASS_RING). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
     in the two-pass kernel's one-read try (0: none). `registers`: a CTA holds its whole chunk in registers
@@ -244,24 +258,25 @@ def two_pass_sample_target(width: int, k: int) -> int:
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
                 per_sm: int, streaming: bool) -> RowPlan | None:
     """One CTA's shared memory, or None when it does not fit. Not `streaming`: the buffer holds the whole chunk
-    within the budget of `per_sm_target` CTAs per SM (no shrink ever happens), with fewer copy stages if need be.
-    `streaming`: max(k + 8 * threads, what the budget leaves) entries and a k-entry stage (None when k leaves no
-    room). The copy ring keeps stages - 1 groups in flight: RING_STAGES[threads] stages, fewer when the
+    within the budget of `per_sm_target` CTAs per SM (no shrink ever happens) and no ring (the chunk is copied
+    straight into it, the emission compacts in place), where a lone CTA would still have room for MIN_WHOLE_STAGES
+    of one. `streaming`: max(k + 8 * threads, what the budget leaves) entries and a k-entry stage (None when k
+    leaves no room). The copy ring keeps stages - 1 groups in flight: RING_STAGES[threads] stages, fewer when the
     chunk has fewer groups or the buffer needs the room, more when the output (4 k bytes, staged in the ring)
     needs them. The kernel packs buffer counts in 16 bits: cap <= MAX_CAP."""
     chunk = chunk_bound(width, cluster)
     groups = max(1, -(-(chunk // 4) // (2 * threads)))
     limit = optin - STATIC_SMEM
     budget = min(limit, per_sm // per_sm_target - RESERVED_SMEM - STATIC_SMEM)
+    if not streaming:  # keys only, copied straight in; a CTA alone on its SM leaves room for MIN_WHOLE_STAGES
+        room = 32 * threads * min(MIN_WHOLE_STAGES, groups) if per_sm_target == 1 else 0
+        if chunk <= MAX_CAP and room + 4 * chunk <= budget:
+            return RowPlan(threads, cluster, 0, chunk, 0, 4 * chunk)
+        return None
     most = max(min(groups, RING_STAGES[threads]), -(-4 * k // (32 * threads)))
     for stages in range(most, 0, -1):
         ring = 32 * threads * stages
         if ring < 4 * k:  # the ring stages the k outputs
-            continue
-        if not streaming:  # keys only
-            whole_ring = per_sm_target > 1 or stages >= min(MIN_WHOLE_STAGES, groups)
-            if chunk <= MAX_CAP and ring + 4 * chunk <= budget and whole_ring:
-                return RowPlan(threads, cluster, stages, chunk, 0, ring + 4 * chunk)
             continue
         cap = max(-(-(k + 8 * threads) // 4) * 4, ((budget - ring) // 8 - k) // 4 * 4)  # 16-byte aligned arrays
         cap = min(cap, MAX_CAP)
@@ -279,25 +294,26 @@ def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | N
 
 
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
-    """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST: 256
-    threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more), 512 up to 65536,
-    1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072); bitmaps of ceil(width / 32)
-    words (`sel`, `eq`), k staged outputs and the rest of the CTA's share of the SM's shared memory for the list (8
-    bytes an entry); its sampled read's target where TWO_PASS_SAMPLED and the list holds TWO_PASS_LIST_PER_SAMPLE
-    x it."""
+    """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST (or
+    k / 2): 256 threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more), 512
+    up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072), TWO_PASS_CTAS
+    of them an SM; bitmaps of ceil(width / 32) words (`sel`, `eq`) and the rest of the CTA's share of the SM's
+    shared memory for the list (8 bytes an entry; the k outputs are staged over it); its sampled read's target
+    where TWO_PASS_SAMPLED and the list holds TWO_PASS_LIST_PER_SAMPLE x it."""
     small = width <= SMALL_CHUNK or (width <= TWO_PASS_SMALL_WIDTH and rows >= 4 * sms)
     threads = 1024 if rows <= sms or width > 65536 else 256 if small else 512
-    budget = min(optin, per_sm // (1024 // threads) - RESERVED_SMEM) - STATIC_SMEM
-    fixed = 8 * -(-width // 32) + 4 * k
+    budget = min(optin, per_sm // TWO_PASS_CTAS[threads] - RESERVED_SMEM) - STATIC_SMEM
+    fixed = 8 * -(-width // 32)
     cap = min((budget - fixed) // 8, MAX_CAP)  # (eq bits of list entries are counted in 16 bits)
-    if cap < MIN_LIST:
+    if cap < max(MIN_LIST, -(-k // 2)):  # the k outputs are staged over the list's keys and columns
         return None
     # The sampled read only where the list has room to spare: a list it overflows costs that read and the two reads
     # after it (rows of ~500K and more).
     sample = two_pass_sample_target(width, k) if TWO_PASS_SAMPLED else 0
     if TWO_PASS_LIST_PER_SAMPLE * sample > cap:
         sample = 0
-    ring = TWO_PASS_RING and sample > 0 and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads)
+    ring = (TWO_PASS_RING and threads >= TWO_PASS_RING_THREADS and sample > 0
+            and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
     return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
@@ -313,15 +329,17 @@ class NoRowPlan(ValueError):
 
 
 class RowKernels(NamedTuple):
-    """An op's row kernels: `buffer[threads, cluster]` (topk_row), `two_pass[threads]`, `registers[threads,
-    cluster]` (topk_row_registers)."""
+    """An op's row kernels: `buffer[threads, cluster]` (topk_row), `whole[threads, cluster]` (topk_row compiled
+    for whole chunks only, WHOLE_INSTANTIATIONS), `two_pass[threads]`, `registers[threads, cluster]`
+    (topk_row_registers)."""
 
     buffer: dict
+    whole: dict
     two_pass: dict
     registers: dict
 
     def all(self) -> list:
-        return [*self.buffer.values(), *self.two_pass.values(), *self.registers.values()]
+        return [*self.buffer.values(), *self.whole.values(), *self.two_pass.values(), *self.registers.values()]
 
 
 def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
@@ -367,6 +385,8 @@ def plan_rows(kernels: RowKernels, device: int, rows: int, width: int, k: int,
             cluster //= 2
             continue
         kernel = by_shape[row.threads, cluster]
+        if not row.registers and row.stage == 0:  # a whole chunk: the kernel without the streaming path, if any
+            kernel = kernels.whole.get((row.threads, cluster), kernel)
         config = LaunchConfig((rows * cluster, 1, 1), (row.threads, 1, 1), row.shared_bytes,
                               None if cluster == 1 else (cluster, 1, 1))
         if cluster == 1 or launcher.max_active_clusters(kernel, device, config) > 0:
@@ -439,6 +459,7 @@ def row_kernels(filename: str, kernel: str) -> RowKernels:
     """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers."""
     return RowKernels(
         {(t, c): Kernel(filename, f"cupy_ops::{kernel}<{t}, {c}>") for t, c in INSTANTIATIONS},
+        {(t, c): Kernel(filename, f"cupy_ops::{kernel}<{t}, {c}, true>") for t, c in WHOLE_INSTANTIATIONS},
         {t: Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_two_pass_kernel')}<{t}>")
          for t in TWO_PASS_THREADS},
         {(t, c): Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_registers_kernel')}<{t}, {c}, "
