@@ -32,7 +32,15 @@
 namespace cupy_ops {
 namespace topk {
 
-constexpr int kTwoPassUnroll = 4;  // 16-byte slots a thread loads before using any: 64 KB in flight per 1024 threads
+// 16-byte slots a thread of the sampled read loads before using any (and stages: stage_batch): 4, 2 in 1024-thread
+// CTAs. H100, A/B in one run (session 36), 2 against 4: persistent 128 x 131072 k 2048 31.7 -> 31.3 us (1024
+// threads), but 256 x 32768 k 512 18.3 -> 19.1 (512) and prefill 8192 x 32768 310.8 -> 325.4 (256).
+template <int THREADS>
+constexpr int sampled_unroll() { return THREADS >= 1024 ? 2 : 4; }
+// The two reads' (for_each_element): 2 slots a thread. H100, A/B in one run (session 36, 256-thread CTAs five an SM):
+// prefill 2048 x 16384 k 512 55.7-55.8 -> 52.0-52.1 us, 8192 x 32768 314.6 -> 310.8-311.0 against 4 (which spilled
+// 40 bytes at 48 registers), 52.5 and 314.5 with 1.
+constexpr int kTwoReadsUnroll = 2;
 // Bytes a thread asks L2 to fetch from the row's start while its CTA finds the sampled cutoff (no read of the row is
 // in flight then; the sampled read then starts from L2): 32 KB for a 256-thread CTA. H100, A/B in one run (session
 // 34, unrolled select): prefill 8192 x 32768 347.1 -> 340.4 us, persistent 128 x 131072 34.4 -> 33.7, 256 x 32768
@@ -45,9 +53,9 @@ constexpr int kTwoPassPrefetch = 128;
 constexpr int kTwoPassRingThreads = 512;
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
-// (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), kTwoPassUnroll of them
-// loaded before any is used; the cut first and last slots element by element.
-template <int THREADS, int UNROLL = kTwoPassUnroll, typename F>
+// (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), UNROLL of them loaded
+// before any is used; the cut first and last slots element by element.
+template <int THREADS, int UNROLL = kTwoReadsUnroll, typename F>
 __device__ __forceinline__ void for_each_element(const float* base, int len, F f) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
@@ -76,17 +84,19 @@ __device__ __forceinline__ void for_each_element(const float* base, int len, F f
 
 __device__ __forceinline__ void set_bit(uint32_t* bits, int i) { atomicOr(&bits[i >> 5], 1u << (i & 31)); }
 
-// v[e] for a run-time e without local memory (a dynamic index into a register array spills it).
-__device__ __forceinline__ float pick16(const float (&v)[16], int e) {
+// v[e] for a run-time e without local memory (a dynamic index into a register array spills it); N is 8 or 16.
+template <int N>
+__device__ __forceinline__ float pick(const float (&v)[N], int e) {
+  static_assert(N == 8 || N == 16, "three or four selects");
   float w[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) w[j] = e & 8 ? v[j + 8] : v[j];
+  for (int j = 0; j < 8; ++j) w[j] = N == 16 && (e & 8) ? v[(j + 8) % N] : v[j];
   const float a = e & 1 ? w[1] : w[0], b = e & 1 ? w[3] : w[2], c = e & 1 ? w[5] : w[4], d = e & 1 ? w[7] : w[6];
   const float ab = e & 2 ? b : a, cd = e & 2 ? d : c;
   return e & 4 ? cd : ab;
 }
 
-// cp.async copies of the whole slots of the batch of kTwoPassUnroll x THREADS slots from slot `first` (as
+// cp.async copies of the whole slots of the batch of sampled_unroll x THREADS slots from slot `first` (as
 // list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: one batch in flight while
 // list_above appends the one before it (a thread reads back only its own slots: no barrier). An empty batch past
 // the row's end still commits, so every thread's waits count alike. (Where the plans give a ring, stages = 1, and
@@ -95,7 +105,7 @@ template <int THREADS>
 __device__ __forceinline__ void stage_batch(const float* base, int len, int first, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
 #pragma unroll
-  for (int u = 0; u < kTwoPassUnroll; ++u) {
+  for (int u = 0; u < sampled_unroll<THREADS>(); ++u) {
     const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
     if (i0 >= 0 && i0 + 4 <= len) async_copy16(&ring[u * THREADS + threadIdx.x], base + i0);
   }
@@ -104,7 +114,7 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 
 // The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
-// caller then reads the row twice). kTwoPassUnroll slots a thread loaded before any is used, as for_each_element
+// caller then reads the row twice). sampled_unroll slots a thread loaded before any is used, as for_each_element
 // (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the CTA runs the
 // same trips (the places are warp-wide): one warp scan and one shared atomic a warp for their places, then each
 // lane appends its own. (Appending a warp's passing elements unrolled, places from one warp
@@ -116,17 +126,17 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
                                            int* list_columns, int cap, Shared& sh, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
-  static_assert(4 * kTwoPassUnroll == 16, "pick16 picks among a thread's loaded elements");
+  constexpr int kUnroll = sampled_unroll<THREADS>();
   const int lane = threadIdx.x & 31;
   const bool by_value = cutoff <= kInfKey;  // uniform; else only NaN (key above +inf's) or nothing passes
   const float floor_value = by_value ? key_floor(cutoff) : 0.0f;
 #pragma unroll 1
-  for (int first = 0; first < slots; first += kTwoPassUnroll * THREADS) {
-    float x[4 * kTwoPassUnroll];
+  for (int first = 0; first < slots; first += kUnroll * THREADS) {
+    float x[4 * kUnroll];
     uint32_t valid = 0;
     if (ring != nullptr) async_wait(0);  // this batch's copies (stage_batch), this thread's own
 #pragma unroll
-    for (int u = 0; u < kTwoPassUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
       if (i0 >= 0 && i0 + 4 <= len) {
         const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x]
@@ -149,15 +159,15 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     }
     uint32_t pass = 0;
 #pragma unroll
-    for (int j = 0; j < 4 * kTwoPassUnroll; ++j) {
+    for (int j = 0; j < 4 * kUnroll; ++j) {
       pass |= static_cast<uint32_t>(by_value ? !(x[j] < floor_value) : float_key(x[j]) >= cutoff) << j;
     }
     pass &= valid;
     // The next batch's copies go out now that every x is read (the ring's slots are free again): they land while
     // this batch is appended.
-    if (ring != nullptr) stage_batch<THREADS>(base, len, first + kTwoPassUnroll * THREADS, ring);
+    if (ring != nullptr) stage_batch<THREADS>(base, len, first + kUnroll * THREADS, ring);
     auto append = [&](int e, uint32_t place) {
-      const uint32_t key = float_key(pick16(x, e));
+      const uint32_t key = float_key(pick(x, e));
       if (place < static_cast<uint32_t>(cap)) {
         list_keys[place] = key;
         list_columns[place] = 4 * (first + (e >> 2) * THREADS + static_cast<int>(threadIdx.x)) - a + (e & 3);
@@ -184,10 +194,10 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
 // marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
-// sampled read stages its next batch of slots in the list columns' last 16 x THREADS x kTwoPassUnroll bytes (16-byte
+// sampled read stages its next batch of slots in the list columns' last 16 x THREADS x sampled_unroll bytes (16-byte
 // aligned; stage_batch), and its list stops before them (the two reads after an unlucky sample have the whole list); 0:
 // it loads into registers. The host guarantees words >= ceil(len / 32), 1 <= cap < 65536 (with stages 1: cap > 4 x
-// THREADS x kTwoPassUnroll + 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of
+// THREADS x sampled_unroll + 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of
 // stage_batch's batch past the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample <=
 // 2^26 (any value is exact: it only tunes).
 template <int THREADS, typename Out>
@@ -225,7 +235,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     int sample_cap = cap;    // the list's entries in the sampled read
     if (THREADS >= kTwoPassRingThreads && stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
-      ring = reinterpret_cast<float4*>(end) - kTwoPassUnroll * THREADS;
+      ring = reinterpret_cast<float4*>(end) - sampled_unroll<THREADS>() * THREADS;
       sample_cap = static_cast<int>(reinterpret_cast<int*>(ring) - list_columns);
     }
     float sample_values[kSample / THREADS];
@@ -254,12 +264,12 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     __syncthreads();
   }
   if (!listed) {
-    for_each_element<THREADS, 2>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
+    for_each_element<THREADS>(base, len, [&](uint32_t key, int) { atomicAdd(&sh.fine[key >> 21], 1u); });
     __syncthreads();
     select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
     const uint32_t bin = sh.found[0];
     const bool whole = sh.found[1] == sh.found[2];  // every entry of B is in: no list, no eq bits
-    for_each_element<THREADS, 2>(base, len, [&](uint32_t key, int i) {
+    for_each_element<THREADS>(base, len, [&](uint32_t key, int i) {
       const uint32_t b = key >> 21;
       if (b > bin || (whole && b == bin)) {
         set_bit(sel, i);

@@ -158,7 +158,7 @@ TWO_PASS_LIST_PER_SAMPLE = 1.15
 # spills (NVRTC 13.0), 331.0 -> 315.5 with 40 (the re-reads of an overflowed list one slot a thread at a time);
 # 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS).
 TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
-# The sampled read stages its next batch of slots (16 bytes x 4 a thread) in shared memory with cp.async while it
+# The sampled read stages its next batch of slots (16 bytes x 4 or 2 a thread) in shared memory with cp.async while it
 # appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
 # TWO_PASS_LIST_PER_SAMPLE x the target beside that ring (two_pass_ring_entries: the list's last entries in that
 # read; its two reads after an unlucky sample have the whole list), in CTAs of TWO_PASS_RING_THREADS or more: in the
@@ -211,11 +211,12 @@ class RowPlan(NamedTuple):
     """How rows are cut: `cluster` CTAs of `threads` per row; each CTA has a buffer of `cap` entries: keys only (4
     bytes each) when the whole chunk fits (stage = 0, stages = 0: no ring), else keys and columns (8 bytes) plus a
     staging area of `stage` = k entries and a copy ring of `stages` groups (32 bytes a thread each);
-    `shared_bytes` of dynamic shared memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice (common/topk_two_pass.cuh); `cap` is
-    its list's entries (stage = 0; stages = 1 where its sampled read stages its next batch in shared memory, the
-    list's last entries: TWO_PASS_RING). `sample`: the survivors a sampled cutoff aims at in streaming CTAs and
-    in the two-pass kernel's one-read try (0: none). `registers`: a CTA holds its whole chunk in registers
-    (common/topk_registers.cuh; no dynamic shared memory)."""
+    `shared_bytes` of dynamic shared memory in all. `two_pass`: one CTA a row reads it once (sampled) or twice
+    (common/topk_two_pass.cuh); `cap` is its list's entries (stage = 0; stages = 1 where its sampled read stages its
+    next batch in shared memory, the list's last entries: TWO_PASS_RING; the k outputs are staged over the list).
+    `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass kernel's one-read try (0:
+    none). `registers`: a CTA holds its whole chunk in registers (common/topk_registers.cuh; no dynamic shared
+    memory)."""
 
     threads: int
     cluster: int
@@ -318,8 +319,9 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
 
 
 def two_pass_ring_entries(threads: int) -> int:
-    """List entries the sampled read's ring takes (stages = 1): 16 bytes x 4 slots a thread, 16-byte aligned."""
-    return 16 * threads + 3
+    """List entries the sampled read's ring takes (stages = 1): 16 bytes a slot, 4 slots a thread (2 in 1024-thread
+    CTAs: common/topk_two_pass.cuh, sampled_unroll), 16-byte aligned."""
+    return 4 * (2 if threads >= 1024 else 4) * threads + 3
 
 
 class NoRowPlan(ValueError):
