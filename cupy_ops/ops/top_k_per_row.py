@@ -95,10 +95,11 @@ WHOLE_REGISTER_ROWS = True
 # 512 KB) took 35.3 / 35.5 / 35.5 us with 2 / 3 / 4 stages (4: with a shrink's staging moved into the ring to make
 # room), so the stream is bound by the work per group, not by the loads in flight.
 RING_STAGES = {256: 2, 512: 2, 1024: 3}
-# A CTA alone on its SM buffers a whole chunk only with MIN_WHOLE_STAGES ring stages (or all its groups): with one,
-# nothing else on the SM loads while it appends, and the plan streams instead (H200, 2026-12-03: persistent
-# 32 x 163840 k 2048, whole 40960-element chunks in 4 x 1024 threads at 1 stage 40.9 us, against 30.2 streamed by
-# pairs). CTAs that share an SM keep one stage (prefill 4096 x 8192: four 256-thread CTAs an SM).
+# A CTA alone on its SM buffers a whole chunk only where room for MIN_WHOLE_STAGES ring stages (or all its groups)
+# would be left beside it (measured when whole chunks still loaded through the ring: with one stage nothing else on
+# the SM loads while it appends, and the plan streams instead; H200, 2026-12-03: persistent 32 x 163840 k 2048,
+# whole 40960-element chunks in 4 x 1024 threads at 1 stage 40.9 us, against 30.2 streamed by pairs). Whole chunks
+# have no ring since session 36: the rule is kept as a bound on the chunk. CTAs that share an SM have no such bound.
 MIN_WHOLE_STAGES = 2
 MAX_CAP = 65532           # buffer entries: the kernel packs counts of entries in 16 bits
 # The two-pass kernel (common/topk_two_pass.cuh) takes calls of more than TWO_PASS_ROWS_PER_SM rows per SM whose
@@ -140,7 +141,7 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 # (2026-12-03, bench/tune.py, prefill, target 2 k / 1.25 k / 1.5 k): 8192 x 32768 k 2048 515 / 481 / 495 us,
 # 2048 x 16384 k 512 67.4 / 72.2 / 65.5; 1.25 k is 2.5 deviations there but 1.8 at k 512, where reads fell back.
 TWO_PASS_SAMPLE_SIGMAS = 3
-# The two-pass kernel's CTAs: 256 threads (four an SM) for rows up to SMALL_CHUNK wide, and up to
+# The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
 # where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + 3 deviations of the count;
 # a list it overflows is exact too, just slower). A row's fixed work (sample select, rounds, scans, ~30 barriers)
