@@ -292,7 +292,8 @@ class Geometry(NamedTuple):
 # sampled read overflows it, then the select and the marking read the row again); `ring`: the sampled read stages
 # its next batch in shared memory beside a list of that many entries (as the plans do where the list has room; among
 # the sampled cases: a list it overflows, whose two reads then have the ring's entries too, and 1024 threads over
-# ascending rows of 16500, whose top k lie in the second batch of 4096 slots). Streaming
+# ascending rows of 16500, whose top k lie past the first batch: 2048 slots at 1024 threads). Whole chunks of 256
+# threads run the kernel compiled without the streaming path (prefill and persistent `Geometry(256)`). Streaming
 # buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
 # sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
 # emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
@@ -353,7 +354,7 @@ def test_prefill_strided_rows(emulator, monkeypatch, geometry):
     assert_reference(PREFILL, dense, what=f"prefill stride1 = 2 {geometry}")
 
 
-PERSISTENT_GEOMETRIES = [Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
+PERSISTENT_GEOMETRIES = [Geometry(256), Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
                          Geometry(256, list_cap=8), Geometry(512, list_cap=2048, ring=True),
                          Geometry(512, shrink=True, sample=1),
