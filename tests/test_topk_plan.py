@@ -12,6 +12,7 @@ import torch
 from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, persistent_args, prefill_args
 
 from cupy_ops._runtime import compiler, launcher
+from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
 
 GPUS = {  # sm_count, opt-in shared memory per block, per SM, arch
@@ -258,6 +259,28 @@ def test_static_shared_memory_bound(arch):
     for kernel in (*PREFILL.kernels, *PERSISTENT.kernels):
         report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
         assert 0 < report.shared_memory <= T.STATIC_SMEM, kernel
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_planned_ctas_an_sm_fit_the_kernels_registers(arch):
+    """Every CTA shape the plans budget at n an SM (CTA_SHAPES, TWO_PASS_CTAS) compiles to registers n such CTAs
+    can share (64K an SM, allocated 8 a thread at a time): the kernels' launch bounds (common/topk.cuh:
+    kWholeCtas256, kTwoPassCtas256) and the plans' constants agree. Whole chunks take the whole-chunk kernel where
+    it is instantiated (WHOLE_INSTANTIATIONS)."""
+    for kernels in (T.KERNELS, PT.KERNELS):
+        shapes = [(kernels.whole.get((t, 1), kernels.buffer[t, 1]), t, n)
+                  for shape in T.CTA_SHAPES.values() for t, n in shape.whole]
+        shapes += [(kernels.buffer[t, 1], t, n) for shape in T.CTA_SHAPES.values() for t, n in shape.streaming]
+        shapes += [(kernels.two_pass[t], t, n) for t, n in T.TWO_PASS_CTAS.items()]
+        for kernel, threads, per_sm in shapes:
+            report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
+            assert -(-report.registers // 8) * 8 * threads * per_sm <= 65536, (kernel, per_sm, report.registers)
+
+
+def test_ring_threads_match_the_kernel():
+    """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring)."""
+    text = (compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
+    assert f"constexpr int kTwoPassRingThreads = {T.TWO_PASS_RING_THREADS};" in text
 
 
 def _plan(op, args):
