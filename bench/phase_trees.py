@@ -47,13 +47,13 @@ def _exit(value: str, out: str = "out_row()[0]", cluster: bool = False, when: st
     return f"  if ({when}) {{ if (threadIdx.x == 0) {out} = static_cast<int>({value});{sync} return; }}\n"
 
 
-_LISTED = ("    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);\n"
-           "    __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)\n")
+_LISTED = ("    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring, stages);\n"
+           "    __syncthreads();")
 _HISTOGRAM = ("        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21], 1u);\n      }\n    }\n  }\n"
               "  __syncthreads();\n")
 _ROUND0 = "  select_round0<THREADS, CLUSTER>(static_cast<uint32_t>(k), true, sh);\n"
 _CUTOFF = "    const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);\n"
-_SLOT = "  int slot = static_cast<int>(above_before + min(equal_before, take));\n"
+_SLOT = "  uint32_t slot = above_before + min(equal_before, take);\n"
 _READ_SUM = ("  float read_sum = 0.0f;\n#pragma unroll\n"
              "  for (int j = 0; j < 4 * SLOTS; ++j) read_sum += valid >> j & 1u ? x[j] : 0.0f;\n")
 _BEFORE = "  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);\n"
@@ -63,7 +63,8 @@ CUTS: dict[str, list[Edit]] = {
     "tp_stream": [after(TWO_PASS, _LISTED, _exit("sh.appended")),
                   Edit(TWO_PASS, "    pass &= valid;\n", "    pass &= cutoff == 0x7fffffffu ? valid : 0u;\n")],
     "tp_list": [after(TWO_PASS, _LISTED, _exit("sh.appended"))],
-    "tp_select": [after(TWO_PASS, "\n      }, false, sh, pivot, mask, rem);\n", _exit("pivot"))],
+    "tp_select": [after(TWO_PASS, "      select_pivot<THREADS, 1>(list_keys, static_cast<int>(n), "
+                                  "static_cast<uint32_t>(k), false, sh, pivot, mask, rem);\n", _exit("pivot"))],
     "tp_mark": [before(TWO_PASS, "  if (!listed) {\n    for_each_element", _exit("take", when="listed && len > 0"))],
     "tp_scans": [after(TWO_PASS, _SLOT, _exit("slot"))],
     "rg_empty": [before(REGISTERS, "  const bool contiguous = stride == 1;\n", _exit("len", "out[0]"))],

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>())
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
                                    [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
-                                   p.k, p.cap, static_cast<int>((p.max_len + 31) / 32), p.sample, p.stages);
+                                   p.k, p.cap, topk::two_pass_words(p.max_len), p.sample, p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>())
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    [&] { return p.indices + row_of<1>(p) * p.out_stride; }, p.k, p.cap,
-                                   static_cast<int>((p.num_cols + 31) / 32), p.sample, p.stages);
+                                   topk::two_pass_words(p.num_cols), p.sample, p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

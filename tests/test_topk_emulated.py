@@ -4,8 +4,9 @@ thread. So CI, which has no GPU, executes the streaming, shrink, radix select, c
 logic and compares every slot with the reference. What it does not model: timing, warp-level hardware behaviour
 beyond shuffles (a warp is 32 threads meeting at a barrier for each shuffle), memory-model subtleties. What it
 checks besides results: every barrier is reached by every thread (a deadlock fails the case after a timeout),
-cp.async data is read only after its wait (copies land at the wait, the slot holds garbage before), 16-byte
-alignment of vector copies.
+cp.async data is read only after its wait (copies land at the wait, the slot holds garbage before) and a slot is
+not copied into while still to be read (the ring cases again with copies landing when issued), 16-byte alignment of
+vector copies.
 
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
@@ -63,6 +64,13 @@ inline void cluster_wait() {
 inline uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::cur->smem);
 }
+inline void store_shared_if(bool p, uint32_t address, uint32_t value) {
+  if (p) *reinterpret_cast<uint32_t*>(emu::cur->smem + address) = value;
+}
+inline void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_t address_b, uint32_t b) {
+  store_shared_if(p, address_a, a);
+  store_shared_if(p, address_b, b);
+}
 inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
   emu::Block* b = emu::cur->cluster->blocks.at(rank);
   if (b->ended) emu::misuse = true;  // its shared memory would be gone
@@ -78,10 +86,15 @@ namespace cupy_ops {
 struct EmuCopy { void* dst; const void* src; };
 inline thread_local std::deque<std::vector<EmuCopy>> emu_batches;
 inline thread_local std::vector<EmuCopy> emu_open;
-inline void async_copy16(void* dst, const void* src) {  // lands at the wait; garbage until then
+inline bool emu_copies_land_at_issue = false;  // (set_copies_land_at_issue)
+inline void async_copy16(void* dst, const void* src) {  // lands at the wait, garbage until then; or at once
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) {
     std::fprintf(stderr, "misaligned cp.async\n");
     std::abort();
+  }
+  if (emu_copies_land_at_issue) {
+    std::memcpy(dst, src, 16);
+    return;
   }
   std::memset(dst, 0xCD, 16);
   emu_open.push_back({dst, src});
@@ -154,6 +167,7 @@ extern "C" int run_persistent_topk_registers(int threads, int cluster, int slots
   DISPATCH_REGISTERS(persistent_topk_registers_kernel)
 }
 extern "C" long take_rereads() { return emu::rereads.exchange(0); }
+extern "C" void set_copies_land_at_issue(int on) { emu_copies_land_at_issue = on != 0; }
 extern "C" unsigned float_key(float x) { return topk::float_key(x); }
 extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
 """
@@ -170,7 +184,10 @@ def emulator(tmp_path_factory):
         # declarations
         core = (source / "common" / header).read_text()
         # the two-pass emission's guard against more than k outputs: a failed case here, not a silent cut
-        core = core.replace("if (slot < k) staged[slot]", "if (slot >= k) emu::overrun = true; else staged[slot]")
+        guard = "store_shared_if(slot < static_cast<uint32_t>(k),"
+        assert header != "topk_two_pass.cuh" or guard in core, "the emission's guard changed: update the emulation"
+        core = core.replace(guard, "if (slot >= static_cast<uint32_t>(k)) emu::overrun = true; "
+                                   "else store_shared_if(true,")
         # a re-read after a sampled cutoff that let fewer than k through (or, two-pass, more than the list holds):
         # counted (topk_row: a thread each; topk_row_two_pass: one a CTA)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
@@ -194,16 +211,17 @@ EMULATED_SMS = 4
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
-            ring=False, registers=False, slots=None):
+            ring=0, registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
     a list of that many entries (a small one overflows: the sampled read falls back to two reads, whose select reads
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
-    ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
-    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers kernel (its
-    plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans' T.REGISTER_SLOTS)."""
+    ring: the two-pass kernel's sampled read stages its next `ring` batches (1 or 2) in the list's last entries, so
+    its list has T.two_pass_ring_entries(threads, ring) fewer entries than list_cap. registers: the row-in-registers
+    kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans'
+    T.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
     if registers:
         slots = T.REGISTER_SLOTS[threads] if slots is None else slots
@@ -216,8 +234,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
-            words = -(-width // 32)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
-            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
+            words = T.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
+            row = T.RowPlan(threads, 1, ring, list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
                             sample=T.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
@@ -264,12 +282,13 @@ class Geometry(NamedTuple):
     sample: int | None = None
     registers: bool = False
     slots: int | None = None
-    ring: bool = False  # two-pass: list_cap is the sampled read's list beside its ring
+    ring: int = 0  # two-pass: the ring's batches (1 or 2); list_cap is the sampled read's list beside it
 
     def __str__(self):
         if self.list_cap is not None:
             sample = "" if self.sample is None else f"-sample{self.sample}"
-            return f"two-pass-{self.threads}-list{self.list_cap}{sample}{'-ring' if self.ring else ''}"
+            ring = f"-ring{self.ring if self.ring > 1 else ''}" if self.ring else ""
+            return f"two-pass-{self.threads}-list{self.list_cap}{sample}{ring}"
         if self.registers:
             return f"registers-{self.threads}x{self.cluster}{'' if self.slots is None else f'-slots{self.slots}'}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
@@ -277,7 +296,7 @@ class Geometry(NamedTuple):
 
     def run(self, library, monkeypatch, op, args):
         assert not self.ring or self.threads >= T.TWO_PASS_RING_THREADS, "smaller CTAs compile no ring"
-        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
+        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads, self.ring) if self.ring else self.list_cap
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
                 list_cap=list_cap, sample=self.sample, ring=self.ring, registers=self.registers,
                 slots=self.slots)
@@ -290,13 +309,13 @@ class Geometry(NamedTuple):
 # cases below): rows of 8192 and more take its sampled read (the plan's target, ~280 survivors), the others (and
 # sample=0) two reads, whose list holds the k-th largest's bin; and with one of 8 entries that none can fit (the
 # sampled read overflows it, then the select and the marking read the row again); `ring`: the sampled read stages
-# its next batch in shared memory beside a list of that many entries (as the plans do where the list has room; among
-# the sampled cases: a list it overflows, whose two reads then have the ring's entries too, and 1024 threads over
-# ascending rows of 16500, whose top k lie past the first batch: 2048 slots at 1024 threads). Whole chunks of 256
-# threads run the kernel compiled without the streaming path (prefill and persistent `Geometry(256)`). Streaming
-# buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at the largest
-# sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read again. (The
-# emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
+# its next batch (or two: ring=2) in shared memory beside a list of that many entries (as the plans do where the list
+# has room; among the sampled cases: a list it overflows, whose two reads then have the ring's entries too, and 1024
+# threads over ascending rows of 16500, whose top k lie past the first batch: 2048 slots at 1024 threads). Whole
+# chunks of 256 threads run the kernel compiled without the streaming path (prefill and persistent `Geometry(256)`).
+# Streaming buffers (shrink) of chunks >= 8192 filter by the plan's sampled cutoff; persistent rows also by one at
+# the largest sample (sample=1), which lets fewer than k of randn and low-bits rows through, so the chunk is read
+# again. (The emulation runs ~1-3 s per case on two cores: the matrix is kept small.)
 PREFILL_GEOMETRIES = [Geometry(256), Geometry(256, shrink=True), Geometry(512, shrink=True),
                       Geometry(512, 2, shrink=True), Geometry(1024, 2), Geometry(256, list_cap=4096),
                       Geometry(512, list_cap=4096, sample=0), Geometry(256, list_cap=8),
@@ -451,6 +470,9 @@ SAMPLED_CASES = {
     "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=200, ring=True), True),
     "two-pass-ring-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=True),
                                                   False),
+    "two-pass-ring2-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=2),
+                                                   False),
+    "two-pass-ring2-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=200, ring=2), True),
 }
 
 
@@ -474,6 +496,30 @@ def test_sampled_cutoff(emulator, monkeypatch, case):
     rereads = emulator.take_rereads()
     assert_reference(PERSISTENT, args, what=f"sampled cutoff {case}")
     assert (rereads > 0) == reread, f"{case}: {rereads} thread re-reads; expected {'some' if reread else 'none'}"
+
+
+@pytest.mark.parametrize("case", [name for name, case in SAMPLED_CASES.items() if case.geometry.ring])
+def test_ring_copies_landing_when_issued(emulator, monkeypatch, case):
+    """The ring cases with every cp.async landing as it is issued (hardware may land a copy any time before its
+    wait): a batch staged into a part of the ring that is still to be read would overwrite it here."""
+    emulator.set_copies_land_at_issue(1)
+    try:
+        test_sampled_cutoff(emulator, monkeypatch, case)
+    finally:
+        emulator.set_copies_land_at_issue(0)
+
+
+@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(512, list_cap=2048, ring=2)], ids=str)
+def test_two_pass_odd_bitmap_words(emulator, monkeypatch, geometry):
+    """Rows 8200 wide: ceil(8200 / 32) = 257 bitmap words, rounded up to 258 (two_pass_words) so that the list's
+    keys, which the select reads four at a time, and the staged outputs, copied 16 bytes at a time (k = 64), are
+    16-byte aligned; starts 1 and 0 (the sampled read) and a row under 4 x the sample (the two reads)."""
+    gen = torch.Generator().manual_seed(geometry.threads + 5)
+    width, k = 8200, 64
+    logits = make_scores("randn", 3, width, gen)
+    args = prefill_args(logits, [1, 0, 8], [width, width, 3000], k)
+    geometry.run(emulator, monkeypatch, PREFILL, args)
+    assert_reference(PREFILL, args, what=f"odd bitmap words {geometry}")
 
 
 def test_the_filter_compare_equals_the_key_compare(emulator):

@@ -53,7 +53,7 @@ def _plan_rows(rows, width, k):
 def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width, k):
     sms, optin, per_sm, arch = fake_gpu(gpu)
     kernel, config, row = _plan_rows(rows, width, k)
-    if row.two_pass:  # bitmaps of ceil(width / 32) words and the list (k staged outputs over it)
+    if row.two_pass:  # bitmaps of ceil(width / 32) words, rounded up to even, and the list (k staged over it)
         assert rows > sms / 2 and width >= 16 * k and kernel is T.KERNELS.two_pass[row.threads]
         # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
         # and a list of TWO_PASS_LIST_PER_SAMPLE x the target
@@ -63,14 +63,16 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         else:
             target = T.two_pass_sample_target(width, k)
             assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
-        # the sampled read's ring (stages 1, CTAs of 512 threads or more) takes the list's last entries: what is left
-        # still holds its target
-        ring_room = T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads)
-        ring = row.sample > 0 and ring_room and row.threads >= T.TWO_PASS_RING_THREADS
-        assert row.stages == int(ring) and row.cap < 65536  # (eq counts: 16 bits)
+        # the sampled read's ring (1 or 2 batches, CTAs of 512 threads or more) takes the list's last entries: what is
+        # left still holds its target
+        def ring_room(stages):
+            return T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads, stages)
+        ring = row.sample > 0 and row.threads >= T.TWO_PASS_RING_THREADS
+        stages = max((s for s in range(1, T.TWO_PASS_RING_STAGES + 1) if ring and ring_room(s)), default=0)
+        assert row.stages == stages and row.stages <= 2 and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
-        assert row.shared_bytes == 8 * -(-width // 32) + 8 * row.cap
+        assert row.shared_bytes == 8 * (-(-width // 32) + (-(-width // 32)) % 2) + 8 * row.cap
         assert row.shared_bytes + T.STATIC_SMEM <= optin
         ctas = T.TWO_PASS_CTAS[row.threads]
         assert ctas * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm and ctas * row.threads <= 2048

@@ -1,6 +1,7 @@
 // Thread-block clusters (sm_90): the cluster barrier and loads from another CTA's shared memory, in inline PTX
 // (no cooperative_groups, whose CCCL headers cost NVRTC ~1.5 s). The sm_80 build of a kernel that calls them
-// traps: plans launch cluster instantiations only where launcher.device_arch() >= 90.
+// traps: plans launch cluster instantiations only where launcher.device_arch() >= 90. Also stores at 32-bit shared
+// addresses (any arch).
 #pragma once
 #include "types.cuh"
 
@@ -39,9 +40,24 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
-// This CTA's shared-memory address of `p` (a __shared__ object), for cluster_load.
+// This CTA's shared-memory address of `p` (a __shared__ object), for cluster_load and the stores below.
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Stores of 32-bit words at shared addresses, predicated on `p` rather than branched around. In a hot loop that
+// stored through a pointer into dynamic shared memory, ptxas converted the generic address to a shared one at every
+// store and put a BSSY/BSYNC pair around the guarded stores: the two-pass kernel's appends took 50 instructions a
+// step with them, 37 without (sm_90 code, NVRTC 13.0; topk_two_pass.cuh).
+__device__ __forceinline__ void store_shared_if(bool p, uint32_t address, uint32_t value) {
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %0, 0;\n\t@p st.shared.u32 [%1], %2;\n\t}"
+               ::"r"(static_cast<uint32_t>(p)), "r"(address), "r"(value) : "memory");
+}
+__device__ __forceinline__ void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_t address_b,
+                                                     uint32_t b) {
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %0, 0;\n\t@p st.shared.u32 [%1], %2;\n\t"
+               "@p st.shared.u32 [%3], %4;\n\t}"
+               ::"r"(static_cast<uint32_t>(p)), "r"(address_a), "r"(a), "r"(address_b), "r"(b) : "memory");
 }
 
 // The 32-bit word at shared address `address` in the shared memory of cluster CTA `rank` (the same variable in

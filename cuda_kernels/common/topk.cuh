@@ -357,19 +357,23 @@ __device__ void select_refine(EachKey each_key, bool cluster, Shared& sh, uint32
   pivot = prefix;
 }
 
-// The top k of the n keys in shared memory (sh.fine: their histogram; keys 16-byte aligned). A refine pass reads
-// them four at a time (one 16-byte load a lane, 512 contiguous bytes a warp: no bank conflict; one branch for the
-// four, RoundCount::quad), the last n % 4 one at a time. H200: prefill 4096 x 8192 65.0 -> 64.3 us, 64 x 65536 k 512
-// 17.7 -> 17.2, 256 x 16384 15.4 -> 15.0; 32 x 163840 0.3-0.6 us slower (28.7 -> 29.2).
+// A refine round's pass over the n keys in shared memory (16-byte aligned): four at a time (one 16-byte load a lane,
+// 512 contiguous bytes a warp: no bank conflict; one branch for the four, RoundCount::quad), the last n % 4 one at a
+// time. H200: prefill 4096 x 8192 65.0 -> 64.3 us, 64 x 65536 k 512 17.7 -> 17.2, 256 x 16384 15.4 -> 15.0; 32 x
+// 163840 0.3-0.6 us slower (28.7 -> 29.2).
+template <int THREADS, typename F>
+__device__ __forceinline__ void count_keys(const uint32_t* keys, int n, const F& f) {
+  const int quads = n >> 2;
+  for (int q = threadIdx.x; q < quads; q += THREADS) f.quad(reinterpret_cast<const uint4*>(keys)[q]);
+  for (int i = 4 * quads + static_cast<int>(threadIdx.x); i < n; i += THREADS) f(keys[i]);
+}
+
+// The top k of the n keys in shared memory (sh.fine: their histogram; keys 16-byte aligned), count_keys' passes.
 template <int THREADS, int CLUSTER>
 __device__ __forceinline__ void select_pivot(const uint32_t* keys, int n, uint32_t k, bool cluster, Shared& sh,
                                              uint32_t& pivot, uint32_t& mask, uint32_t& rem) {
   select_round0<THREADS, CLUSTER>(k, cluster, sh);
-  select_refine<THREADS, CLUSTER>([&](auto f) {
-    const int quads = n >> 2;
-    for (int q = threadIdx.x; q < quads; q += THREADS) f.quad(reinterpret_cast<const uint4*>(keys)[q]);
-    for (int i = 4 * quads + static_cast<int>(threadIdx.x); i < n; i += THREADS) f(keys[i]);
-  }, cluster, sh, pivot, mask, rem);
+  select_refine<THREADS, CLUSTER>([&](auto f) { count_keys<THREADS>(keys, n, f); }, cluster, sh, pivot, mask, rem);
 }
 
 // ---- a CTA's chunk of a row ----
