@@ -163,11 +163,11 @@ TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
 # cp.async while it appends the batch before (stages = TWO_PASS_RING_STAGES, or 1 where only one batch leaves room:
 # common/topk_two_pass.cuh), where the list keeps room for TWO_PASS_LIST_PER_SAMPLE x the target beside that ring
 # (two_pass_ring_entries: the list's last entries in that read; its two reads after an unlucky sample have the whole
-# list), in CTAs of TWO_PASS_RING_THREADS or more: in the suites the 1024- and 512-thread CTAs (128 x 131072, 256 x 32768; at four 256-thread CTAs an SM it cost 2048 x 16384
-# k 512 55.8-55.9 -> 56.2-56.3 us, session 36, and five leave it no room). H100, A/B in one run each (session
-# 35; the read with nothing listed ran at ~93% of copy bandwidth, the appends added 3.7 us): 128 x 131072 k 2048
-# 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9 (persistent, decode; one round), 256 x 32768 k 512
-# 18.4 either way.
+# list), in CTAs of TWO_PASS_RING_THREADS or more: in the suites the 1024- and 512-thread CTAs (128 x 131072, 256 x
+# 32768; at four 256-thread CTAs an SM it cost 2048 x 16384 k 512 55.8-55.9 -> 56.2-56.3 us, session 36, and five
+# leave it no room). H100, A/B in one run each (session 35; the read with nothing listed ran at ~93% of copy
+# bandwidth, the appends added 3.7 us): 128 x 131072 k 2048 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9
+# (persistent, decode; one round), 256 x 32768 k 512 18.4 either way.
 TWO_PASS_RING = True
 # Batches the ring holds where the list has room for them (1 or 2, the most the kernel stages: its loads in flight
 # while it appends). H100, A/B in one run (session 37; only 1024-thread CTAs have room for 2): 2 against 1, persistent
