@@ -47,7 +47,7 @@ def _exit(value: str, out: str = "out_row()[0]", cluster: bool = False, when: st
     return f"  if ({when}) {{ if (threadIdx.x == 0) {out} = static_cast<int>({value});{sync} return; }}\n"
 
 
-_LISTED = ("    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring, stages);\n"
+_LISTED = ("    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);\n"
            "    __syncthreads();")
 _HISTOGRAM = ("        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21], 1u);\n      }\n    }\n  }\n"
               "  __syncthreads();\n")
@@ -63,8 +63,8 @@ CUTS: dict[str, list[Edit]] = {
     "tp_stream": [after(TWO_PASS, _LISTED, _exit("sh.appended")),
                   Edit(TWO_PASS, "    pass &= valid;\n", "    pass &= cutoff == 0x7fffffffu ? valid : 0u;\n")],
     "tp_list": [after(TWO_PASS, _LISTED, _exit("sh.appended"))],
-    "tp_select": [after(TWO_PASS, "      select_pivot<THREADS, 1>(list_keys, static_cast<int>(n), "
-                                  "static_cast<uint32_t>(k), false, sh, pivot, mask, rem);\n", _exit("pivot"))],
+    "tp_select": [before(TWO_PASS, "      for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) "
+                                   "mark(list_keys[j], list_columns[j]);\n      take = rem;", _exit("pivot"))],
     "tp_mark": [before(TWO_PASS, "  if (!listed) {\n    for_each_element", _exit("take", when="listed && len > 0"))],
     "tp_scans": [after(TWO_PASS, _SLOT, _exit("slot"))],
     "rg_empty": [before(REGISTERS, "  const bool contiguous = stride == 1;\n", _exit("len", "out[0]"))],

@@ -211,15 +211,15 @@ EMULATED_SMS = 4
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
-            ring=0, registers=False, slots=None):
+            ring=False, registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
     a list of that many entries (a small one overflows: the sampled read falls back to two reads, whose select reads
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
-    ring: the two-pass kernel's sampled read stages its next `ring` batches (1 or 2) in the list's last entries, so
-    its list has T.two_pass_ring_entries(threads, ring) fewer entries than list_cap. registers: the row-in-registers
+    ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
+    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers
     kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans'
     T.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
@@ -235,7 +235,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words = T.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
-            row = T.RowPlan(threads, 1, ring, list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
+            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
                             sample=T.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
@@ -282,13 +282,12 @@ class Geometry(NamedTuple):
     sample: int | None = None
     registers: bool = False
     slots: int | None = None
-    ring: int = 0  # two-pass: the ring's batches (1 or 2); list_cap is the sampled read's list beside it
+    ring: bool = False  # two-pass: list_cap is the sampled read's list beside its ring
 
     def __str__(self):
         if self.list_cap is not None:
             sample = "" if self.sample is None else f"-sample{self.sample}"
-            ring = f"-ring{self.ring if self.ring > 1 else ''}" if self.ring else ""
-            return f"two-pass-{self.threads}-list{self.list_cap}{sample}{ring}"
+            return f"two-pass-{self.threads}-list{self.list_cap}{sample}{'-ring' if self.ring else ''}"
         if self.registers:
             return f"registers-{self.threads}x{self.cluster}{'' if self.slots is None else f'-slots{self.slots}'}"
         sample = "" if self.sample is None else f"-sample{self.sample}"
@@ -296,7 +295,7 @@ class Geometry(NamedTuple):
 
     def run(self, library, monkeypatch, op, args):
         assert not self.ring or self.threads >= T.TWO_PASS_RING_THREADS, "smaller CTAs compile no ring"
-        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads, self.ring) if self.ring else self.list_cap
+        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
                 list_cap=list_cap, sample=self.sample, ring=self.ring, registers=self.registers,
                 slots=self.slots)
@@ -309,7 +308,7 @@ class Geometry(NamedTuple):
 # cases below): rows of 8192 and more take its sampled read (the plan's target, ~280 survivors), the others (and
 # sample=0) two reads, whose list holds the k-th largest's bin; and with one of 8 entries that none can fit (the
 # sampled read overflows it, then the select and the marking read the row again); `ring`: the sampled read stages
-# its next batch (or two: ring=2) in shared memory beside a list of that many entries (as the plans do where the list
+# its next batch in shared memory beside a list of that many entries (as the plans do where the list
 # has room; among the sampled cases: a list it overflows, whose two reads then have the ring's entries too, and 1024
 # threads over ascending rows of 16500, whose top k lie past the first batch: 2048 slots at 1024 threads). Whole
 # chunks of 256 threads run the kernel compiled without the streaming path (prefill and persistent `Geometry(256)`).
@@ -470,9 +469,6 @@ SAMPLED_CASES = {
     "two-pass-ring-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=200, ring=True), True),
     "two-pass-ring-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=True),
                                                   False),
-    "two-pass-ring2-1024-two-batches": SampledCase("ascending-16500", 64, Geometry(1024, list_cap=2048, ring=2),
-                                                   False),
-    "two-pass-ring2-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=200, ring=2), True),
 }
 
 
@@ -509,7 +505,8 @@ def test_ring_copies_landing_when_issued(emulator, monkeypatch, case):
         emulator.set_copies_land_at_issue(0)
 
 
-@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(512, list_cap=2048, ring=2)], ids=str)
+@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(1024, list_cap=2048, ring=True)],
+                         ids=str)
 def test_two_pass_odd_bitmap_words(emulator, monkeypatch, geometry):
     """Rows 8200 wide: ceil(8200 / 32) = 257 bitmap words, rounded up to 258 (two_pass_words) so that the list's
     keys, which the select reads four at a time, and the staged outputs, copied 16 bytes at a time (k = 64), are

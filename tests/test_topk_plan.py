@@ -63,13 +63,11 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         else:
             target = T.two_pass_sample_target(width, k)
             assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
-        # the sampled read's ring (1 or 2 batches, CTAs of 512 threads or more) takes the list's last entries: what is
-        # left still holds its target
-        def ring_room(stages):
-            return T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads, stages)
-        ring = row.sample > 0 and row.threads >= T.TWO_PASS_RING_THREADS
-        stages = max((s for s in range(1, T.TWO_PASS_RING_STAGES + 1) if ring and ring_room(s)), default=0)
-        assert row.stages == stages and row.stages <= 2 and row.cap < 65536  # (eq counts: 16 bits)
+        # the sampled read's ring (stages 1, CTAs of 512 threads or more) takes the list's last entries: what is left
+        # still holds its target
+        ring_room = T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads)
+        ring = row.sample > 0 and ring_room and row.threads >= T.TWO_PASS_RING_THREADS
+        assert row.stages == int(ring) and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
         assert row.cap >= T.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * (-(-width // 32) + (-(-width // 32)) % 2) + 8 * row.cap

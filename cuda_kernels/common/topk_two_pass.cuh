@@ -97,10 +97,10 @@ __device__ __forceinline__ float pick(const float (&v)[N], int e) {
 }
 
 // cp.async copies of the whole slots of the batch of sampled_unroll x THREADS slots from slot `first` (as
-// list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: `stages` batches in flight
-// while list_above appends the one before them (a thread reads back only its own slots: no barrier). An empty batch
-// past the row's end still commits, so every thread's waits count alike. (Where the plans give a ring of 1 or 2
-// stages, and what it gains: top_k_per_row.py, TWO_PASS_RING.)
+// list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: one batch in flight while
+// list_above appends the one before it (a thread reads back only its own slots: no barrier). An empty batch past
+// the row's end still commits, so every thread's waits count alike. (Where the plans give a ring, stages = 1, and
+// what it gains: top_k_per_row.py, TWO_PASS_RING.)
 template <int THREADS>
 __device__ __forceinline__ void stage_batch(const float* base, int len, int first, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
@@ -115,7 +115,7 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
 // caller then reads the row twice). sampled_unroll slots a thread loaded before any is used, as for_each_element
-// (from registers, or from `ring` where the next `stages` batches are staged: stage_batch), but every thread of the
+// (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the
 // CTA runs the same trips (the places are warp-wide): one warp scan and one shared atomic a warp for their places,
 // then each lane appends its own. (Appending a warp's passing elements unrolled, places from one warp scan, where a
 // lane passes more than two, was slower although the steps were 33% of the instructions of the 8192
@@ -123,7 +123,7 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // 29.8 -> 32.6.)
 template <int THREADS>
 __device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
-                                           int* list_columns, int cap, Shared& sh, float4* ring, int stages) {
+                                           int* list_columns, int cap, Shared& sh, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
   constexpr int kUnroll = sampled_unroll<THREADS>();
@@ -136,17 +136,16 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
   // batch of 4 slots a lane fewer (sm_90 code, NVRTC 13.0).
   const float4* slot_base = reinterpret_cast<const float4*>(reinterpret_cast<uint64_t>(base) & ~uint64_t{15});
   const int whole_slots = (len + a) >> 2;
-  float4* part = ring;  // this batch's part of the ring
 #pragma unroll 1
   for (int first = 0; first < slots; first += kUnroll * THREADS) {
     float x[4 * kUnroll];
     uint32_t valid = 0;
-    if (ring != nullptr) async_wait(stages - 1);  // this batch's copies (stage_batch), this thread's own
+    if (ring != nullptr) async_wait(0);  // this batch's copies (stage_batch), this thread's own
     if ((first > 0 || a == 0) && first + kUnroll * THREADS <= whole_slots) {  // (uniform)
       const float4* slot = slot_base + first + threadIdx.x;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const float4 v = ring != nullptr ? part[u * THREADS + threadIdx.x] : __ldg(slot + u * THREADS);
+        const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x] : __ldg(slot + u * THREADS);
         x[4 * u] = v.x;
         x[4 * u + 1] = v.y;
         x[4 * u + 2] = v.z;
@@ -158,7 +157,7 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     for (int u = 0; u < kUnroll; ++u) {
       const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
       if (i0 >= 0 && i0 + 4 <= len) {
-        const float4 v = ring != nullptr ? part[u * THREADS + threadIdx.x]
+        const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x]
                                          : __ldg(reinterpret_cast<const float4*>(base + i0));
         x[4 * u] = v.x;
         x[4 * u + 1] = v.y;
@@ -183,12 +182,9 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       pass |= static_cast<uint32_t>(by_value ? !(x[j] < floor_value) : float_key(x[j]) >= cutoff) << j;
     }
     pass &= valid;
-    // The copies of the batch `stages` ahead go out into this batch's part of the ring now that every x is read (its
-    // slots are free again): they land while this batch and the next are appended.
-    if (ring != nullptr) {
-      stage_batch<THREADS>(base, len, first + stages * kUnroll * THREADS, part);
-      part = stages == 2 && part == ring ? ring + kUnroll * THREADS : ring;
-    }
+    // The next batch's copies go out now that every x is read (the ring's slots are free again): they land while
+    // this batch is appended.
+    if (ring != nullptr) stage_batch<THREADS>(base, len, first + kUnroll * THREADS, ring);
     const int column0 = 4 * (first + static_cast<int>(threadIdx.x)) - a;  // x[0]'s
     auto append = [&](int e, uint32_t place) {
       const uint32_t key = float_key(pick(x, e));
@@ -224,13 +220,13 @@ __device__ __forceinline__ int two_pass_words(int64_t width) { return static_cas
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
-// marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1 or 2:
-// the sampled read stages its next batches of slots in the list columns' last stages x 16 x THREADS x sampled_unroll
-// bytes (16-byte aligned; stage_batch), and its list stops before them (the two reads after an unlucky sample have the
-// whole list); 0: it loads into registers. The callers pass words = two_pass_words(width) for a width >= len (the host
-// sizes shared memory by the same rule); the host guarantees 1 <= cap < 65536 (with stages s: cap > 4 x s x THREADS
-// x sampled_unroll + 3), k <= 4096, len < 2^31 - 48 x THREADS (the slot arithmetic of for_each_element and of
-// stage_batch's batches past the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample
+// marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
+// sampled read stages its next batch of slots in the list columns' last 16 x THREADS x sampled_unroll bytes (16-byte
+// aligned; stage_batch), and its list stops before them (the two reads after an unlucky sample have the whole list);
+// 0: it loads into registers. The callers pass words = two_pass_words(width) for a width >= len (the host
+// sizes shared memory by the same rule); the host guarantees 1 <= cap < 65536 (with stages 1: cap > 4 x THREADS x
+// sampled_unroll + 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of
+// stage_batch's batch past the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample
 // <= 2^26 (any value is exact: it only tunes).
 template <int THREADS, typename Out>
 __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
@@ -264,30 +260,37 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
   bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
-    float4* ring = nullptr;  // list_above's staged batches (uniform)
+    float4* ring = nullptr;  // list_above's staged batch (uniform)
     int sample_cap = cap;    // the list's entries in the sampled read
     if (THREADS >= kTwoPassRingThreads && stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
-      ring = reinterpret_cast<float4*>(end) - stages * sampled_unroll<THREADS>() * THREADS;
+      ring = reinterpret_cast<float4*>(end) - sampled_unroll<THREADS>() * THREADS;
       sample_cap = static_cast<int>(reinterpret_cast<int*>(ring) - list_columns);
     }
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
-    // The row's first batches land while the cutoff is found (the ring: nothing reads it before list_above).
-    if (ring != nullptr) {
-      stage_batch<THREADS>(base, len, 0, ring);
-      constexpr int kBatch = sampled_unroll<THREADS>() * THREADS;
-      if (stages == 2) stage_batch<THREADS>(base, len, kBatch, ring + kBatch);
-    }
+    // The row's first batch lands while the cutoff is found (the ring: nothing reads it before list_above).
+    if (ring != nullptr) stage_batch<THREADS>(base, len, 0, ring);
     prefetch_l2<THREADS>(base, min(int64_t{4} * len, int64_t{kTwoPassPrefetch} * THREADS));
     const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);
     __syncthreads();  // sh.fine is clear again
-    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring, stages);
-    __syncthreads();  // (the ring is free again: its batches in flight past the row's end are empty)
+    list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);
+    __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)
     const uint32_t n = sh.appended;
     listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(sample_cap);
     if (listed) {  // the list holds every element >= the k-th largest key: select and mark on it alone
-      select_pivot<THREADS, 1>(list_keys, static_cast<int>(n), static_cast<uint32_t>(k), false, sh, pivot, mask, rem);
+      // Four keys at a time (select_pivot) but in 1024-thread CTAs (one an SM: H100, A/B in one run, session 37:
+      // prefill 8192 x 32768 k 2048 296.8 -> 296.4 us, 2048 x 16384 k 512 49.5 -> 49.3, but persistent 128 x
+      // 131072 31.45 -> 31.9: ~600 quads a row leave most of 1024 threads idle a pass).
+      if constexpr (THREADS >= 1024) {
+        select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
+        select_refine<THREADS, 1>([&](auto f) {
+          for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) f(list_keys[j]);
+        }, false, sh, pivot, mask, rem);
+      } else {
+        select_pivot<THREADS, 1>(list_keys, static_cast<int>(n), static_cast<uint32_t>(k), false, sh, pivot, mask,
+                                 rem);
+      }
       for (int j = threadIdx.x; j < static_cast<int>(n); j += THREADS) mark(list_keys[j], list_columns[j]);
       take = rem;
     } else {

@@ -159,20 +159,17 @@ TWO_PASS_LIST_PER_SAMPLE = 1.15
 # spills (NVRTC 13.0), 331.0 -> 315.5 with 40 (the re-reads of an overflowed list one slot a thread at a time);
 # 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS).
 TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
-# The sampled read stages its next batches of slots (16 bytes x 4 or 2 a thread a batch) in shared memory with
-# cp.async while it appends the batch before (stages = TWO_PASS_RING_STAGES, or 1 where only one batch leaves room:
-# common/topk_two_pass.cuh), where the list keeps room for TWO_PASS_LIST_PER_SAMPLE x the target beside that ring
-# (two_pass_ring_entries: the list's last entries in that read; its two reads after an unlucky sample have the whole
-# list), in CTAs of TWO_PASS_RING_THREADS or more: in the suites the 1024- and 512-thread CTAs (128 x 131072, 256 x
-# 32768; at four 256-thread CTAs an SM it cost 2048 x 16384 k 512 55.8-55.9 -> 56.2-56.3 us, session 36, and five
-# leave it no room). H100, A/B in one run each (session 35; the read with nothing listed ran at ~93% of copy
-# bandwidth, the appends added 3.7 us): 128 x 131072 k 2048 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9
-# (persistent, decode; one round), 256 x 32768 k 512 18.4 either way.
+# The sampled read stages its next batch of slots (16 bytes x 4 or 2 a thread) in shared memory with cp.async while
+# it appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
+# TWO_PASS_LIST_PER_SAMPLE x the target beside that ring (two_pass_ring_entries: the list's last entries in that
+# read; its two reads after an unlucky sample have the whole list), in CTAs of TWO_PASS_RING_THREADS or more: in the
+# suites the 1024- and 512-thread CTAs (128 x 131072, 256 x 32768; at four 256-thread CTAs an SM it cost 2048 x
+# 16384 k 512 55.8-55.9 -> 56.2-56.3 us, session 36, and five leave it no room). H100, A/B in one run each (session
+# 35; the read with nothing listed ran at ~93% of copy bandwidth, the appends added 3.7 us): 128 x 131072 k 2048
+# 32.6 -> 32.3 us, and on the kept kernels 32.1 -> 31.8-31.9 (persistent, decode; one round), 256 x 32768 k 512
+# 18.4 either way.
 TWO_PASS_RING = True
-# Batches the ring holds where the list has room for them (1 or 2, the most the kernel stages: its loads in flight
-# while it appends). H100, A/B in one run (session 37; only 1024-thread CTAs have room for 2): 2 against 1, persistent
-# and decode 128 x 131072 k 2048 31.9-32.0 -> 32.8-32.9 us: not kept.
-TWO_PASS_RING_STAGES = 1
+# (A ring of two batches, session 37: 128 x 131072 k 2048 31.9-32.0 -> 32.8-32.9 us, H100, A/B in one run; removed.)
 TWO_PASS_RING_THREADS = 512  # common/topk_two_pass.cuh: kTwoPassRingThreads (smaller CTAs compile no ring)
 # Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
 # the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
@@ -318,11 +315,9 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
     sample = two_pass_sample_target(width, k) if TWO_PASS_SAMPLED else 0
     if TWO_PASS_LIST_PER_SAMPLE * sample > cap:
         sample = 0
-    stages = 0
-    if TWO_PASS_RING and threads >= TWO_PASS_RING_THREADS and sample > 0:
-        stages = next((s for s in range(min(TWO_PASS_RING_STAGES, 2), 0, -1)
-                       if TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads, s)), 0)
-    return RowPlan(threads, 1, stages, cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
+    ring = (TWO_PASS_RING and threads >= TWO_PASS_RING_THREADS and sample > 0
+            and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
+    return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
 
 
 def two_pass_words(width: int) -> int:
@@ -331,10 +326,10 @@ def two_pass_words(width: int) -> int:
     return 2 * -(-width // 64)
 
 
-def two_pass_ring_entries(threads: int, stages: int) -> int:
-    """List entries the sampled read's ring of `stages` batches takes: 16 bytes a slot, 4 slots a thread (2 in
-    1024-thread CTAs: common/topk_two_pass.cuh, sampled_unroll) a batch, 16-byte aligned."""
-    return 4 * stages * (2 if threads >= 1024 else 4) * threads + 3
+def two_pass_ring_entries(threads: int) -> int:
+    """List entries the sampled read's ring takes (stages = 1): 16 bytes a slot, 4 slots a thread (2 in 1024-thread
+    CTAs: common/topk_two_pass.cuh, sampled_unroll), 16-byte aligned."""
+    return 4 * (2 if threads >= 1024 else 4) * threads + 3
 
 
 class NoRowPlan(ValueError):
