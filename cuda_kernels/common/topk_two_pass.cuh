@@ -199,7 +199,10 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     // NVRTC 13.0). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384
     // k 512 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024 threads) 34.45 ->
     // 34.95 then, but 32.6-32.7 -> 32.1-32.2 with the unrolled select, the staged read and the one-scan emission
-    // (session 35).
+    // (session 35). The atomic into sh.fine stays in the step: the list's histogram from a pass over it after the
+    // read, the step 3 instructions shorter, was slower (H100, A/B in one run, session 38: prefill 8192 x 32768
+    // 296.5 -> 300.2 us, 128 x 131072 31.0 -> 31.5), and with the list holding float bits whose keys that pass
+    // makes (8 instructions fewer a step) still slower: 297.4 and 31.25 (performance log, session 38).
     const uint32_t count = __popc(pass);
     const uint32_t inclusive = warp_inclusive_sum(count);
     const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
@@ -281,7 +284,9 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     if (listed) {  // the list holds every element >= the k-th largest key: select and mark on it alone
       // Four keys at a time (select_pivot) but in 1024-thread CTAs (one an SM: H100, A/B in one run, session 37:
       // prefill 8192 x 32768 k 2048 296.8 -> 296.4 us, 2048 x 16384 k 512 49.5 -> 49.3, but persistent 128 x
-      // 131072 31.45 -> 31.9: ~600 quads a row leave most of 1024 threads idle a pass).
+      // 131072 31.45 -> 31.9: ~600 quads a row leave most of 1024 threads idle a pass). With the two-batch ring's
+      // code gone too (session 38, H100, A/B in one run against both): persistent 128 x 131072 31.9 -> 31.0, decode
+      // 32.0 -> 31.35, 256 x 32768 k 512 18.45 -> 18.05; prefill unchanged.
       if constexpr (THREADS >= 1024) {
         select_round0<THREADS, 1>(static_cast<uint32_t>(k), false, sh);
         select_refine<THREADS, 1>([&](auto f) {
