@@ -277,10 +277,14 @@ def test_planned_ctas_an_sm_fit_the_kernels_registers(arch):
             assert -(-report.registers // 8) * 8 * threads * per_sm <= 65536, (kernel, per_sm, report.registers)
 
 
-def test_ring_threads_match_the_kernel():
-    """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring)."""
+def test_ring_constants_match_the_kernel():
+    """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring), and
+    sampled_unroll (the ring's batch, two_pass_ring_entries) is its sampled_unroll<THREADS>()."""
     text = (compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
     assert f"constexpr int kTwoPassRingThreads = {T.TWO_PASS_RING_THREADS};" in text
+    assert T.sampled_unroll(512) == T.sampled_unroll(256) != T.sampled_unroll(1024)
+    expected = f"return THREADS >= 1024 ? {T.sampled_unroll(1024)} : {T.sampled_unroll(512)}; }}"
+    assert f"constexpr int sampled_unroll() {{ {expected}" in text
 
 
 def _plan(op, args):

@@ -326,10 +326,16 @@ def two_pass_words(width: int) -> int:
     return 2 * -(-width // 64)
 
 
+def sampled_unroll(threads: int) -> int:
+    """16-byte slots a thread of the two-pass kernel's sampled read loads (and stages) a batch: the kernel's
+    sampled_unroll<THREADS>() (common/topk_two_pass.cuh; tests/test_topk_plan.py checks they agree)."""
+    return 2 if threads >= 1024 else 4
+
+
 def two_pass_ring_entries(threads: int) -> int:
-    """List entries the sampled read's ring takes (stages = 1): 16 bytes a slot, 4 slots a thread (2 in 1024-thread
-    CTAs: common/topk_two_pass.cuh, sampled_unroll), 16-byte aligned."""
-    return 4 * (2 if threads >= 1024 else 4) * threads + 3
+    """List entries the sampled read's ring takes (stages = 1): a batch of sampled_unroll(threads) 16-byte slots a
+    thread, 16-byte aligned."""
+    return 4 * sampled_unroll(threads) * threads + 3
 
 
 class NoRowPlan(ValueError):
