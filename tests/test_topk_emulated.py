@@ -497,7 +497,7 @@ def test_sampled_cutoff(emulator, monkeypatch, case):
 @pytest.mark.parametrize("case", [name for name, case in SAMPLED_CASES.items() if case.geometry.ring])
 def test_ring_copies_landing_when_issued(emulator, monkeypatch, case):
     """The ring cases with every cp.async landing as it is issued (hardware may land a copy any time before its
-    wait): a batch staged into a part of the ring that is still to be read would overwrite it here."""
+    wait): the next batch staged over ring slots the current batch still reads would overwrite them here."""
     emulator.set_copies_land_at_issue(1)
     try:
         test_sampled_cutoff(emulator, monkeypatch, case)
@@ -505,12 +505,13 @@ def test_ring_copies_landing_when_issued(emulator, monkeypatch, case):
         emulator.set_copies_land_at_issue(0)
 
 
-@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(1024, list_cap=2048, ring=True)],
-                         ids=str)
+@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(512, list_cap=2048, ring=True),
+                                      Geometry(1024, list_cap=2048, ring=True)], ids=str)
 def test_two_pass_odd_bitmap_words(emulator, monkeypatch, geometry):
     """Rows 8200 wide: ceil(8200 / 32) = 257 bitmap words, rounded up to 258 (two_pass_words) so that the list's
-    keys, which the select reads four at a time, and the staged outputs, copied 16 bytes at a time (k = 64), are
-    16-byte aligned; starts 1 and 0 (the sampled read) and a row under 4 x the sample (the two reads)."""
+    keys, which the select reads four at a time (under 1024 threads: also beside a ring), and the staged outputs,
+    copied 16 bytes at a time (k = 64), are 16-byte aligned; starts 1 and 0 (the sampled read) and a row under 4 x
+    the sample (the two reads)."""
     gen = torch.Generator().manual_seed(geometry.threads + 5)
     width, k = 8200, 64
     logits = make_scores("randn", 3, width, gen)

@@ -290,8 +290,9 @@ __device__ void select_round0(uint32_t k, bool cluster, Shared& sh) {
 // time, or four (`quad`: one branch for the four, as ~3% of keys match in round 1; topk_row_registers). H200,
 // 2026-12-03, with its other one-branch-a-slot changes (bench/tune.py, A/B in one run): persistent 64 x 20000
 // 10.1 -> 9.8 us, 1 x 163840 11.2 -> 10.8, 4 x 163840 11.7 -> 11.3 (decode 4 x 163840 12.0 -> 11.45), but
-// persistent 8 x 4096 4.6 -> 4.8. The other callers (topk_row, two-pass, sample cutoff) take one key at a time, the
-// same arithmetic as before. (The same for topk_row's buffer passes, 16-byte loads and a predicated emission store
+// persistent 8 x 4096 4.6 -> 4.8. Keys in shared memory go four at a time too (count_keys: select_pivot, for
+// topk_row and the two-pass list below 1024 threads); the others (the two reads' refine, the 1024-thread list, the
+// sample cutoff) one at a time. (The same for topk_row's buffer passes, 16-byte loads and a predicated emission store
 // made the 4096 x 8192 prefill slower, 91.8 -> 94.2 us: not kept.)
 struct RoundCount {
   uint32_t prefix, mask;
