@@ -375,7 +375,7 @@ def test_prefill_strided_rows(emulator, monkeypatch, geometry):
 PERSISTENT_GEOMETRIES = [Geometry(256), Geometry(512), Geometry(1024, shrink=True), Geometry(512, 2), Geometry(512, 4),
                          Geometry(256, 2, shrink=True), Geometry(256, 8), Geometry(256, list_cap=2048),
                          Geometry(256, list_cap=8), Geometry(512, list_cap=2048, ring=True),
-                         Geometry(512, shrink=True, sample=1),
+                         Geometry(1024, list_cap=2048, ring=True), Geometry(512, shrink=True, sample=1),
                          Geometry(512, registers=True), Geometry(256, 4, registers=True),
                          Geometry(256, registers=True, slots=WIDE_SLOTS)]
 
@@ -518,6 +518,28 @@ def test_two_pass_odd_bitmap_words(emulator, monkeypatch, geometry):
     args = prefill_args(logits, [1, 0, 8], [width, width, 3000], k)
     geometry.run(emulator, monkeypatch, PREFILL, args)
     assert_reference(PREFILL, args, what=f"odd bitmap words {geometry}")
+
+
+@pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(512, list_cap=2048, ring=True),
+                                      Geometry(1024, list_cap=2048, ring=True)], ids=str)
+def test_two_pass_list_select_to_the_last_bit(emulator, monkeypatch, geometry):
+    """The select on the sampled read's list down to key bits 1-0: randn rows of 9001 with 96 scattered scores 8.0
+    + j ulps (j = 0..7, 12 each) above them all; k = 64 puts the k-th largest at the 4th of j = 2 in column order, so
+    every round but the last leaves a bin of several j values (the list also holds the ~200 randn scores above the
+    sampled cutoff, near 2.0). Prefill windows from columns 0 and 3 (unaligned), persistent lengths W and W - 5."""
+    gen = torch.Generator().manual_seed(geometry.threads + 29)
+    width, k = 9001, 64
+    logits = make_scores("randn", 2, width, gen)
+    for r in range(2):
+        columns = torch.randperm(width - 8, generator=gen)[:96] + 8
+        levels = torch.arange(96) % 8 + torch.tensor(8.0).view(torch.int32).item()
+        logits[r, columns] = levels.to(torch.int32).view(torch.float32)
+    args = prefill_args(logits.clone(), [0, 3], [width, width], k)
+    geometry.run(emulator, monkeypatch, PREFILL, args)
+    assert_reference(PREFILL, args, what=f"prefill last bits {geometry}")
+    args = persistent_args(logits.clone(), [width, width - 5], k)
+    geometry.run(emulator, monkeypatch, PERSISTENT, args)
+    assert_reference(PERSISTENT, args, what=f"persistent last bits {geometry}")
 
 
 def test_the_filter_compare_equals_the_key_compare(emulator):
