@@ -45,6 +45,15 @@ __device__ __forceinline__ uint32_t float_key(float x) {
   return x != x ? kNanKey : key;
 }
 
+// Slot u of a thread's register array x: the four elements of v at x[4u .. 4u + 3].
+template <int N>
+__device__ __forceinline__ void put_slot(float (&x)[N], int u, const float4& v) {
+  x[4 * u] = v.x;
+  x[4 * u + 1] = v.y;
+  x[4 * u + 2] = v.z;
+  x[4 * u + 3] = v.w;
+}
+
 // Shared state besides the dynamic buffers (about 11.6 KB).
 struct alignas(16) Shared {
   // Histogram of key >> 21 of the buffer, kept while streaming: round 0 of the select finds the k-th largest's

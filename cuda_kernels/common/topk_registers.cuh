@@ -61,11 +61,7 @@ __device__ void topk_row_registers(const float* base, int64_t stride, int len, i
     if (u >= per_thread) break;
     const int i0 = 4 * (first_slot + u) - a;
     if (contiguous && i0 >= lo && i0 + 4 <= hi) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(base + i0));
-      x[4 * u] = v.x;
-      x[4 * u + 1] = v.y;
-      x[4 * u + 2] = v.z;
-      x[4 * u + 3] = v.w;
+      put_slot(x, u, __ldg(reinterpret_cast<const float4*>(base + i0)));
       valid |= bits_t{0xf} << (4 * u);
     } else {
 #pragma unroll

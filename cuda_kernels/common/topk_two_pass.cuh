@@ -145,36 +145,28 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       const float4* slot = slot_base + first + threadIdx.x;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x] : __ldg(slot + u * THREADS);
-        x[4 * u] = v.x;
-        x[4 * u + 1] = v.y;
-        x[4 * u + 2] = v.z;
-        x[4 * u + 3] = v.w;
+        put_slot(x, u, ring != nullptr ? ring[u * THREADS + threadIdx.x] : __ldg(slot + u * THREADS));
       }
       valid = ~0u >> (32 - 4 * kUnroll);
     } else {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
-      if (i0 >= 0 && i0 + 4 <= len) {
-        const float4 v = ring != nullptr ? ring[u * THREADS + threadIdx.x]
-                                         : __ldg(reinterpret_cast<const float4*>(base + i0));
-        x[4 * u] = v.x;
-        x[4 * u + 1] = v.y;
-        x[4 * u + 2] = v.z;
-        x[4 * u + 3] = v.w;
-        valid |= 0xfu << (4 * u);
-      } else {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i0 = 4 * (first + u * THREADS + static_cast<int>(threadIdx.x)) - a;
+        if (i0 >= 0 && i0 + 4 <= len) {
+          put_slot(x, u, ring != nullptr ? ring[u * THREADS + threadIdx.x]
+                                         : __ldg(reinterpret_cast<const float4*>(base + i0)));
+          valid |= 0xfu << (4 * u);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          x[4 * u + e] = 0.0f;
-          if (i0 + e >= 0 && i0 + e < len) {
-            x[4 * u + e] = __ldg(base + i0 + e);
-            valid |= 1u << (4 * u + e);
+          for (int e = 0; e < 4; ++e) {
+            x[4 * u + e] = 0.0f;
+            if (i0 + e >= 0 && i0 + e < len) {
+              x[4 * u + e] = __ldg(base + i0 + e);
+              valid |= 1u << (4 * u + e);
+            }
           }
         }
       }
-    }
     }
     uint32_t pass = 0;
 #pragma unroll
