@@ -207,11 +207,10 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 
 // Bitmap words of the two-pass kernel for rows of up to `width` elements: ceil(width / 32) rounded up to even, so
 // that the list's keys after the two bitmaps are 16-byte aligned (select_pivot reads them four at a time, in CTAs
-// under 1024 threads) and so are
-// the staged outputs (16-byte output stores). The host sizes the shared memory by the same rule (top_k_per_row.py:
-// two_pass_words). H100, A/B in one run (session 37), against the kernel before both: prefill 8192 x 32768 k 2048
-// 300.1 -> 296.4 us, 2048 x 16384 k 512 50.0 -> 49.3, but persistent 128 x 131072 31.1 -> 31.9 (1024 threads: the
-// four-key select alone cost 0.4-0.5 there; performance log, session 37).
+// under 1024 threads) and so are the staged outputs (16-byte output stores). The host sizes the shared memory by the
+// same rule (top_k_per_row.py: two_pass_words). H100, A/B in one run (session 37), against the kernel before both:
+// prefill 8192 x 32768 k 2048 300.1 -> 296.4 us, 2048 x 16384 k 512 50.0 -> 49.3, but persistent 128 x 131072 31.1
+// -> 31.9 (1024 threads: the four-key select alone cost 0.4-0.5 there; performance log, session 37).
 __device__ __forceinline__ int two_pass_words(int64_t width) { return static_cast<int>(2 * ((width + 63) / 64)); }
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
