@@ -140,10 +140,13 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 # sampled cutoff lets through (two_pass_sample_target), so rows from ~5 k wide read once where 2 k asked 8 k. H200
 # (2026-12-03, bench/tune.py, prefill, target 2 k / 1.25 k / 1.5 k): 8192 x 32768 k 2048 515 / 481 / 495 us,
 # 2048 x 16384 k 512 67.4 / 72.2 / 65.5; 1.25 k is 2.5 deviations there but 1.8 at k 512, where reads fell back.
-TWO_PASS_SAMPLE_SIGMAS = 3
+# 2.5 deviations rather than 3 (H100, session 39, A/B in one run, two rounds): prefill 8192 x 32768 292.9 -> 290.8
+# us, 2048 x 16384 k 512 48.95 -> 48.8; persistent 128 x 131072 (a row reads twice in ~half the calls, 0.6% of
+# rows), 256 x 32768 and decode 128 x 131072 unchanged (30.6-31.0, 17.9, 30.6-31.0).
+TWO_PASS_SAMPLE_SIGMAS = 2.5
 # The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
-# where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + 3 deviations of the count;
+# where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + 2.5 deviations of the count;
 # a list it overflows is exact too, just slower). A row's fixed work (sample select, rounds, scans, ~30 barriers)
 # is the same at any CTA size, so more and smaller CTAs overlap more of it where rows queue for the SMs. H200
 # (2026-12-03, bench/tune.py, 512 -> 256 threads, list at 2 -> 1.2 x the target; the 256-thread list holds 1.3 x it
