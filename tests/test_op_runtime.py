@@ -109,15 +109,16 @@ def test_a_plan_may_only_launch_listed_kernels():
         op._layout(call, infos, (torch.empty(4), torch.empty(4)))
 
 
-def _grid_plan(grid, rows=1):
+def _grid_plan(grid, rows=1, scale=1.0):
     return lambda c: [Launch(KERNELS[torch.float32], LaunchConfig(grid, (32, 1, 1)), PARAMS,
-                             dict(rows=rows, cols=4, out_stride=(4, 1), x_stride=(4, 1), scale=1.0))]
+                             dict(rows=rows, cols=4, out_stride=(4, 1), x_stride=(4, 1), scale=scale))]
 
 
 @pytest.mark.parametrize("name, plan, message", [
     ("huge_grid_x", _grid_plan((2**31, 1, 1)), r"huge_grid_x: the call needs a grid of \(2147483648, 1, 1\) blocks"),
     ("huge_grid_y", _grid_plan((1, 65536, 1)), r"huge_grid_y: the call needs a grid of \(1, 65536, 1\) blocks"),
     ("huge_field", _grid_plan((1, 1, 1), rows=2**63), r"huge_field: a value does not fit its kernel parameter"),
+    ("huge_float", _grid_plan((1, 1, 1), scale=1e300), r"huge_float: a value does not fit its kernel parameter"),
 ])
 def test_a_plan_past_cuda_or_its_params_is_refused(name, plan, message):
     """A safety net under the ops' own checks (which name the argument): a grid past CUDA's limits, or a value

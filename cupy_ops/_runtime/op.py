@@ -382,7 +382,8 @@ class Op:
                 _MemsetStep(s, call.device, pointer_index)
                 for s in steps if not isinstance(s, Scratch) and not (isinstance(s, Launch) and s.config.blocks == 0)
                 and not (isinstance(s, Memset) and s.nbytes == 0))
-        except struct.error as exc:  # a value past its params field's C type (a safety net: checks name arguments)
+        except (struct.error, OverflowError) as exc:  # a value past its field's C type (a safety net: checks name
+            # arguments); struct raises OverflowError for a float past float32's range, struct.error for integers
             raise ValueError(f"{self.name}: a value does not fit its kernel parameter ({exc})") from None
         if any(isinstance(s, _MemsetStep) and s.index is None for s in runtime_steps):
             raise ValueError(f"{self.name}: a memset targets a 0-byte scratch buffer")
