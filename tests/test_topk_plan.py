@@ -180,9 +180,10 @@ def test_the_sampled_read_needs_room_in_the_list(fake_gpu):
 
 
 @pytest.mark.parametrize("width, k", [(32768, 2048), (16384, 512), (65536, 1024), (131072, 2048), (10000, 64)])
-def test_the_two_pass_target_clears_k_by_three_deviations(width, k):
+def test_the_two_pass_target_clears_k_by_the_set_deviations(width, k):
     """A cutoff at sample rank r lets ~r x width / 2048 elements through, give or take sqrt(r) x width / 2048: the
-    two-pass target is the least with three such deviations above k, or SAMPLE_MIN_RANK ranks (the last two)."""
+    two-pass target is the least with TWO_PASS_SAMPLE_SIGMAS such deviations above k, or SAMPLE_MIN_RANK ranks (the
+    last two)."""
     target = T.two_pass_sample_target(width, k)
     floor = -(-T.SAMPLE_MIN_RANK * width // T.SAMPLES)
 
@@ -195,7 +196,7 @@ def test_the_two_pass_target_clears_k_by_three_deviations(width, k):
 
 
 def test_rows_under_four_two_pass_targets_read_twice():
-    assert T.two_pass_sample_target(8192, 2048) == 0  # its target, 2340, is over a quarter of the row
+    assert T.two_pass_sample_target(8192, 2048) == 0  # its target, 2288, is over a quarter of the row
 
 
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):

@@ -141,9 +141,8 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 # (2026-12-03, bench/tune.py, prefill, target 2 k / 1.25 k / 1.5 k): 8192 x 32768 k 2048 515 / 481 / 495 us,
 # 2048 x 16384 k 512 67.4 / 72.2 / 65.5; 1.25 k is 2.5 deviations there but 1.8 at k 512, where reads fell back.
 # 2.5 deviations rather than 3 (H100, session 39, A/B in one run, two rounds): prefill 8192 x 32768 292.9 -> 290.8
-# us, 2048 x 16384 k 512 48.95 -> 48.8; persistent 128 x 131072, 256 x 32768 and decode 128 x 131072 unchanged
-# (30.6-31.0, 17.9, 30.6-31.0), although a row then falls back to two reads ~0.6% of the time rather than ~0.13%
-# (normal approximation), so about half of 128-row calls have such a row.
+# us (target 2668 -> 2554), 2048 x 16384 k 512 48.95 -> 48.8 (744 -> 699). The persistent and decode calls of the
+# suites keep their plans: their targets are SAMPLE_MIN_RANK's floor (128 x 131072: 4096, 256 x 32768: 1024).
 TWO_PASS_SAMPLE_SIGMAS = 2.5
 # The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
