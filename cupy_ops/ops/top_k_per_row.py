@@ -146,13 +146,13 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 TWO_PASS_SAMPLE_SIGMAS = 2.5
 # The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
-# where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + 2.5 deviations of the count;
-# a list it overflows is exact too, just slower). A row's fixed work (sample select, rounds, scans, ~30 barriers)
-# is the same at any CTA size, so more and smaller CTAs overlap more of it where rows queue for the SMs. H200
-# (2026-12-03, bench/tune.py, 512 -> 256 threads, list at 2 -> 1.2 x the target; the 256-thread list holds 1.3 x it
-# at width 32768): prefill 8192 x 32768 k 2048 476.6 -> 370.7 us; but persistent 256 x 32768 k 512, one wave of
-# rows, 18.7 -> 24.2 (a row's 256 threads, not 512). ncu of the 512-thread prefill: 300M warp instructions (vLLM's
-# kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%.
+# where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + TWO_PASS_SAMPLE_SIGMAS
+# deviations of the count; a list it overflows is exact too, just slower). A row's fixed work (sample select, rounds,
+# scans, ~30 barriers) is the same at any CTA size, so more and smaller CTAs overlap more of it where rows queue for
+# the SMs. H200 (2026-12-03, bench/tune.py, 512 -> 256 threads, list at 2 -> 1.2 x the target; the 256-thread list
+# holds 1.3 x it at width 32768): prefill 8192 x 32768 k 2048 476.6 -> 370.7 us; but persistent 256 x 32768 k 512, one
+# wave of rows, 18.7 -> 24.2 (a row's 256 threads, not 512). ncu of the 512-thread prefill: 300M warp instructions
+# (vLLM's kernel, three 512-thread CTAs an SM at 40 registers: 274M), barrier and wait stalls 41%.
 TWO_PASS_SMALL_WIDTH = 32768
 TWO_PASS_LIST_PER_SAMPLE = 1.15
 # The two-pass CTAs an SM, by CTA size: the shared memory each plans for (the 256-thread kernel's register bound is
