@@ -12,8 +12,8 @@ MISMATCH). In phase order:
   tp_sample (the sampled cutoff), tp_stream (the sampled read with nothing listed: valid only where the read is
   staged by cp.async, as NVRTC 13.0 moves plain loads whose elements cannot pass into the branch never taken: H100,
   session 35, 0.4 us past tp_sample for 60 MB), tp_list (the read and its appends), tp_select (the select on the
-  list), tp_mark (its marking of the bitmaps), tp_scans (the emission's block scan; the rest is staging and the
-  output write);
+  list), tp_mark (its marking of the bitmaps), tp_scans (the emission's block scan), tp_staged (its walk over
+  the bits, staging the columns in shared memory; the rest is the output write);
 - register kernel (common/topk_registers.cuh): rg_empty (launch and exit), rg_read (the read), rg_hist (and the
   11-bit histogram), rg_round0 (select round 0), rg_select (the refine rounds), rg_scan (the emission's block scan).
 
@@ -54,6 +54,7 @@ _HISTOGRAM = ("        if (v >> e & 1u) atomicAdd(&sh.fine[key[4 * u + e] >> 21]
 _ROUND0 = "  select_round0<THREADS, CLUSTER>(static_cast<uint32_t>(k), true, sh);\n"
 _CUTOFF = "    const uint32_t cutoff = sample_cutoff<THREADS>(sample_values, 0, len, sample, sh);\n"
 _SLOT = "  uint32_t slot = above_before + min(equal_before, take);\n"
+_STAGED = "  int* out = out_row();\n  if ((k & 3) == 0"  # (after the barrier that ends the staging)
 _READ_SUM = ("  float read_sum = 0.0f;\n#pragma unroll\n"
              "  for (int j = 0; j < 4 * SLOTS; ++j) read_sum += valid >> j & 1u ? x[j] : 0.0f;\n")
 _BEFORE = "  const uint32_t before = block_exclusive_sum<THREADS>(above | equal << 16, total, sh, parity);\n"
@@ -67,6 +68,7 @@ CUTS: dict[str, list[Edit]] = {
                                    "mark(list_keys[j], list_columns[j]);\n      take = rem;", _exit("pivot"))],
     "tp_mark": [before(TWO_PASS, "  if (!listed) {\n    for_each_element", _exit("take", when="listed && len > 0"))],
     "tp_scans": [after(TWO_PASS, _SLOT, _exit("slot"))],
+    "tp_staged": [before(TWO_PASS, _STAGED, _exit("staged[0]"))],
     "rg_empty": [before(REGISTERS, "  const bool contiguous = stride == 1;\n", _exit("len", "out[0]"))],
     "rg_read": [before(REGISTERS, "  clear_fine<THREADS>(sh);\n", _READ_SUM + _exit("read_sum", "out[0]"))],
     "rg_hist": [after(REGISTERS, _HISTOGRAM, _exit("sh.fine[5]", "out[0]"))],
