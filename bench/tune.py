@@ -2,7 +2,7 @@
 
     python bench/tune.py --op top_k_per_row_prefill \
         --variant base \
-        --variant "min-chunk-2k: cupy_ops.ops.top_k_per_row.MIN_CHUNK=2048" \
+        --variant "min-chunk-2k: cupy_ops.ops.topk_rows.MIN_CHUNK=2048" \
         [--tree "main=/path/to/main/cuda_kernels"] [--rounds 2] [--case 4096x] [--reps 30] [--json FILE]
     ncu --profile-from-start off ... python bench/tune.py --op persistent_topk --case 128x --profile
 

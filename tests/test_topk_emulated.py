@@ -11,8 +11,8 @@ vector copies.
 Emulated: __syncthreads, warp shuffles, shared atomics, cp.async (common/async_copy.cuh) and cluster barriers and
 distributed shared memory (common/cluster.cuh, swapped for emulated versions); the two __shared__ declarations of
 topk_row are rewritten to per-block storage. Instantiations: INSTANTIATIONS (threads, CTAs per cluster), the
-whole-chunk kernel at T.WHOLE_INSTANTIATIONS (whole chunks of those shapes run it, as the plans launch it),
-REGISTER_INSTANTIATIONS and the two-pass kernel at T.TWO_PASS_THREADS."""
+whole-chunk kernel at R.WHOLE_INSTANTIATIONS (whole chunks of those shapes run it, as the plans launch it),
+REGISTER_INSTANTIATIONS and the two-pass kernel at R.TWO_PASS_THREADS."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from topk_utils import (
 from cupy_ops._runtime import LaunchConfig, compiler, launcher
 from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
+from cupy_ops.ops import topk_rows as R
 
 pytestmark = requires_gxx
 
@@ -111,11 +112,11 @@ template <int THREADS> inline void prefetch_l2(const void*, int64_t) {}  // a hi
 """
 
 INSTANTIATIONS = ((256, 1), (256, 2), (256, 8), (512, 1), (1024, 1), (512, 2), (512, 4), (1024, 2))
-# (threads, cluster, slots): the plans' T.REGISTER_SLOTS, and 12 slots (48 keys a thread, above any plan's 24) so
+# (threads, cluster, slots): the plans' R.REGISTER_SLOTS, and 12 slots (48 keys a thread, above any plan's 24) so
 # the kernel's 64-bit key bitmasks run too
 WIDE_SLOTS = 12
-REGISTER_INSTANTIATIONS = ((256, 1, T.REGISTER_SLOTS[256]), (256, 4, T.REGISTER_SLOTS[256]),
-                           (512, 1, T.REGISTER_SLOTS[512]), (256, 1, WIDE_SLOTS))
+REGISTER_INSTANTIATIONS = ((256, 1, R.REGISTER_SLOTS[256]), (256, 4, R.REGISTER_SLOTS[256]),
+                           (512, 1, R.REGISTER_SLOTS[512]), (256, 1, WIDE_SLOTS))
 DRIVER = r"""
 #include "emu_cuda.h"
 #include "top_k_per_row.cu"
@@ -137,7 +138,7 @@ extern "C" int run_persistent_topk(int threads, int cluster, int grid, long long
 }
 #define DISPATCH_WHOLE(KERNEL) \
 """ + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}, true>, p, grid, "
-              "dynamic); \\\n" for t, c in T.WHOLE_INSTANTIATIONS) + r"""  return 2;
+              "dynamic); \\\n" for t, c in R.WHOLE_INSTANTIATIONS) + r"""  return 2;
 extern "C" int run_top_k_per_row_whole(int threads, int cluster, int grid, long long dynamic,
                                        const TopKPerRowParams* p) {
   DISPATCH_WHOLE(top_k_per_row_kernel)
@@ -148,7 +149,7 @@ extern "C" int run_persistent_topk_whole(int threads, int cluster, int grid, lon
 }
 #define DISPATCH_TWO_PASS(KERNEL) \
 """ + "".join(f"  if (threads == {t}) return go<{t}, 1>(KERNEL<{t}>, p, grid, dynamic); \\\n"
-              for t in T.TWO_PASS_THREADS) + r"""  return 2;
+              for t in R.TWO_PASS_THREADS) + r"""  return 2;
 extern "C" int run_top_k_per_row_two_pass(int threads, int grid, long long dynamic, const TopKPerRowParams* p) {
   DISPATCH_TWO_PASS(top_k_per_row_two_pass_kernel)
 }
@@ -219,30 +220,30 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     the row again). sample: the sampled-cutoff target of the streaming buffer or the two-pass kernel instead of the
     plan's (1: a cutoff at the largest sample, which lets fewer than k through, so the chunk is read again; 0: none).
     ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
-    list has T.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers
+    list has R.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers
     kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans'
-    T.REGISTER_SLOTS)."""
+    R.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
     if registers:
-        slots = T.REGISTER_SLOTS[threads] if slots is None else slots
-        monkeypatch.setitem(T.REGISTER_SLOTS, threads, slots)
+        slots = R.REGISTER_SLOTS[threads] if slots is None else slots
+        monkeypatch.setitem(R.REGISTER_SLOTS, threads, slots)
 
     def plan_rows(kernels, device, rows, width, k, contiguous=True):
         if registers:
-            row = T.register_plan(width, k, threads, cluster)
+            row = R.register_plan(width, k, threads, cluster)
             assert row is not None, "the chunks exceed the threads' slots"
             return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
-            words = T.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
-            row = T.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
-                            sample=T.two_pass_sample_target(width, k) if sample is None else sample)
+            words = R.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
+            row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
+                            sample=R.two_pass_sample_target(width, k) if sample is None else sample)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
-        row = T.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
+        row = R.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
         if shrink:
             cap = -(-(k + 8 * threads) // 4) * 4
             row = row._replace(cap=cap, stage=k, shared_bytes=32 * threads * row.stages + 8 * (cap + k),
-                               sample=T.sample_target(T.chunk_bound(width, cluster), k) if sample is None else sample)
+                               sample=R.sample_target(R.chunk_bound(width, cluster), k) if sample is None else sample)
         return None, LaunchConfig((rows * cluster, 1, 1), (threads, 1, 1), row.shared_bytes), row
 
     monkeypatch.setattr(module, "plan_rows", plan_rows)
@@ -261,7 +262,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     elif registers:
         run = library.run_persistent_topk_registers if op is PERSISTENT else library.run_top_k_per_row_registers
         status = run(threads, cluster, slots, grid, dynamic, params)
-    elif not shrink and (threads, cluster) in T.WHOLE_INSTANTIATIONS:  # as the plans: the whole-chunk kernel
+    elif not shrink and (threads, cluster) in R.WHOLE_INSTANTIATIONS:  # as the plans: the whole-chunk kernel
         run = library.run_persistent_topk_whole if op is PERSISTENT else library.run_top_k_per_row_whole
         status = run(threads, cluster, grid, dynamic, params)
     else:
@@ -294,8 +295,8 @@ class Geometry(NamedTuple):
         return f"{self.threads}x{self.cluster}{'-shrink' if self.shrink else ''}{sample}"
 
     def run(self, library, monkeypatch, op, args):
-        assert not self.ring or self.threads >= T.TWO_PASS_RING_THREADS, "smaller CTAs compile no ring"
-        list_cap = self.list_cap + T.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
+        assert not self.ring or self.threads >= R.TWO_PASS_RING_THREADS, "smaller CTAs compile no ring"
+        list_cap = self.list_cap + R.two_pass_ring_entries(self.threads) if self.ring else self.list_cap
         emulate(library, monkeypatch, op, args, self.threads, self.cluster, shrink=self.shrink,
                 list_cap=list_cap, sample=self.sample, ring=self.ring, registers=self.registers,
                 slots=self.slots)
@@ -553,8 +554,8 @@ def test_the_filter_compare_equals_the_key_compare(emulator):
     bits += torch.randint(0, 2**32, (48,), generator=torch.Generator().manual_seed(5), dtype=torch.int64).tolist()
     values = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).tolist()
     keys = [emulator.float_key(x) for x in values]
-    min_keys = {1, 0x007FFFFF, 0x00800000, 0x7FFFFFFF, 0x80000000, 0x80000001, T.NAN_KEY - 1}
-    min_keys |= {m for key in keys for m in (key - 1, key, key + 1) if 0 < m <= T.NAN_KEY - 1}
+    min_keys = {1, 0x007FFFFF, 0x00800000, 0x7FFFFFFF, 0x80000000, 0x80000001, R.NAN_KEY - 1}
+    min_keys |= {m for key in keys for m in (key - 1, key, key + 1) if 0 < m <= R.NAN_KEY - 1}
     wrong = [(hex(m), x) for m in sorted(min_keys) for x, key in zip(values, keys)
              if (not x < emulator.key_floor(m)) != (key >= m)]
     assert not wrong, f"{len(wrong)} (min_key, value) pairs differ, e.g. {wrong[:4]}"

@@ -14,6 +14,7 @@ from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, persistent_args
 from cupy_ops._runtime import compiler, launcher
 from cupy_ops.ops import persistent_topk as PT
 from cupy_ops.ops import top_k_per_row as T
+from cupy_ops.ops import topk_rows as R
 
 GPUS = {  # sm_count, opt-in shared memory per block, per SM, arch
     "H200": (132, 232448, 233472, 90),
@@ -45,7 +46,7 @@ SHAPES = [(1, 8192, 2048), (4, 163840, 2048), (128, 131072, 2048), (64, 65536, 5
 
 
 def _plan_rows(rows, width, k):
-    return T.plan_rows(T.KERNELS, 0, rows, width, k)
+    return R.plan_rows(T.KERNELS, 0, rows, width, k)
 
 
 @pytest.mark.parametrize("gpu", list(GPUS))
@@ -58,58 +59,58 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         # its one-read try: rows >= 4 x the target and 8192 wide, as streaming buffers (the kernel checks each row),
         # and a list of TWO_PASS_LIST_PER_SAMPLE x the target
         if row.sample:
-            assert width >= max(4 * row.sample, 4 * T.SAMPLES) and row.sample > k and row.sample <= 2**26
-            assert T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap
+            assert width >= max(4 * row.sample, 4 * R.SAMPLES) and row.sample > k and row.sample <= 2**26
+            assert R.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap
         else:
-            target = T.two_pass_sample_target(width, k)
-            assert target == 0 or T.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
+            target = R.two_pass_sample_target(width, k)
+            assert target == 0 or R.TWO_PASS_LIST_PER_SAMPLE * target > row.cap
         # the sampled read's ring (stages 1, CTAs of 512 threads or more) takes the list's last entries: what is left
         # still holds its target
-        ring_room = T.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - T.two_pass_ring_entries(row.threads)
-        ring = row.sample > 0 and ring_room and row.threads >= T.TWO_PASS_RING_THREADS
+        ring_room = R.TWO_PASS_LIST_PER_SAMPLE * row.sample <= row.cap - R.two_pass_ring_entries(row.threads)
+        ring = row.sample > 0 and ring_room and row.threads >= R.TWO_PASS_RING_THREADS
         assert row.stages == int(ring) and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
-        assert row.cap >= T.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
+        assert row.cap >= R.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
         assert row.shared_bytes == 8 * (-(-width // 32) + (-(-width // 32)) % 2) + 8 * row.cap
-        assert row.shared_bytes + T.STATIC_SMEM <= optin
-        ctas = T.TWO_PASS_CTAS[row.threads]
-        assert ctas * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm and ctas * row.threads <= 2048
+        assert row.shared_bytes + R.STATIC_SMEM <= optin
+        ctas = R.TWO_PASS_CTAS[row.threads]
+        assert ctas * (row.shared_bytes + R.STATIC_SMEM + R.RESERVED_SMEM) <= per_sm and ctas * row.threads <= 2048
         return
     assert config.grid == (rows * row.cluster, 1, 1) and config.block == (row.threads, 1, 1)
     assert config.cluster == (None if row.cluster == 1 else (row.cluster, 1, 1))
     assert row.cluster == 1 or arch >= 90
     if row.registers:  # a whole chunk in the threads' slots; no dynamic shared memory
         assert kernel is T.KERNELS.registers[row.threads, row.cluster]
-        assert T.chunk_bound(width, row.cluster) <= 4 * T.REGISTER_SLOTS[row.threads] * row.threads
+        assert R.chunk_bound(width, row.cluster) <= 4 * R.REGISTER_SLOTS[row.threads] * row.threads
         assert row.shared_bytes == config.shared_bytes == 0
         return
     # whole chunks take the kernel without the streaming path where it is instantiated (five 256-thread CTAs an SM)
-    whole_kernel = row.stage == 0 and (row.threads, row.cluster) in T.WHOLE_INSTANTIATIONS
+    whole_kernel = row.stage == 0 and (row.threads, row.cluster) in R.WHOLE_INSTANTIATIONS
     assert kernel is (T.KERNELS.whole if whole_kernel else T.KERNELS.buffer)[row.threads, row.cluster]
     assert row.cap % 4 == 0
-    assert row.shared_bytes + T.STATIC_SMEM <= optin and row.shared_bytes == config.shared_bytes
-    assert row.cap <= T.MAX_CAP  # counts packed in 16 bits
+    assert row.shared_bytes + R.STATIC_SMEM <= optin and row.shared_bytes == config.shared_bytes
+    assert row.cap <= R.MAX_CAP  # counts packed in 16 bits
     if row.stage == 0:  # the whole chunk is buffered, keys only: no shrink can happen, no ring
-        assert row.cap >= T.chunk_bound(width, row.cluster) and row.stages == 0
+        assert row.cap >= R.chunk_bound(width, row.cluster) and row.stages == 0
         assert row.shared_bytes == 4 * row.cap
     else:  # after a shrink to k entries, one group of 8 x threads elements fits; the ring stages the output
         assert 1 <= row.stages <= 3 and 32 * row.threads * row.stages >= 4 * k
         assert row.stage == k and row.cap >= k + 8 * row.threads
         assert row.shared_bytes == 32 * row.threads * row.stages + 8 * (row.cap + row.stage)
-    chunk = T.chunk_bound(width, row.cluster)
+    chunk = R.chunk_bound(width, row.cluster)
     # a sampled cutoff only for streaming buffers of chunks >= 4 x its target and 8192, at least 2 k survivors and
     # 64 samples aimed at (the kernel's own bound: sample <= 2^26)
     if row.sample:
-        assert row.stage > 0 and chunk >= max(4 * row.sample, 4 * T.SAMPLES)
-        assert row.sample >= 2 * k and row.sample * T.SAMPLES >= 64 * chunk and row.sample <= 2**26
+        assert row.stage > 0 and chunk >= max(4 * row.sample, 4 * R.SAMPLES)
+        assert row.sample >= 2 * k and row.sample * R.SAMPLES >= 64 * chunk and row.sample <= 2**26
     else:
-        assert row.stage == 0 or chunk < max(4 * 2 * k, 4 * T.SAMPLES, 4 * -(-64 * chunk // T.SAMPLES))
-    if chunk <= T.SMALL_CLUSTER_CHUNK and row.cluster >= 4:  # rows cut in small shares: 256 threads
+        assert row.stage == 0 or chunk < max(4 * 2 * k, 4 * R.SAMPLES, 4 * -(-64 * chunk // R.SAMPLES))
+    if chunk <= R.SMALL_CLUSTER_CHUNK and row.cluster >= 4:  # rows cut in small shares: 256 threads
         assert row.threads == 256
     if rows * row.cluster > sms:  # many CTAs: at least two per SM where 228 KB per SM allow it (not k = 4096)
         assert row.threads in (256, 512)
         resident = 3 if row.threads == 256 else 2  # 256-thread CTAs are planned at five, four or three an SM
-        assert resident * (row.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
+        assert resident * (row.shared_bytes + R.STATIC_SMEM + R.RESERVED_SMEM) <= per_sm or gpu == "A100" or k == 4096
 
 
 def test_cluster_sizes_on_h200(fake_gpu):
@@ -129,7 +130,7 @@ def test_five_256_thread_ctas_an_sm_where_their_shared_memory_fits(fake_gpu):
     for shape, two_pass in (((4096, 8192, 2048), False), ((8192, 32768, 2048), True)):
         kernel, config, row = _plan_rows(*shape)
         assert row.threads == 256 and row.two_pass == two_pass
-        assert 5 * (config.shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM) <= per_sm
+        assert 5 * (config.shared_bytes + R.STATIC_SMEM + R.RESERVED_SMEM) <= per_sm
         assert kernel is (T.KERNELS.two_pass[256] if two_pass else T.KERNELS.whole[256, 1])
         assert row.sample > 0 or not two_pass
 
@@ -149,7 +150,7 @@ def test_many_wide_rows_take_the_two_pass_kernel(fake_gpu):
     assert all(rows[shape].sample > 0 for shape in two_pass)
     # the sampled read stages its next batch where the list has room beside the ring (not in 5 x 256 threads an SM)
     assert {shape for shape in two_pass if rows[shape].stages} == {(128, 131072, 2048), (256, 32768, 512)}
-    assert not T.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
+    assert not R.plan_rows(T.KERNELS, 0, 256, 32768, 512, contiguous=False)[2].two_pass
 
 
 def test_without_the_sampled_read_two_reads_take_only_more_rows_than_sms(fake_gpu, monkeypatch):
@@ -157,7 +158,7 @@ def test_without_the_sampled_read_two_reads_take_only_more_rows_than_sms(fake_gp
     sampled read also takes 128 x 131072). Plans do not depend on the NVRTC major: CUDA 12 and 13 builds both compile
     the sampled read."""
     fake_gpu("H200")
-    monkeypatch.setattr(T, "TWO_PASS_SAMPLED", False)
+    monkeypatch.setattr(R, "TWO_PASS_SAMPLED", False)
     rows = {shape: _plan_rows(*shape)[2] for shape in SHAPES}
     two_pass = {shape for shape, row in rows.items() if row.two_pass}
     assert two_pass == {(256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512), (1000, 20000, 1)}
@@ -172,9 +173,9 @@ def test_the_sampled_read_needs_room_in_the_list(fake_gpu):
     sms, optin, per_sm, _ = fake_gpu("H200")
     for rows, width, k in ((128, 131072, 2048), (256, 32768, 512), (8192, 32768, 2048), (2048, 16384, 512),
                            (4096, 65536, 4096), (200, 524288, 2048), (200, 786432, 2048)):
-        row = T.two_pass_plan(rows, width, k, sms, optin, per_sm)
-        target = T.two_pass_sample_target(width, k)
-        assert target > 0 and row.sample == (target if T.TWO_PASS_LIST_PER_SAMPLE * target <= row.cap else 0), (
+        row = R.two_pass_plan(rows, width, k, sms, optin, per_sm)
+        target = R.two_pass_sample_target(width, k)
+        assert target > 0 and row.sample == (target if R.TWO_PASS_LIST_PER_SAMPLE * target <= row.cap else 0), (
             rows, width, k)
         assert (row.sample > 0) == (width <= 131072), (rows, width, k)
 
@@ -184,19 +185,19 @@ def test_the_two_pass_target_clears_k_by_the_set_deviations(width, k):
     """A cutoff at sample rank r lets ~r x width / 2048 elements through, give or take sqrt(r) x width / 2048: the
     two-pass target is the least with TWO_PASS_SAMPLE_SIGMAS such deviations above k, or SAMPLE_MIN_RANK ranks (the
     last two)."""
-    target = T.two_pass_sample_target(width, k)
-    floor = -(-T.SAMPLE_MIN_RANK * width // T.SAMPLES)
+    target = R.two_pass_sample_target(width, k)
+    floor = -(-R.SAMPLE_MIN_RANK * width // R.SAMPLES)
 
     def deviations(t):
-        return (t - k) / math.sqrt(t * width / T.SAMPLES)
+        return (t - k) / math.sqrt(t * width / R.SAMPLES)
 
-    assert target >= floor and deviations(target) >= T.TWO_PASS_SAMPLE_SIGMAS
-    assert target == floor or deviations(target - 1) < T.TWO_PASS_SAMPLE_SIGMAS
-    assert width >= max(4 * target, 4 * T.SAMPLES)
+    assert target >= floor and deviations(target) >= R.TWO_PASS_SAMPLE_SIGMAS
+    assert target == floor or deviations(target - 1) < R.TWO_PASS_SAMPLE_SIGMAS
+    assert width >= max(4 * target, 4 * R.SAMPLES)
 
 
 def test_rows_under_four_two_pass_targets_read_twice():
-    assert T.two_pass_sample_target(8192, 2048) == 0  # its target, 2288, is over a quarter of the row
+    assert R.two_pass_sample_target(8192, 2048) == 0  # its target, 2288, is over a quarter of the row
 
 
 def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
@@ -204,15 +205,15 @@ def test_cta_sizes_on_h200(fake_gpu, monkeypatch):
     take 256-thread CTAs (four per SM when many); long streamed rows 512 (many) or 1024 (few), and so do few rows
     in large shares (latency-bound)."""
     fake_gpu("H200")
-    monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM", 2**31)
-    monkeypatch.setattr(T, "TWO_PASS_ROWS_PER_SM_TWO_READS", 2**31)
-    monkeypatch.setattr(T, "REGISTER_ROWS", False)
+    monkeypatch.setattr(R, "TWO_PASS_ROWS_PER_SM", 2**31)
+    monkeypatch.setattr(R, "TWO_PASS_ROWS_PER_SM_TWO_READS", 2**31)
+    monkeypatch.setattr(R, "REGISTER_ROWS", False)
     threads = {shape: _plan_rows(*shape)[2].threads for shape in SHAPES}
     assert threads[4096, 8192, 2048] == threads[1024, 8192, 2048] == threads[4, 65536, 1024] == 256
     assert threads[8192, 32768, 2048] == threads[256, 32768, 512] == threads[2048, 16384, 512] == 512
     assert threads[128, 131072, 2048] == threads[32, 163840, 2048] == threads[4, 163840, 2048] == 1024
     assert threads[1, 8192, 2048] == threads[64, 20000, 512] == 1024
-    per_sm = 233472 // (_plan_rows(4096, 8192, 2048)[2].shared_bytes + T.STATIC_SMEM + T.RESERVED_SMEM)
+    per_sm = 233472 // (_plan_rows(4096, 8192, 2048)[2].shared_bytes + R.STATIC_SMEM + R.RESERVED_SMEM)
     assert per_sm >= 4
 
 
@@ -232,10 +233,10 @@ def test_rows_one_register_cta_holds_stay_whole(fake_gpu, monkeypatch):
     """Rows past MIN_SPLIT_WIDTH that one 1024-thread register CTA holds (20477 scores) stay whole while the grid fits
     the SMs; one score more, or WHOLE_REGISTER_ROWS off, and they split as before."""
     fake_gpu("H200")
-    assert T.MIN_SPLIT_WIDTH < 20000
+    assert R.MIN_SPLIT_WIDTH < 20000
     assert _plan_rows(64, 20477, 512)[2][:2] == (1024, 1) and _plan_rows(1, 20000, 2048)[2][:2] == (1024, 1)
     assert _plan_rows(64, 20478, 512)[2].cluster == 2
-    monkeypatch.setattr(T, "WHOLE_REGISTER_ROWS", False)
+    monkeypatch.setattr(R, "WHOLE_REGISTER_ROWS", False)
     assert _plan_rows(64, 20000, 512)[2][:3] == (1024, 2, 0)
 
 
@@ -251,7 +252,7 @@ def test_sm80_never_uses_clusters(fake_gpu):
 
 def test_sample_count_matches_the_kernel():
     """The plan's SAMPLES is common/topk.cuh's kSample (the sampled rank assumes it)."""
-    assert f"constexpr int kSample = {T.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk.cuh").read_text()
+    assert f"constexpr int kSample = {R.SAMPLES};" in (compiler.kernel_dir() / "common" / "topk.cuh").read_text()
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -259,7 +260,7 @@ def test_static_shared_memory_bound(arch):
     """STATIC_SMEM (budgeted by the plans) covers ptxas' static shared memory of every instantiation."""
     for kernel in (*PREFILL.kernels, *PERSISTENT.kernels):
         report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
-        assert 0 < report.shared_memory <= T.STATIC_SMEM, kernel
+        assert 0 < report.shared_memory <= R.STATIC_SMEM, kernel
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -270,9 +271,9 @@ def test_planned_ctas_an_sm_fit_the_kernels_registers(arch):
     it is instantiated (WHOLE_INSTANTIATIONS)."""
     for kernels in (T.KERNELS, PT.KERNELS):
         shapes = [(kernels.whole.get((t, 1), kernels.buffer[t, 1]), t, n)
-                  for shape in T.CTA_SHAPES.values() for t, n in shape.whole]
-        shapes += [(kernels.buffer[t, 1], t, n) for shape in T.CTA_SHAPES.values() for t, n in shape.streaming]
-        shapes += [(kernels.two_pass[t], t, n) for t, n in T.TWO_PASS_CTAS.items()]
+                  for shape in R.CTA_SHAPES.values() for t, n in shape.whole]
+        shapes += [(kernels.buffer[t, 1], t, n) for shape in R.CTA_SHAPES.values() for t, n in shape.streaming]
+        shapes += [(kernels.two_pass[t], t, n) for t, n in R.TWO_PASS_CTAS.items()]
         for kernel, threads, per_sm in shapes:
             report = compiler.ptxas_report(kernel.source, kernel.name_expression, arch)
             assert -(-report.registers // 8) * 8 * threads * per_sm <= 65536, (kernel, per_sm, report.registers)
@@ -282,9 +283,9 @@ def test_ring_constants_match_the_kernel():
     """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring), and
     sampled_unroll (the ring's batch, two_pass_ring_entries) is its sampled_unroll<THREADS>()."""
     text = (compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
-    assert f"constexpr int kTwoPassRingThreads = {T.TWO_PASS_RING_THREADS};" in text
-    assert T.sampled_unroll(512) == T.sampled_unroll(256) != T.sampled_unroll(1024)
-    expected = f"return THREADS >= 1024 ? {T.sampled_unroll(1024)} : {T.sampled_unroll(512)}; }}"
+    assert f"constexpr int kTwoPassRingThreads = {R.TWO_PASS_RING_THREADS};" in text
+    assert R.sampled_unroll(512) == R.sampled_unroll(256) != R.sampled_unroll(1024)
+    expected = f"return THREADS >= 1024 ? {R.sampled_unroll(1024)} : {R.sampled_unroll(512)}; }}"
     assert f"constexpr int sampled_unroll() {{ {expected}" in text
 
 

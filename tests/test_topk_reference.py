@@ -19,7 +19,7 @@ from topk_utils import (
     prefill_args,
 )
 
-from cupy_ops.ops.top_k_per_row import NAN_KEY, float_keys, select_rows_ref
+from cupy_ops.ops.topk_rows import NAN_KEY, float_keys, select_rows_ref
 
 
 def test_float_keys_order():

@@ -20,7 +20,7 @@ from topk_utils import (
 )
 
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace, workspace_bytes
-from cupy_ops.ops.top_k_per_row import MAX_ROWS, MAX_WIDTH
+from cupy_ops.ops.topk_rows import MAX_ROWS, MAX_WIDTH
 
 ROWS, WIDTH, K = 4, 64, 8  # the valid base call of every case: 4 rows of 64 scores, k 8
 

@@ -14,7 +14,7 @@ from cupy_ops._runtime import compiler
 from cupy_ops.ops import kernels as every_kernel
 from cupy_ops.ops import ops
 from cupy_ops.ops import selective_scan_fwd as S
-from cupy_ops.ops import top_k_per_row as T
+from cupy_ops.ops import topk_rows as R
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,14 @@ def tune():
 
 
 def test_a_variant_sets_constants_and_restores_them(tune):
-    variant = tune.parse_variant("small: cupy_ops.ops.top_k_per_row.SMALL_CHUNK=SMALL_CHUNK // 2; "
-                                 "cupy_ops.ops.top_k_per_row.MIN_CHUNK=1024")
+    variant = tune.parse_variant("small: cupy_ops.ops.topk_rows.SMALL_CHUNK=SMALL_CHUNK // 2; "
+                                 "cupy_ops.ops.topk_rows.MIN_CHUNK=1024")
     assert variant.label == "small"
-    before = (T.SMALL_CHUNK, T.MIN_CHUNK)
+    before = (R.SMALL_CHUNK, R.MIN_CHUNK)
     old = tune.apply(variant)
-    assert (T.SMALL_CHUNK, T.MIN_CHUNK) == (before[0] // 2, 1024)
+    assert (R.SMALL_CHUNK, R.MIN_CHUNK) == (before[0] // 2, 1024)
     tune.restore(old)
-    assert (T.SMALL_CHUNK, T.MIN_CHUNK) == before
+    assert (R.SMALL_CHUNK, R.MIN_CHUNK) == before
 
 
 def test_a_variant_s_new_kernels_are_listed_by_the_ops_while_it_runs(tune):
@@ -73,9 +73,9 @@ def test_a_tree_must_be_a_kernel_folder(tune, tmp_path):
         tune.parse_tree(f"other={tmp_path}")
     with pytest.raises(SystemExit, match="label=DIR"):
         tune.parse_tree(f"={compiler.kernel_dir()}")
-    variant = tune.parse_variant(f"w1: tree={compiler.kernel_dir()}; cupy_ops.ops.top_k_per_row.MIN_WHOLE_STAGES=1")
+    variant = tune.parse_variant(f"w1: tree={compiler.kernel_dir()}; cupy_ops.ops.topk_rows.MIN_WHOLE_STAGES=1")
     assert variant.root == str(compiler.kernel_dir().resolve())
-    assert variant.changes == {("cupy_ops.ops.top_k_per_row", "MIN_WHOLE_STAGES"): 1}
+    assert variant.changes == {("cupy_ops.ops.topk_rows", "MIN_WHOLE_STAGES"): 1}
 
 
 def test_an_edit_compiles_from_a_copy_with_one_text_replaced(tune):

@@ -18,7 +18,8 @@ from helpers import GUARD, assert_untouched, strided
 from cupy_ops.ops import top_k_per_row
 from cupy_ops.ops.persistent_topk import OP as PERSISTENT
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace
-from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends, float_keys
+from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends
+from cupy_ops.ops.topk_rows import float_keys
 
 __all__ = ["DATA_KINDS", "DECODE", "PERSISTENT", "PREFILL", "UNWRITTEN", "PaddedOutput", "assert_contract",
            "assert_reference", "assert_vllm_agrees", "decode_args", "each_row_kernel", "make_scores",

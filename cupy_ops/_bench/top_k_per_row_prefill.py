@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from cupy_ops.ops.persistent_topk import max_length
-from cupy_ops.ops.top_k_per_row import PREFILL, decode_ends, float_keys
+from cupy_ops.ops.top_k_per_row import PREFILL, decode_ends
+from cupy_ops.ops.topk_rows import float_keys
 
 from .harness import OpSuite, eager_calls_for, first_call_probe
 

@@ -29,7 +29,7 @@ import torch
 
 from .._runtime import Call, Launch, Op, TensorArg
 from .._runtime import params as P
-from .top_k_per_row import NoRowPlan, check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
+from .topk_rows import NoRowPlan, check_k_and_width, check_lengths, plan_rows, row_kernels, select_rows_ref
 
 KERNELS = row_kernels("persistent_topk.cu", "persistent_topk_kernel")
 PARAMS = P.CStruct("PersistentTopKParams", [
