@@ -1,6 +1,7 @@
-"""One module per op, each declaring one `cupy_ops._runtime.Op`: importing this package imports every module in
-it, which registers every op (`torch.ops.cupy_ops.<name>`, `cupy_ops.<name>`, warm-up, check, benchmarks and
-tests all read `ops()`)."""
+"""One module per op, each declaring one `cupy_ops._runtime.Op` (top_k_per_row declares prefill and decode), and
+modules of what ops share (topk_rows: the top-k ops' row plans; selective_scan_ref: the scan's reference): importing
+this package imports every module in it, which registers every op (`torch.ops.cupy_ops.<name>`, `cupy_ops.<name>`,
+warm-up, check, benchmarks and tests all read `ops()`)."""
 
 from __future__ import annotations
 
