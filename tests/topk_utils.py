@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import GUARD, assert_untouched, strided
 
-from cupy_ops.ops import top_k_per_row
+from cupy_ops.ops import topk_rows
 from cupy_ops.ops.persistent_topk import OP as PERSISTENT
 from cupy_ops.ops.persistent_topk import persistent_topk_workspace
 from cupy_ops.ops.top_k_per_row import DECODE, PREFILL, decode_ends
@@ -36,9 +36,9 @@ def each_row_kernel(request, monkeypatch):
     kernel for every call of contiguous rows. Plans are cached per layout: forgotten on both sides."""
     two_pass = request.param == "two-pass"
     for name in ("TWO_PASS_ROWS_PER_SM", "TWO_PASS_ROWS_PER_SM_TWO_READS"):
-        monkeypatch.setattr(top_k_per_row, name, 0 if two_pass else 2**31)
-    monkeypatch.setattr(top_k_per_row, "TWO_PASS_WIDTH_PER_K", 0)
-    monkeypatch.setattr(top_k_per_row, "REGISTER_ROWS", request.param == "registers")
+        monkeypatch.setattr(topk_rows, name, 0 if two_pass else 2**31)
+    monkeypatch.setattr(topk_rows, "TWO_PASS_WIDTH_PER_K", 0)
+    monkeypatch.setattr(topk_rows, "REGISTER_ROWS", request.param == "registers")
     for op in (PREFILL, DECODE, PERSISTENT):
         op.forget_layouts()
     yield request.param

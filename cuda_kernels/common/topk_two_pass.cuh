@@ -19,7 +19,7 @@
 // scan a group of 8 elements a thread (topk_row) or a histogram atomic per element (step 1) is what that saves:
 // topk_row's stream took ~34 instructions an element at 128 x 131072 (ncu), this read an estimated ~6 (H200:
 // 34.3 -> 30.4 us there; 256 x 32768 k 512 27.5 -> 19.6 against the two reads).
-// Measured (H200, ncu and bench/tune.py; top_k_per_row.py has the numbers): the two reads win where the rows
+// Measured (H200, ncu and bench/tune.py; ops/topk_rows.py has the numbers): the two reads win where the rows
 // outnumber the SMs and a row selects 1/32 of itself or less (they lose at 1/8; 1/16 is the plans' line), the
 // sampled read also at 128 long rows (not at 64); elsewhere the atomic per selected element and ~10 barriers a row
 // cost more than topk_row's buffer (the 4096 x 8192 prefill, k 2048 of ~5000: 69.9M warp instructions against
@@ -100,7 +100,7 @@ __device__ __forceinline__ float pick(const float (&v)[N], int e) {
 // list_above reads them) to `ring`, slot u of this thread at ring[u x THREADS + thread]: one batch in flight while
 // list_above appends the one before it (a thread reads back only its own slots: no barrier). An empty batch past
 // the row's end still commits, so every thread's waits count alike. (Where the plans give a ring, stages = 1, and
-// what it gains: top_k_per_row.py, TWO_PASS_RING.)
+// what it gains: ops/topk_rows.py, TWO_PASS_RING.)
 template <int THREADS>
 __device__ __forceinline__ void stage_batch(const float* base, int len, int first, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
@@ -208,7 +208,7 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 // Bitmap words of the two-pass kernel for rows of up to `width` elements: ceil(width / 32) rounded up to even, so
 // that the list's keys after the two bitmaps are 16-byte aligned (select_pivot reads them four at a time, in CTAs
 // under 1024 threads) and so are the staged outputs (16-byte output stores). The host sizes the shared memory by the
-// same rule (top_k_per_row.py: two_pass_words). H100, A/B in one run (session 37), against the kernel before both:
+// same rule (ops/topk_rows.py: two_pass_words). H100, A/B in one run (session 37), against the kernel before both:
 // prefill 8192 x 32768 k 2048 300.1 -> 296.4 us, 2048 x 16384 k 512 50.0 -> 49.3, but persistent 128 x 131072 31.1
 // -> 31.9 (1024 threads: the four-key select alone cost 0.4-0.5 there; performance log, session 37).
 __device__ __forceinline__ int two_pass_words(int64_t width) { return static_cast<int>(2 * ((width + 63) / 64)); }

@@ -20,7 +20,7 @@ only on rows, the row pitch, k and max_seq_len; each row's length is read on the
   there is no spin barrier in global memory, so the op cannot hang however busy the GPU is. On older GPUs each
   row is one CTA.
 The device code is common/topk.cuh, topk_row.cuh, topk_two_pass.cuh and topk_registers.cuh, shared with
-top_k_per_row_prefill/decode (plan and reference too).
+top_k_per_row_prefill/decode, as are the row plans and the reference select (ops/topk_rows.py).
 """
 
 from __future__ import annotations

@@ -156,12 +156,6 @@ TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
 TWO_PASS_RING = True
 # (A ring of two batches, session 37: 128 x 131072 k 2048 31.9-32.0 -> 32.8-32.9 us, H100, A/B in one run; removed.)
 TWO_PASS_RING_THREADS = 512  # common/topk_two_pass.cuh: kTwoPassRingThreads (smaller CTAs compile no ring)
-# Prefill calls with more CTAs than SMs run their rows last-first (the kernel's row_of): causal prefill rows grow with
-# the row index, so the longest start first and the call ends on the shortest. Decode rows keep launch order
-# (lengths in no order), and so do grids that fit the SMs at once (nothing waits for a slot). H200, A/B in one run
-# (2026-12-05): 2048 x 16384 k 512 63.4 -> 59.6 us, 8192 x 32768 372.9 -> 366.6, 4096 x 8192 64.2 -> 64.2; the
-# 128-CTA grid of 64 x 65536 k 2048 16.0 -> 16.35.
-REVERSE_PREFILL_ROWS = True
 # Launches are programmatic dependent launches on sm_90 (LaunchConfig.dependent; the kernels wait for the previous
 # grids before their first global read): a call's CTAs are scheduled while the previous kernel on the stream ends.
 DEPENDENT_LAUNCH = True
@@ -421,7 +415,7 @@ def select_rows_ref(logits: torch.Tensor, starts: torch.Tensor, lengths: torch.T
     return torch.where(picked == absent, torch.full_like(picked, -1), picked).to(torch.int32)
 
 
-# ---- what the ops share --------------------------------------------------------------------------------------------
+# ---- the ops' kernels and shared argument checks --------------------------------------------------------------
 
 def row_kernels(filename: str, kernel: str) -> RowKernels:
     """The row kernels of `filename`, whose templates are named `kernel`, `kernel`_two_pass and `kernel`_registers."""
@@ -432,7 +426,6 @@ def row_kernels(filename: str, kernel: str) -> RowKernels:
          for t in TWO_PASS_THREADS},
         {(t, c): Kernel(filename, f"cupy_ops::{kernel.replace('_kernel', '_registers_kernel')}<{t}, {c}, "
                                   f"{REGISTER_SLOTS[t]}>") for t, c in INSTANTIATIONS})
-
 
 
 def check_k_and_width(c: Call, k_name: str, out_name: str, width: int) -> None:
