@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from topk_utils import DECODE, PERSISTENT, PREFILL, decode_args, persistent_args, prefill_args
+from topk_utils import each_row_kernel  # noqa: F401 - a fixture (test_each_row_kernel_makes_the_plans_take_its_kernel)
 
 from cupy_ops._runtime import compiler, launcher
 from cupy_ops.ops import persistent_topk as PT
@@ -238,6 +239,16 @@ def test_rows_one_register_cta_holds_stay_whole(fake_gpu, monkeypatch):
     assert _plan_rows(64, 20478, 512)[2].cluster == 2
     monkeypatch.setattr(R, "WHOLE_REGISTER_ROWS", False)
     assert _plan_rows(64, 20000, 512)[2][:3] == (1024, 2, 0)
+
+
+def test_each_row_kernel_makes_the_plans_take_its_kernel(fake_gpu, each_row_kernel):
+    """The GPU tests run once per row kernel through topk_utils' each_row_kernel fixture, which only the GPU runs
+    use: its patches must reach the plans (they once named constants of a module the plans no longer read). 4 rows of
+    8192, k 512: every kernel can take them."""
+    fake_gpu("H200")
+    row = _plan_rows(4, 8192, 512)[2]
+    assert {"buffer": not row.registers and not row.two_pass, "registers": row.registers,
+            "two-pass": row.two_pass}[each_row_kernel], row
 
 
 def test_a_cluster_the_gpu_cannot_hold_is_halved(fake_gpu):
