@@ -521,6 +521,22 @@ def test_two_pass_odd_bitmap_words(emulator, monkeypatch, geometry):
     assert_reference(PREFILL, args, what=f"odd bitmap words {geometry}")
 
 
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+@pytest.mark.parametrize("width", [131072, 131104])
+def test_two_pass_emission_words_a_thread(emulator, monkeypatch, width, kind):
+    """The emission of 1024-thread CTAs, which take a thread's bitmap words four at a time: rows where a thread owns 4
+    words (131072: 4096 words, each thread's four read as one 16-byte vector) or 5 (131104: 4097 words, of 4098
+    (two_pass_words), so eq is only 8-byte aligned: vectors where a run of four is aligned, single words elsewhere,
+    the last thread's run cut at the row's end); ties: 10 distinct values, the k taken among ~13000 equal to the
+    largest, in the first threads' eq words. Windows from columns 0 and 3 (unaligned), and one of k + 1."""
+    gen = torch.Generator().manual_seed(width + len(kind))
+    k = 64
+    logits = make_scores(kind, 3, width, gen)
+    args = prefill_args(logits, [0, 3, 7], [width, width, 7 + k + 1], k)
+    Geometry(1024, list_cap=16384, ring=True).run(emulator, monkeypatch, PREFILL, args)
+    assert_reference(PREFILL, args, what=f"emission words {kind} {width}")
+
+
 @pytest.mark.parametrize("geometry", [Geometry(256, list_cap=2048), Geometry(512, list_cap=2048, ring=True),
                                       Geometry(1024, list_cap=2048, ring=True)], ids=str)
 def test_two_pass_list_select_to_the_last_bit(emulator, monkeypatch, geometry):

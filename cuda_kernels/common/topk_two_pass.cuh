@@ -213,6 +213,16 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
 // -> 31.9 (1024 threads: the four-key select alone cost 0.4-0.5 there; performance log, session 37).
 __device__ __forceinline__ int two_pass_words(int64_t width) { return static_cast<int>(2 * ((width + 63) / 64)); }
 
+// Bitmap words [w, w + 4) of the emission in 1024-thread CTAs, those at or past `end` as 0: one 16-byte shared load
+// where all four are in and aligned (see the emission).
+__device__ __forceinline__ uint4 load_four_words(const uint32_t* bits, int w, int end) {
+  if (w + 4 <= end && (reinterpret_cast<uint64_t>(bits + w) & 15u) == 0) {
+    return *reinterpret_cast<const uint4*>(bits + w);
+  }
+  return make_uint4(w < end ? bits[w] : 0u, w + 1 < end ? bits[w + 1] : 0u, w + 2 < end ? bits[w + 2] : 0u,
+                    w + 3 < end ? bits[w + 3] : 0u);
+}
+
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
 // marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
@@ -343,12 +353,29 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   // 330.5-330.6 us, 2048 x 16384 k 512 57.9 -> 55.8-55.9, persistent 256 x 32768 19.0 -> 18.4, 128 x 131072
   // 33.2-33.5 -> 32.6. Staged in shared memory, then stored coalesced: stores straight from here cost the 8192 x 32768
   // prefill 331.5-331.6 -> 364.3-364.5 (the register kernel's gain from them: topk_registers.cuh).
+  //
+  // 1024-thread CTAs (the one-wave calls: 128 x 131072, four words a thread) take a thread's words four at a time, in
+  // one 16-byte load where the run is aligned (a warp's 4-byte loads of its threads' words, 16 bytes apart, hit each
+  // bank four times), and walk a word's bits one a trip (~2 taken bits a thread; NVRTC 13.0 unrolled the loop by 4
+  // behind ~10 instructions of trip count a word, sm_90 SASS). H100, A/B in one run (session 41, two rounds, us):
+  // persistent 128 x 131072 30.9 / 30.9 -> 30.4 / 30.4, decode 31.3 / 31.3 -> 30.6 / 30.6. Smaller CTAs keep a word a
+  // trip: the same code there cost the prefill (8192 x 32768 293.1 -> 301.1-302.1, 2048 x 16384 k 512 48.9 ->
+  // 52.5-52.8) and persistent 256 x 32768 k 512 (18.0 -> 18.4-18.5).
+  constexpr bool kFourWords = THREADS >= 1024;
   const int per = (used + THREADS - 1) / THREADS;
   const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
+  auto popc4 = [](uint4 v) { return static_cast<uint32_t>(__popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w)); };
   uint32_t above = 0, equal = 0;
-  for (int w = w0; w < w1; ++w) {
-    above += __popc(sel[w]);
-    if (take != 0) equal += __popc(eq[w]);  // (uniform)
+  if constexpr (kFourWords) {
+    for (int w = w0; w < w1; w += 4) {
+      above += popc4(load_four_words(sel, w, w1));
+      if (take != 0) equal += popc4(load_four_words(eq, w, w1));  // (uniform)
+    }
+  } else {
+    for (int w = w0; w < w1; ++w) {
+      above += __popc(sel[w]);
+      if (take != 0) equal += __popc(eq[w]);  // (uniform)
+    }
   }
   uint32_t parity = 0, total, above_before, equal_before;
   if (eq_in_list) {
@@ -362,16 +389,27 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   uint32_t ties = take > equal_before ? min(take - equal_before, equal) : 0u;  // this thread's eq bits taken
   uint32_t slot = above_before + min(equal_before, take);
   const uint32_t staged_at = shared_address(staged);
-  for (int w = w0; w < w1; ++w) {
-    uint32_t m = sel[w];
-    for (uint32_t e = ties != 0u ? eq[w] : 0u; e != 0u && ties != 0u; --ties) {
+  auto stage_word = [&](uint32_t m, uint32_t e, int w) {  // word w's sel bits m, eq bits e
+    for (; e != 0u && ties != 0u; --ties) {
       m |= e & (0u - e);  // the lowest remaining eq bit
       e &= e - 1u;
     }
     const uint32_t column0 = 32u * w - 1u;  // (__ffs counts from 1)
+#pragma unroll(kFourWords ? 1 : 4)
     for (; m != 0; m &= m - 1u, ++slot) {  // (exactly k bits are taken: the guard is for safety)
       store_shared_if(slot < static_cast<uint32_t>(k), staged_at + 4u * slot, column0 + __ffs(m));
     }
+  };
+  if constexpr (kFourWords) {
+    for (int w = w0; w < w1; w += 4) {
+      const uint4 s = load_four_words(sel, w, w1), e = ties != 0u ? load_four_words(eq, w, w1) : uint4{};
+      stage_word(s.x, e.x, w);
+      stage_word(s.y, e.y, w + 1);
+      stage_word(s.z, e.z, w + 2);
+      stage_word(s.w, e.w, w + 3);
+    }
+  } else {
+    for (int w = w0; w < w1; ++w) stage_word(sel[w], ties != 0u ? eq[w] : 0u, w);
   }
   __syncthreads();
   int* out = out_row();
