@@ -354,14 +354,15 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   // 33.2-33.5 -> 32.6. Staged in shared memory, then stored coalesced: stores straight from here cost the 8192 x 32768
   // prefill 331.5-331.6 -> 364.3-364.5 (the register kernel's gain from them: topk_registers.cuh).
   //
-  // 1024-thread CTAs (the one-wave calls: 128 x 131072, four words a thread) take a thread's words four at a time, in
-  // one 16-byte load where the run is aligned (a warp's 4-byte loads of its threads' words, 16 bytes apart, hit each
-  // bank four times), and walk a word's bits one a trip (~2 taken bits a thread; NVRTC 13.0 unrolled the loop by 4
-  // behind ~10 instructions of trip count a word, sm_90 SASS). H200, A/B in one run (session 41, two rounds, us):
-  // persistent 128 x 131072 26.92 / 27.10 -> 26.38 / 26.39, decode 27.31 / 27.40 -> 26.67 / 26.71. Smaller CTAs keep
-  // a word a trip (their SASS is as before): four-word loads in every CTA (branch s41-words, H100, session 41) cost
-  // the prefill (8192 x 32768 293.1 -> 301.1-302.1, 2048 x 16384 k 512 48.9 -> 52.5-52.8) and 256 x 32768 k 512 (18.0
-  // -> 18.4).
+  // 1024-thread CTAs (rows that fit the SMs once, or wider than 65536: 128 x 131072 has four words a thread) take a
+  // thread's words four at a time, in one 16-byte load where the run is aligned (a warp's 4-byte loads of its threads'
+  // words, 16 bytes apart, hit each bank four times), and walk a word's bits one a trip (~2 taken bits a thread;
+  // NVRTC 13.0 unrolled the loop by 4 behind ~10 instructions of trip count a word, sm_90 SASS). H200, A/B in one run
+  // (session 41, two rounds, us): persistent 128 x 131072 26.92 / 27.10 -> 26.38 / 26.39, decode 27.31 / 27.40 ->
+  // 26.67 / 26.71. Smaller CTAs keep a word a trip (their SASS is as before): in every CTA, on an H100 (session 41),
+  // tie-less threads walking sel alone cost the prefill 8192 x 32768 293.1 -> 296.9-298.3 (branch s40-walk), and with
+  // the four-word loads too 301.1-302.1 (s41-words; 2048 x 16384 k 512 48.9 -> 52.5-52.8, 256 x 32768 k 512 18.0 ->
+  // 18.4).
   constexpr bool kFourWords = THREADS >= 1024;
   const int per = (used + THREADS - 1) / THREADS;
   const int w0 = min(used, static_cast<int>(threadIdx.x) * per), w1 = min(used, w0 + per);
