@@ -20,6 +20,8 @@ struct PersistentTopKParams {
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3); the two-pass kernel's: 1 stages its sampled read
   int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
+  float sample_spread;   // the two-pass kernel's target a row (topk_two_pass.cuh: row_sample_target), 0: sample
+  int sample_floor;      // and its floor
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
@@ -41,9 +43,11 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
-  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
+  const int len = row_length(p, row);
+  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, len,
                                    [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
-                                   p.k, p.cap, topk::two_pass_words(p.max_len), p.sample, p.stages);
+                                   p.k, p.cap, topk::two_pass_words(p.max_len),
+                                   p.sample, p.sample_spread, p.sample_floor, p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

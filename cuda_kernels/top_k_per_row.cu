@@ -22,6 +22,8 @@ struct TopKPerRowParams {
   int stage;             // staging entries per CTA: k, or 0 when no chunk can exceed cap
   int stages;            // groups of the copy ring (1..3); the two-pass kernel's: 1 stages its sampled read
   int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
+  float sample_spread;   // the two-pass kernel's target a row (topk_two_pass.cuh: row_sample_target), 0: sample
+  int sample_floor;      // and its floor
   int decode;            // 0: prefill windows [start, end); 1: decode windows [0, end)
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
@@ -79,7 +81,8 @@ __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>())
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
                                    [&] { return p.indices + row_of<1>(p) * p.out_stride; }, p.k, p.cap,
-                                   topk::two_pass_words(p.num_cols), p.sample, p.stages);
+                                   topk::two_pass_words(p.num_cols), p.sample, p.sample_spread, p.sample_floor,
+                                   p.stages);
 }
 
 // The row in registers (common/topk_registers.cuh), SLOTS 16-byte slots a thread: plans launch it where a CTA's

@@ -17,6 +17,7 @@ REGISTER_INSTANTIATIONS and the two-pass kernel at R.TWO_PASS_THREADS."""
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 from typing import NamedTuple
 
@@ -171,6 +172,9 @@ extern "C" long take_rereads() { return emu::rereads.exchange(0); }
 extern "C" void set_copies_land_at_issue(int on) { emu_copies_land_at_issue = on != 0; }
 extern "C" unsigned float_key(float x) { return topk::float_key(x); }
 extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
+extern "C" int row_sample_target(int sample, int len, int k, float spread, int least) {
+  return topk::row_sample_target(sample, len, k, spread, least);
+}
 """
 
 
@@ -236,8 +240,11 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
         if list_cap is not None:
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words = R.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
+            plan = R.two_pass_plan(rows, width, k, EMULATED_SMS, optin=232448, per_sm=233472)  # (its row targets)
             row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
-                            sample=R.two_pass_sample_target(width, k) if sample is None else sample)
+                            sample=R.two_pass_sample_target(width, k) if sample is None else sample,
+                            sample_spread=plan.sample_spread if plan and sample is None else 0.0,
+                            sample_floor=plan.sample_floor if plan and sample is None else 0)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = R.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
         if shrink:
@@ -575,3 +582,23 @@ def test_the_filter_compare_equals_the_key_compare(emulator):
     wrong = [(hex(m), x) for m in sorted(min_keys) for x, key in zip(values, keys)
              if (not x < emulator.key_floor(m)) != (key >= m)]
     assert not wrong, f"{len(wrong)} (min_key, value) pairs differ, e.g. {wrong[:4]}"
+
+
+@pytest.mark.parametrize("k", [1, 512, 2048, 4096])
+def test_row_targets_follow_the_plans_rule(emulator, k):
+    """Each row of a two-pass call aims its sampled read at two_pass_sample_target's deviations rule for its own
+    length (row_sample_target; the host sizes the list by the width's): the same target within one (float against
+    double rounding), at least the floor it is given, at most the plan's, and with spread 0 the plan's for every
+    row. Lengths from 2048 to 2^20, k 1 to 4096."""
+    emulator.row_sample_target.restype = ctypes.c_int
+    emulator.row_sample_target.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    spread = R.TWO_PASS_SAMPLE_SIGMAS / math.sqrt(R.SAMPLES)
+    for length in [2048, 3000, 8191, 9212, 10215, 16384, 32768, 65537, 131072, 1 << 20]:
+        host = R.two_pass_deviations_target(length, k)
+        got = emulator.row_sample_target(1 << 26, length, k, spread, 1)
+        assert abs(got - host) <= 1, (length, k, got, host)
+        assert emulator.row_sample_target(1 << 26, length, k, spread, host + 9) == host + 9  # the floor
+        assert emulator.row_sample_target(host - 7, length, k, spread, 1) == host - 7  # the plan's bound
+        assert emulator.row_sample_target(host - 7, length, k, 0.0, 1) == host - 7
+    if k == 2048:  # the 8192 x 32768 prefill's width
+        assert emulator.row_sample_target(1 << 26, 32768, k, spread, 1024) in (2553, 2554, 2555)

@@ -223,6 +223,20 @@ __device__ __forceinline__ uint4 load_four_words(const uint32_t* bits, int w, in
                     w + 3 < end ? bits[w + 3] : 0u);
 }
 
+// The sampled read's target for a row of `len` elements: the least t with t - k >= spread x sqrt(t x len) (spread: the
+// deviations asked for over sqrt(kSample); as the host's two_pass_sample_target for a width of len), at least `least`
+// (the plan's floor for its width: SAMPLE_MIN_RANK sample ranks), at most `sample` (the plan's target: its list has
+// room for that); spread 0: `sample`. A row shorter than the plan's width lets fewer elements through a cutoff of
+// the same sample rank, give or take fewer: its own target lists fewer (k 2048: 2554 at width 32768, 2393 at 16384).
+__device__ __forceinline__ int row_sample_target(int sample, int len, int k, float spread, int least) {
+  if (spread <= 0.0f) return sample;
+  // t = k + q / 2 + sqrt(q (q + 4 k)) / 2, q = spread^2 x len; the square root as y x rsqrt(y) (one MUFU: sqrtf's
+  // slow-path call made ptxas spill 4-24 bytes in the 256-thread kernels)
+  const float q = spread * spread * static_cast<float>(len), y = q * (q + 4.0f * static_cast<float>(k));
+  const int target = static_cast<int>(ceilf(static_cast<float>(k) + 0.5f * (q + y * rsqrtf(y))));
+  return min(max(target, least), sample);
+}
+
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
 // marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
@@ -235,7 +249,7 @@ __device__ __forceinline__ uint4 load_four_words(const uint32_t* bits, int w, in
 // <= 2^26 (any value is exact: it only tunes).
 template <int THREADS, typename Out>
 __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
-                                  int stages) {
+                                  float spread, int least, int stages) {
   __shared__ Shared sh;
   extern __shared__ uint4 topk_dynamic_smem[];
   if (len <= k) {  // every index, then -1
@@ -264,6 +278,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   };
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
   bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
+  if (sample > 0 && len >= 4 * kSample) sample = row_sample_target(sample, len, k, spread, least);
   if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
     float4* ring = nullptr;  // list_above's staged batch (uniform)
     int sample_cap = cap;    // the list's entries in the sampled read

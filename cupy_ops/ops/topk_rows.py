@@ -126,6 +126,15 @@ SAMPLES = 2048  # common/topk.cuh: kSample
 # us (target 2668 -> 2554), 2048 x 16384 k 512 48.95 -> 48.8 (744 -> 699). The persistent and decode calls of the
 # suites keep their plans: their targets are SAMPLE_MIN_RANK's floor (128 x 131072: 4096, 256 x 32768: 1024).
 TWO_PASS_SAMPLE_SIGMAS = 2.5
+# Each row of a two-pass call aims its sampled read at its own length's deviations target (common/topk_two_pass.cuh:
+# row_sample_target), not the plan's width's, which rows shorter than the width overshoot, but at least the width's
+# SAMPLE_MIN_RANK floor: over the 8192 x 32768 prefill's rows (lengths 4-32768, k 2048) the sampled ones' mean target
+# falls from 2554 to 2439, and the 251 rows of 9212-10215 sample instead of reading twice (5890 rows sample, not
+# 5639). H100, A/B in one run (session 42, two rounds, us): prefill 8192 x 32768 294.8 / 294.9 -> 294.2 / 294.3 (with
+# TWO_PASS_SAMPLE_SIGMAS 2.25 as well 294.3 / 294.4), 2048 x 16384 k 512 49.4 / 49.5 either way. A floor scaled to
+# each row's length (64 of its 2048 sample ranks) cost persistent 128 x 131072 30.42 -> 30.49 and decode 30.77 ->
+# 30.82 (their targets are the floor): with the width's floor those calls keep the plan's target in every row.
+TWO_PASS_ROW_TARGETS = True
 # The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
 # where the list holds TWO_PASS_LIST_PER_SAMPLE x its target (the target is already k + TWO_PASS_SAMPLE_SIGMAS
@@ -194,8 +203,9 @@ class RowPlan(NamedTuple):
     (common/topk_two_pass.cuh); `cap` is its list's entries (stage = 0; stages = 1 where its sampled read stages its
     next batch in shared memory, the list's last entries: TWO_PASS_RING; the k outputs are staged over the list).
     `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass kernel's one-read try (0:
-    none). `registers`: a CTA holds its whole chunk in registers (common/topk_registers.cuh; no dynamic shared
-    memory)."""
+    none); there, with `sample_spread` > 0, each row aims at its own length's target, at least `sample_floor` (the
+    width's SAMPLE_MIN_RANK floor) and at most `sample` (TWO_PASS_ROW_TARGETS). `registers`: a CTA holds its whole chunk in registers (common/topk_registers.cuh; no
+    dynamic shared memory)."""
 
     threads: int
     cluster: int
@@ -206,6 +216,8 @@ class RowPlan(NamedTuple):
     two_pass: bool = False
     sample: int = 0
     registers: bool = False
+    sample_spread: float = 0.0
+    sample_floor: int = 0
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -231,8 +243,14 @@ def two_pass_sample_target(width: int, k: int) -> int:
     """The two-pass kernel's sampled-read target for rows of at most `width`, 0 for none: the least t with
     t - k >= TWO_PASS_SAMPLE_SIGMAS x sqrt(t x width / SAMPLES) (a cutoff at sample rank r lets ~r x width / SAMPLES
     elements through, give or take sqrt(r) x width / SAMPLES; shorter rows spread less), as `_sampled_target`."""
+    return _sampled_target(width, two_pass_deviations_target(width, k))
+
+
+def two_pass_deviations_target(width: int, k: int) -> int:
+    """The least t with t - k >= TWO_PASS_SAMPLE_SIGMAS x sqrt(t x width / SAMPLES) (two_pass_sample_target before
+    its floor and its bound on short rows; the kernel's row_sample_target computes the same for each row)."""
     spread = TWO_PASS_SAMPLE_SIGMAS * math.sqrt(width / SAMPLES)
-    return _sampled_target(width, math.ceil(((spread + math.sqrt(spread * spread + 4 * k)) / 2) ** 2))
+    return math.ceil(((spread + math.sqrt(spread * spread + 4 * k)) / 2) ** 2)
 
 
 def buffer_plan(width: int, k: int, threads: int, cluster: int, per_sm_target: int, optin: int,
@@ -294,7 +312,10 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
         sample = 0
     ring = (TWO_PASS_RING and threads >= TWO_PASS_RING_THREADS and sample > 0
             and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
-    return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample)
+    spread, floor = (TWO_PASS_SAMPLE_SIGMAS / math.sqrt(SAMPLES), -(-SAMPLE_MIN_RANK * width // SAMPLES)) if (
+        TWO_PASS_ROW_TARGETS and sample > 0) else (0.0, 0)
+    return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample,
+                   sample_spread=spread, sample_floor=floor)
 
 
 def two_pass_words(width: int) -> int:
