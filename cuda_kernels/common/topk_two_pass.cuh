@@ -227,7 +227,7 @@ __device__ __forceinline__ uint4 load_four_words(const uint32_t* bits, int w, in
 // deviations asked for over sqrt(kSample); as the host's two_pass_sample_target for a width of len), at least `least`
 // (the plan's floor for its width: SAMPLE_MIN_RANK sample ranks), at most `sample` (the plan's target: its list has
 // room for that); spread 0: `sample`. A row shorter than the plan's width lets fewer elements through a cutoff of
-// the same sample rank, give or take fewer: its own target lists fewer (k 2048: 2554 at width 32768, 2393 at 16384).
+// the same sample rank, give or take fewer: its own target lists fewer (k 2048: 2554 at width 32768, 2394 at 16384).
 __device__ __forceinline__ int row_sample_target(int sample, int len, int k, float spread, int least) {
   if (spread <= 0.0f) return sample;
   // t = k + q / 2 + sqrt(q (q + 4 k)) / 2, q = spread^2 x len; the square root as y x rsqrt(y) (one MUFU: sqrtf's

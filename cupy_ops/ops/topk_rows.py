@@ -129,11 +129,12 @@ TWO_PASS_SAMPLE_SIGMAS = 2.5
 # Each row of a two-pass call aims its sampled read at its own length's deviations target (common/topk_two_pass.cuh:
 # row_sample_target), not the plan's width's, which rows shorter than the width overshoot, but at least the width's
 # SAMPLE_MIN_RANK floor: over the 8192 x 32768 prefill's rows (lengths 4-32768, k 2048) the sampled ones' mean target
-# falls from 2554 to 2439, and the 251 rows of 9212-10215 sample instead of reading twice (5890 rows sample, not
+# falls from 2554 to 2439, and the 251 rows 9212-10212 long sample instead of reading twice (5890 rows sample, not
 # 5639). H100, A/B in one run (session 42, two rounds, us): prefill 8192 x 32768 294.8 / 294.9 -> 294.2 / 294.3 (with
-# TWO_PASS_SAMPLE_SIGMAS 2.25 as well 294.3 / 294.4), 2048 x 16384 k 512 49.4 / 49.5 either way. A floor scaled to
-# each row's length (64 of its 2048 sample ranks) cost persistent 128 x 131072 30.42 -> 30.49 and decode 30.77 ->
-# 30.82 (their targets are the floor): with the width's floor those calls keep the plan's target in every row.
+# TWO_PASS_SAMPLE_SIGMAS 2.25 as well 294.3 / 294.4), 2048 x 16384 k 512 49.42 / 49.50 -> 49.56 / 49.42. A floor
+# scaled to each row's length (64 of its 2048 sample ranks) cost persistent 128 x 131072 30.42 -> 30.49 and decode
+# 30.77 -> 30.82 (their targets are the floor): with the width's floor those calls keep the plan's target in every
+# row.
 TWO_PASS_ROW_TARGETS = True
 # The two-pass kernel's CTAs: 256 threads (five an SM: TWO_PASS_CTAS) for rows up to SMALL_CHUNK wide, and up to
 # TWO_PASS_SMALL_WIDTH when the rows fill four such CTAs an SM; else 512 (two an SM) up to 65536. Its sampled read
@@ -204,8 +205,8 @@ class RowPlan(NamedTuple):
     next batch in shared memory, the list's last entries: TWO_PASS_RING; the k outputs are staged over the list).
     `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass kernel's one-read try (0:
     none); there, with `sample_spread` > 0, each row aims at its own length's target, at least `sample_floor` (the
-    width's SAMPLE_MIN_RANK floor) and at most `sample` (TWO_PASS_ROW_TARGETS). `registers`: a CTA holds its whole chunk in registers (common/topk_registers.cuh; no
-    dynamic shared memory)."""
+    width's SAMPLE_MIN_RANK floor) and at most `sample` (TWO_PASS_ROW_TARGETS). `registers`: a CTA holds its whole
+    chunk in registers (common/topk_registers.cuh; no dynamic shared memory)."""
 
     threads: int
     cluster: int
