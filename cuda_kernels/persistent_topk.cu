@@ -43,8 +43,7 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>()) persistent_topk_two_pass_kernel(const PersistentTopKParams p) {
   const int row = static_cast<int>(blockIdx.x);
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
-  const int len = row_length(p, row);
-  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, len,
+  topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
                                    [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
                                    p.k, p.cap, topk::two_pass_words(p.max_len),
                                    p.sample, p.sample_spread, p.sample_floor, p.stages);

@@ -228,10 +228,15 @@ def chunk_bound(width: int, cluster: int) -> int:
     return 4 * -(-slots // cluster)
 
 
+def _sample_floor(chunk: int) -> int:
+    """The survivors SAMPLE_MIN_RANK of a chunk's SAMPLES sampled ranks stand for: the least target aimed at."""
+    return -(-SAMPLE_MIN_RANK * chunk // SAMPLES)
+
+
 def _sampled_target(chunk: int, wanted: int) -> int:
     """`wanted` survivors, or SAMPLE_MIN_RANK sample ranks if more, for chunks of up to `chunk` elements; 0 (none)
     for chunks under 4 x that or 4 x SAMPLES (the kernels check each chunk), or with SAMPLE_PER_K = 0."""
-    target = max(wanted, -(-SAMPLE_MIN_RANK * chunk // SAMPLES))
+    target = max(wanted, _sample_floor(chunk))
     return target if SAMPLE_PER_K > 0 and chunk >= max(4 * target, 4 * SAMPLES) else 0
 
 
@@ -313,7 +318,7 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
         sample = 0
     ring = (TWO_PASS_RING and threads >= TWO_PASS_RING_THREADS and sample > 0
             and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
-    spread, floor = (TWO_PASS_SAMPLE_SIGMAS / math.sqrt(SAMPLES), -(-SAMPLE_MIN_RANK * width // SAMPLES)) if (
+    spread, floor = (TWO_PASS_SAMPLE_SIGMAS / math.sqrt(SAMPLES), _sample_floor(width)) if (
         TWO_PASS_ROW_TARGETS and sample > 0) else (0.0, 0)
     return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample,
                    sample_spread=spread, sample_floor=floor)
