@@ -2,7 +2,7 @@
 per CUDA thread, __syncthreads and warp barriers as real barriers (a thread that skips one fails its case after a
 timeout instead of hanging), shuffles (any width), ballots, shared atomics, `__ldg`, 2-D grids and blocks,
 gridDim/blockDim, thread-block clusters (x), and a failed case for a misaligned vector load or store. Used by
-test_topk_emulated.py, test_selective_scan_emulated.py, test_repetition_penalties_emulated.py and
+topk_emulation.py, test_selective_scan_emulated.py, test_repetition_penalties_emulated.py and
 test_merge_emulated.py, which add what is particular to their kernels (cp.async, cluster shared memory; exp2 and
 prefetch instructions; shared memory declarations). Blocks run one after another (a cluster's together), first-first
 or last-first (`run_plan(reverse_blocks=True)`): two blocks that write one place in an order CUDA does not fix show
@@ -404,7 +404,7 @@ def run_plan(library, op, args, *, expect=None, reverse_blocks=False) -> None:
         step.params.pack_into(params, 0, *[0 if tensor(f.source) is None else tensor(f.source).data_ptr()
                                            for f in step.params.pointers], step.params.pack(step.values))
         grid, block = step.config.grid, step.config.block
-        # clusters need a test's own driver (test_topk_emulated.py); a dependent launch runs as a plain one here
+        # clusters need a test's own driver (topk_emulation.py); a dependent launch runs as a plain one here
         assert step.config.cluster in (None, (1, 1, 1)), "run_plan launches no thread-block clusters"
         assert grid[2] == block[2] == 1, "run_plan launches 1-D or 2-D grids and blocks"
         check_status(library.run_kernel(step.kernel.name_expression.encode(), grid[0], grid[1], block[0], block[1],
