@@ -36,8 +36,8 @@ struct TopKPerRowParams {
 // the longest ones first and ends on the shortest (longest-first scheduling), where first-first ends a call on a
 // wave of the longest rows.
 template <int CLUSTER>
-__device__ __forceinline__ int row_of(const TopKPerRowParams& p, int launched = -1) {
-  if (launched < 0) launched = static_cast<int>(blockIdx.x / CLUSTER);
+__device__ __forceinline__ int row_of(const TopKPerRowParams& p) {
+  const int launched = static_cast<int>(blockIdx.x / CLUSTER);
   return p.reverse ? static_cast<int>(gridDim.x / CLUSTER) - 1 - launched : launched;
 }
 
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER, WH
 __device__ __forceinline__ topk::RowAhead row_ahead(const TopKPerRowParams& p) {
   const int64_t launched = int64_t{blockIdx.x} + p.ahead;  // (grids reach 2^31 - 1 CTAs)
   if (p.ahead <= 0 || launched >= gridDim.x) return {nullptr, 0};
-  const int row = row_of<1>(p, static_cast<int>(launched));
+  const int row = p.reverse ? static_cast<int>(gridDim.x - 1 - launched) : static_cast<int>(launched);  // (row_of's)
   const RowWindow w = row_window(p, row);
   return {p.logits + row * p.stride0 + w.start, static_cast<int>(w.length)};
 }

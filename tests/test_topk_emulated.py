@@ -342,7 +342,8 @@ def test_two_pass_prefetches_the_sample_of_the_row_ahead(emulator, monkeypatch, 
     run = int(re.search(r"constexpr int kSampleRun = (\d+);",
                         (compiler.kernel_dir() / "common" / "topk.cuh").read_text()).group(1))
     rows, width, k, ahead = 7, 12000, 64, 3
-    lengths = [12000, 9000, 8191, 11000, 8192, 100, 10001]  # (k 64: every row of 8192 or more samples)
+    # k 64: every row of 8192 or more samples; some samplers' rows ahead are too short (8191 and 100 in the prefill)
+    lengths = [12000, 100, 8191, 11000, 8192, 9500, 10001]
     starts = [0, 5, 3000, 1, 3807, 0, 1999] if op is PREFILL else [0] * rows
     logits = make_scores("randn", rows, width, torch.Generator().manual_seed(11))
     args = (prefill_args(logits, starts, [s + n for s, n in zip(starts, lengths)], k) if op is PREFILL
@@ -362,4 +363,4 @@ def test_two_pass_prefetches_the_sample_of_the_row_ahead(emulator, monkeypatch, 
             step = lengths[after] // (R.SAMPLES // run)
             first = starts[after] + (step - run) // 2
             expected += [(logits[after, first + r * step:].data_ptr(), 4 * run) for r in range(R.SAMPLES // run)]
-    assert len(expected) == 3 * 32 and got == sorted(expected)
+    assert len(expected) == 2 * 32 and got == sorted(expected)

@@ -118,7 +118,8 @@ DRIVER = r"""
 using namespace cupy_ops;
 template <int T, int C, typename P, typename K> static int go(K kernel, const P* p, int grid, long long dynamic) {
   const P copy = *p;
-  return emu::launch([&] { kernel(copy); }, grid, T, C, sizeof(topk::Shared), dynamic);
+  // static shared memory: topk::Shared, then the two-pass kernel's RowAhead (their rewritten __shared__ declarations)
+  return emu::launch([&] { kernel(copy); }, grid, T, C, sizeof(topk::Shared) + sizeof(topk::RowAhead), dynamic);
 }
 #define DISPATCH(KERNEL) \
 """ + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}>, p, grid, dynamic); \\\n"
@@ -207,12 +208,15 @@ def build_emulator(folder):
         assert (rereads, restarts) == expected, f"{header}: the re-read changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
+        core, ahead = re.subn(r"__shared__ RowAhead ahead_row;",
+                              "RowAhead& ahead_row = *reinterpret_cast<RowAhead*>(emu::cur->smem + sizeof(Shared));",
+                              core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
                                 "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
                                 "emu::cur->static_bytes);", core)
         # (the register kernel has no dynamic shared memory: its threads store their outputs themselves)
-        expected = (1, 0 if header == "topk_registers.cuh" else 1)
-        assert (shared, dynamic) == expected, f"{header}'s shared declarations changed: update the emulation"
+        expected = (1, 0 if header == "topk_registers.cuh" else 1, int(header == "topk_two_pass.cuh"))
+        assert (shared, dynamic, ahead) == expected, f"{header}'s shared declarations changed: update the emulation"
         files[f"common/{header}"] = core
     return build(folder, files, DRIVER)
 

@@ -54,13 +54,6 @@ __device__ __forceinline__ void put_slot(float (&x)[N], int u, const float4& v) 
   x[4 * u + 3] = v.w;
 }
 
-// The row of the CTA a call's `ahead` places later in launch order (the plans pass the CTAs resident at once: about
-// the CTA that starts in this one's place when it ends), or base null: none (topk_row_two_pass's prefetch).
-struct RowAhead {
-  const float* base;
-  int len;
-};
-
 // Shared state besides the dynamic buffers (about 11.6 KB).
 struct alignas(16) Shared {
   // Histogram of key >> 21 of the buffer, kept while streaming: round 0 of the select finds the k-th largest's
@@ -76,7 +69,6 @@ struct alignas(16) Shared {
   uint32_t found[3];      // select: the round's bin, the rank left inside it, its count
   uint32_t appended;      // topk_row_two_pass: entries listed (by the sampled read, or of the k-th largest's bin)
   uint32_t warp_count[32];  // topk_row's one-pass emission: each warp's taken entries
-  RowAhead ahead;           // topk_row_two_pass: the row whose sample it prefetches
 };
 
 // Zeroes sh.fine, each thread its share (the caller places the barriers).

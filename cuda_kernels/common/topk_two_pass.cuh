@@ -248,6 +248,13 @@ constexpr bool kSampleAhead = false;
 constexpr bool kSampleAhead = kSampleAheadOn;
 #endif
 
+// The row of the CTA a call's `ahead` places later in launch order (the plans pass the CTAs resident at once: about
+// the CTA that starts in this one's place when it ends), or base null: none (topk_row_two_pass's prefetch).
+struct RowAhead {
+  const float* base;
+  int len;
+};
+
 // Asks L2 for run `run` of the sample load_sample takes from the contiguous row [base, base + len) (len >= kSample).
 __device__ __forceinline__ void prefetch_sample_run(const float* base, int len, int run) {
   const int step = len / (kSample / kSampleRun), first = (step - kSampleRun) / 2;
@@ -270,8 +277,9 @@ template <int THREADS, typename Out, typename Ahead>
 __device__ void topk_row_two_pass(const float* base, int len, Out out_row, Ahead ahead, int k, int cap, int words,
                                   int sample, float spread, int least, int stages) {
   __shared__ Shared sh;
+  __shared__ RowAhead ahead_row;  // (not allocated where kSampleAhead is off: nothing refers to it then)
   extern __shared__ uint4 topk_dynamic_smem[];
-  if (kSampleAhead && threadIdx.x == 0) sh.ahead = ahead();  // (its loads wait beside the caller's row window's)
+  if (kSampleAhead && threadIdx.x == 0) ahead_row = ahead();  // (its loads wait beside the caller's row window's)
   if (len <= k) {  // every index, then -1
     int* out = out_row();
     for (int j = threadIdx.x; j < k; j += THREADS) out[j] = j < len ? j : -1;
@@ -316,9 +324,9 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, Ahead
     __syncthreads();  // sh.fine is clear again
     list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);
     __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)
-    if (kSampleAhead && threadIdx.x < kSample / kSampleRun && sh.ahead.base != nullptr &&
-        sh.ahead.len >= 4 * kSample) {
-      prefetch_sample_run(sh.ahead.base, sh.ahead.len, threadIdx.x);
+    if (kSampleAhead && threadIdx.x < kSample / kSampleRun && ahead_row.base != nullptr &&
+        ahead_row.len >= 4 * kSample) {
+      prefetch_sample_run(ahead_row.base, ahead_row.len, threadIdx.x);
     }
     const uint32_t n = sh.appended;
     listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(sample_cap);
