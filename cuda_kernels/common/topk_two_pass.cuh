@@ -257,8 +257,8 @@ struct RowAhead {
 
 // Asks L2 for run `run` of the sample load_sample takes from the contiguous row [base, base + len) (len >= kSample).
 __device__ __forceinline__ void prefetch_sample_run(const float* base, int len, int run) {
-  const int step = len / (kSample / kSampleRun), first = (step - kSampleRun) / 2;
-  prefetch_l2_span(base + first + run * step, 4 * kSampleRun);
+  const SampleRuns runs = sample_runs(0, len);
+  prefetch_l2_span(base + runs.first + run * runs.step, 4 * kSampleRun);
 }
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
