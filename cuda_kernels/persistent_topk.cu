@@ -22,7 +22,6 @@ struct PersistentTopKParams {
   int sample;            // survivors a sampled cutoff aims at (common/topk.cuh: sample_cutoff), 0: no sampling
   float sample_spread;   // the two-pass kernel's target a row (topk_two_pass.cuh: row_sample_target), 0: sample
   int sample_floor;      // and its floor
-  int ahead;             // two-pass kernel: CTAs resident at once when some wait for a place, else 0
 };
 
 __device__ __forceinline__ int row_length(const PersistentTopKParams& p, int row) {
@@ -46,12 +45,6 @@ __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>())
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0, row_length(p, row),
                                    [&] { return p.output + static_cast<int>(blockIdx.x) * p.out_stride; },
-                                   [&] {  // the row p.ahead CTAs on, or none
-                                     const int64_t next = int64_t{blockIdx.x} + p.ahead;  // (up to 2^31 - 1 CTAs)
-                                     if (p.ahead <= 0 || next >= gridDim.x) return topk::RowAhead{nullptr, 0};
-                                     return topk::RowAhead{p.logits + next * p.stride0,
-                                                           row_length(p, static_cast<int>(next))};
-                                   },
                                    p.k, p.cap, topk::two_pass_words(p.max_len),
                                    p.sample, p.sample_spread, p.sample_floor, p.stages);
 }

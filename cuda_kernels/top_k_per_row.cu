@@ -28,7 +28,6 @@ struct TopKPerRowParams {
   int next_n;            // decode: query tokens per sequence (>= 1)
   int per_row;           // decode: seq_lens holds one length per row (numel == num_rows)
   int reverse;           // rows run in reverse launch order (row_of)
-  int ahead;             // two-pass kernel: CTAs resident at once when some wait for a place, else 0 (row_ahead)
 };
 
 // The row of CTA blockIdx.x (CLUSTER CTAs a row). The GPU starts CTAs roughly in launch order, so the last rows
@@ -72,15 +71,6 @@ __global__ void __launch_bounds__(THREADS, topk::min_blocks<THREADS, CLUSTER, WH
                                           p.stage, p.stages, p.sample);
 }
 
-// The row `p.ahead` CTAs later in launch order (the two-pass kernel's prefetch of its sample), or none.
-__device__ __forceinline__ topk::RowAhead row_ahead(const TopKPerRowParams& p) {
-  const int64_t launched = int64_t{blockIdx.x} + p.ahead;  // (grids reach 2^31 - 1 CTAs)
-  if (p.ahead <= 0 || launched >= gridDim.x) return {nullptr, 0};
-  const int row = p.reverse ? static_cast<int>(gridDim.x - 1 - launched) : static_cast<int>(launched);  // (row_of's)
-  const RowWindow w = row_window(p, row);
-  return {p.logits + row * p.stride0 + w.start, static_cast<int>(w.length)};
-}
-
 // One CTA a row, one sampled read or two reads of it (common/topk_two_pass.cuh); cap is the list's entries, sample
 // the sampled read's target (0: two reads), stages 1 where that read stages its next batch in shared memory. Plans
 // launch it only for unit column strides.
@@ -90,8 +80,7 @@ __global__ void __launch_bounds__(THREADS, topk::two_pass_min_blocks<THREADS>())
   begin_dependent_grid();  // before the first global read (common/grid_dependency.cuh)
   const RowWindow w = row_window(p, row);
   topk::topk_row_two_pass<THREADS>(p.logits + row * p.stride0 + w.start, static_cast<int>(w.length),
-                                   [&] { return p.indices + row_of<1>(p) * p.out_stride; },
-                                   [&] { return row_ahead(p); }, p.k, p.cap,
+                                   [&] { return p.indices + row_of<1>(p) * p.out_stride; }, p.k, p.cap,
                                    topk::two_pass_words(p.num_cols), p.sample, p.sample_spread, p.sample_floor,
                                    p.stages);
 }

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 from typing import NamedTuple
 
 import pytest
 import torch
 from cuda_emulation import requires_gxx
-from topk_emulation import WIDE_SLOTS, Geometry, build_emulator, emulate
+from topk_emulation import WIDE_SLOTS, Geometry, build_emulator
 from topk_utils import (
     DECODE,
     PERSISTENT,
@@ -27,7 +26,6 @@ from topk_utils import (
     replace_arg,
 )
 
-from cupy_ops._runtime import compiler
 from cupy_ops.ops import topk_rows as R
 
 pytestmark = requires_gxx
@@ -332,35 +330,3 @@ def test_row_targets_follow_the_plans_rule(emulator, k):
     if k == 2048:  # the 8192 x 32768 prefill's width
         assert emulator.row_sample_target(1 << 26, 32768, k, spread, 1024) in (2553, 2554, 2555)
 
-
-@pytest.mark.parametrize("op", [PREFILL, PERSISTENT], ids=["prefill", "persistent"])
-def test_two_pass_prefetches_the_sample_of_the_row_ahead(emulator, monkeypatch, op):
-    """A two-pass row that samples asks L2 (prefetch_l2_span) for load_sample's runs of the row `ahead` CTAs on in
-    launch order, after its own read (kSampleAheadOn, on in the emulation): exactly those places, once each; none past
-    the grid's end and none for a row too short to sample (under 4 x kSample). The prefill runs its rows last-first (7
-    rows, 4 emulated SMs), windows at unaligned starts; results stay exact."""
-    run = int(re.search(r"constexpr int kSampleRun = (\d+);",
-                        (compiler.kernel_dir() / "common" / "topk.cuh").read_text()).group(1))
-    rows, width, k, ahead = 7, 12000, 64, 3
-    # k 64: every row of 8192 or more samples; some samplers' rows ahead are too short (8191 and 100 in the prefill)
-    lengths = [12000, 100, 8191, 11000, 8192, 9500, 10001]
-    starts = [0, 5, 3000, 1, 3807, 0, 1999] if op is PREFILL else [0] * rows
-    logits = make_scores("randn", rows, width, torch.Generator().manual_seed(11))
-    args = (prefill_args(logits, starts, [s + n for s, n in zip(starts, lengths)], k) if op is PREFILL
-            else persistent_args(logits, lengths, k))
-    places = (ctypes.c_ulonglong * 4096)()
-    sizes = (ctypes.c_int * 4096)()
-    emulator.take_prefetches(places, sizes, 4096)
-    emulate(emulator, monkeypatch, op, args, 256, 1, list_cap=2048, ahead=ahead)
-    taken = emulator.take_prefetches(places, sizes, 4096)
-    got = sorted(zip(places[:taken], sizes[:taken]))
-    assert_reference(op, args, what="two-pass rows with the row ahead's prefetch")
-    order = list(range(rows))[::-1] if op is PREFILL else list(range(rows))  # launch order
-    expected = []
-    for launched, row in enumerate(order[:-ahead]):
-        after = order[launched + ahead]
-        if lengths[row] >= 4 * R.SAMPLES and lengths[after] >= 4 * R.SAMPLES:
-            step = lengths[after] // (R.SAMPLES // run)
-            first = starts[after] + (step - run) // 2
-            expected += [(logits[after, first + r * step:].data_ptr(), 4 * run) for r in range(R.SAMPLES // run)]
-    assert len(expected) == 2 * 32 and got == sorted(expected)

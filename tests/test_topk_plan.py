@@ -181,19 +181,6 @@ def test_the_sampled_read_needs_room_in_the_list(fake_gpu):
         assert (row.sample > 0) == (width <= 131072), (rows, width, k)
 
 
-def test_the_row_ahead_is_the_resident_ctas_later(fake_gpu):
-    """A sampling two-pass call whose CTAs outnumber what the SMs hold at once names the row that many CTAs on (the
-    one that starts in a CTA's place when it ends: RowPlan.ahead); a grid the SMs hold at once, or no sampled read,
-    none. H200 (132 SMs): the 8192-row prefill's 256-thread CTAs five an SM, 660; 512 threads two an SM, 264; 1024
-    threads one, 132; 128 rows in 1024-thread CTAs, 0."""
-    sms, optin, per_sm, _ = fake_gpu("H200")
-    for rows, width, k, ahead in ((8192, 32768, 2048, 660), (2048, 16384, 512, 660), (128, 131072, 2048, 0),
-                                  (660, 16384, 512, 0), (661, 16384, 512, 660), (300, 40000, 2048, 264),
-                                  (200, 163840, 2048, 132), (200, 786432, 2048, 0)):
-        row = R.two_pass_plan(rows, width, k, sms, optin, per_sm)
-        assert row.ahead == ahead, (rows, width, k, row)
-
-
 @pytest.mark.parametrize("width, k", [(32768, 2048), (16384, 512), (65536, 1024), (131072, 2048), (10000, 64)])
 def test_the_two_pass_target_clears_k_by_the_set_deviations(width, k):
     """A cutoff at sample rank r lets ~r x width / 2048 elements through, give or take sqrt(r) x width / 2048: the

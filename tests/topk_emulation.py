@@ -95,13 +95,6 @@ inline void async_wait(int pending) {
   }
 }
 template <int THREADS> inline void prefetch_l2(const void*, int64_t) {}  // a hint: nothing to emulate
-// The two-pass kernel's prefetches of the sample of the row ahead: recorded, so a test can check their places.
-inline std::mutex emu_prefetch_mutex;
-inline std::vector<std::pair<const void*, int>> emu_prefetches;
-inline void prefetch_l2_span(const void* p, int bytes) {
-  std::lock_guard<std::mutex> hold(emu_prefetch_mutex);
-  emu_prefetches.emplace_back(p, bytes);
-}
 }  // namespace cupy_ops
 """
 
@@ -118,8 +111,7 @@ DRIVER = r"""
 using namespace cupy_ops;
 template <int T, int C, typename P, typename K> static int go(K kernel, const P* p, int grid, long long dynamic) {
   const P copy = *p;
-  // static shared memory: topk::Shared, then the two-pass kernel's RowAhead (their rewritten __shared__ declarations)
-  return emu::launch([&] { kernel(copy); }, grid, T, C, sizeof(topk::Shared) + sizeof(topk::RowAhead), dynamic);
+  return emu::launch([&] { kernel(copy); }, grid, T, C, sizeof(topk::Shared), dynamic);
 }
 #define DISPATCH(KERNEL) \
 """ + "".join(f"  if (threads == {t} && cluster == {c}) return go<{t}, {c}>(KERNEL<{t}, {c}>, p, grid, dynamic); \\\n"
@@ -164,15 +156,6 @@ extern "C" int run_persistent_topk_registers(int threads, int cluster, int slots
 }
 extern "C" long take_rereads() { return emu::rereads.exchange(0); }
 extern "C" void set_copies_land_at_issue(int on) { emu_copies_land_at_issue = on != 0; }
-extern "C" int take_prefetches(unsigned long long* places, int* bytes, int room) {  // -1: more than room
-  const int n = static_cast<int>(emu_prefetches.size());
-  for (int i = 0; i < n && i < room; ++i) {
-    places[i] = reinterpret_cast<uintptr_t>(emu_prefetches[i].first);
-    bytes[i] = emu_prefetches[i].second;
-  }
-  emu_prefetches.clear();
-  return n <= room ? n : -1;
-}
 extern "C" unsigned float_key(float x) { return topk::float_key(x); }
 extern "C" float key_floor(unsigned min_key) { return topk::key_floor(min_key); }
 extern "C" int row_sample_target(int sample, int len, int k, float spread, int least) {
@@ -195,10 +178,6 @@ def build_emulator(folder):
         assert header != "topk_two_pass.cuh" or guard in core, "the emission's guard changed: update the emulation"
         core = core.replace(guard, "if (slot >= static_cast<uint32_t>(k)) emu::overrun = true; "
                                    "else store_shared_if(true,")
-        # the two-pass rows' prefetch of the row ahead's sample, prepared and off on the GPU: run on here
-        switch = "constexpr bool kSampleAheadOn = false;"
-        assert header != "topk_two_pass.cuh" or switch in core, "kSampleAheadOn changed: update the emulation"
-        core = core.replace(switch, "constexpr bool kSampleAheadOn = true;")
         # a re-read after a sampled cutoff that let fewer than k through (or, two-pass, more than the list holds):
         # counted (topk_row: a thread each; topk_row_two_pass: one a CTA)
         core, rereads = re.subn(r"cutoff = min_key = 0u;", "++emu::rereads; cutoff = min_key = 0u;", core)
@@ -208,15 +187,12 @@ def build_emulator(folder):
         assert (rereads, restarts) == expected, f"{header}: the re-read changed: update the emulation"
         core, shared = re.subn(r"__shared__ Shared sh;", "Shared& sh = *reinterpret_cast<Shared*>(emu::cur->smem);",
                                core)
-        core, ahead = re.subn(r"__shared__ RowAhead ahead_row;",
-                              "RowAhead& ahead_row = *reinterpret_cast<RowAhead*>(emu::cur->smem + sizeof(Shared));",
-                              core)
         core, dynamic = re.subn(r"extern __shared__ uint4 topk_dynamic_smem\[\];",
                                 "uint4* topk_dynamic_smem = reinterpret_cast<uint4*>(emu::cur->smem + "
                                 "emu::cur->static_bytes);", core)
         # (the register kernel has no dynamic shared memory: its threads store their outputs themselves)
-        expected = (1, 0 if header == "topk_registers.cuh" else 1, int(header == "topk_two_pass.cuh"))
-        assert (shared, dynamic, ahead) == expected, f"{header}'s shared declarations changed: update the emulation"
+        expected = (1, 0 if header == "topk_registers.cuh" else 1)
+        assert (shared, dynamic) == expected, f"{header}'s shared declarations changed: update the emulation"
         files[f"common/{header}"] = core
     return build(folder, files, DRIVER)
 
@@ -225,7 +201,7 @@ EMULATED_SMS = 4
 
 
 def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, list_cap=None, sample=None,
-            ring=False, registers=False, slots=None, ahead=0):
+            ring=False, registers=False, slots=None):
     """Run `op` on CPU tensors `args` through the emulated kernel with this geometry: the op's own plan and params,
     its buffer plan for the H200 (whole chunks), or with shrink=True the smallest streaming buffer (k + 8 x threads
     entries), so rows of a few thousand elements shrink many times. list_cap: the two-pass kernel (cluster 1) with
@@ -235,7 +211,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
     ring: the two-pass kernel's sampled read stages its next batch in the list's last entries (stages = 1), so its
     list has R.two_pass_ring_entries(threads) fewer entries than list_cap. registers: the row-in-registers
     kernel (its plan must hold the chunks), with `slots` 16-byte slots a thread (default: the plans'
-    R.REGISTER_SLOTS). ahead: the two-pass kernel's sampling rows prefetch the sample of the row that many CTAs on."""
+    R.REGISTER_SLOTS)."""
     module = T if op is not PERSISTENT else PT
     if registers:
         slots = R.REGISTER_SLOTS[threads] if slots is None else slots
@@ -253,7 +229,7 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
                             sample=R.two_pass_sample_target(width, k) if sample is None else sample,
                             sample_spread=plan.sample_spread if plan and sample is None else 0.0,
-                            sample_floor=plan.sample_floor if plan and sample is None else 0, ahead=ahead)
+                            sample_floor=plan.sample_floor if plan and sample is None else 0)
             return None, LaunchConfig((rows, 1, 1), (threads, 1, 1), row.shared_bytes), row
         row = R.buffer_plan(width, k, threads, cluster, 1, optin=232448, per_sm=233472, streaming=shrink)
         if shrink:

@@ -49,19 +49,4 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
 #endif
 }
 
-// Asks L2 for [p, p + bytes) widened to 16-byte boundaries, one thread (a hint, as prefetch_l2). The widened bytes
-// share a 16-byte block with bytes of the range, so they are mapped memory too (pages are kilobytes).
-__device__ __forceinline__ void prefetch_l2_span(const void* p, int bytes) {
-  const uint64_t begin = reinterpret_cast<uint64_t>(p) & ~uint64_t{15};
-  const uint64_t end = (reinterpret_cast<uint64_t>(p) + static_cast<uint64_t>(bytes) + 15u) & ~uint64_t{15};
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin), "r"(static_cast<uint32_t>(end - begin))
-               : "memory");
-#else
-  for (uint64_t at = begin & ~uint64_t{31}; at < end; at += 32u) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(at) : "memory");
-  }
-#endif
-}
-
 }  // namespace cupy_ops

@@ -423,24 +423,15 @@ constexpr int kSampleRun = 64;  // in runs of consecutive scores: a warp's 32 lo
 // persistent 128 x 131072 k 2048). Issued before the chunk's copies, so the sample's loads are not queued behind
 // them. Scores that cluster by position make the runs' samples less independent than kSample single ones (a
 // cutoff that misleads costs a second read, never a wrong result). Needs hi - lo >= kSample.
-struct SampleRuns {
-  int first, step;  // run r is [first + r x step, + kSampleRun)
-};
-
-__device__ __forceinline__ SampleRuns sample_runs(int lo, int hi) {
-  const int step = (hi - lo) / (kSample / kSampleRun);
-  return {lo + (step - kSampleRun) / 2, step};
-}
-
 template <int THREADS>
 __device__ __forceinline__ void load_sample(const float* base, int64_t stride, int lo, int hi,
                                             float (&values)[kSample / THREADS]) {
   static_assert(THREADS % kSampleRun == 0, "a thread's samples keep their place in a run");
-  const SampleRuns runs = sample_runs(lo, hi);
+  const int step = (hi - lo) / (kSample / kSampleRun), first = lo + (step - kSampleRun) / 2;
 #pragma unroll
   for (int u = 0; u < kSample / THREADS; ++u) {
     const int j = u * THREADS + static_cast<int>(threadIdx.x);
-    values[u] = __ldg(base + static_cast<int64_t>(runs.first + (j / kSampleRun) * runs.step + j % kSampleRun) * stride);
+    values[u] = __ldg(base + static_cast<int64_t>(first + (j / kSampleRun) * step + j % kSampleRun) * stride);
   }
 }
 

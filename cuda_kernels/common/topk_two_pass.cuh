@@ -237,30 +237,6 @@ __device__ __forceinline__ int row_sample_target(int sample, int len, int k, flo
   return min(max(target, least), sample);
 }
 
-// Two-pass rows prefetch the sample of the row ahead (topk_row_two_pass's `ahead`) where kSampleAheadOn: prepared in
-// session 43, which had no GPU, so off (compiled out: the kernels as before) until an A/B measures it (the
-// performance log, session 43, says how); never on sm_80, where ptxas (NVRTC 12.9, 13.0) spilled 4 bytes with it in
-// persistent_topk's 256-thread kernel (48 registers). The CPU emulation runs it on.
-constexpr bool kSampleAheadOn = false;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool kSampleAhead = false;
-#else
-constexpr bool kSampleAhead = kSampleAheadOn;
-#endif
-
-// The row of the CTA a call's `ahead` places later in launch order (the plans pass the CTAs resident at once: about
-// the CTA that starts in this one's place when it ends), or base null: none (topk_row_two_pass's prefetch).
-struct RowAhead {
-  const float* base;
-  int len;
-};
-
-// Asks L2 for run `run` of the sample load_sample takes from the contiguous row [base, base + len) (len >= kSample).
-__device__ __forceinline__ void prefetch_sample_run(const float* base, int len, int run) {
-  const SampleRuns runs = sample_runs(0, len);
-  prefetch_l2_span(base + runs.first + run * runs.step, 4 * kSampleRun);
-}
-
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
 // eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
 // marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
@@ -270,16 +246,12 @@ __device__ __forceinline__ void prefetch_sample_run(const float* base, int len, 
 // sizes shared memory by the same rule); the host guarantees 1 <= cap < 65536 (with stages 1: cap > 4 x THREADS x
 // sampled_unroll + 3), k <= 4096, len < 2^31 - 32 x THREADS (the slot arithmetic of for_each_element and of
 // stage_batch's batch past the end; the bitmaps in shared memory keep planned widths under ~800K) and 0 <= sample
-// <= 2^26 (any value is exact: it only tunes). `ahead()` names a row (RowAhead) whose sample a sampling row asks of
-// L2 once its own read is done, so that row's CTA, starting about when this one ends, finds it there instead of
-// waiting on DRAM at its head.
-template <int THREADS, typename Out, typename Ahead>
-__device__ void topk_row_two_pass(const float* base, int len, Out out_row, Ahead ahead, int k, int cap, int words,
-                                  int sample, float spread, int least, int stages) {
+// <= 2^26 (any value is exact: it only tunes).
+template <int THREADS, typename Out>
+__device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k, int cap, int words, int sample,
+                                  float spread, int least, int stages) {
   __shared__ Shared sh;
-  __shared__ RowAhead ahead_row;  // (not allocated where kSampleAhead is off: nothing refers to it then)
   extern __shared__ uint4 topk_dynamic_smem[];
-  if (kSampleAhead && threadIdx.x == 0) ahead_row = ahead();  // (its loads wait beside the caller's row window's)
   if (len <= k) {  // every index, then -1
     int* out = out_row();
     for (int j = threadIdx.x; j < k; j += THREADS) out[j] = j < len ? j : -1;
@@ -324,10 +296,6 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, Ahead
     __syncthreads();  // sh.fine is clear again
     list_above<THREADS>(base, len, cutoff, list_keys, list_columns, sample_cap, sh, ring);
     __syncthreads();  // (the ring is free again: its last batch was empty, its copies all waited for)
-    if (kSampleAhead && threadIdx.x < kSample / kSampleRun && ahead_row.base != nullptr &&
-        ahead_row.len >= 4 * kSample) {
-      prefetch_sample_run(ahead_row.base, ahead_row.len, threadIdx.x);
-    }
     const uint32_t n = sh.appended;
     listed = n >= static_cast<uint32_t>(k) && n <= static_cast<uint32_t>(sample_cap);
     if (listed) {  // the list holds every element >= the k-th largest key: select and mark on it alone

@@ -36,7 +36,7 @@ PARAMS = P.CStruct("PersistentTopKParams", [
     P.ptr("output"), P.ptr("logits"), P.ptr("lengths"),
     P.i64("stride0"), P.i64("out_stride"), P.i64("max_len"),
     P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.f32("sample_spread"),
-    P.i32("sample_floor"), P.i32("ahead"),
+    P.i32("sample_floor"),
 ])
 
 
@@ -80,8 +80,7 @@ def plan(c: Call) -> list:
     return [Launch(kernel, config, PARAMS,
                    {"stride0": c.logits.strides[0], "out_stride": c.output.strides[0], "max_len": max_len, "k": c.k,
                     "cap": row.cap, "stage": row.stage, "stages": row.stages,
-                    "sample": row.sample, "sample_spread": row.sample_spread, "sample_floor": row.sample_floor,
-                    "ahead": row.ahead})]
+                    "sample": row.sample, "sample_spread": row.sample_spread, "sample_floor": row.sample_floor})]
 
 
 def persistent_topk_ref(logits, lengths, output, workspace, k, max_seq_len, *, compute_dtype=torch.float32):

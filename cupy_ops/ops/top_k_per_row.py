@@ -81,7 +81,7 @@ PARAMS = P.CStruct("TopKPerRowParams", [
     P.ptr("indices"), P.ptr("logits"), P.ptr("starts", "rowStarts"), P.ptr("ends", "rowEnds"),
     P.i64("num_cols"), P.i64("stride0"), P.i64("stride1"), P.i64("out_stride"),
     P.i32("k"), P.i32("cap"), P.i32("stage"), P.i32("stages"), P.i32("sample"), P.f32("sample_spread"),
-    P.i32("sample_floor"), P.i32("decode"), P.i32("next_n"), P.i32("per_row"), P.i32("reverse"), P.i32("ahead"),
+    P.i32("sample_floor"), P.i32("decode"), P.i32("next_n"), P.i32("per_row"), P.i32("reverse"),
 ])
 # decode has no rowStarts/rowEnds: both pointers take seq_lens (the kernel reads `ends` only).
 DECODE_PARAMS = P.CStruct("TopKPerRowParams", [
@@ -128,8 +128,7 @@ def _plan(c: Call, decode: bool) -> list:
               "out_stride": c.indices.strides[0], "k": c.topK, "cap": row.cap, "stage": row.stage,
               "stages": row.stages, "sample": row.sample, "sample_spread": row.sample_spread,
               "sample_floor": row.sample_floor, "decode": int(decode), "next_n": c.next_n if decode else 1,
-              "per_row": int(per_row), "reverse": int(REVERSE_PREFILL_ROWS and not decode and waits),
-              "ahead": row.ahead}
+              "per_row": int(per_row), "reverse": int(REVERSE_PREFILL_ROWS and not decode and waits)}
     return [Launch(kernel, config, DECODE_PARAMS if decode else PARAMS, values)]
 
 

@@ -205,10 +205,8 @@ class RowPlan(NamedTuple):
     next batch in shared memory, the list's last entries: TWO_PASS_RING; the k outputs are staged over the list).
     `sample`: the survivors a sampled cutoff aims at in streaming CTAs and in the two-pass kernel's one-read try (0:
     none); there, with `sample_spread` > 0, each row aims at its own length's target, at least `sample_floor` (the
-    width's SAMPLE_MIN_RANK floor) and at most `sample` (TWO_PASS_ROW_TARGETS); `ahead` > 0 (the CTAs resident at
-    once, where some wait for a place): each sampling row may prefetch the sample of the row `ahead` CTAs on, the one
-    about to start in its place (common/topk_two_pass.cuh: kSampleAheadOn, off until measured). `registers`: a CTA
-    holds its whole chunk in registers (common/topk_registers.cuh; no dynamic shared memory)."""
+    width's SAMPLE_MIN_RANK floor) and at most `sample` (TWO_PASS_ROW_TARGETS). `registers`: a CTA holds its whole
+    chunk in registers (common/topk_registers.cuh; no dynamic shared memory)."""
 
     threads: int
     cluster: int
@@ -221,7 +219,6 @@ class RowPlan(NamedTuple):
     registers: bool = False
     sample_spread: float = 0.0
     sample_floor: int = 0
-    ahead: int = 0
 
 
 def chunk_bound(width: int, cluster: int) -> int:
@@ -323,10 +320,8 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
             and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
     spread, floor = (TWO_PASS_SAMPLE_SIGMAS / math.sqrt(SAMPLES), _sample_floor(width)) if (
         TWO_PASS_ROW_TARGETS and sample > 0) else (0.0, 0)
-    resident = TWO_PASS_CTAS[threads] * sms
-    ahead = resident if sample > 0 and rows > resident else 0
     return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample,
-                   sample_spread=spread, sample_floor=floor, ahead=ahead)
+                   sample_spread=spread, sample_floor=floor)
 
 
 def two_pass_words(width: int) -> int:
