@@ -71,8 +71,11 @@ def test_buffers_fit_and_hold_what_the_kernel_assumes(fake_gpu, gpu, rows, width
         ring = row.sample > 0 and ring_room and row.threads >= R.TWO_PASS_RING_THREADS
         assert row.stages == int(ring) and row.cap < 65536  # (eq counts: 16 bits)
         assert config.grid == (rows, 1, 1) and config.block == (row.threads, 1, 1) and config.cluster is None
-        assert row.cap >= R.MIN_LIST and 2 * row.cap >= k and row.shared_bytes == config.shared_bytes
-        assert row.shared_bytes == 8 * (-(-width // 32) + (-(-width // 32)) % 2) + 8 * row.cap
+        # list entries of a 32-bit key and a column of 16 bits (CTAs without a ring: rows under 2^16) or 32
+        entry = 6 if row.threads < R.TWO_PASS_RING_THREADS else 8
+        assert R.two_pass_entry_bytes(row.threads) == entry and (entry == 8 or width <= 65536)
+        assert row.cap >= R.MIN_LIST and entry * row.cap >= 4 * k and row.shared_bytes == config.shared_bytes
+        assert row.shared_bytes == 8 * (-(-width // 32) + (-(-width // 32)) % 2) + entry * row.cap
         assert row.shared_bytes + R.STATIC_SMEM <= optin
         ctas = R.TWO_PASS_CTAS[row.threads]
         assert ctas * (row.shared_bytes + R.STATIC_SMEM + R.RESERVED_SMEM) <= per_sm and ctas * row.threads <= 2048
@@ -291,10 +294,12 @@ def test_planned_ctas_an_sm_fit_the_kernels_registers(arch):
 
 
 def test_ring_constants_match_the_kernel():
-    """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring), and
-    sampled_unroll (the ring's batch, two_pass_ring_entries) is its sampled_unroll<THREADS>()."""
+    """TWO_PASS_RING_THREADS is common/topk_two_pass.cuh's kTwoPassRingThreads (smaller CTAs compile no ring and
+    list 16-bit columns: two_pass_entry_bytes), and sampled_unroll (the ring's batch, two_pass_ring_entries) is its
+    sampled_unroll<THREADS>()."""
     text = (compiler.kernel_dir() / "common" / "topk_two_pass.cuh").read_text()
     assert f"constexpr int kTwoPassRingThreads = {R.TWO_PASS_RING_THREADS};" in text
+    assert "using ListColumn = typename pick_type<(THREADS < kTwoPassRingThreads), uint16_t, uint32_t>::type;" in text
     assert R.sampled_unroll(512) == R.sampled_unroll(256) != R.sampled_unroll(1024)
     expected = f"return THREADS >= 1024 ? {R.sampled_unroll(1024)} : {R.sampled_unroll(512)}; }}"
     assert f"constexpr int sampled_unroll() {{ {expected}" in text
@@ -359,7 +364,7 @@ def test_no_rows_no_launch(fake_gpu):
 
 @pytest.mark.parametrize("op", [PREFILL, PERSISTENT], ids=lambda op: op.name)
 def test_k_past_a_small_gpu_s_shared_memory_names_the_op_and_argument(monkeypatch, op):
-    """GPUs with 99 KB of shared memory a block (sm_86 / sm_89, not in GPUS) stream long rows up to k = 2496: past
+    """GPUs with 99 KB of shared memory a block (sm_86 / sm_89, not in GPUS) stream long rows up to k = 2528: past
     that the op rejects its k argument by name before any launch (narrow rows, whole in the buffer, take any k)."""
     values = {"sm_count": 84, "max_shared_memory_per_block_optin": 101376, "max_shared_memory_per_sm": 102400}
     monkeypatch.setattr(launcher, "device_attribute", lambda device, attr: values[attr])
@@ -367,14 +372,15 @@ def test_k_past_a_small_gpu_s_shared_memory_names_the_op_and_argument(monkeypatc
 
     def args(width, k):
         logits = torch.randn(2, width)
-        return prefill_args(logits, [0, 0], [width] * 2, k) if op is PREFILL else persistent_args(logits, [width] * 2, k)
+        widths = [width] * 2
+        return prefill_args(logits, [0, 0], widths, k) if op is PREFILL else persistent_args(logits, widths, k)
 
-    for k, width in ((2496, 40000), (4096, 8000)):
+    for k, width in ((2528, 40000), (4096, 8000)):
         call, _ = op.validate(args(width, k))
         assert op.plan(call)
-    call, _ = op.validate(args(40000, 2497))
+    call, _ = op.validate(args(40000, 2529))
     k_name = "topK" if op is PREFILL else "k"
-    with pytest.raises(ValueError, match=rf"^{op.name}: {k_name} = 2497 needs more shared memory per block than "
+    with pytest.raises(ValueError, match=rf"^{op.name}: {k_name} = 2529 needs more shared memory per block than "
                                          r"the 101376 bytes this GPU allows for rows 40000 wide"):
         op.plan(call)
 

@@ -59,6 +59,13 @@ __device__ __forceinline__ void store_shared_pair_if(bool p, uint32_t address_a,
                "@p st.shared.u32 [%3], %4;\n\t}"
                ::"r"(static_cast<uint32_t>(p)), "r"(address_a), "r"(a), "r"(address_b), "r"(b) : "memory");
 }
+// The same with a 16-bit second word (the two-pass kernel's short list columns).
+__device__ __forceinline__ void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_t address_b,
+                                                     uint16_t b) {
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %0, 0;\n\t@p st.shared.u32 [%1], %2;\n\t"
+               "@p st.shared.u16 [%3], %4;\n\t}"
+               ::"r"(static_cast<uint32_t>(p)), "r"(address_a), "r"(a), "r"(address_b), "h"(b) : "memory");
+}
 
 // The 32-bit word at shared address `address` in the shared memory of cluster CTA `rank` (the same variable in
 // that CTA). The owner must not have exited: callers end with a cluster barrier (cluster_sync, or the owner's

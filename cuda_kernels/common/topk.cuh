@@ -20,11 +20,12 @@ namespace cupy_ops {
 namespace topk {
 
 // CTAs per SM the register budget must allow: 64 registers a thread (a 256-thread CTA in a cluster, one per SM,
-// may take 128: at 64 it spilled 4-8 bytes). But 48 for five 256-thread CTAs an SM where the host plans them
-// (CTA_SHAPES, TWO_PASS_CTAS): topk_row compiled for whole chunks only (WHOLE: 40 registers, its streaming path
-// left out) and the two-pass kernel.
+// may take 128: at 64 it spilled 4-8 bytes). But fewer where the host plans more 256-thread CTAs an SM
+// (CTA_SHAPES, TWO_PASS_CTAS): five (48 registers) of topk_row compiled for whole chunks only (WHOLE: 40 registers,
+// its streaming path left out), six (40, no spill with NVRTC 12.9 and 13.0) of the two-pass kernel (whose 16-bit
+// list columns leave six lists room in the SM: topk_two_pass.cuh, ListColumn).
 constexpr int kWholeCtas256 = 5;
-constexpr int kTwoPassCtas256 = 5;
+constexpr int kTwoPassCtas256 = 6;
 template <int THREADS, int CLUSTER, bool WHOLE = false>
 constexpr int min_blocks() {
   return THREADS == 256 && CLUSTER > 1 ? 2 : THREADS == 256 && WHOLE ? kWholeCtas256 : 1024 / THREADS;

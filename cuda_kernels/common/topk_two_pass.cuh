@@ -51,6 +51,22 @@ constexpr int kTwoPassPrefetch = 128;
 // leave their list no room for the ring), so it is compiled out of them: with it, at the 48 registers of five an SM,
 // ptxas spilled 32-40 bytes (NVRTC 12.9 and 13.0), without it none.
 constexpr int kTwoPassRingThreads = 512;
+// The list's columns: 16 bits in the CTAs without a ring (256 threads: the host gives them rows of at most
+// TWO_PASS_SMALL_WIDTH = 32768), 6 bytes an entry, so that six such CTAs' lists hold 1.15 x the sampled target of
+// a 32768-wide row with k 2048 in a sixth of the SM (2986 entries; 2252 at 8 bytes); 32 bits in larger CTAs, whose
+// ring sits in the columns' last bytes. The host sizes the list by the same rule (ops/topk_rows.py:
+// two_pass_entry_bytes).
+template <int THREADS>
+using ListColumn = typename pick_type<(THREADS < kTwoPassRingThreads), uint16_t, uint32_t>::type;
+
+// Appends (key, column) at list entry `place` where p: keys at shared address keys_at, columns (Column) at
+// columns_at.
+template <typename Column>
+__device__ __forceinline__ void store_entry_if(bool p, uint32_t keys_at, uint32_t columns_at, uint32_t place,
+                                               uint32_t key, int column) {
+  store_shared_pair_if(p, keys_at + 4 * place, key, columns_at + static_cast<uint32_t>(sizeof(Column)) * place,
+                       static_cast<Column>(column));
+}
 
 // f(key, i) for every element i of the (contiguous) row's [0, len), each thread its share: aligned 16-byte slots
 // (slot s: elements 4s - a .. 4s - a + 3, a = the row start's offset in 4-byte units), UNROLL of them loaded
@@ -123,7 +139,7 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // 29.8 -> 32.6.)
 template <int THREADS>
 __device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
-                                           int* list_columns, int cap, Shared& sh, float4* ring) {
+                                           ListColumn<THREADS>* list_columns, int cap, Shared& sh, float4* ring) {
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
   constexpr int kUnroll = sampled_unroll<THREADS>();
@@ -181,8 +197,7 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     auto append = [&](int e, uint32_t place) {
       const uint32_t key = float_key(pick(x, e));
       const int column = column0 + (e >> 2) * (4 * THREADS) + (e & 3);
-      store_shared_pair_if(place < static_cast<uint32_t>(cap), keys_at + 4 * place, key, columns_at + 4 * place,
-                           static_cast<uint32_t>(column));
+      store_entry_if<ListColumn<THREADS>>(place < static_cast<uint32_t>(cap), keys_at, columns_at, place, key, column);
       atomicAdd(&sh.fine[key >> 21], 1u);
     };
     // Places from one warp scan of the lanes' passing counts and one shared atomic a warp; then each lane appends its
@@ -238,8 +253,9 @@ __device__ __forceinline__ int row_sample_target(int sample, int len, int k, flo
 }
 
 // The row is contiguous (plans take topk_row for strided ones). Dynamic shared memory, in this order: sel[words],
-// eq[words], list keys[cap], list columns[cap]; the emission stages its k outputs over the list (read last by the
-// marking, before a barrier), so the host gives the list at least 4 x k bytes (plans: 2 x cap >= k). `stages` 1: the
+// eq[words], list keys[cap], list columns[cap] (ListColumn: 16 bits in 256-thread CTAs, so len <= 65536 there); the
+// emission stages its k outputs over the list (read last by the marking, before a barrier), so the host gives the
+// list at least 4 x k bytes (plans: two_pass_entry_bytes x cap >= 4 x k). `stages` 1: the
 // sampled read stages its next batch of slots in the list columns' last 16 x THREADS x sampled_unroll bytes (16-byte
 // aligned; stage_batch), and its list stops before them (the two reads after an unlucky sample have the whole list);
 // 0: it loads into registers. The callers pass words = two_pass_words(width) for a width >= len (the host
@@ -260,7 +276,8 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   uint32_t* sel = reinterpret_cast<uint32_t*>(topk_dynamic_smem);
   uint32_t* eq = sel + words;
   uint32_t* list_keys = eq + words;
-  int* list_columns = reinterpret_cast<int*>(list_keys + cap);
+  using Column = ListColumn<THREADS>;
+  Column* list_columns = reinterpret_cast<Column*>(list_keys + cap);
   int* staged = reinterpret_cast<int*>(list_keys);  // (the emission's: over the list, after its last use)
   const uint32_t keys_at = shared_address(list_keys), columns_at = shared_address(list_columns);
   const int used = (len + 31) >> 5;  // bitmap words of this row
@@ -285,7 +302,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
     if (THREADS >= kTwoPassRingThreads && stages > 0) {
       const uint64_t end = reinterpret_cast<uint64_t>(list_columns + cap) & ~uint64_t{15};
       ring = reinterpret_cast<float4*>(end) - sampled_unroll<THREADS>() * THREADS;
-      sample_cap = static_cast<int>(reinterpret_cast<int*>(ring) - list_columns);
+      sample_cap = static_cast<int>(reinterpret_cast<Column*>(ring) - list_columns);
     }
     float sample_values[kSample / THREADS];
     load_sample<THREADS>(base, 1, 0, len, sample_values);
@@ -334,8 +351,7 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
         set_bit(sel, i);
       } else if (b == bin) {
         const uint32_t p = atomicAdd(&sh.appended, 1u);
-        store_shared_pair_if(p < static_cast<uint32_t>(cap), keys_at + 4 * p, key, columns_at + 4 * p,
-                             static_cast<uint32_t>(i));
+        store_entry_if<Column>(p < static_cast<uint32_t>(cap), keys_at, columns_at, p, key, i);
       }
     });
     __syncthreads();

@@ -7,6 +7,7 @@ namespace cupy_ops {
 using int64_t = long long;
 using uint64_t = unsigned long long;
 using uint32_t = unsigned int;
+using uint16_t = unsigned short;
 
 // std::conditional_t without <type_traits> (which needs the CCCL headers under NVRTC).
 template <bool COND, typename A, typename B> struct pick_type { using type = A; };

@@ -9,7 +9,7 @@ only on rows, the row pitch, k and max_seq_len; each row's length is read on the
 - deterministic: values are ranked by an order-preserving key in which -0 == +0 and every NaN ranks above +inf
   (torch.topk's order), ties at the k-th value go to the lowest column, and the chosen columns are listed in
   ascending order: the same bits on every run and GPU, equal to `persistent_topk_ref`;
-- any k in 1..4096 (vLLM: 512, 1024, 2048; GPUs with 99 KB of shared memory a block, sm_86 / sm_89: up to 2496
+- any k in 1..4096 (vLLM: 512, 1024, 2048; GPUs with 99 KB of shared memory a block, sm_86 / sm_89: up to 2528
   for rows wider than ~8K scores in calls of many rows, else a ValueError naming k), any row pitch
   (logits.stride(0), even odd), any output row stride;
 - nothing at or past L is read; lengths < 0 give empty rows, lengths > min(max_seq_len, W) are clamped;

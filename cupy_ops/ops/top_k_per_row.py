@@ -15,7 +15,7 @@ Same schemas and output contract as vLLM 0.33 (`torch.ops._C.top_k_per_row_*`), 
 - windows are clamped to the row: start = clamp(rowStart, 0, W), end = clamp(rowEnd, start, W) (prefill), end =
   clamp(end_r, 0, W) (decode), so rowEnd < rowStart or seq_len < next_n give empty rows (all -1) and nothing is read
   outside the row; indices stay relative to the clamped start;
-- any topK in 1..4096 (GPUs with 99 KB of shared memory a block, sm_86 / sm_89: up to 2496 for rows wider than
+- any topK in 1..4096 (GPUs with 99 KB of shared memory a block, sm_86 / sm_89: up to 2528 for rows wider than
   ~8K scores, else a ValueError naming topK: NoRowPlan), any rowStart alignment, any stride1 (16-byte loads where
   the row is contiguous);
 - numRows, stride0 and stride1 are checked against logits (numRows == logits.size(0) == indices.size(0); the

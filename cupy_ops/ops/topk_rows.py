@@ -153,7 +153,7 @@ TWO_PASS_LIST_PER_SAMPLE = 1.15
 # H100, A/B in one run (session 36), against four: prefill 8192 x 32768 k 2048 330.8 -> 319.6 us with 80-byte
 # spills (NVRTC 13.0), 331.0 -> 315.5 with 40 (the re-reads of an overflowed list one slot a thread at a time);
 # 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS).
-TWO_PASS_CTAS = {256: 5, 512: 2, 1024: 1}
+TWO_PASS_CTAS = {256: 6, 512: 2, 1024: 1}
 # The sampled read stages its next batch of slots (16 bytes x 4 or 2 a thread) in shared memory with cp.async while
 # it appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
 # TWO_PASS_LIST_PER_SAMPLE x the target beside that ring (two_pass_ring_entries: the list's last entries in that
@@ -188,7 +188,7 @@ CTA_SHAPES = {(True, True): CtaShapes(((256, 5), (256, 4), (256, 3), (512, 2)), 
               (True, False): CtaShapes(((512, 2),), ((512, 2),)),
               (False, True): CtaShapes(((256, 1),), ((1024, 1), (512, 1))),
               (False, False): CtaShapes(((1024, 1), (512, 1)), ((1024, 1), (512, 1)))}
-STATIC_SMEM = 12288       # bound on the kernel's static shared memory (topk::Shared is 11680 bytes)
+STATIC_SMEM = 11776       # bound on the kernel's static shared memory (topk::Shared is 11680 bytes; 128-byte units)
 RESERVED_SMEM = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 NAN_KEY = 0xFF800001      # common/topk.cuh: float_key(NaN), one above +inf's key
 
@@ -299,17 +299,18 @@ def register_plan(width: int, k: int, threads: int, cluster: int) -> RowPlan | N
 
 def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: int) -> RowPlan | None:
     """The two-pass kernel's CTA for rows of at most `width`, or None when its list would be under MIN_LIST (or
-    k / 2): 256 threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more), 512
-    up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072), TWO_PASS_CTAS
-    of them an SM; bitmaps of two_pass_words(width) words (`sel`, `eq`) and the rest of the CTA's share of the SM's
-    shared memory for the list (8 bytes an entry; the k outputs are staged over it); its sampled read's target
-    where TWO_PASS_SAMPLED and the list holds TWO_PASS_LIST_PER_SAMPLE x it."""
+    4 x k bytes): 256 threads for rows up to SMALL_CHUNK (TWO_PASS_SMALL_WIDTH where there are 4 x sms rows or more),
+    512 up to 65536, 1024 beyond, and 1024 when the rows fit the SMs once (one CTA an SM: 128 x 131072),
+    TWO_PASS_CTAS of them an SM; bitmaps of two_pass_words(width) words (`sel`, `eq`) and the rest of the CTA's share
+    of the SM's shared memory for the list (two_pass_entry_bytes an entry; the k outputs are staged over it); its
+    sampled read's target where TWO_PASS_SAMPLED and the list holds TWO_PASS_LIST_PER_SAMPLE x it."""
     small = width <= SMALL_CHUNK or (width <= TWO_PASS_SMALL_WIDTH and rows >= 4 * sms)
     threads = 1024 if rows <= sms or width > 65536 else 256 if small else 512
     budget = min(optin, per_sm // TWO_PASS_CTAS[threads] - RESERVED_SMEM) - STATIC_SMEM
     fixed = 8 * two_pass_words(width)
-    cap = min((budget - fixed) // 8, MAX_CAP)  # (eq bits of list entries are counted in 16 bits)
-    if cap < max(MIN_LIST, -(-k // 2)):  # the k outputs are staged over the list's keys and columns
+    entry = two_pass_entry_bytes(threads)
+    cap = min((budget - fixed) // entry, MAX_CAP)  # (eq bits of list entries are counted in 16 bits)
+    if cap < max(MIN_LIST, -(-4 * k // entry)):  # the k outputs are staged over the list's keys and columns
         return None
     # The sampled read only where the list has room to spare: a list it overflows costs that read and the two reads
     # after it (rows of ~500K and more).
@@ -320,7 +321,7 @@ def two_pass_plan(rows: int, width: int, k: int, sms: int, optin: int, per_sm: i
             and TWO_PASS_LIST_PER_SAMPLE * sample <= cap - two_pass_ring_entries(threads))
     spread, floor = (TWO_PASS_SAMPLE_SIGMAS / math.sqrt(SAMPLES), _sample_floor(width)) if (
         TWO_PASS_ROW_TARGETS and sample > 0) else (0.0, 0)
-    return RowPlan(threads, 1, int(ring), cap, 0, fixed + 8 * cap, two_pass=True, sample=sample,
+    return RowPlan(threads, 1, int(ring), cap, 0, fixed + entry * cap, two_pass=True, sample=sample,
                    sample_spread=spread, sample_floor=floor)
 
 
@@ -328,6 +329,12 @@ def two_pass_words(width: int) -> int:
     """Words of each of the two-pass kernel's bitmaps for rows up to `width`: ceil(width / 32) rounded up to even,
     so its list after them is 16-byte aligned (common/topk_two_pass.cuh: two_pass_words)."""
     return 2 * -(-width // 64)
+
+
+def two_pass_entry_bytes(threads: int) -> int:
+    """Bytes of a two-pass list entry: a 32-bit key and a column of 16 bits in CTAs without a ring (rows at most
+    TWO_PASS_SMALL_WIDTH wide), else 32 (common/topk_two_pass.cuh: ListColumn)."""
+    return 6 if threads < TWO_PASS_RING_THREADS else 8
 
 
 def sampled_unroll(threads: int) -> int:
@@ -344,7 +351,7 @@ def two_pass_ring_entries(threads: int) -> int:
 
 class NoRowPlan(ValueError):
     """No CTA shape holds k's staged outputs and buffer in this GPU's shared memory: GPUs with 99 KB a block (sm_86,
-    sm_89) take rows wider than their whole-chunk buffer (~8K scores) only up to k = 2496; 163 KB (A100) and 227 KB
+    sm_89) take rows wider than their whole-chunk buffer (~8K scores) only up to k = 2528; 163 KB (A100) and 227 KB
     (H100, H200) every k up to MAX_K. The ops reject their k argument with this message."""
 
 
