@@ -59,6 +59,10 @@ inline void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_
   store_shared_if(p, address_a, a);
   store_shared_if(p, address_b, b);
 }
+inline void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_t address_b, uint16_t b) {
+  store_shared_if(p, address_a, a);
+  if (p) *reinterpret_cast<uint16_t*>(emu::cur->smem + address_b) = b;
+}
 inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
   emu::Block* b = emu::cur->cluster->blocks.at(rank);
   if (b->ended) emu::misuse = true;  // its shared memory would be gone
@@ -226,7 +230,9 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             assert contiguous, "the two-pass kernel reads contiguous rows only"
             words = R.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
             plan = R.two_pass_plan(rows, width, k, EMULATED_SMS, optin=232448, per_sm=233472)  # (its row targets)
-            row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(8 * list_cap, 4 * k), two_pass=True,
+            entry = R.two_pass_entry_bytes(threads)
+            row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(entry * list_cap, 4 * k),
+                            two_pass=True,
                             sample=R.two_pass_sample_target(width, k) if sample is None else sample,
                             sample_spread=plan.sample_spread if plan and sample is None else 0.0,
                             sample_floor=plan.sample_floor if plan and sample is None else 0)
