@@ -42,11 +42,14 @@ constexpr int sampled_unroll() { return THREADS >= 1024 ? 2 : 4; }
 // 40 bytes at 48 registers), 52.5 and 314.5 with 1.
 constexpr int kTwoReadsUnroll = 2;
 // Bytes a thread asks L2 to fetch from the row's start while its CTA finds the sampled cutoff (no read of the row is
-// in flight then; the sampled read then starts from L2): 32 KB for a 256-thread CTA. H100, A/B in one run (session
-// 34, unrolled select): prefill 8192 x 32768 347.1 -> 340.4 us, persistent 128 x 131072 34.4 -> 33.7, 256 x 32768
-// 19.6 -> 19.2, but prefill 2048 x 16384 57.8 -> 58.4; 256 bytes (before the unrolled select): 2048 x 16384 63.3
-// against 61.5, 256 x 32768 20.5 against 19.7.
-constexpr int kTwoPassPrefetch = 128;
+// in flight then; the sampled read then starts from L2): 16 KB for a 256-thread CTA. H100, A/B in one run (session
+// 34, unrolled select): 128 bytes against none, prefill 8192 x 32768 347.1 -> 340.4 us, persistent 128 x 131072 34.4
+// -> 33.7, 256 x 32768 19.6 -> 19.2, but prefill 2048 x 16384 57.8 -> 58.4; 256 bytes (before the unrolled select):
+// 2048 x 16384 63.3 against 61.5, 256 x 32768 20.5 against 19.7. With six 256-thread CTAs an SM (session 47, H100,
+// two rounds, us, 128 ->): 64 bytes prefill 8192 x 32768 290.5 / 290.6 -> 290.2 / 290.2, 2048 x 16384 k 512 48.1-48.3
+// -> 46.8, persistent 256 x 32768 k 512 18.1 / 18.2 -> 17.9, 128 x 131072 30.5 either way; 32: 291.4, 46.6, 18.0,
+// 30.9; none: 293.6, 47.2, 18.0, 30.8; 256: 314.2, 50.0.
+constexpr int kTwoPassPrefetch = 64;
 // CTAs of fewer threads never stage their sampled read (the host gives them stages = 0: five 256-thread CTAs an SM
 // leave their list no room for the ring), so it is compiled out of them: with it, at the 48 registers of five an SM,
 // ptxas spilled 32-40 bytes (NVRTC 12.9 and 13.0), without it none.
@@ -296,7 +299,12 @@ __device__ void topk_row_two_pass(const float* base, int len, Out out_row, int k
   bool listed = false;  // the sampled read listed the top k: steps 3-4 on the list (uniform)
   bool eq_in_list = true;  // every eq bit marks a list entry (else the marking read the row)
   if (sample > 0 && len >= 4 * kSample) sample = row_sample_target(sample, len, k, spread, least);
-  if (sample > 0 && len >= max(4 * sample, 4 * kSample)) {
+  // A row samples from 3 x kSample long (as long as 4 x its target): with six 256-thread CTAs an SM and 64-byte
+  // prefetches, against 4 x kSample (session 47, H100, A/B in one run, two rounds, us): prefill 2048 x 16384 k 512
+  // 46.8 / 46.8 -> 45.8 / 45.7, 8192 x 32768 290.2 / 290.2 -> 290.1 / 290.1, persistent 256 x 32768 k 512 17.9 ->
+  // 17.8-17.9, 128 x 131072 30.5 either way. (Five CTAs an SM, session 45: 2048 x 16384 49.0 -> 48.2-48.4, but
+  // 8192 x 32768 289.2-289.5 -> 289.3-290.5.)
+  if (sample > 0 && len >= max(4 * sample, 3 * kSample)) {
     float4* ring = nullptr;  // list_above's staged batch (uniform)
     int sample_cap = cap;    // the list's entries in the sampled read
     if (THREADS >= kTwoPassRingThreads && stages > 0) {
