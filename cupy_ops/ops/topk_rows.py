@@ -152,7 +152,11 @@ TWO_PASS_LIST_PER_SAMPLE = 1.15
 # list at TWO_PASS_LIST_PER_SAMPLE 1.15 of the target, not 1.2, so that 8192 x 32768's fits their shared memory):
 # H100, A/B in one run (session 36), against four: prefill 8192 x 32768 k 2048 330.8 -> 319.6 us with 80-byte
 # spills (NVRTC 13.0), 331.0 -> 315.5 with 40 (the re-reads of an overflowed list one slot a thread at a time);
-# 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS).
+# 2048 x 16384 k 512 56.2 -> 56.0-56.2. No spill since: their CTAs compile no ring (TWO_PASS_RING_THREADS). Six
+# since session 47 (40 registers, no spill; 16-bit list columns, two_pass_entry_bytes, so the 8192 x 32768 list
+# holds 2986 entries, 1.17 x the target): H100, A/B in one run, two rounds, against five with 8-byte entries: prefill
+# 8192 x 32768 294.4 / 294.1 -> 290.4 / 290.7 us, 2048 x 16384 k 512 49.7 / 49.6 -> 48.2 / 48.2 (16-bit columns at
+# five: 294.0 / 294.3, 49.7 / 49.6).
 TWO_PASS_CTAS = {256: 6, 512: 2, 1024: 1}
 # The sampled read stages its next batch of slots (16 bytes x 4 or 2 a thread) in shared memory with cp.async while
 # it appends the batch before (stages = 1: common/topk_two_pass.cuh), where the list keeps room for
