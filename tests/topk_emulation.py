@@ -231,8 +231,8 @@ def emulate(library, monkeypatch, op, args, threads, cluster, *, shrink=False, l
             words = R.two_pass_words(width)  # (the k outputs are staged over the list: a tiny one gets 4 k bytes)
             plan = R.two_pass_plan(rows, width, k, EMULATED_SMS, optin=232448, per_sm=233472)  # (its row targets)
             entry = R.two_pass_entry_bytes(threads)
-            row = R.RowPlan(threads, 1, int(ring), list_cap, 0, 8 * words + max(entry * list_cap, 4 * k),
-                            two_pass=True,
+            shared = 8 * words + max(entry * list_cap, 4 * k)
+            row = R.RowPlan(threads, 1, int(ring), list_cap, 0, shared, two_pass=True,
                             sample=R.two_pass_sample_target(width, k) if sample is None else sample,
                             sample_spread=plan.sample_spread if plan and sample is None else 0.0,
                             sample_floor=plan.sample_floor if plan and sample is None else 0)

@@ -50,7 +50,7 @@ constexpr int kTwoReadsUnroll = 2;
 // -> 46.8, persistent 256 x 32768 k 512 18.1 / 18.2 -> 17.9, 128 x 131072 30.5 either way; 32: 291.4, 46.6, 18.0,
 // 30.9; none: 293.6, 47.2, 18.0, 30.8; 256: 314.2, 50.0.
 constexpr int kTwoPassPrefetch = 64;
-// CTAs of fewer threads never stage their sampled read (the host gives them stages = 0: five 256-thread CTAs an SM
+// CTAs of fewer threads never stage their sampled read (the host gives them stages = 0: six 256-thread CTAs an SM
 // leave their list no room for the ring), so it is compiled out of them: with it, at the 48 registers of five an SM,
 // ptxas spilled 32-40 bytes (NVRTC 12.9 and 13.0), without it none.
 constexpr int kTwoPassRingThreads = 512;

@@ -337,7 +337,7 @@ def two_pass_words(width: int) -> int:
 
 def two_pass_entry_bytes(threads: int) -> int:
     """Bytes of a two-pass list entry: a 32-bit key and a column of 16 bits in CTAs without a ring (rows at most
-    TWO_PASS_SMALL_WIDTH wide), else 32 (common/topk_two_pass.cuh: ListColumn)."""
+    TWO_PASS_SMALL_WIDTH wide), else of 32 bits (common/topk_two_pass.cuh: ListColumn)."""
     return 6 if threads < TWO_PASS_RING_THREADS else 8
 
 
