@@ -63,6 +63,10 @@ inline void store_shared_pair_if(bool p, uint32_t address_a, uint32_t a, uint32_
   store_shared_if(p, address_a, a);
   if (p) *reinterpret_cast<uint16_t*>(emu::cur->smem + address_b) = b;
 }
+inline uint32_t add_from_lane_below(uint32_t v, int d) {
+  const uint32_t below = __shfl_up_sync(0xffffffffu, v, d);
+  return static_cast<int>(threadIdx.x & 31) >= d ? v + below : v;
+}
 inline uint32_t cluster_load(uint32_t address, uint32_t rank) {
   emu::Block* b = emu::cur->cluster->blocks.at(rank);
   if (b->ended) emu::misuse = true;  // its shared memory would be gone

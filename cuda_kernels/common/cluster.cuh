@@ -67,6 +67,15 @@ __device__ __forceinline__ void store_shared_pair_if(bool p, uint32_t address_a,
                ::"r"(static_cast<uint32_t>(p)), "r"(address_a), "r"(a), "r"(address_b), "h"(b) : "memory");
 }
 
+// v plus v of the lane `d` below this one where there is one (lane >= d), for warp scans: shfl.sync.up's in-range
+// predicate guards the add, 2 instructions a step (SHFL, predicated IADD) where __shfl_up_sync and a lane test take 4
+// (SHFL, SEL, ISETP, IADD; sm_90 code, NVRTC 13.5). Every lane of the warp calls it.
+__device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int d) {
+  asm("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tshfl.sync.up.b32 t|p, %0, %1, 0, -1;\n\t@p add.u32 %0, %0, t;\n\t}"
+      : "+r"(v) : "r"(d));
+  return v;
+}
+
 // The 32-bit word at shared address `address` in the shared memory of cluster CTA `rank` (the same variable in
 // that CTA). The owner must not have exited: callers end with a cluster barrier (cluster_sync, or the owner's
 // cluster_wait after the readers' cluster_arrive_relaxed).

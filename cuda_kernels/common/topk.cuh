@@ -81,12 +81,8 @@ __device__ __forceinline__ void clear_fine(Shared& sh) {
 // ---- warp and block scans (shuffles; no CUB) ----
 
 __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v) {
-  const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const uint32_t y = __shfl_up_sync(kFullMask, v, d);
-    if (lane >= d) v += y;
-  }
+  for (int d = 1; d < 32; d <<= 1) v = add_from_lane_below(v, d);
   return v;
 }
 

@@ -135,8 +135,8 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
 // caller then reads the row twice). sampled_unroll slots a thread loaded before any is used, as for_each_element
 // (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the
-// CTA runs the same trips (the places are warp-wide): one warp scan and one shared atomic a warp for their places,
-// then each lane appends its own. (Appending a warp's passing elements unrolled, places from one warp scan, where a
+// CTA runs the same trips: each lane with elements to append takes its places with one shared atomic, then appends
+// them. (Appending a warp's passing elements unrolled, places from one warp scan, where a
 // lane passes more than two, was slower although the steps were 33% of the instructions of the 8192
 // x 32768 prefill, ncu: H200, 370.7 -> 389.4 us there, 2048 x 16384 k 512 63.0 -> 68.1, persistent 128 x 131072
 // 29.8 -> 32.6.)
@@ -146,7 +146,6 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
   const int a = static_cast<int>((reinterpret_cast<uint64_t>(base) >> 2) & 3u);
   const int slots = (len + a + 3) >> 2;
   constexpr int kUnroll = sampled_unroll<THREADS>();
-  const int lane = threadIdx.x & 31;
   const bool by_value = cutoff <= kInfKey;  // uniform; else only NaN (key above +inf's) or nothing passes
   const float floor_value = by_value ? key_floor(cutoff) : 0.0f;
   const uint32_t keys_at = shared_address(list_keys), columns_at = shared_address(list_columns);
@@ -203,22 +202,20 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       store_entry_if<ListColumn<THREADS>>(place < static_cast<uint32_t>(cap), keys_at, columns_at, place, key, column);
       atomicAdd(&sh.fine[key >> 21], 1u);
     };
-    // Places from one warp scan of the lanes' passing counts and one shared atomic a warp; then each lane appends its
-    // own passing elements, with no warp collective inside the loop (~48 instructions a step of the lane with the
-    // most, against ~82 for a step of a ballot loop, one element a lane and a shared atomic a step: sm_90 code,
-    // NVRTC 13.0). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384
-    // k 512 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024 threads) 34.45 ->
-    // 34.95 then, but 32.6-32.7 -> 32.1-32.2 with the unrolled select, the staged read and the one-scan emission
-    // (session 35). The atomic into sh.fine stays in the step: the list's histogram from a pass over it after the
-    // read, the step 3 instructions shorter, was slower (H100, A/B in one run, session 38: prefill 8192 x 32768
-    // 296.5 -> 300.2 us, 128 x 131072 31.0 -> 31.5), and with the list holding float bits whose keys that pass
-    // makes (8 instructions fewer a step) still slower: 297.4 and 31.25 (performance log, session 38).
-    const uint32_t count = __popc(pass);
-    const uint32_t inclusive = warp_inclusive_sum(count);
-    const uint32_t warp_total = __shfl_sync(kFullMask, inclusive, 31);
-    uint32_t warp_first = 0;
-    if (lane == 31 && warp_total != 0u) warp_first = atomicAdd(&sh.appended, warp_total);
-    uint32_t place = __shfl_sync(kFullMask, warp_first, 31) + inclusive - count;
+    // Places from one shared atomic a lane that has elements to append (~7 instructions a warp's batch, sm_90 code,
+    // NVRTC 13.5: the lanes of one address serialize in the shared-memory pipe, not in the issue slots; a warp scan and
+    // the aggregated atomic of lane 31 took ~40: session 48, performance log); then each lane appends its own passing
+    // elements, with no warp collective inside the loop (~48 instructions a step of the lane with the most, against ~82
+    // for a step of a ballot loop, one element a lane and a shared atomic a step: sm_90 code, NVRTC 13.0; 37 since
+    // session 37). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 -> 375.2 us, 2048 x 16384 k 512
+    // 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024 threads) 34.45 -> 34.95 then,
+    // but 32.6-32.7 -> 32.1-32.2 with the unrolled select, the staged read and the one-scan emission (session 35). The
+    // atomic into sh.fine stays in the step: the list's histogram from a pass over it after the read, the step 3
+    // instructions shorter, was slower (H100, A/B in one run, session 38: prefill 8192 x 32768 296.5 -> 300.2 us, 128 x
+    // 131072 31.0 -> 31.5), and with the list holding float bits whose keys that pass makes (8 instructions fewer a
+    // step) still slower: 297.4 and 31.25 (performance log, session 38).
+    uint32_t place = 0;
+    if (pass != 0u) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(pass)));
     for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
   }
 }
