@@ -1,7 +1,9 @@
 // Thread-block clusters (sm_90): the cluster barrier and loads from another CTA's shared memory, in inline PTX
 // (no cooperative_groups, whose CCCL headers cost NVRTC ~1.5 s). The sm_80 build of a kernel that calls them
 // traps: plans launch cluster instantiations only where launcher.device_arch() >= 90. Also stores at 32-bit shared
-// addresses (any arch).
+// addresses and add_from_lane_below, a predicated shfl.sync.up (any arch): inline PTX that topk.cuh uses lives in
+// a header the CPU emulation (tests/topk_emulation.py) swaps for C++ stand-ins, as it does async_copy.cuh, since
+// topk.cuh itself compiles there as is.
 #pragma once
 #include "types.cuh"
 

@@ -134,12 +134,10 @@ __device__ __forceinline__ void stage_batch(const float* base, int len, int firs
 // The sampled read: every element of the (contiguous) row [0, len) whose key is >= cutoff goes to the list, (key,
 // column), in any order, and its key to sh.fine; sh.appended counts them all (entries past cap are dropped: the
 // caller then reads the row twice). sampled_unroll slots a thread loaded before any is used, as for_each_element
-// (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the
-// CTA runs the same trips: each lane with elements to append takes its places with one shared atomic, then appends
-// them. (Appending a warp's passing elements unrolled, places from one warp scan, where a
-// lane passes more than two, was slower although the steps were 33% of the instructions of the 8192
-// x 32768 prefill, ncu: H200, 370.7 -> 389.4 us there, 2048 x 16384 k 512 63.0 -> 68.1, persistent 128 x 131072
-// 29.8 -> 32.6.)
+// (from registers, or from `ring` where the next batch is staged: stage_batch), but every thread of the CTA runs the
+// same trips: each lane with elements to append takes its places with one shared atomic, then appends them.
+// The forms tried and their A/Bs (unrolled appends from one warp scan, a ballot loop, the histogram after the read,
+// a reload of the element instead of picking it from registers) are in docs/performance-log.md.
 template <int THREADS>
 __device__ __forceinline__ void list_above(const float* base, int len, uint32_t cutoff, uint32_t* list_keys,
                                            ListColumn<THREADS>* list_columns, int cap, Shared& sh, float4* ring) {
@@ -203,20 +201,12 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
       atomicAdd(&sh.fine[key >> 21], 1u);
     };
     // Places from one shared atomic a lane that has elements to append (~7 instructions a warp's batch, sm_90 code,
-    // NVRTC 13.5: the lanes of one address serialize in the shared-memory pipe, not in the issue slots; a warp scan and
-    // the aggregated atomic of lane 31 took ~40). H100, A/B in one run (session 48, two rounds, us): prefill 8192 x
-    // 32768 k 2048 285.6 / 285.6 -> 282.4 / 282.4, 2048 x 16384 k 512 45.4 / 45.3 -> 44.6 / 44.6, persistent 128 x
-    // 131072 k 2048 30.2 / 30.2 -> 29.5 / 29.5, 256 x 32768 k 512 17.5 / 17.6 -> 17.2 / 17.2; with the predicated warp
-    // scan (cluster.cuh: add_from_lane_below) too 281.7 / 281.9, 44.3 / 44.3, 29.5 / 29.5, 17.2 / 17.2. Then each lane
-    // appends its own passing elements, with no warp collective inside the loop (~48 instructions a step of the lane
-    // with the most, against ~82 for a step of a ballot loop, one element a lane and a shared atomic a step: sm_90
-    // code, NVRTC 13.0; 37 since session 37). H100, A/B in one run (2026-12-05): prefill 8192 x 32768 k 2048 393.8 ->
-    // 375.2 us, 2048 x 16384 k 512 62.0 -> 61.0, persistent 256 x 32768 k 512 20.3 -> 19.95; 128 x 131072 k 2048 (1024
-    // threads) 34.45 -> 34.95 then, but 32.6-32.7 -> 32.1-32.2 with the unrolled select, the staged read and the
-    // one-scan emission (session 35). The atomic into sh.fine stays in the step: the list's histogram from a pass over
-    // it after the read, the step 3 instructions shorter, was slower (H100, A/B in one run, session 38: prefill 8192 x
-    // 32768 296.5 -> 300.2 us, 128 x 131072 31.0 -> 31.5), and with the list holding float bits whose keys that pass
-    // makes (8 instructions fewer a step) still slower: 297.4 and 31.25 (performance log, session 38).
+    // NVRTC 13.5: the lanes of one address serialize in the shared-memory pipe, not in the issue slots; a warp scan
+    // and lane 31's aggregated atomic took ~40). H100, A/B in one run (session 48, us): prefill 8192 x 32768 k 2048
+    // 285.6 -> 282.4, persistent 128 x 131072 k 2048 30.2 -> 29.5. Then each lane appends its own passing elements,
+    // no warp collective inside the loop (~37 instructions a step of the lane with the most; a ballot loop, one
+    // element a lane a step, took ~82: prefill 8192 x 32768 393.8 -> 375.2 us, session 29). The atomic into sh.fine
+    // stays in the step: the list's histogram from a pass after the read was slower (300.2 against 296.5, session 38).
     uint32_t place = 0;
     if (pass != 0u) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(pass)));
     for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
