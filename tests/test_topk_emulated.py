@@ -175,7 +175,9 @@ def test_prefill_windows_outside_the_row(emulator, monkeypatch, geometry):
 # to pass a finite cutoff's float compare; rows of 16500 give each CTA of a pair a chunk over 8192, so both sample
 # (sample=1: both read again); ~280 of the late-nan-inf rows pass the plan's cutoff, more than a list of 200; rows
 # with NaN at every 20th column put 103 NaN among the 2048 samples, above the plan's rank 65, so the cutoff is NaN's
-# key (above +inf's: the key compare instead of the float one) and the row's 450 NaN make the list.
+# key (above +inf's: the key compare instead of the float one) and the row's 450 NaN make the list; NaN of random
+# payloads and signs at every 50th column (~41 of the samples) leave a finite cutoff, and the row's 181 NaN, more than
+# k, must tie whatever their bits: the 64 lowest columns win.
 class SampledCase(NamedTuple):
     scores: str
     k: int
@@ -198,6 +200,7 @@ SAMPLED_CASES = {
     "two-pass-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048), False),
     "two-pass-late-nan-inf": SampledCase("late-nan-inf", 64, Geometry(512, list_cap=2048), False),
     "two-pass-list-overflow-reread": SampledCase("late-nan-inf", 64, Geometry(256, list_cap=200), True),
+    "two-pass-nan-payloads": SampledCase("nan-payloads", 64, Geometry(256, list_cap=2048), False),
     "two-pass-ring-exactly-k": SampledCase("descending", 171, Geometry(512, list_cap=2048, sample=276, ring=True),
                                            False),
     "two-pass-ring-nan-cutoff-1024": SampledCase("nan-every-20", 64, Geometry(1024, list_cap=2048, ring=True), False),
@@ -218,6 +221,10 @@ def test_sampled_cutoff(emulator, monkeypatch, case):
     logits = make_scores("randn" if "nan" in kind else kind.split("-")[0], 4, width + 2, gen)
     if kind == "nan-every-20":
         logits[:, ::20] = float("nan")
+    if kind == "nan-payloads":
+        payloads = torch.randint(1, 1 << 23, (4, width // 50 + 1), generator=gen, dtype=torch.int32) | 0x7F800000
+        signs = torch.randint(0, 2, payloads.shape, generator=gen, dtype=torch.int32) * torch.iinfo(torch.int32).min
+        logits[:, :width:50] = (payloads | signs).view(torch.float32)
     if kind == "late-nan-inf":
         logits[:, [5001, 7003, 8501]] = float("nan")
         logits[:, [6001, 8003]] = float("inf")
