@@ -147,6 +147,7 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
   const bool by_value = cutoff <= kInfKey;  // uniform; else only NaN (key above +inf's) or nothing passes
   const float floor_value = by_value ? key_floor(cutoff) : 0.0f;
   const uint32_t keys_at = shared_address(list_keys), columns_at = shared_address(list_columns);
+  const uint32_t keys_end = keys_at + 4u * static_cast<uint32_t>(cap);  // a store's predicate: entry < cap
   // Slot s is slot_base[s]; slots 1.. (and 0 when a == 0) below whole_slots hold 4 elements of the row. A batch of
   // such slots only (all but a row's first and last) loads without a bound check a slot: ~40 instructions a warp's
   // batch of 4 slots a lane fewer (sm_90 code, NVRTC 13.0).
@@ -193,23 +194,36 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     // The next batch's copies go out now that every x is read (the ring's slots are free again): they land while
     // this batch is appended.
     if (ring != nullptr) stage_batch<THREADS>(base, len, first + kUnroll * THREADS, ring);
-    const int column0 = 4 * (first + static_cast<int>(threadIdx.x)) - a;  // x[0]'s
-    auto append = [&](int e, uint32_t place) {
-      const uint32_t key = float_key(pick(x, e));
-      const int column = column0 + (e >> 2) * (4 * THREADS) + (e & 3);
-      store_entry_if<ListColumn<THREADS>>(place < static_cast<uint32_t>(cap), keys_at, columns_at, place, key, column);
-      atomicAdd(&sh.fine[key >> 21], 1u);
-    };
     // Places from one shared atomic a lane that has elements to append (~7 instructions a warp's batch, sm_90 code,
     // NVRTC 13.5: the lanes of one address serialize in the shared-memory pipe, not in the issue slots; a warp scan
     // and lane 31's aggregated atomic took ~40). H100, A/B in one run (session 48, us): prefill 8192 x 32768 k 2048
     // 285.6 -> 282.4, persistent 128 x 131072 k 2048 30.2 -> 29.5. Then each lane appends its own passing elements,
-    // no warp collective inside the loop (~37 instructions a step of the lane with the most; a ballot loop, one
-    // element a lane a step, took ~82: prefill 8192 x 32768 393.8 -> 375.2 us, session 29). The atomic into sh.fine
-    // stays in the step: the list's histogram from a pass after the read was slower (300.2 against 296.5, session 38).
+    // no warp collective inside the loop (a ballot loop, one element a lane a step, took ~82 instructions a step:
+    // prefill 8192 x 32768 393.8 -> 375.2 us, session 29). The atomic into sh.fine stays in the step: the list's
+    // histogram from a pass after the read was slower (300.2 against 296.5, session 38).
     uint32_t place = 0;
     if (pass != 0u) place = atomicAdd(&sh.appended, static_cast<uint32_t>(__popc(pass)));
-    for (; pass != 0u; pass &= pass - 1u) append(__ffs(pass) - 1, place++);
+    // A step's stores go to addresses stepped from the batch's place (from min(place, cap), so a batch's steps past
+    // the list's end, 16 at most, cannot wrap), its column is column0 + e + 4 (THREADS - 1) (e >> 2): 35 instructions
+    // a step, not 37 (sm_90 code, NVRTC 13.5, 256 threads). H100, A/B in one run (session 49, two rounds, us): prefill
+    // 8192 x 32768 k 2048 281.7 / 281.8 -> 281.0 / 281.2, others unchanged (2048 x 16384 k 512 44.3, persistent 128 x
+    // 131072 29.5, 256 x 32768 k 512 17.2). So little for ~5% of the step's instructions: the step waits on the
+    // shared-memory pipe (two stores and an atomic) more than on issue slots. Keys made without float_key's NaN and -0
+    // handling where the cutoff is above 0 (2 instructions, not 5) took it to 280.6 / 280.9, not kept for a second
+    // copy of the loop (performance log, session 49).
+    const int column0 = 4 * (first + static_cast<int>(threadIdx.x)) - a;  // x[0]'s
+    const uint32_t first_entry = min(place, static_cast<uint32_t>(cap));
+    uint32_t key_at = keys_at + 4u * first_entry;
+    uint32_t column_at = columns_at + static_cast<uint32_t>(sizeof(ListColumn<THREADS>)) * first_entry;
+    for (; pass != 0u; pass &= pass - 1u) {
+      const int e = __ffs(pass) - 1;
+      const uint32_t key = float_key(pick(x, e));
+      const int column = column0 + e + (4 * THREADS - 4) * (e >> 2);
+      store_shared_pair_if(key_at < keys_end, key_at, key, column_at, static_cast<ListColumn<THREADS>>(column));
+      key_at += 4u;
+      column_at += static_cast<uint32_t>(sizeof(ListColumn<THREADS>));
+      atomicAdd(&sh.fine[key >> 21], 1u);
+    }
   }
 }
 
