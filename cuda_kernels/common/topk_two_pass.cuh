@@ -206,11 +206,11 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     // A step's stores go to addresses stepped from the batch's place (from min(place, cap), so a batch's steps past
     // the list's end, 16 at most, cannot wrap), its column is column0 + e + 4 (THREADS - 1) (e >> 2): 35 instructions
     // a step, not 37 (sm_90 code, NVRTC 13.5, 256 threads). H100, A/B in one run (session 49, two rounds, us): prefill
-    // 8192 x 32768 k 2048 281.7 / 281.8 -> 281.0 / 281.2, others unchanged (2048 x 16384 k 512 44.3, persistent 128 x
-    // 131072 29.5, 256 x 32768 k 512 17.2). So little for ~5% of the step's instructions: the step waits on the
-    // shared-memory pipe (two stores and an atomic) more than on issue slots. Keys made without float_key's NaN and -0
-    // handling where the cutoff is above 0 (2 instructions, not 5) took it to 280.6 / 280.9, not kept for a second
-    // copy of the loop (performance log, session 49).
+    // 8192 x 32768 k 2048 281.9 / 281.8 -> 281.0 / 281.1, 4096 x 8192 60.3 / 60.4 -> 60.1 / 60.3, the rest unchanged
+    // (2048 x 16384 k 512 44.4, persistent 128 x 131072 29.5, 256 x 32768 k 512 17.2). So little for ~5% of the step's
+    // instructions: the step waits on the shared-memory pipe (two stores and an atomic) more than on issue slots.
+    // Keys made without float_key's NaN and -0 handling where the cutoff is above 0 (2 instructions, not 5) gave
+    // 280.7 / 280.9, not kept for a second copy of the loop (performance log, session 49).
     const int column0 = 4 * (first + static_cast<int>(threadIdx.x)) - a;  // x[0]'s
     const uint32_t first_entry = min(place, static_cast<uint32_t>(cap));
     uint32_t key_at = keys_at + 4u * first_entry;
