@@ -212,32 +212,29 @@ __device__ __forceinline__ void list_above(const float* base, int len, uint32_t 
     // Keys made without float_key's NaN and -0 handling where the cutoff is above 0 (2 instructions, not 5) gave
     // 280.7 / 280.9, not kept for a second copy of the loop (performance log, session 49).
     const int column0 = 4 * (first + static_cast<int>(threadIdx.x)) - a;  // x[0]'s
+    // sm_80 builds (no GPU here has run one) store at addresses from the place instead: with the stepped ones NVRTC
+    // 12.9 spills 4 bytes in the 256-thread kernel, at the 40 registers that six CTAs an SM leave.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     const uint32_t first_entry = min(place, static_cast<uint32_t>(cap));
     uint32_t key_at = keys_at + 4u * first_entry;
     uint32_t column_at = columns_at + static_cast<uint32_t>(sizeof(ListColumn<THREADS>)) * first_entry;
+#else
+    (void)keys_end;
+#endif
     for (; pass != 0u; pass &= pass - 1u) {
       const int e = __ffs(pass) - 1;
       const uint32_t key = float_key(pick(x, e));
       const int column = column0 + e + (4 * THREADS - 4) * (e >> 2);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
       store_shared_pair_if(key_at < keys_end, key_at, key, column_at, static_cast<ListColumn<THREADS>>(column));
       key_at += 4u;
       column_at += static_cast<uint32_t>(sizeof(ListColumn<THREADS>));
-      atomicAdd(&sh.fine[key >> 21], 1u);
-    }
 #else
-    // sm_80 builds (no GPU here has run one) store at addresses from the place: with the stepped ones NVRTC 12.9
-    // spills 4 bytes in the 256-thread kernel, at the 40 registers that six CTAs an SM leave.
-    for (; pass != 0u; pass &= pass - 1u) {
-      const int e = __ffs(pass) - 1;
-      const uint32_t key = float_key(pick(x, e));
-      const int column = column0 + e + (4 * THREADS - 4) * (e >> 2);
       store_entry_if<ListColumn<THREADS>>(place < static_cast<uint32_t>(cap), keys_at, columns_at, place, key, column);
       ++place;
+#endif
       atomicAdd(&sh.fine[key >> 21], 1u);
     }
-    (void)keys_end;
-#endif
   }
 }
 
